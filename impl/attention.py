@@ -1,0 +1,110 @@
+"""Scaled dot-product attention, multi-head (1.1) and grouped-query (1.3) forms, masks,
+and the attention layer of a Llama/Qwen2 block."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from impl.basics import linear, softmax
+
+
+def scaled_dot_product_attention_simple(
+    query: mx.array, key: mx.array, value: mx.array,
+    scale: float | None = None, mask: mx.array | None = None,
+) -> mx.array:
+    """softmax(q @ k^T * scale + mask) @ v over the last two axes; q: (..., L, D), k, v: (..., S, D)."""
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query @ key.swapaxes(-1, -2)) * scale  # (..., L, S)
+    if mask is not None:
+        scores = scores + mask
+    return softmax(scores, axis=-1) @ value  # (..., L, D)
+
+
+class MultiHeadAttention:
+    """Multi-head self-attention with H heads of size E // H, projections (E, E) without bias."""
+
+    def __init__(self, hidden_size: int, num_heads: int,
+                 wq: mx.array, wk: mx.array, wv: mx.array, wo: mx.array):
+        assert hidden_size % num_heads == 0, "hidden_size must be divisible by num_heads"
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = hidden_size // num_heads
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+
+    def __call__(self, query: mx.array, key: mx.array, value: mx.array,
+                 mask: mx.array | None = None) -> mx.array:
+        """query: (N, L, E), key/value: (N, S, E) -> (N, L, E)."""
+        N, L, _ = query.shape
+        S = key.shape[1]
+
+        def heads(x, w, n):  # (N, n, E) -> (N, H, n, D)
+            return linear(x, w).reshape(N, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(query, self.wq, L), heads(key, self.wk, S), heads(value, self.wv, S)
+        out = scaled_dot_product_attention_simple(q, k, v, mask=mask)  # (N, H, L, D)
+        return linear(out.transpose(0, 2, 1, 3).reshape(N, L, self.hidden_size), self.wo)
+
+
+def causal_mask(L: int, S: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """(L, S) additive mask: query i (the last L of S positions) sees keys j <= i + S - L."""
+    i = mx.arange(L)[:, None]
+    j = mx.arange(S)[None, :]
+    return mx.where(j > i + (S - L), mx.array(-mx.inf, dtype=dtype), mx.array(0, dtype=dtype))
+
+
+def scaled_dot_product_attention_grouped(
+    query: mx.array, key: mx.array, value: mx.array,
+    scale: float | None = None, mask: mx.array | str | None = None,
+) -> mx.array:
+    """Attention where H query heads share H_kv key/value heads.
+
+    query: (..., H, L, D), key/value: (..., H_kv, S, D), H % H_kv == 0.
+    mask: None, "causal", or an additive array broadcastable to (..., H, L, S).
+    """
+    *batch, H, L, D = query.shape
+    H_kv, S = key.shape[-3], key.shape[-2]
+    assert H % H_kv == 0, f"{H} query heads are not a multiple of {H_kv} key/value heads"
+    n_rep = H // H_kv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    # Fold the query heads that share a kv head into one axis instead of copying k and v.
+    q = query.reshape(*batch, H_kv, n_rep, L, D)
+    k = key[..., None, :, :].swapaxes(-1, -2)  # (..., H_kv, 1, D, S)
+    v = value[..., None, :, :]  # (..., H_kv, 1, S, D)
+    scores = (q @ k) * scale  # (..., H_kv, n_rep, L, S)
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"mask must be None, 'causal' or an array, not {mask!r}")
+        mask = causal_mask(L, S, scores.dtype)
+    if mask is not None:  # broadcastable to (..., H, L, S): split H like the query heads
+        scores = scores + mx.broadcast_to(mask, (*batch, H, L, S)).reshape(scores.shape)
+    out = softmax(scores.astype(mx.float32), axis=-1).astype(value.dtype) @ v  # (..., H_kv, n_rep, L, D)
+    return out.reshape(*batch, H, L, D)
+
+
+class Attention:
+    """Llama/Qwen2 self-attention: q/k/v/o projections (optional biases), RoPE, grouped-query heads."""
+
+    def __init__(self, args, wq: mx.array, wk: mx.array, wv: mx.array, wo: mx.array,
+                 bq: mx.array | None = None, bk: mx.array | None = None, bv: mx.array | None = None,
+                 bo: mx.array | None = None, rope=None):
+        from impl.rope import RoPE
+
+        self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.bq, self.bk, self.bv, self.bo = bq, bk, bv, bo
+        # Hugging Face row order: half-split RoPE (GGUF's permuted Q/K rows are undone on load).
+        self.rope = rope or RoPE(self.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0) -> mx.array:
+        """x: (N, L, E) -> (N, L, E); positions start at `offset`."""
+        N, L, _ = x.shape
+        H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = linear(x, self.wq, self.bq).reshape(N, L, H, D)
+        k = linear(x, self.wk, self.bk).reshape(N, L, H_kv, D)
+        v = linear(x, self.wv, self.bv).reshape(N, L, H_kv, D)
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (N, heads, L, D)
+        out = scaled_dot_product_attention_grouped(q, k, v, mask=mask)  # (N, H, L, D)
+        return linear(out.transpose(0, 2, 1, 3).reshape(N, L, H * D), self.wo, self.bo)

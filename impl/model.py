@@ -1,0 +1,77 @@
+"""The Llama / Qwen2 model (topic 1.5): embedding, transformer block, the full stack.
+
+Weights come in a dict with Hugging Face parameter names (see impl/loader.py),
+so loading is an identity map.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from impl.attention import Attention
+from impl.basics import linear
+from impl.config import ModelArgs
+from impl.mlp import MLP
+from impl.norm import RMSNorm
+from impl.rope import RoPE
+
+
+class Embedding:
+    """Token embedding (V, E); `as_linear` reuses it as the output head when embeddings are tied."""
+
+    def __init__(self, vocab_size: int, dim: int, weight: mx.array):
+        self.vocab_size, self.dim, self.weight = vocab_size, dim, weight
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        """ids: (N, L) int -> (N, L, E)."""
+        return self.weight[ids]
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        """x: (N, L, E) -> logits (N, L, V)."""
+        return linear(x, self.weight)
+
+
+class TransformerBlock:
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, args: ModelArgs, weights: dict[str, mx.array], prefix: str, rope: RoPE | None = None):
+        w = lambda name: weights[f"{prefix}.{name}"]  # noqa: E731
+        bias = lambda name: weights.get(f"{prefix}.{name}")  # noqa: E731  (optional: Qwen2, attention_bias)
+        self.self_attn = Attention(
+            args, w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
+            w("self_attn.v_proj.weight"), w("self_attn.o_proj.weight"),
+            bias("self_attn.q_proj.bias"), bias("self_attn.k_proj.bias"), bias("self_attn.v_proj.bias"),
+            bias("self_attn.o_proj.bias"), rope=rope,
+        )
+        self.mlp = MLP(args.hidden_size, args.intermediate_size, w("mlp.gate_proj.weight"),
+                       w("mlp.up_proj.weight"), w("mlp.down_proj.weight"))
+        self.input_layernorm = RMSNorm(args.hidden_size, w("input_layernorm.weight"), args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, w("post_attention_layernorm.weight"),
+                                                args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0) -> mx.array:
+        """x: (N, L, E) -> (N, L, E)."""
+        h = x + self.self_attn(self.input_layernorm(x), mask, offset)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Model:
+    """Embedding, N transformer blocks, final norm, output head (tied or untied)."""
+
+    def __init__(self, args: ModelArgs, weights: dict[str, mx.array]):
+        self.args = args
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, weights["model.embed_tokens.weight"])
+        rope = RoPE(args.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
+        self.layers = [TransformerBlock(args, weights, f"model.layers.{i}", rope)
+                       for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]
+
+    def __call__(self, inputs: mx.array, offset: int = 0) -> mx.array:
+        """inputs: (N, L) token ids -> logits (N, L, V)."""
+        h = self.embed_tokens(inputs)  # (N, L, E)
+        mask = "causal" if inputs.shape[1] > 1 else None
+        for layer in self.layers:
+            h = layer(h, mask, offset)
+        h = self.norm(h)
+        return self.embed_tokens.as_linear(h) if self.lm_head is None else linear(h, self.lm_head)

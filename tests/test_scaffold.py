@@ -1,0 +1,332 @@
+"""tools/scaffold.py: a learner's package from a small synthetic one, and from the real impl/."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tools import scaffold
+from tools.scaffold import INFRASTRUCTURE, main
+
+ROOT = Path(__file__).resolve().parents[1]
+_names = itertools.count()
+
+UTIL = '''\
+"""Utilities (topic 1.4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from {pkg}.other import _shared
+from .other import helper
+
+EPS: float = 1e-6
+Shape = tuple[int, ...]
+
+
+def _table() -> dict[int, str]:
+    return {{b: chr(b) for b in range(4)}}
+
+
+def _unused(x):
+    return x
+
+
+TABLE = _table()  # runs at import: _table must survive
+
+
+def add(a: int, b: int = 2, *, c: float = EPS) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+@dataclass
+class Config:
+    """A config."""
+
+    hidden: int = 8
+    names: list[str] = field(default_factory=list)
+    KIND = "llama"
+
+    def __post_init__(self):
+        self._check()
+
+    def _check(self):
+        assert self.hidden > 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        """From a dict."""
+        return cls(**d)
+
+    @property
+    def size(self) -> int:
+        """Twice the hidden size."""
+        return self.hidden * 2
+
+    def _private(self):
+        return 1
+
+
+class Cache:
+    """A cache."""
+
+    def __init__(self, n: int):
+        """Make it."""
+        self.n = n
+
+    def __call__(self, x):
+        return x
+
+    def _evict(self):
+        pass
+
+
+if __name__ == "__main__":
+    print(add(1))
+'''
+
+OTHER = '''\
+import math
+
+TOPIC = "1.2"
+
+
+def _shared(x):
+    return x + 1
+
+
+def helper(x: float) -> float:
+    """Help."""
+    return math.sqrt(x)
+
+
+class Proto:
+    def update(self, k) -> int:
+        """Declared only."""
+        ...
+'''
+
+
+def make_package(root: Path, name: str) -> Path:
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f'"""The {name} package."""\n\nfrom {name} import native  # noqa: F401  (kept)\n')
+    (pkg / "native.py").write_text('"""Plumbing."""\n\nkernels = None  # not built\n')
+    (pkg / "util.py").write_text(UTIL.format(pkg=name))
+    (pkg / "other.py").write_text(OTHER)
+    return pkg
+
+
+@pytest.fixture
+def importable(tmp_path):
+    """tmp_path on sys.path; modules imported from it are forgotten afterwards."""
+    sys.path.insert(0, str(tmp_path))
+    before = set(sys.modules)
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    for name in set(sys.modules) - before:
+        if getattr(sys.modules[name], "__file__", "") and str(tmp_path) in sys.modules[name].__file__:
+            del sys.modules[name]
+
+
+@pytest.fixture
+def names():
+    n = next(_names)
+    return f"srcpkg{n}", f"learner{n}"
+
+
+def scaffold_synthetic(root: Path, names, capsys) -> tuple[Path, str]:
+    src_name, name = names
+    src = make_package(root / "src", src_name)
+    (root / "src" / "spec").mkdir()
+    (root / "src" / "spec" / "day_1_3_gqa.py").write_text("def test_add(impl):\n    impl.util.add(1)\n")
+    assert main([name, "--from", str(src), "--into", str(root)]) == 0
+    return src, capsys.readouterr().out
+
+
+def test_stubs_keep_the_interface(importable, names, capsys):
+    src, out = scaffold_synthetic(importable, names, capsys)
+    sys.path.insert(0, str(src.parent))
+    try:
+        orig, mine = importlib.import_module(f"{names[0]}.util"), importlib.import_module(f"{names[1]}.util")
+    finally:
+        sys.path.remove(str(src.parent))
+    for qual in ("add", "Config.from_dict", "Config.__post_init__", "Cache.__init__", "Cache.__call__"):
+        a, b = _lookup(orig, qual), _lookup(mine, qual)
+        assert inspect.signature(a) == inspect.signature(b), qual
+        assert inspect.getdoc(a) == inspect.getdoc(b), qual
+    assert inspect.getdoc(mine) == "Utilities (topic 1.4)."
+    assert inspect.getdoc(mine.Config.size) == "Twice the hidden size."
+    with pytest.raises(NotImplementedError, match=rf"^{names[1]}: implement util.add \(topic 1.3\)$"):
+        mine.add(1)  # the spec names the topic
+    with pytest.raises(NotImplementedError, match=r"util.Cache.__init__ \(topic 1.4\)$"):
+        mine.Cache(3)  # else the module docstring does
+    assert mine.EPS == 1e-6 and mine.Shape == tuple[int, ...] and mine.Config.KIND == "llama"
+    assert [f.name for f in mine.Config.__dataclass_fields__.values()] == ["hidden", "names"]
+    assert not hasattr(mine, "_unused") and not hasattr(mine.Cache, "_evict")
+    assert not hasattr(mine.Config, "_private")
+    assert "util.py" in out and "next: nox -s week1 -- --impl=" + names[1] in out
+
+
+def test_what_runs_at_import_is_kept(importable, names, capsys):
+    _, out = scaffold_synthetic(importable, names, capsys)
+    mine = importlib.import_module(f"{names[1]}.util")
+    assert mine.TABLE == {0: "\0", 1: "\1", 2: "\2", 3: "\3"}
+    assert "util.py" in out and "needed at import: _table\n" in out
+    with pytest.raises(NotImplementedError, match="Config.__post_init__"):
+        mine.Config(hidden=2)  # no module constant builds a Config, so its constructor is an exercise
+    other = importlib.import_module(f"{names[1]}.other")
+    with pytest.raises(NotImplementedError, match=r"other._shared \(topic 1.2\)"):
+        other._shared(1)  # imported by util, so stubbed rather than dropped
+    assert inspect.getsource(other.Proto.update).rstrip().endswith("...")  # nothing to implement
+
+
+def test_infrastructure_copied_with_the_package_renamed(importable, names, capsys):
+    src, _ = scaffold_synthetic(importable, names, capsys)
+    for module in INFRASTRUCTURE:
+        written = (importable / names[1] / module).read_text().split("\n", 1)
+        assert written[0].startswith("# Copied by tools/scaffold.py")
+        imports_renamed = (src / module).read_text().replace(f"from {names[0]} ", f"from {names[1]} ")
+        assert written[1] == imports_renamed  # comments and the docstring stay as they were
+    util = (importable / names[1] / "util.py").read_text()
+    assert util.startswith("# Scaffolded by tools/scaffold.py")
+    assert f"from {names[1]}.other import _shared" in util and "from .other import helper" in util
+    assert names[0] not in util.split("\n", 1)[1]  # only the header names the source
+    importlib.import_module(names[1])
+
+
+def test_refuses_to_overwrite_unless_forced(importable, names, capsys):
+    src, _ = scaffold_synthetic(importable, names, capsys)
+    target = importable / names[1]
+    (target / "mine.py").write_text("x = 1\n")
+    args = [names[1], "--from", str(src), "--into", str(importable)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--force" in err and err.count("\n") == 1
+    assert (target / "mine.py").exists()
+    assert main(args + ["--force"]) == 0
+    assert not (target / "mine.py").exists() and (target / "util.py").exists()
+    assert sorted(p.name for p in importable.iterdir()) == [names[1], "src"]  # no temp dirs left
+
+
+@pytest.mark.parametrize("bad", ["1x", "my-pkg", "class", "impl", "spec", "reference", "tools", "kernels"])
+def test_refuses_bad_names(tmp_path, capsys, bad):
+    src = make_package(tmp_path, "srcpkg")
+    assert main([bad, "--from", str(src), "--into", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["srcpkg"]
+
+
+def test_nothing_half_written(tmp_path, capsys, monkeypatch):
+    src = make_package(tmp_path, "srcpkg")
+    (src / "broken.py").write_text("def f(:\n")
+    assert main(["mine", "--from", str(src), "--into", str(tmp_path)]) == 2
+    assert "broken.py" in capsys.readouterr().err
+    (src / "broken.py").unlink()
+
+    def fail(tmp, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(scaffold, "_swap_in", fail)
+    with pytest.raises(OSError):
+        main(["mine", "--from", str(src), "--into", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["srcpkg"]
+
+
+def _exercises() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "impl").glob("*.py") if p.name not in INFRASTRUCTURE)
+
+
+@pytest.mark.skipif(not _exercises(), reason="impl/ has only its infrastructure modules so far")
+def test_scaffold_of_the_real_impl(importable, names):
+    name = names[1]
+    modules = scaffold.build(ROOT / "impl", name, ROOT / "spec")
+    scaffold.write(modules, importable / name, force=False)
+    stubs = 0
+    for module in _exercises():
+        orig = importlib.import_module(f"impl.{module}")
+        mine = importlib.import_module(f"{name}.{module}")
+        assert inspect.getdoc(orig) == inspect.getdoc(mine), module
+        for qual, a in _public_callables(orig):
+            b = _lookup(mine, qual)
+            assert _signature(a) == _signature(b), f"{module}.{qual}"
+            assert inspect.getdoc(a) == inspect.getdoc(b), f"{module}.{qual}"
+            if "raise NotImplementedError(" in _source(b):
+                stubs += 1
+                with pytest.raises(NotImplementedError, match=rf"^{name}: implement {module}\.{qual}\b"):
+                    _call_with_nones(b)
+    assert stubs > 0, "no function of impl/ was stubbed"
+
+
+def _lookup(module, qualname: str):
+    obj = module
+    for part in qualname.split("."):
+        obj = inspect.getattr_static(obj, part)
+    return obj.fget if isinstance(obj, property) else getattr(obj, "__func__", obj)
+
+
+def _public_callables(module):
+    """(qualname, function) for the module's own public functions and the methods of its classes."""
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj):
+            yield name, obj
+        elif inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_") and not (attr.startswith("__") and attr.endswith("__")):
+                    continue
+                if isinstance(member, (staticmethod, classmethod, property)) or inspect.isfunction(member):
+                    yield f"{name}.{attr}", _lookup(module, f"{name}.{attr}")
+
+
+def _signature(fn) -> list[tuple]:
+    """Names, kinds, annotations and defaults; a callable default compares by its name."""
+    def same(v):
+        return getattr(v, "__qualname__", v) if callable(v) else v
+
+    return [(p.name, p.kind, same(p.annotation), same(p.default))
+            for p in inspect.signature(fn).parameters.values()]
+
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):  # made at run time (dataclass __init__, ...)
+        return ""
+
+
+def _call_with_nones(fn):
+    """A stub raises before it looks at its arguments: None will do for each required one."""
+    params = inspect.signature(fn).parameters.values()
+    positional = [None for p in params if p.default is p.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keyword = {p.name: None for p in params if p.default is p.empty and p.kind is p.KEYWORD_ONLY}
+    result = fn(*positional, **keyword)
+    if inspect.iscoroutine(result):
+        result.send(None)
+
+
+def test_format_is_ast_unparse():
+    import ast
+
+    source = textwrap.dedent('''\
+        """Doc."""
+        import os
+        X = 1
+
+
+        def f(a, b=2):
+            return a
+        ''')
+    tree = ast.parse(source)
+    text = scaffold.format_module(tree)
+    assert ast.dump(ast.parse(text)) == ast.dump(tree)
+    assert text == '"""Doc."""\n\nimport os\n\nX = 1\n\n\ndef f(a, b=2):\n    return a\n'
