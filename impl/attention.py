@@ -78,7 +78,12 @@ def scaled_dot_product_attention_grouped(
         mask = causal_mask(L, S, scores.dtype)
     if mask is not None:  # broadcastable to (..., H, L, S): split H like the query heads
         scores = scores + mx.broadcast_to(mask, (*batch, H, L, S)).reshape(scores.shape)
-    out = softmax(scores.astype(mx.float32), axis=-1).astype(value.dtype) @ v  # (..., H_kv, n_rep, L, D)
+    scores = scores.astype(mx.float32)
+    probs = softmax(scores, axis=-1)
+    # A query that sees no key (L > S under a causal mask, a padded row) attends to
+    # nothing: 0, as torch gives, rather than softmax's NaN, which would spread.
+    probs = mx.where(mx.max(scores, axis=-1, keepdims=True) == -mx.inf, 0.0, probs)
+    out = probs.astype(value.dtype) @ v  # (..., H_kv, n_rep, L, D)
     return out.reshape(*batch, H, L, D)
 
 

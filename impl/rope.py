@@ -7,6 +7,8 @@ paper, llama.cpp); traditional=False rotates the half-split pairs
 
 from __future__ import annotations
 
+import numbers
+
 import mlx.core as mx
 
 
@@ -24,11 +26,13 @@ class RoPE:
         """cos, sin for the L positions given by offset: (L, D/2) or, per sequence, (N, L, D/2)."""
         if offset is None:
             offset = 0
+        if isinstance(offset, mx.array) and offset.ndim == 0:
+            offset = int(offset.item())
         if isinstance(offset, slice):
             pos = mx.arange(offset.start or 0, offset.stop)
             assert pos.shape[0] == L, f"offset {offset} covers {pos.shape[0]} positions, input has {L}"
-        elif isinstance(offset, int):
-            pos = mx.arange(offset, offset + L)
+        elif isinstance(offset, numbers.Integral):
+            pos = mx.arange(int(offset), int(offset) + L)
         else:  # one start per sequence: list or (N,) array
             pos = mx.array(offset)[:, None] + mx.arange(L)[None, :]  # (N, L)
         if pos.size and int(pos.max().item()) >= self.seq_len:
