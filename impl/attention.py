@@ -102,14 +102,19 @@ class Attention:
         # Hugging Face row order: half-split RoPE (GGUF's permuted Q/K rows are undone on load).
         self.rope = rope or RoPE(self.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0) -> mx.array:
-        """x: (N, L, E) -> (N, L, E); positions start at `offset`."""
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,
+                 cache=None) -> mx.array:
+        """x: (N, L, E) -> (N, L, E); positions start at `offset`, or at cache.offset with a KV cache."""
         N, L, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = linear(x, self.wq, self.bq).reshape(N, L, H, D)
         k = linear(x, self.wk, self.bk).reshape(N, L, H_kv, D)
         v = linear(x, self.wv, self.bv).reshape(N, L, H_kv, D)
+        if cache is not None:
+            offset = cache.offset
         q, k = self.rope(q, offset), self.rope(k, offset)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (N, heads, L, D)
+        if cache is not None:  # attend over every cached position too: k, v (N, H_kv, offset + L, D)
+            k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention_grouped(q, k, v, mask=mask)  # (N, H, L, D)
         return linear(out.transpose(0, 2, 1, 3).reshape(N, L, H * D), self.wo, self.bo)

@@ -15,9 +15,15 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
     return (e / mx.sum(e, axis=axis, keepdims=True)).astype(dtype)
 
 
-def linear(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
-    """x @ w.T + bias, with w stored (out_features, in_features) as in PyTorch."""
-    y = x @ w.swapaxes(-1, -2)  # (..., in) @ (in, out) -> (..., out)
+def linear(x: mx.array, w, bias: mx.array | None = None) -> mx.array:
+    """x @ w.T + bias, with w stored (out_features, in_features) as in PyTorch.
+
+    w may also be a QuantizedWeight (week 2), which multiplies without dequantizing.
+    """
+    if hasattr(w, "matmul_t"):  # QuantizedWeight
+        y = w.matmul_t(x)
+    else:
+        y = x @ w.swapaxes(-1, -2)  # (..., in) @ (in, out) -> (..., out)
     return y + bias if bias is not None else y
 
 

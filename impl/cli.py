@@ -49,11 +49,12 @@ def _prompt_ids(loaded, messages: list[dict]) -> list[int]:
 
 def reply(loaded, messages: list[dict], args, sampler) -> str:
     """Stream one assistant reply to stdout; return its text."""
-    from impl.generate import stream_generate
+    from impl.generate import generate_step_cached, stream_generate
 
     ids = _prompt_ids(loaded, messages)
     text, stats = [], None
-    for g in stream_generate(loaded.model, loaded.tokenizer, ids, args.max_tokens, sampler):
+    for g in stream_generate(loaded.model, loaded.tokenizer, ids, args.max_tokens, sampler,
+                             step=generate_step_cached):
         print(g.text, end="", flush=True)
         text.append(g.text)
         stats = g.stats

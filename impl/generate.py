@@ -61,6 +61,18 @@ def generate_step(model, prompt: Sequence[int], sampler: Callable = greedy) -> I
         tokens.append(token)
 
 
+def generate_step_cached(model, prompt: Sequence[int], sampler: Callable = greedy) -> Iterator[int]:
+    """Yield next tokens forever: prefill the prompt once into a KV cache, then one token per step."""
+    from impl.kv_cache import make_cache
+
+    cache = make_cache(model)
+    logits = model(mx.array([list(prompt)]), cache=cache)[:, -1, :]  # prefill: (1, V)
+    while True:
+        token = int(sampler(logits.astype(mx.float32)).item())
+        yield token
+        logits = model(mx.array([[token]]), cache=cache)[:, -1, :]  # decode: one position
+
+
 def check_context(model, n_prompt: int) -> None:
     """A prompt must leave room for at least one new token in the model's context."""
     context = model.args.max_position_embeddings
@@ -131,10 +143,10 @@ def _eos_ids(tokenizer, model) -> set[int]:
 
 
 def generate(model, tokenizer, prompt: Sequence[int], max_tokens: int = 256, sampler: Callable = greedy,
-             stop_strings: Sequence[str] = ()) -> tuple[str, GenerationStats]:
+             stop_strings: Sequence[str] = (), step: Callable = generate_step) -> tuple[str, GenerationStats]:
     """The whole response text and its stats."""
     parts, stats = [], None
-    for g in stream_generate(model, tokenizer, prompt, max_tokens, sampler, stop_strings):
+    for g in stream_generate(model, tokenizer, prompt, max_tokens, sampler, stop_strings, step):
         parts.append(g.text)
         stats = g.stats
     return "".join(parts), stats

@@ -15,6 +15,7 @@ from impl.errors import TinyLLMError
 from impl.gguf import GGUF_GROUP_SIZE, args_from_metadata, gguf_weights, quantization_bits, read_gguf
 from impl.model import Model
 from impl.quantize import dequantize
+from impl.quantized_weight import QuantizedWeight
 from impl.tokenizer import Tokenizer
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,11 +56,41 @@ def dequantize_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
     return out
 
 
-def load_gguf(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
-    """A GGUF file: weights dequantized to `dtype`, tokenizer and chat template from its metadata."""
+def quantized_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
+    """Turn every affine triple into one QuantizedWeight under 'x.weight' (week 2: no dense copy)."""
+    out = {}
+    for key, w in weights.items():
+        if key.endswith((".scales", ".biases")):
+            continue
+        base = key.removesuffix(".weight")
+        if key.endswith(".weight") and f"{base}.scales" in weights:
+            scales, biases = weights[f"{base}.scales"], weights[f"{base}.biases"]
+            out[key] = QuantizedWeight(w, scales, biases, GGUF_GROUP_SIZE,
+                                       quantization_bits(w, scales, GGUF_GROUP_SIZE))
+        else:
+            out[key] = w.astype(dtype)
+    return out
+
+
+def kernels_built() -> bool:
+    """Whether the compiled quantized matmul is available (then weights stay quantized by default)."""
+    from impl.native import kernels
+
+    return kernels is not None and hasattr(kernels, "quantized_matmul")
+
+
+def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None = None) -> LoadedModel:
+    """A GGUF file, tokenizer and chat template from its metadata.
+
+    quantized=False dequantizes every weight to `dtype` (week 1); True keeps them quantized
+    (week 2); None (default) keeps them quantized when the kernels are built.
+    """
     tensors, meta = read_gguf(path)
     args = args_from_metadata(meta, tensors.keys())
-    weights = dequantize_weights(gguf_weights(tensors, args), dtype)
+    if quantized is None:
+        quantized = kernels_built()
+    convert = quantized_weights if quantized else dequantize_weights
+    weights = convert(gguf_weights(tensors, args), dtype)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     template = meta.get("tokenizer.chat_template")
     chat = ChatTemplate(template, tokenizer) if template else None
@@ -98,11 +129,15 @@ def _build(args: ModelArgs, weights: dict, path: Path) -> Model:
         raise TinyLLMError(f"{path}: weight {e.args[0]} is missing; is this a {args.model_type} model?") from None
 
 
-def load_model(path: str | Path | None = None, dtype: mx.Dtype = mx.float32) -> LoadedModel:
-    """Load a GGUF file or an HF model folder (Llama or Qwen2); the default model when path is None."""
+def load_model(path: str | Path | None = None, dtype: mx.Dtype = mx.float32,
+               quantized: bool | None = None) -> LoadedModel:
+    """Load a GGUF file or an HF model folder (Llama or Qwen2); the default model when path is None.
+
+    `quantized` applies to GGUF files: see load_gguf.
+    """
     path = Path(path) if path is not None else default_model_path()
     if path.is_dir():
         return load_hf_folder(path, dtype)
     if not path.exists():
         raise TinyLLMError(f"model not found: {path}")
-    return load_gguf(path, dtype)
+    return load_gguf(path, dtype, quantized)

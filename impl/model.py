@@ -24,6 +24,8 @@ class Embedding:
 
     def __call__(self, ids: mx.array) -> mx.array:
         """ids: (N, L) int -> (N, L, E)."""
+        if hasattr(self.weight, "rows"):  # QuantizedWeight: dequantize just these rows
+            return self.weight.rows(ids)
         return self.weight[ids]
 
     def as_linear(self, x: mx.array) -> mx.array:
@@ -49,9 +51,10 @@ class TransformerBlock:
         self.post_attention_layernorm = RMSNorm(args.hidden_size, w("post_attention_layernorm.weight"),
                                                 args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,
+                 cache=None) -> mx.array:
         """x: (N, L, E) -> (N, L, E)."""
-        h = x + self.self_attn(self.input_layernorm(x), mask, offset)
+        h = x + self.self_attn(self.input_layernorm(x), mask, offset, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -67,11 +70,11 @@ class Model:
         self.norm = RMSNorm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]
 
-    def __call__(self, inputs: mx.array, offset: int = 0) -> mx.array:
-        """inputs: (N, L) token ids -> logits (N, L, V)."""
+    def __call__(self, inputs: mx.array, offset: int = 0, cache: list | None = None) -> mx.array:
+        """inputs: (N, L) token ids -> logits (N, L, V); with a KV cache (one per layer) only new tokens go in."""
         h = self.embed_tokens(inputs)  # (N, L, E)
-        mask = "causal" if inputs.shape[1] > 1 else None
-        for layer in self.layers:
-            h = layer(h, mask, offset)
+        mask = "causal" if inputs.shape[1] > 1 else None  # one new token sees every cached one
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, mask, offset, c)
         h = self.norm(h)
         return self.embed_tokens.as_linear(h) if self.lm_head is None else linear(h, self.lm_head)

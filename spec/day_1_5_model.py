@@ -145,7 +145,7 @@ def test_tiny_model_logits_match_transformers(impl, tmp_path, kind):
 
 @pytest.fixture(scope="session")
 def real(impl, default_model):
-    return impl.loader.load_model(default_model)
+    return impl.loader.load_model(default_model, quantized=False)  # week 1: dequantized at load
 
 
 @pytest.fixture(scope="session")

@@ -300,7 +300,7 @@ def run(impl, tokenizer, script, prompt=(1, 2, 3), **kw):
 
 def test_decode_loop_recomputes_the_whole_sequence(impl, tokenizer):
     script = tokenizer.encode("one two three")
-    _, stats, model = run(impl, tokenizer, script, max_tokens=len(script))
+    _, stats, model = run(impl, tokenizer, script, max_tokens=len(script), step=impl.generate.generate_step)
     # Week 1 has no KV cache: step i runs the model over prompt + i tokens.
     assert model.calls == [3 + i for i in range(len(script))], model.calls
 
@@ -361,7 +361,7 @@ def test_greedy_answer_matches_transformers(impl, default_model, hf):
     from reference.models import hf_folder_from_gguf, transformers_model
     from spec.ladder import GREEDY_MARGIN
 
-    loaded = impl.loader.load_model(default_model)
+    loaded = impl.loader.load_model(default_model, quantized=False)  # week 1: dequantized at load
     messages = CONVERSATIONS["one_user"]
     ids = loaded.tokenizer.encode(loaded.chat_template.render(messages))
     text, stats = impl.generate.generate(loaded.model, loaded.tokenizer, ids, max_tokens=24)

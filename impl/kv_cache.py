@@ -1,0 +1,69 @@
+"""The KV cache (topic 2.1): keys and values of past positions, kept per layer so each
+decode step runs the model on the new token only.
+
+Every cache variant implements one protocol, so the model never changes when the
+cache does: `update_and_fetch(keys, values)`, `offset`, `trim(n)`, `nbytes`, `state`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    """A dense cache for one layer: (N, H_kv, S, D) keys and values, grown in steps."""
+
+    step = 256  # grow the buffers this many positions at a time, not on every token
+
+    def __init__(self):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0  # positions filled so far; the next token's position
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append (N, H_kv, L, D) keys/values; return all (N, H_kv, offset + L, D) so far."""
+        L = keys.shape[2]
+        if self.keys is None or self.offset + L > self.keys.shape[2]:
+            self._grow(keys, values, self.offset + L)
+        self.keys[..., self.offset:self.offset + L, :] = keys
+        self.values[..., self.offset:self.offset + L, :] = values
+        self.offset += L
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+        N, H, _, D = keys.shape
+        capacity = (needed + self.step - 1) // self.step * self.step
+        new_k = mx.zeros((N, H, capacity, D), keys.dtype)
+        new_v = mx.zeros((N, H, capacity, values.shape[-1]), values.dtype)
+        if self.keys is not None:
+            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = new_k, new_v
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions (rewind); returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        """The filled part: (keys, values), each (N, H_kv, offset, D)."""
+        if self.keys is None:
+            return ()
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, kv: tuple[mx.array, mx.array]) -> None:
+        self.keys, self.values = kv
+        self.offset = self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the filled positions (what grows linearly with the sequence)."""
+        return sum(a.nbytes for a in self.state)
+
+
+def make_cache(model) -> list[KVCache]:
+    """One empty cache per layer of `model`."""
+    return [KVCache() for _ in model.layers]

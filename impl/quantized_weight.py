@@ -1,0 +1,44 @@
+"""A weight kept quantized (week 2): the MLX affine triple plus its layout, used by
+`linear` and `Embedding` in place of a dense array, so the model never holds a
+dequantized copy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass
+class QuantizedWeight:
+    """(N, K) weight as w_q (N, K*bits/32) uint32 + scales/biases (N, K/group_size)."""
+
+    w_q: mx.array
+    scales: mx.array
+    biases: mx.array
+    group_size: int
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the dense weight."""
+        return self.w_q.shape[0], self.w_q.shape[1] * 32 // self.bits
+
+    def matmul_t(self, x: mx.array) -> mx.array:
+        """x (..., K) @ W.T -> (..., N), on the quantized-matmul kernel when it is built."""
+        from impl.quantize import quantized_matmul
+
+        return quantized_matmul(x, self.w_q, self.scales, self.biases, self.group_size, self.bits)
+
+    def rows(self, ids: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """Dense rows W[ids]: ids (...) -> (..., K), dequantizing only those rows (embedding lookup)."""
+        from impl.quantize import dequantize
+
+        flat = ids.reshape(-1)
+        dense = dequantize(self.w_q[flat], self.scales[flat], self.biases[flat], self.group_size, self.bits, dtype)
+        return dense.reshape(*ids.shape, dense.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed values, scales and biases."""
+        return self.w_q.nbytes + self.scales.nbytes + self.biases.nbytes

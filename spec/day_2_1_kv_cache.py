@@ -1,0 +1,199 @@
+"""Topic 2.1, the KV cache: keys and values of past positions kept per layer, so each
+decode step runs the model on the new token only.
+
+Checked by invariances (STYLE.md): the cache's bookkeeping exactly (offsets,
+contents, trim/rewind, nbytes growing linearly); cached logits == uncached logits
+(the same model, fp32); rewind then re-decode gives the same tokens; and greedy
+decoding with the cache == the week-1 loop that recomputes everything, on the
+real model.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spec.ladder import FP32, GREEDY_MARGIN, MODEL_FP32, assert_close
+
+NAMES = {"kv_cache": ["KVCache", "make_cache"], "generate": ["generate_step_cached"]}
+
+
+def test_has_names(impl):
+    missing = [f"{m}.{n}" for m, names in NAMES.items() for n in names if not hasattr(getattr(impl, m), n)]
+    assert not missing, f"missing: {missing}"
+    for attr in ("update_and_fetch", "trim", "offset", "nbytes", "state"):
+        assert hasattr(impl.kv_cache.KVCache(), attr), f"KVCache has no {attr}"
+
+
+@pytest.fixture(scope="module")
+def kv_cache(impl):
+    return impl.kv_cache
+
+
+# --- bookkeeping: exact ---------------------------------------------------------------
+
+
+@given(data=st.data())
+def test_update_and_fetch_returns_everything_so_far(kv_cache, data):
+    chunks = data.draw(st.lists(st.integers(1, 300), min_size=1, max_size=5), label="chunk lengths")
+    N, H, D = data.draw(st.sampled_from([(1, 3, 8), (2, 1, 4)]), label="N, H_kv, D")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    cache, seen_k, seen_v = kv_cache.KVCache(), [], []
+    for L in chunks:
+        k = rng.standard_normal((N, H, L, D)).astype(np.float32)
+        v = rng.standard_normal((N, H, L, D)).astype(np.float32)
+        seen_k.append(k)
+        seen_v.append(v)
+        got_k, got_v = cache.update_and_fetch(mx.array(k), mx.array(v))
+        assert cache.offset == sum(x.shape[2] for x in seen_k), f"offset {cache.offset} after {chunks}"
+        assert np.array_equal(np.array(got_k), np.concatenate(seen_k, axis=2)), f"keys after chunks {chunks}"
+        assert np.array_equal(np.array(got_v), np.concatenate(seen_v, axis=2)), f"values after chunks {chunks}"
+
+
+def test_trim_rewinds_and_later_updates_overwrite(kv_cache):
+    cache = kv_cache.KVCache()
+    k = mx.arange(10, dtype=mx.float32).reshape(1, 1, 10, 1)
+    cache.update_and_fetch(k, k)
+    assert cache.trim(4) == 4 and cache.offset == 6
+    new = mx.full((1, 1, 2, 1), -1.0)
+    got_k, _ = cache.update_and_fetch(new, new)
+    assert np.array(got_k).ravel().tolist() == [0, 1, 2, 3, 4, 5, -1, -1]
+    assert cache.trim(100) == 8 and cache.offset == 0, "trim never goes below zero"
+
+
+def test_nbytes_grows_linearly(kv_cache):
+    cache, per_token = kv_cache.KVCache(), 2 * 3 * 64 * 4  # keys + values, 3 heads, D = 64, fp32
+    sizes = []
+    for _ in range(300):
+        x = mx.zeros((1, 3, 1, 64))
+        cache.update_and_fetch(x, x)
+        sizes.append(cache.nbytes)
+    assert sizes == [per_token * (i + 1) for i in range(300)], sizes[:5]
+
+
+def test_state_round_trip(kv_cache):
+    a = kv_cache.KVCache()
+    k = mx.random.normal((1, 2, 5, 4), key=mx.random.key(0))
+    a.update_and_fetch(k, k + 1)
+    b = kv_cache.KVCache()
+    b.state = a.state
+    assert b.offset == 5 and all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a.state, b.state))
+
+
+# --- invariance: cached == uncached ----------------------------------------------------
+
+
+def _tiny_model(impl, model_type: str, seed: int):
+    """A random-weight model of impl's own (no reference needed: this checks an invariance)."""
+    args = impl.config.ModelArgs(model_type=model_type, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                 max_position_embeddings=256, rope_theta=10000.0)
+    rng = np.random.default_rng(seed)
+    shapes = {"model.embed_tokens.weight": (128, 64), "model.norm.weight": (64,), "lm_head.weight": (128, 64)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (64, 64), p + "self_attn.k_proj.weight": (32, 64),
+                   p + "self_attn.v_proj.weight": (32, 64), p + "self_attn.o_proj.weight": (64, 64),
+                   p + "mlp.gate_proj.weight": (96, 64), p + "mlp.up_proj.weight": (96, 64),
+                   p + "mlp.down_proj.weight": (64, 96), p + "input_layernorm.weight": (64,),
+                   p + "post_attention_layernorm.weight": (64,)}
+        if model_type == "qwen2":
+            shapes |= {p + "self_attn.q_proj.bias": (64,), p + "self_attn.k_proj.bias": (32,),
+                       p + "self_attn.v_proj.bias": (32,)}
+    weights = {k: mx.array(rng.standard_normal(s).astype(np.float32) * 0.2) for k, s in shapes.items()}
+    return impl.model.Model(args, weights)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunks", [[7, 1, 1, 1], [1] * 6, [4, 3, 2]])
+def test_cached_logits_equal_uncached(impl, model_type, chunks):
+    model = _tiny_model(impl, model_type, seed=3)
+    ids = np.random.default_rng(1).integers(0, 128, size=(1, sum(chunks)))
+    full = model(mx.array(ids))  # (1, L, V), no cache
+    cache, start, parts = impl.kv_cache.make_cache(model), 0, []
+    for n in chunks:
+        parts.append(model(mx.array(ids[:, start:start + n]), cache=cache))
+        start += n
+    # Same fp32 math on differently shaped matmuls: summation order only.
+    assert_close(mx.concatenate(parts, axis=1), full, FP32, f"{model_type} chunks {chunks}")
+    assert all(c.offset == sum(chunks) for c in cache)
+
+
+# --- the real model ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real(impl, default_model):
+    return impl.loader.load_model(default_model, quantized=False)
+
+
+@pytest.fixture(scope="module")
+def prompt(real):
+    return real.tokenizer.encode(real.chat_template.render([{"role": "user", "content": "Name three colors."}]))
+
+
+def _greedy_uncached(model, ids, steps):
+    seq, gaps = list(ids), []
+    for _ in range(steps):
+        logits = np.array(model(mx.array([seq]))[0, -1])
+        top2 = np.sort(logits)[-2:]
+        gaps.append(float(top2[1] - top2[0]))
+        seq.append(int(logits.argmax()))
+    return seq[len(ids):], gaps
+
+
+def test_real_cached_decode_logits_equal_uncached(impl, real, prompt):
+    model = real.model
+    cache = impl.kv_cache.make_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    nxt = 504
+    got = model(mx.array([[nxt]]), cache=cache)[0, -1]
+    want = model(mx.array([prompt + [nxt]]))[0, -1]
+    assert_close(got, want, MODEL_FP32, "decode-step logits with vs without cache")
+
+
+def test_real_greedy_with_cache_equals_recomputing(impl, real, prompt):
+    steps = 16
+    want, gaps = _greedy_uncached(real.model, prompt, steps)
+    gen = impl.generate.generate_step_cached(real.model, prompt)
+    for i in range(steps):
+        if gaps[i] < GREEDY_MARGIN:
+            print(f"compared {i} tokens; step {i} has top-2 gap {gaps[i]:.2e}")
+            break
+        token = next(gen)
+        assert token == want[i], f"step {i}: cached {token}, recomputed {want[i]} (gap {gaps[i]:.3g})"
+
+
+def test_real_rewind_then_redecode_gives_the_same_tokens(impl, real, prompt):
+    model = real.model
+    cache = impl.kv_cache.make_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)[0, -1]
+    tokens = []
+    for _ in range(8):
+        tokens.append(int(mx.argmax(logits).item()))
+        logits = model(mx.array([[tokens[-1]]]), cache=cache)[0, -1]
+    # The cache holds prompt + tokens[0..7]; keep prompt + tokens[0..2] and feed tokens[3] again.
+    for c in cache:
+        assert c.trim(5) == 5
+    assert cache[0].offset == len(prompt) + 3
+    logits = model(mx.array([[tokens[3]]]), cache=cache)[0, -1]
+    again = []
+    for _ in range(4):
+        again.append(int(mx.argmax(logits).item()))
+        logits = model(mx.array([[again[-1]]]), cache=cache)[0, -1]
+    assert again[:3] == tokens[4:7], f"after rewind: {again[:3]}, first time: {tokens[4:7]}"
+
+
+def test_real_cache_memory_grows_linearly(impl, real, prompt):
+    model, args = real.model, real.args
+    cache = impl.kv_cache.make_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    per_token = args.num_hidden_layers * 2 * args.num_key_value_heads * args.head_dim * 4  # fp32 k and v
+    sizes = []
+    for t in range(5):
+        mx.eval(model(mx.array([[100 + t]]), cache=cache))
+        sizes.append(sum(c.nbytes for c in cache))
+    assert sizes == [per_token * (len(prompt) + t + 1) for t in range(5)], sizes
