@@ -52,6 +52,8 @@ def _env(session: nox.Session, name: str, groups: tuple[str, ...]) -> Path:
     if python.exists() and stamp.exists() and stamp.read_text() == digest.hexdigest():
         return python
     session.log(f"installing the {name} environment in {location} (once; reused until pyproject.toml or kernels/ change)")
+    if "bench" in groups:
+        session.log("the bench environment compiles llama.cpp (llama-cpp-python): about 10 minutes on 2 cores")
     if not python.exists():
         session.run(sys.executable, "-m", "venv", str(location), external=True)
     pip = (str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q")
@@ -144,6 +146,13 @@ def scaffold(session: nox.Session) -> None:
     if not session.posargs:
         session.error("name the package to write: nox -s scaffold -- mine")
     session.run(sys.executable, "-m", "tools.scaffold", *session.posargs, external=True)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmark impl/ against mlx-lm, transformers and llama.cpp side by side (`-- --quick` for a short run)."""
+    python = _env(session, "bench", ("runtime", "reference", "test", "bench"))
+    session.run(str(python), "-m", "tools.bench", *session.posargs, external=True)
 
 
 @nox.session(default=False)

@@ -1,0 +1,293 @@
+"""The benchmark (`nox -s bench`): the same workload on this project, mlx-lm,
+transformers (fp32) and llama.cpp, in one run, reported as ratios.
+
+Workload on the default model: prefill a 512-token prompt, then decode 128
+tokens greedily at batch 1. Each peer runs in its own process (so its peak
+memory is its own). Achieved GB/s = decode tok/s x the weight bytes one token
+reads, set against this machine's measured memory bandwidth. The kernel table
+times the quantized matmul and flash attention against MLX's own ops.
+
+    python -m tools.bench [--quick] [--peers impl,mlx-lm,transformers,llama.cpp] [--out build/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEERS = ("impl", "mlx-lm", "transformers", "llama.cpp")
+TEXT = ("The history of computing is a story of abstraction. Each layer hides the one below it, "
+        "from transistors to logic gates, from machine code to compilers, from operating systems "
+        "to the programs people use every day. ")
+
+
+def prompt_ids(n: int) -> list[int]:
+    """n token ids of English text, from the reference tokenizer (shared by every peer)."""
+    from reference.models import default_model_path
+    from reference.tokenizer import hf_tokenizer
+
+    ids = hf_tokenizer(default_model_path()).encode(TEXT, add_special_tokens=False)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def measure_bandwidth() -> float:
+    """Memory bandwidth in GB/s: the best of a large numpy copy (read + write) and sum (read)."""
+    import numpy as np
+
+    a = np.ones(64 * 2**20, dtype=np.float64)  # 512 MiB
+    b = np.empty_like(a)
+    best_copy = min(_timed(lambda: np.copyto(b, a)) for _ in range(5))
+    best_sum = min(_timed(lambda: a.sum()) for _ in range(5))
+    return max(2 * a.nbytes / best_copy, a.nbytes / best_sum) / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# --- workers: one process per peer --------------------------------------------------------
+
+
+def _greedy_mlx(model, cache, ids, n_decode):
+    """Prefill then n_decode greedy steps with an mlx model; returns (prefill_s, decode_s)."""
+    import mlx.core as mx
+
+    t = time.perf_counter()
+    logits = model(mx.array([ids]), cache=cache)[:, -1, :]
+    token = mx.argmax(logits, axis=-1)
+    mx.eval(token)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(n_decode):
+        token = mx.argmax(model(token[:, None], cache=cache)[:, -1, :], axis=-1)
+        mx.eval(token)
+    return prefill, time.perf_counter() - t
+
+
+def worker_impl(ids, n_decode):
+    import impl  # noqa: F401  (the BLAS fix and kernels, before mlx)
+    from impl.kv_cache import make_cache
+    from impl.loader import kernels_built, load_model
+
+    loaded = load_model(quantized=None)
+    _greedy_mlx(loaded.model, make_cache(loaded.model), ids[:16], 2)  # warm up
+    prefill, decode = _greedy_mlx(loaded.model, make_cache(loaded.model), ids, n_decode)
+    weights = _impl_weight_bytes(loaded.model)
+    note = "quantized weights, C++ kernels" if kernels_built() else "dequantized fp32 (kernels not built)"
+    return prefill, decode, weights, note
+
+
+def _impl_weight_bytes(model) -> int:
+    seen, total = set(), 0
+    def add(w):  # noqa: E306
+        nonlocal total
+        if w is not None and id(w) not in seen:
+            seen.add(id(w))
+            total += w.nbytes
+    add(model.embed_tokens.weight)
+    add(model.lm_head)
+    add(model.norm.weight)
+    for layer in model.layers:
+        a = layer.self_attn
+        for w in (a.wq, a.wk, a.wv, a.wo, a.bq, a.bk, a.bv, a.bo, layer.mlp.w_gate, layer.mlp.w_up,
+                  layer.mlp.w_down, layer.input_layernorm.weight, layer.post_attention_layernorm.weight):
+            add(w)
+    return total
+
+
+def worker_mlx_lm(ids, n_decode):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from reference.models import hf_folder_from_gguf
+
+    model, _ = load(str(hf_folder_from_gguf()))
+    # The GGUF's layout: 4-bit weights, group 32 (mlx-lm quantizes the embedding at 4 bits
+    # too, where the GGUF has 8).
+    nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    _greedy_mlx(model, make_prompt_cache(model), ids[:16], 2)
+    prefill, decode = _greedy_mlx(model, make_prompt_cache(model), ids, n_decode)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return prefill, decode, weights, "4-bit group 32 (mx.quantized_matmul)"
+
+
+def worker_transformers(ids, n_decode):
+    import torch
+
+    from reference.models import hf_folder_from_gguf, transformers_model
+
+    model = transformers_model(str(hf_folder_from_gguf()))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        model(x[:, :16])  # warm up
+        t = time.perf_counter()
+        out = model(x, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        prefill = time.perf_counter() - t
+        past = out.past_key_values
+        t = time.perf_counter()
+        for _ in range(n_decode):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        decode = time.perf_counter() - t
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return prefill, decode, weights, f"fp32, {torch.get_num_threads()} threads"
+
+
+def worker_llama_cpp(ids, n_decode):
+    from llama_cpp import Llama
+
+    from reference.models import default_model_path
+
+    path = default_model_path()
+    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=os.cpu_count(), verbose=False)
+    llm.eval(ids[:16])  # warm up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill = time.perf_counter() - t
+    token = int(llm.scores[llm.n_tokens - 1].argmax())
+    t = time.perf_counter()
+    for _ in range(n_decode):
+        llm.eval([token])
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+    decode = time.perf_counter() - t
+    return prefill, decode, path.stat().st_size, f"{os.cpu_count()} threads, GGUF Q4_1"
+
+
+WORKERS = {"impl": worker_impl, "mlx-lm": worker_mlx_lm, "transformers": worker_transformers,
+           "llama.cpp": worker_llama_cpp}
+
+
+def run_worker(name: str, n_prompt: int, n_decode: int) -> None:
+    """Run one peer's workload and print its result as one JSON line."""
+    ids = prompt_ids(n_prompt)
+    prefill, decode, weight_bytes, note = WORKERS[name](ids, n_decode)
+    print(json.dumps({
+        "peer": name, "note": note, "prompt_tokens": n_prompt, "decode_tokens": n_decode,
+        "prefill_tps": n_prompt / prefill, "decode_tps": n_decode / decode,
+        "weight_bytes": weight_bytes, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+# --- the driver ------------------------------------------------------------------------
+
+
+def run_peer(name: str, n_prompt: int, n_decode: int) -> dict:
+    """One peer in a fresh process; a failure becomes an entry with its error line."""
+    print(f"bench: {name} ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "tools.bench", "--worker", name, "--prompt-tokens", str(n_prompt),
+           "--decode-tokens", str(n_decode)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        error = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"bench: {name} failed: {error}", file=sys.stderr)
+        return {"peer": name, "error": error}
+    result = json.loads(lines[-1])
+    print(f"bench: {name}: prefill {result['prefill_tps']:.0f} tok/s, decode {result['decode_tps']:.1f} tok/s",
+          file=sys.stderr)
+    return result
+
+
+def peer_table(results: list[dict], bandwidth: float) -> str:
+    """Markdown table of the peers, with ratios to llama.cpp and transformers."""
+    ok = {r["peer"]: r for r in results if "error" not in r}
+    base_llama, base_tf = ok.get("llama.cpp"), ok.get("transformers")
+    ratio = lambda r, base, key: f"{r[key] / base[key]:.2f}x" if base else "-"  # noqa: E731
+    rows = ["| peer | prefill tok/s | vs llama.cpp | vs transformers | decode tok/s | vs llama.cpp |"
+            " decode GB/s | of bandwidth | peak MB | notes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['peer']} | failed: {r['error']} | | | | | | | | |")
+            continue
+        gbs = r["decode_tps"] * r["weight_bytes"] / 1e9
+        rows.append(f"| {r['peer']} | {r['prefill_tps']:.0f} | {ratio(r, base_llama, 'prefill_tps')} |"
+                    f" {ratio(r, base_tf, 'prefill_tps')} | {r['decode_tps']:.1f} |"
+                    f" {ratio(r, base_llama, 'decode_tps')} | {gbs:.1f} | {gbs / bandwidth:.0%} |"
+                    f" {r['peak_rss_mb']:.0f} | {r['note']} |")
+    return "\n".join(rows)
+
+
+def chart(results: list[dict], path: Path) -> None:
+    """Bars of prefill and decode tokens/s per peer, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "prefill_tps", "prefill tok/s (512-token prompt)"),
+                           (axes[1], "decode_tps", "decode tok/s (batch 1)")):
+        ax.bar([r["peer"] for r in ok], [r[key] for r in ok], color=["C0", "C1", "C2", "C3"][: len(ok)])
+        ax.set_title(title)
+    fig.suptitle("tiny-llm spec benchmark: SmolLM2-135M-Instruct on this machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write build/bench/bench.json, bench.md and bench.png."""
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="shorter workload: 128-token prompt, 32 decode tokens")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
+    p.add_argument("--out", default="build/bench", help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--prompt-tokens", type=int, default=512, help=argparse.SUPPRESS)
+    p.add_argument("--decode-tokens", type=int, default=128, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        run_worker(args.worker, args.prompt_tokens, args.decode_tokens)
+        return 0
+    peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    unknown = [x for x in peers if x not in PEERS]
+    if unknown:
+        p.error(f"unknown peer(s) {unknown}; choose from {', '.join(PEERS)}")
+    n_prompt, n_decode = (128, 32) if args.quick else (512, 128)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bandwidth = measure_bandwidth()
+    print(f"bench: memory bandwidth {bandwidth:.1f} GB/s", file=sys.stderr)
+    results = [run_peer(name, n_prompt, n_decode) for name in peers]
+    kernels = kernel_results(args.quick)
+    report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
+              "bandwidth_gbs": bandwidth, "prompt_tokens": n_prompt, "decode_tokens": n_decode,
+              "peers": results, "kernels": kernels}
+    md = [f"# Benchmark, {report['when']}", "",
+          f"{os.cpu_count()} cores, measured memory bandwidth {bandwidth:.1f} GB/s;"
+          f" prefill {n_prompt} tokens, decode {n_decode} tokens at batch 1.", "",
+          peer_table(results, bandwidth), "", kernel_table(kernels)]
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text("\n".join(md) + "\n")
+    chart(results, out / "bench.png")
+    print("\n".join(md))
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}", file=sys.stderr)
+    return 0
+
+
+def kernel_results(quick: bool) -> list[dict]:
+    """The kernel table's rows (filled in by the kernels' own benchmarks when they are built)."""
+    return []
+
+
+def kernel_table(rows: list[dict]) -> str:
+    """Markdown table of kernel timings."""
+    return "Kernels: not built." if not rows else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
