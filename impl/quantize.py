@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from impl.native import kernels
+
 
 def dequantize(w_q: mx.array, scales: mx.array, biases: mx.array, group_size: int = 64,
                bits: int = 4, dtype: mx.Dtype = mx.float32) -> mx.array:
@@ -17,3 +19,21 @@ def dequantize(w_q: mx.array, scales: mx.array, biases: mx.array, group_size: in
     q = q.reshape(N, -1, group_size).astype(mx.float32)  # (N, K/group_size, group_size)
     w = q * scales[..., None].astype(mx.float32) + biases[..., None].astype(mx.float32)
     return w.reshape(N, w_q.shape[1] * per_word).astype(dtype)
+
+
+def quantized_matmul_mlx(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                         group_size: int = 64, bits: int = 4) -> mx.array:
+    """x (..., K) @ dequantize(w_q, scales, biases).T -> (..., N) in x's dtype; the pure-MLX twin."""
+    w = dequantize(w_q, scales, biases, group_size, bits, mx.float32)  # (N, K)
+    return (x.astype(mx.float32) @ w.T).astype(x.dtype)  # (..., N), accumulated in fp32
+
+
+def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                     group_size: int = 64, bits: int = 4) -> mx.array:
+    """x (..., K) @ dequantize(w_q, scales, biases).T: the C++ kernel on the CPU when built, else the twin."""
+    if _kernel is not None and mx.default_device() == mx.cpu:
+        return _kernel(x, w_q, scales, biases, group_size, bits)
+    return quantized_matmul_mlx(x, w_q, scales, biases, group_size, bits)
+
+
+_kernel = getattr(kernels, "quantized_matmul", None)  # None when tiny_llm_kernels is absent or lacks it

@@ -3,6 +3,11 @@
 On Linux: the BLAS fix. MLX's CPU wheel links the reference BLAS; we load
 OpenBLAS (scipy-openblas32) and a shim that defines cblas_sgemm/cblas_dgemm
 on top of it, both RTLD_GLOBAL, so MLX's matmuls resolve to OpenBLAS.
+
+Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
+    quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4, stream=None)
+    flash_attention(q, k, v, scale=None, mask=None, stream=None)  (mask: None, "causal", array)
+Imported only after the BLAS fix: `_ext` imports mlx.core, and the fix must come first.
 """
 
 from __future__ import annotations
@@ -24,15 +29,19 @@ def _load_blas_fix() -> None:
         print("tiny-llm: mlx was imported before tiny_llm_kernels; the BLAS fix is not applied"
               " (import impl or tiny_llm_kernels first)", file=sys.stderr)
         return
-    import scipy_openblas32
-
     # One OpenBLAS thread unless the user says otherwise: with 2 on a 2-core machine its
     # spinning workers fight MLX's own eval thread; measured on the 135M model, a
     # 512-token forward took 14.4 s with 2 threads and 5.4 s with 1.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import scipy_openblas32
 
-    ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"),
-                mode=ctypes.RTLD_GLOBAL)
+    openblas = ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"),
+                           mode=ctypes.RTLD_GLOBAL)
+    # Set it explicitly too: measured, the variable alone was not always honoured (set
+    # after `import scipy_openblas32` the library still started 2 threads, and a
+    # 16x576x576 sgemm then took 24-36 ms instead of 0.1 ms on a busy machine).
+    if os.environ["OPENBLAS_NUM_THREADS"].isdigit():
+        openblas.scipy_openblas_set_num_threads(max(1, int(os.environ["OPENBLAS_NUM_THREADS"])))
     _shim = ctypes.CDLL(str(HERE / "libtiny_llm_blas_shim.so"), mode=ctypes.RTLD_GLOBAL)
     _shim.tiny_llm_blas_shim_sgemm_calls.restype = ctypes.c_long
     blas = "openblas"
@@ -45,3 +54,29 @@ def sgemm_calls() -> int:
 
 if sys.platform.startswith("linux"):
     _load_blas_fix()
+
+try:  # after the BLAS fix: importing _ext loads mlx.core
+    import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext needs it)
+
+    from tiny_llm_kernels._ext import flash_attention as _flash_attention
+    from tiny_llm_kernels._ext import (  # noqa: F401  (re-exported: the package's API)
+        flash_attention_configure,
+        flash_attention_info,
+        quantized_matmul,
+        quantized_matmul_configure,
+        quantized_matmul_info,
+    )
+except ImportError as e:  # e.g. built without a C++ compiler; the BLAS fix above still holds
+    ext_error = str(e)
+    print(f"tiny-llm: C++ kernels unavailable ({e}); using the pure-MLX paths."
+          " Rebuild with: pip install --no-build-isolation ./kernels", file=sys.stderr)
+else:
+    ext_error = None
+
+    def flash_attention(q, k, v, scale=None, mask=None, stream=None):
+        """Grouped-query flash attention on the CPU; mask: None, "causal" or an array (see _ext)."""
+        if isinstance(mask, str) and mask != "causal":
+            raise ValueError(f"mask must be None, 'causal' or an array, not {mask!r}")
+        causal = isinstance(mask, str)
+        return _flash_attention(q, k, v, scale=scale, causal=causal, mask=None if causal else mask, stream=stream)
+

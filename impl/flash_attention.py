@@ -1,0 +1,77 @@
+"""Flash attention (2.4): softmax(q @ k^T * scale + mask) @ v one key block at a time,
+with an online softmax, so the (L, S) scores are never needed all at once.
+
+`flash_attention` runs the C++ kernel (kernels/src/flash_attention*.cpp) when it is
+built, and the twin otherwise. `flash_attention_mlx` is the readable pure-MLX twin:
+the algorithm, block by block; as one lazy MLX graph it may still hold many blocks at
+a time, so only the kernel is held to O(L * D) memory.
+Semantics are those of attention.scaled_dot_product_attention_grouped (1.3): query
+head h reads kv head h // (H / H_kv); mask is None, "causal" (lower-right aligned),
+or an array broadcastable to (B, H, L, S), additive or boolean (True = may attend);
+a query row that sees no key outputs 0. fp32 inside; the output has query's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from impl.native import kernels
+
+
+def flash_attention_mlx(
+    query: mx.array, key: mx.array, value: mx.array,
+    scale: float | None = None, mask: mx.array | str | None = None, block_size: int = 64,
+) -> mx.array:
+    """Grouped-query attention one key block at a time (online softmax); q (B, H, L, D), k/v (B, H_kv, S, D)."""
+    *batch, H, L, D = query.shape
+    H_kv, S = key.shape[-3], key.shape[-2]
+    assert H % H_kv == 0, f"{H} query heads are not a multiple of {H_kv} key/value heads"
+    causal = isinstance(mask, str)
+    if causal and mask != "causal":
+        raise ValueError(f"mask must be None, 'causal' or an array, not {mask!r}")
+    n_rep = H // H_kv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    # The n_rep query heads that read one kv head become one axis, as in 1.3; fp32 throughout.
+    q = (query.astype(mx.float32) * scale).reshape(*batch, H_kv, n_rep, L, D)
+    if isinstance(mask, mx.array):  # (B, H, L, S) -> (B, H_kv, n_rep, L, S), a view
+        if mask.dtype == mx.bool_:  # True = may attend
+            mask = mx.where(mask, 0.0, -mx.inf)
+        mask = mx.broadcast_to(mask, (*batch, H, L, S)).reshape(*batch, H_kv, n_rep, L, S)
+
+    m = mx.full((*batch, H_kv, n_rep, L, 1), -mx.inf)  # running max of each query row's scores
+    l = mx.zeros((*batch, H_kv, n_rep, L, 1))  # running sum of exp(score - m)
+    acc = mx.zeros((*batch, H_kv, n_rep, L, D))  # running sum of exp(score - m) * v
+    for s0 in range(0, S, block_size):
+        s1 = min(s0 + block_size, S)
+        k = key[..., None, s0:s1, :].astype(mx.float32)  # (B, H_kv, 1, Bc, D)
+        v = value[..., None, s0:s1, :].astype(mx.float32)  # (B, H_kv, 1, Bc, D)
+        scores = q @ k.swapaxes(-1, -2)  # (B, H_kv, n_rep, L, Bc)
+        if causal:  # lower-right aligned: query i sees keys j <= i + S - L
+            i, j = mx.arange(L)[:, None], mx.arange(s0, s1)[None, :]
+            scores = mx.where(j > i + (S - L), -mx.inf, scores)
+        elif mask is not None:
+            scores = scores + mask[..., s0:s1].astype(mx.float32)
+        m_new = mx.maximum(m, scores.max(axis=-1, keepdims=True))
+        # A row that has seen only -inf so far keeps m = -inf: shift by 0 there, so its
+        # weights are exp(-inf) = 0 rather than exp(-inf - -inf) = NaN.
+        shift = mx.where(m_new == -mx.inf, 0.0, m_new)
+        p = mx.exp(scores - shift)  # (B, H_kv, n_rep, L, Bc)
+        alpha = mx.exp(m - shift)  # rescales what earlier blocks summed against the old max
+        l = l * alpha + p.sum(axis=-1, keepdims=True)
+        acc = acc * alpha + p @ v
+        m = m_new
+    # l = 0: the row saw no key (causal with L > S, an all -inf mask row): 0, as torch gives.
+    out = mx.where(l > 0, acc / mx.where(l > 0, l, 1.0), 0.0)
+    return out.reshape(*batch, H, L, D).astype(query.dtype)
+
+
+def flash_attention(
+    query: mx.array, key: mx.array, value: mx.array,
+    scale: float | None = None, mask: mx.array | str | None = None,
+) -> mx.array:
+    """The C++ flash attention kernel when built, else the twin; q (B, H, L, D), k/v (B, H_kv, S, D)."""
+    if kernels is not None and hasattr(kernels, "flash_attention"):
+        return kernels.flash_attention(query, key, value, scale=scale, mask=mask)
+    return flash_attention_mlx(query, key, value, scale=scale, mask=mask)

@@ -1,0 +1,77 @@
+// The AVX-512 flash attention kernels (compiled with -mavx512f -mavx512bw -mavx512vl
+// -mfma -mf16c; run only where the CPU reports avx512f). 16 floats a vector; the
+// matmul tile is 6 rows by 4 vectors: 24 accumulators + 4 loads of the 32 registers.
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's avx512fintrin.h builds its "undefined" vectors from an uninitialized
+// variable, which -Wall reports wherever those intrinsics inline (a false positive).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "flash_attention_kernels.h"
+
+namespace {
+
+struct V {
+  static constexpr int L = 16, RB = 6, NV = 4;
+  __m512 v;
+  static V zero() { return {_mm512_setzero_ps()}; }
+  static V set1(float a) { return {_mm512_set1_ps(a)}; }
+  static V load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static void store(float* p, V a) { _mm512_storeu_ps(p, a.v); }
+  static V fma(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static V add(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }
+  static V sub(V a, V b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  static V mul(V a, V b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  static V max(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
+  static float hmax(V a) { return _mm512_reduce_max_ps(a.v); }
+  static float hsum(V a) { return _mm512_reduce_add_ps(a.v); }
+  static V exp2(V x);  // below, after kExp2Poly
+  static int f16_n(const uint16_t* src, float* dst, int n) {
+    int i = 0;
+    for (; i + L <= n; i += L)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    return i;
+  }
+  static int bf16_n(const uint16_t* src, float* dst, int n) {
+    int i = 0;
+    for (; i + L <= n; i += L) {
+      const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+    }
+    return i;
+  }
+};
+
+float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+uint16_t float_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+}  // namespace
+
+#include "flash_attention_impl.h"
+
+namespace {
+
+V V::exp2(V a) {
+  const __m512 x = _mm512_min_ps(_mm512_max_ps(a.v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 r = _mm512_set1_ps(kExp2Poly[7]);
+  for (int i = 6; i >= 0; --i) r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(kExp2Poly[i]));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return {_mm512_mul_ps(r, _mm512_castsi512_ps(e))};
+}
+
+}  // namespace
+
+namespace tiny_llm::fa {
+
+const Isa* isa_avx512() {
+  static const Isa isa{"avx512", pack_kv, attend, merge};
+  return &isa;
+}
+
+}  // namespace tiny_llm::fa

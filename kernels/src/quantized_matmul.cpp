@@ -1,0 +1,310 @@
+// The MLX side of tiny_llm_kernels.quantized_matmul: the op (checks, graph
+// node), the primitive's CPU evaluation (dispatched on MLX's CPU stream), and
+// the choice of path, both split over the thread pool by rows of W:
+//   M < panel_min_m (decode, short prompts): the fused kernel streams the packed
+//     weights once, unpacks and dequantizes them in registers, FMA into fp32.
+//   M >= panel_min_m (prefill): each task dequantizes a panel of W rows to fp32
+//     (it stays in L2) and multiplies every row of x with it, 4x4 register tiles.
+// An earlier version sent the panels to OpenBLAS's sgemm; measured here (AVX-512,
+// kernels/bench_qmm.py) the panel kernel ran at ~170 GFLOPS a thread and sgemm at
+// ~110 (its Haswell kernels), and two sgemm calls on two threads did not scale.
+#include "quantized_matmul.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "quantized_matmul_kernels.h"
+#include "quantized_matmul_threads.h"
+
+namespace tiny_llm {
+
+namespace {
+
+using qmm::DType;
+using qmm::Isa;
+using qmm::Weights;
+
+// Measured on 2 AVX-512 cores, 64 MB of weight copies per case (GFLOPS, fused vs
+// panel): M = 8: 72/107 (576x576), 144/152, 170/153, 177/134 (head); M = 16: 90/148,
+// 152/147, 196/190, 175/191; from M = 24 on the panel kernel wins everywhere. Both
+// give the same bits (see kernels_impl.h), so this is a speed choice only.
+constexpr int kDefaultPanelMinM = 16;
+
+// Whether this CPU runs the code of each TU: every flag it is compiled with (see
+// CMakeLists.txt). The TU's functions are not even called otherwise.
+bool cpu_has_avx2_fma_f16c() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && cpu_has_avx2_fma_f16c();
+#else
+  return false;
+#endif
+}
+
+const Isa* best_isa() {
+  if (cpu_has_avx512()) return qmm::isa_avx512();
+  if (cpu_has_avx2_fma_f16c()) return qmm::isa_avx2();
+  return &qmm::isa_portable();
+}
+
+const Isa* isa_named(const std::string& name) {
+  if (name == "auto") return best_isa();
+  if (name == "portable") return &qmm::isa_portable();
+  if (name == "avx512") {
+    if (!cpu_has_avx512()) throw std::invalid_argument("this CPU (or build) lacks AVX-512");
+    return qmm::isa_avx512();
+  }
+  if (name == "avx2") {
+    if (!cpu_has_avx2_fma_f16c()) throw std::invalid_argument("this CPU (or build) lacks AVX2/FMA/F16C");
+    return qmm::isa_avx2();
+  }
+  throw std::invalid_argument("unknown isa '" + name + "' (portable, avx2, avx512 or auto)");
+}
+
+struct Config {
+  const Isa* isa;
+  int panel_min_m;
+};
+
+Config& config() {
+  static Config c = [] {
+    Config c{best_isa(), kDefaultPanelMinM};
+    if (const char* isa = std::getenv("TINY_LLM_QMM_ISA"); isa && *isa) {
+      try {
+        c.isa = isa_named(isa);
+      } catch (const std::exception& e) {  // first use may be on MLX's stream thread: never throw
+        std::fprintf(stderr, "tiny-llm: TINY_LLM_QMM_ISA=%s ignored (%s)\n", isa, e.what());
+      }
+    }
+    if (const char* m = std::getenv("TINY_LLM_QMM_PANEL_MIN_M"); m && *m) c.panel_min_m = std::atoi(m);
+    return c;
+  }();
+  return c;
+}
+
+DType dtype_of(const mx::array& a) {
+  if (a.dtype() == mx::float16) return DType::f16;
+  if (a.dtype() == mx::bfloat16) return DType::bf16;
+  return DType::f32;
+}
+
+// The data of `a` in row-major order: its own buffer when row-contiguous (the
+// usual case), else a gathered copy in `tmp` (e.g. x[:, -1] of a (B, L, K) array).
+const void* row_major(const mx::array& a, std::vector<char>& tmp) {
+  if (a.flags().row_contiguous) return a.data<void>();
+  const size_t item = a.itemsize();
+  const int nd = a.ndim();
+  tmp.resize(a.size() * item);
+  std::vector<int> idx(nd, 0);
+  const char* src = a.data<char>();
+  for (size_t i = 0; i < a.size(); ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) off += idx[d] * a.strides()[d];
+    std::memcpy(tmp.data() + i * item, src + off * int64_t(item), item);
+    for (int d = nd - 1; d >= 0 && ++idx[d] == a.shape(d); --d) idx[d] = 0;
+  }
+  return tmp.data();
+}
+
+// Split [0, n) into about `parts` ranges whose size is a multiple of `align`.
+struct Split {
+  int per, count;
+  Split(long n, int parts, int align) {
+    per = int((n + parts - 1) / parts);
+    per = std::max(align, (per + align - 1) / align * align);
+    count = int((n + per - 1) / per);
+  }
+};
+
+// x (M, K) in `xt` -> fp32, permuted for 4 bits (see Isa::chunk); rows split over the pool.
+const float* kernel_input(const Isa& isa, const void* x, DType xt, long M, int K, int bits, std::vector<float>& buf) {
+  if (xt == DType::f32 && bits == 8) return static_cast<const float*>(x);  // already what the kernels read
+  buf.resize(size_t(M) * K);
+  const size_t item = xt == DType::f32 ? 4 : 2;
+  const int C = isa.chunk, H = C / 2;
+  auto& pool = ThreadPool::get();
+  const Split rows(M, M * K < (1 << 15) ? 1 : pool.size(), 1);
+  pool.run(rows.count, [&](int t) {
+    thread_local std::vector<float> row;
+    row.resize(K);
+    for (long m = long(t) * rows.per; m < std::min<long>(M, long(t + 1) * rows.per); ++m) {
+      float* dst = buf.data() + size_t(m) * K;
+      const void* src = static_cast<const char*>(x) + size_t(m) * K * item;
+      if (bits == 8) {
+        isa.to_f32(src, xt, dst, K);
+        continue;
+      }
+      isa.to_f32(src, xt, row.data(), K);
+      for (int c = 0; c < K; c += C)
+        for (int j = 0; j < H; ++j) {
+          dst[c + j] = row[c + 2 * j];
+          dst[c + H + j] = row[c + 2 * j + 1];
+        }
+    }
+  });
+  return buf.data();
+}
+
+void run_fused(const Isa& isa, const Weights& W, const float* x, long M, float* y) {
+  auto& pool = ThreadPool::get();
+  // Tasks of at least ~16 KB of weights x rows (below that, handing work to another
+  // thread costs more than it saves), 2 per thread: measured at M = 1, 576x576 from
+  // DRAM, 1/2/4/8 tasks per thread ran 17/22/18/12 GB/s (longer streams prefetch better).
+  const double work = double(W.N) * W.K * W.bits / 8 * double(M);
+  const Split split(W.N, int(std::clamp(work / (16 << 10), 1.0, 2.0 * pool.size())), 4);
+  pool.run(split.count, [&](int t) {
+    const int n0 = t * split.per, n1 = std::min(W.N, n0 + split.per);
+    isa.fused(W, x, int(M), y, W.N, n0, n1);
+  });
+}
+
+void run_panels(const Isa& isa, const Weights& W, const float* x, long M, float* y) {
+  auto& pool = ThreadPool::get();
+  // Panels of about 64 rows (64 x K fp32 stays in L2), as many as a multiple of the
+  // thread count so that no thread idles at the end.
+  const int threads = pool.size(), panels = (W.N + 63) / 64;
+  const Split split(W.N, (panels + threads - 1) / threads * threads, 4);
+  pool.run(split.count, [&](int t) {
+    const int n0 = t * split.per, n1 = std::min(W.N, n0 + split.per);
+    thread_local std::vector<float> panel;
+    panel.resize(size_t(split.per) * W.K);
+    isa.dequantize_panel(W, n0, n1, panel.data());
+    isa.panel(x, int(M), W.K, panel.data(), n1 - n0, y + n0, W.N);
+  });
+}
+
+void run(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+         mx::array& out, int group_size, int bits) {
+  const int K = x.shape(-1), N = w.shape(0);
+  const long M = long(x.size() / K);
+  if (M == 0 || N == 0) return;
+  std::vector<char> tx, tw, ts, tb;
+  const Weights W{static_cast<const uint32_t*>(row_major(w, tw)), row_major(scales, ts), row_major(biases, tb),
+                  dtype_of(scales), N, K, group_size, bits};
+  const DType yt = dtype_of(out);
+  const Config& cfg = config();
+  std::vector<float> xbuf, ybuf;
+  const float* xf = kernel_input(*cfg.isa, row_major(x, tx), dtype_of(x), M, K, bits, xbuf);
+  float* y = out.data<float>();
+  if (yt != DType::f32) {
+    ybuf.resize(size_t(M) * N);
+    y = ybuf.data();
+  }
+  if (cfg.panel_min_m > 0 && M >= cfg.panel_min_m) {
+    run_panels(*cfg.isa, W, xf, M, y);
+  } else {
+    run_fused(*cfg.isa, W, xf, M, y);
+  }
+  if (yt != DType::f32) {
+    auto& pool = ThreadPool::get();
+    const Split rows(M, M * N < (1 << 16) ? 1 : pool.size(), 1);
+    pool.run(rows.count, [&](int t) {
+      const long m0 = long(t) * rows.per, m1 = std::min<long>(M, m0 + rows.per);
+      cfg.isa->from_f32(y + size_t(m0) * N, out.data<uint16_t>() + size_t(m0) * N, yt, (m1 - m0) * N);
+    });
+  }
+}
+
+std::string dtype_name(const mx::Dtype& t) {
+  const std::pair<mx::Dtype, const char*> names[] = {
+      {mx::float32, "float32"}, {mx::float16, "float16"}, {mx::bfloat16, "bfloat16"}, {mx::float64, "float64"},
+      {mx::uint8, "uint8"},     {mx::uint16, "uint16"},   {mx::uint32, "uint32"},     {mx::uint64, "uint64"},
+      {mx::int8, "int8"},       {mx::int16, "int16"},     {mx::int32, "int32"},       {mx::int64, "int64"},
+      {mx::bool_, "bool"}};
+  for (const auto& [dtype, name] : names)
+    if (t == dtype) return name;
+  return "an unsupported dtype";
+}
+
+bool is_float(const mx::Dtype& t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
+
+std::string shape_str(const mx::Shape& s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + (s.size() == 1 ? ",)" : ")");
+}
+
+}  // namespace
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("quantized_matmul: " + what); };
+  if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (w_q.ndim() != 2 || w_q.dtype() != mx::uint32)
+    fail("w_q must be a 2-D uint32 array (N, K * bits / 32), got " + shape_str(w_q.shape()) + " " +
+         dtype_name(w_q.dtype()));
+  if (x.ndim() < 1 || !is_float(x.dtype()))
+    fail("x must be float32, float16 or bfloat16 with shape (..., K), got " + dtype_name(x.dtype()));
+  const int K = x.shape(-1), N = w_q.shape(0);
+  if (int64_t(w_q.shape(1)) * 32 / bits != K)
+    fail("x has K = " + std::to_string(K) + " but w_q " + shape_str(w_q.shape()) + " holds " +
+         std::to_string(int64_t(w_q.shape(1)) * 32 / bits) + " " + std::to_string(bits) + "-bit values per row");
+  if (K == 0 || K % group_size != 0)
+    fail("K = " + std::to_string(K) + " must be a positive multiple of group_size = " + std::to_string(group_size));
+  const mx::Shape sb{N, K / group_size};
+  if (scales.shape() != sb || biases.shape() != sb)
+    fail("scales and biases must be " + shape_str(sb) + ", got " + shape_str(scales.shape()) + " and " +
+         shape_str(biases.shape()));
+  if (!is_float(scales.dtype()) || !is_float(biases.dtype()))
+    fail("scales and biases must be float32, float16 or bfloat16");
+  const mx::Stream stream =
+      std::holds_alternative<std::monostate>(s) ? mx::default_stream(mx::Device::cpu) : mx::to_stream(s);
+  if (stream.device.type != mx::Device::cpu) fail("this is a CPU kernel; pass stream=mx.cpu (or leave it out)");
+  // The kernels read scales and biases of one dtype: mixed ones go to fp32, exactly.
+  const bool mixed = biases.dtype() != scales.dtype();
+  const mx::array s32 = mixed ? mx::astype(scales, mx::float32, stream) : scales;
+  const mx::array b32 = mixed ? mx::astype(biases, mx::float32, stream) : biases;
+  mx::Shape shape = x.shape();
+  shape.back() = N;
+  return mx::array(shape, x.dtype(), std::make_shared<QuantizedMatmul>(stream, group_size, bits),
+                   {x, w_q, s32, b32});
+}
+
+void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                    s = mx::array::unsafe_weak_copy(inputs[2]), b = mx::array::unsafe_weak_copy(inputs[3]),
+                    out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_]() mutable {
+    run(x, w, s, b, out, gs, bits);
+  });
+}
+
+void QuantizedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("tiny_llm_kernels.quantized_matmul is a CPU kernel; run it with stream=mx.cpu");
+}
+
+std::map<std::string, std::string> quantized_matmul_info() {
+  const Config& c = config();
+  return {{"isa", c.isa->name},
+          {"threads", std::to_string(ThreadPool::get().size())},
+          {"panel_min_m", std::to_string(c.panel_min_m)}};
+}
+
+std::map<std::string, std::string> quantized_matmul_configure(const std::string& isa, int panel_min_m) {
+  Config& c = config();
+  if (!isa.empty()) c.isa = isa_named(isa);
+  if (panel_min_m >= 0) c.panel_min_m = panel_min_m;
+  return quantized_matmul_info();
+}
+
+}  // namespace tiny_llm

@@ -1,0 +1,238 @@
+// The kernels, written once over a SIMD vector type. Each instruction-set
+// translation unit defines, before including this file:
+//   struct V  -- L floats: zero, set1, load, store, fma, add, hsum, unpack4, unpack8
+//   float half_to_f32(uint16_t), uint16_t f32_to_half(float)  (round to nearest even)
+//   void halves_to_f32(const uint16_t*, float*, long n)       (bulk fp16 -> fp32)
+// Everything here has internal linkage: each TU compiles its own copy with its
+// own flags, and the linker can never hand the portable TU an AVX-512 body.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "quantized_matmul_kernels.h"
+
+namespace {
+
+using tiny_llm::qmm::DType;
+using tiny_llm::qmm::Weights;
+
+struct F16 { uint16_t bits; };
+struct BF16 { uint16_t bits; };
+
+inline float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(F16 v) { return half_to_f32(v.bits); }
+inline float to_float(BF16 v) { return bits_to_f32(uint32_t(v.bits) << 16); }
+
+// bf16 keeps the top 16 bits of an fp32, rounded to nearest even (NaN stays NaN).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = f32_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Scales and biases of NB consecutive rows ((NB, G), contiguous) as fp32: fp16 is
+// converted in bulk (F16C where the TU has it), fp32 is used in place.
+template <class S>
+inline const float* row_floats(const void* base, int n, int G, int count, float* buf) {
+  const S* src = static_cast<const S*>(base) + size_t(n) * G;
+  if constexpr (std::is_same_v<S, float>) {
+    return src;
+  } else if constexpr (std::is_same_v<S, F16>) {
+    halves_to_f32(reinterpret_cast<const uint16_t*>(src), buf, count);
+    return buf;
+  } else {
+    for (int i = 0; i < count; ++i) buf[i] = to_float(src[i]);
+    return buf;
+  }
+}
+
+// y[0:MB, n:n+NB] = x[0:MB] @ W[n:n+NB].T. Per group: broadcast scale and bias,
+// unpack C = 2L values per row, dequantize in registers (one FMA), FMA into the
+// accumulators of all MB rows of x. s, b: (NB, G) fp32 scales and biases.
+//
+// Every output, whatever the tile, the path (fused or panel) or the row's place in
+// x, is computed by the same operations in the same order: w = fma(q, s, b); per
+// step acc = fma(w0, x0, acc), acc = fma(w1, x1, acc); y = hsum(acc). So a row of
+// x gives bit-identical results alone, in a batch, or in a prompt of any length.
+template <int MB, int NB, int BITS>
+inline void tile(const Weights& W, const float* x, const float* s, const float* b, float* y, long ldy, int n) {
+  constexpr int L = V::L, C = 2 * L;
+  const int K = W.K, gs = W.group_size, G = K / gs;
+  const size_t row_bytes = size_t(K) * BITS / 8;
+  const uint8_t* wr = reinterpret_cast<const uint8_t*>(W.w) + size_t(n) * row_bytes;
+  V acc[MB][NB];
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = V::zero();
+  for (int g = 0; g < G; ++g) {
+    for (int k = g * gs; k < (g + 1) * gs; k += C) {
+      for (int j = 0; j < NB; ++j) {
+        V q0, q1;
+        if constexpr (BITS == 4) {
+          V::unpack4(wr + j * row_bytes + k / 2, q0, q1);  // L bytes: low nibbles, high nibbles
+        } else {
+          q0 = V::unpack8(wr + j * row_bytes + k);
+          q1 = V::unpack8(wr + j * row_bytes + k + L);
+        }
+        const V sj = V::set1(s[j * G + g]), bj = V::set1(b[j * G + g]);
+        const V w0 = V::fma(q0, sj, bj), w1 = V::fma(q1, sj, bj);
+        for (int r = 0; r < MB; ++r)
+          acc[r][j] = V::fma(w1, V::load(x + size_t(r) * K + k + L), V::fma(w0, V::load(x + size_t(r) * K + k), acc[r][j]));
+      }
+    }
+  }
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NB; ++j) y[r * ldy + n + j] = V::hsum(acc[r][j]);
+}
+
+// Rows n0..n1 of W against MB rows of x, NB rows of W at a time.
+template <int MB, int NB, int BITS, class S>
+void rows(const Weights& W, const float* x, float* y, long ldy, int n0, int n1) {
+  const int G = W.K / W.group_size;
+  thread_local std::vector<float> buf;  // per thread: no allocation per call
+  buf.resize(2 * NB * G);
+  auto run = [&](auto nb, int n) {
+    constexpr int B = decltype(nb)::value;
+    const float* s = row_floats<S>(W.scales, n, G, B * G, buf.data());
+    const float* b = row_floats<S>(W.biases, n, G, B * G, buf.data() + B * G);
+    tile<MB, B, BITS>(W, x, s, b, y, ldy, n);
+  };
+  int n = n0;
+  for (; n + NB <= n1; n += NB) run(std::integral_constant<int, NB>{}, n);
+  for (; n < n1; ++n) run(std::integral_constant<int, 1>{}, n);
+}
+
+// Rows n0..n1 of W dequantized to fp32 in the order the kernels read x (for 4
+// bits: per chunk of C values, the low nibbles then the high ones), for `panel`.
+template <int BITS, class S>
+void dequantize_panel_t(const Weights& W, int n0, int n1, float* out) {
+  constexpr int L = V::L, C = 2 * L;
+  const int K = W.K, gs = W.group_size, G = K / gs;
+  const size_t row_bytes = size_t(K) * BITS / 8;
+  thread_local std::vector<float> buf;
+  buf.resize(2 * G);
+  for (int n = n0; n < n1; ++n, out += K) {
+    const uint8_t* wr = reinterpret_cast<const uint8_t*>(W.w) + size_t(n) * row_bytes;
+    const float* s = row_floats<S>(W.scales, n, G, G, buf.data());
+    const float* b = row_floats<S>(W.biases, n, G, G, buf.data() + G);
+    for (int g = 0; g < G; ++g) {
+      const V sg = V::set1(s[g]), bg = V::set1(b[g]);
+      for (int k = g * gs; k < (g + 1) * gs; k += C) {
+        V q0, q1;
+        if constexpr (BITS == 4) {
+          V::unpack4(wr + k / 2, q0, q1);
+        } else {
+          q0 = V::unpack8(wr + k);
+          q1 = V::unpack8(wr + k + L);
+        }
+        V::store(out + k, V::fma(q0, sg, bg));
+        V::store(out + k + L, V::fma(q1, sg, bg));
+      }
+    }
+  }
+}
+
+void dequantize_panel(const Weights& W, int n0, int n1, float* out) {
+  const bool four = W.bits == 4;
+  switch (W.scale_dtype) {
+    case DType::f32: return (four ? dequantize_panel_t<4, float> : dequantize_panel_t<8, float>)(W, n0, n1, out);
+    case DType::f16: return (four ? dequantize_panel_t<4, F16> : dequantize_panel_t<8, F16>)(W, n0, n1, out);
+    case DType::bf16: return (four ? dequantize_panel_t<4, BF16> : dequantize_panel_t<8, BF16>)(W, n0, n1, out);
+  }
+}
+
+// y[0:MB, n:n+NB] = x[0:MB] @ w[n:n+NB].T with w already fp32: the tile above
+// without the unpacking (same operations, same order, same results), for large M
+// where each dequantized row serves every x row.
+template <int MB, int NB>
+inline void tile_f32(const float* x, int K, const float* w, float* y, long ldy, int n) {
+  constexpr int L = V::L;
+  V acc[MB][NB];
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = V::zero();
+  const float* wn = w + size_t(n) * K;
+  for (int k = 0; k < K; k += 2 * L) {
+    for (int j = 0; j < NB; ++j) {
+      const V w0 = V::load(wn + size_t(j) * K + k), w1 = V::load(wn + size_t(j) * K + k + L);
+      for (int r = 0; r < MB; ++r)
+        acc[r][j] = V::fma(w1, V::load(x + size_t(r) * K + k + L), V::fma(w0, V::load(x + size_t(r) * K + k), acc[r][j]));
+    }
+  }
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NB; ++j) y[r * ldy + n + j] = V::hsum(acc[r][j]);
+}
+
+template <int MB>
+void panel_rows(const float* x, int K, const float* w, int rows, float* y, long ldy) {
+  int n = 0;
+  for (; n + 4 <= rows; n += 4) tile_f32<MB, 4>(x, K, w, y, ldy, n);
+  for (; n < rows; ++n) tile_f32<MB, 1>(x, K, w, y, ldy, n);
+}
+
+// y (M, ldy)[:, 0:rows] = x (M, K) @ w (rows, K).T, both in the dequantize_panel order.
+void panel(const float* x, int M, int K, const float* w, int rows, float* y, long ldy) {
+  int m = 0;
+  for (; M - m >= 4; m += 4) panel_rows<4>(x + size_t(m) * K, K, w, rows, y + m * ldy, ldy);
+  if (M - m >= 2) panel_rows<2>(x + size_t(m) * K, K, w, rows, y + m * ldy, ldy), m += 2;
+  if (M - m >= 1) panel_rows<1>(x + size_t(m) * K, K, w, rows, y + m * ldy, ldy);
+}
+
+template <int BITS, class S>
+void fused_t(const Weights& W, const float* x, int M, float* y, long ldy, int n0, int n1) {
+  // A block of W rows stays in L2 while every block of x rows passes over it.
+  const size_t row_bytes = size_t(W.K) * BITS / 8;
+  const int block = std::max<int>(8, int((192 << 10) / row_bytes) / 8 * 8);
+  for (int nb = n0; nb < n1; nb += block) {
+    const int ne = std::min(n1, nb + block);
+    // Tiles of 4 x rows by 4 W rows: each unpacked weight feeds 4 FMAs, each x load 4
+    // (measured best of 8x1 .. 16x1 with AVX-512: 1.1-1.4x over 8x1 at M = 16 and 48).
+    int m = 0;
+    for (; M - m >= 4; m += 4) rows<4, 4, BITS, S>(W, x + size_t(m) * W.K, y + m * ldy, ldy, nb, ne);
+    if (M - m >= 2) rows<2, 4, BITS, S>(W, x + size_t(m) * W.K, y + m * ldy, ldy, nb, ne), m += 2;
+    // One row (decode): 8 W rows at a time, 8 independent FMA chains to hide latency.
+    if (M - m >= 1) rows<1, 8, BITS, S>(W, x + size_t(m) * W.K, y + m * ldy, ldy, nb, ne);
+  }
+}
+
+void fused(const Weights& W, const float* x, int M, float* y, long ldy, int n0, int n1) {
+  const bool four = W.bits == 4;
+  switch (W.scale_dtype) {
+    case DType::f32: return (four ? fused_t<4, float> : fused_t<8, float>)(W, x, M, y, ldy, n0, n1);
+    case DType::f16: return (four ? fused_t<4, F16> : fused_t<8, F16>)(W, x, M, y, ldy, n0, n1);
+    case DType::bf16: return (four ? fused_t<4, BF16> : fused_t<8, BF16>)(W, x, M, y, ldy, n0, n1);
+  }
+}
+
+// Scalar conversions, for the tails of the bulk ones and for the portable TU.
+void to_f32_scalar(const void* src, DType t, float* dst, long n) {
+  const auto* h = static_cast<const uint16_t*>(src);
+  switch (t) {
+    case DType::f32: std::memcpy(dst, src, size_t(n) * 4); return;
+    case DType::f16: for (long i = 0; i < n; ++i) dst[i] = half_to_f32(h[i]); return;
+    case DType::bf16: for (long i = 0; i < n; ++i) dst[i] = bits_to_f32(uint32_t(h[i]) << 16); return;
+  }
+}
+
+void from_f32_scalar(const float* src, void* dst, DType t, long n) {
+  auto* h = static_cast<uint16_t*>(dst);
+  switch (t) {
+    case DType::f32: std::memcpy(dst, src, size_t(n) * 4); return;
+    case DType::f16: for (long i = 0; i < n; ++i) h[i] = f32_to_half(src[i]); return;
+    case DType::bf16: for (long i = 0; i < n; ++i) h[i] = f32_to_bf16(src[i]); return;
+  }
+}
+
+}  // namespace

@@ -1,0 +1,132 @@
+// A small persistent thread pool: `run(ntasks, fn)` calls fn(0..ntasks-1) on the
+// caller and the workers, and returns when all are done. Workers spin briefly
+// (200 us) after a job (decode issues one matmul after another, microseconds apart), then
+// sleep on a condition variable so an idle process burns no CPU.
+//
+// Size: TINY_LLM_THREADS if set, else std::thread::hardware_concurrency().
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TINY_LLM_PAUSE() _mm_pause()
+#else
+#define TINY_LLM_PAUSE() std::this_thread::yield()
+#endif
+
+namespace tiny_llm {
+
+class ThreadPool {
+ public:
+  static ThreadPool& get() {
+    // Never destroyed: workers die with the process, so exit cannot hang on a join.
+    static ThreadPool* pool = new ThreadPool(default_threads());
+    return *pool;
+  }
+
+  static int default_threads() {
+    if (const char* env = std::getenv("TINY_LLM_THREADS"); env && std::atoi(env) > 0) return std::atoi(env);
+    return std::max(1u, std::thread::hardware_concurrency());
+  }
+
+  int size() const { return int(workers_.size()) + 1; }
+
+  void run(int ntasks, const std::function<void(int)>& fn) {
+    if (ntasks <= 0) return;
+    // Inline: one task, no workers, or a task that itself calls run() (nested jobs
+    // would wait on each other's lock).
+    if (ntasks == 1 || workers_.empty() || ntasks >= (1 << 24) || inside()) {
+      for (int i = 0; i < ntasks; ++i) fn(i);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job_at_a_time(run_mutex_);
+    Inside mark;
+    fn_ = &fn;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (generation(state_.load(std::memory_order_relaxed)) + 1) & 0xffff;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      state_.store(gen << 48 | uint64_t(ntasks) << 24, std::memory_order_release);  // next task: 0
+    }
+    cv_.notify_all();
+    work(gen);
+    // Tasks still running elsewhere: spin briefly, then yield, so that a worker the
+    // OS has preempted (busy machine) can run on this core instead of us spinning.
+    for (int i = 0; done_.load(std::memory_order_acquire) < ntasks; ++i) {
+      if (i < 4096) {
+        TINY_LLM_PAUSE();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  explicit ThreadPool(int threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+  }
+
+  // The job lives in one word: generation (16 bits), task count (24), next task
+  // (24). A task is claimed by a CAS on that word, and fn_ is read only after a
+  // claim succeeds (its caller is then still waiting), so a worker that wakes
+  // late for a finished job can never run a task with another job's state.
+  static uint64_t generation(uint64_t s) { return s >> 48; }
+
+  // True on a thread that is running a task (a worker, or a caller inside run()).
+  static bool& inside() {
+    static thread_local bool flag = false;
+    return flag;
+  }
+  struct Inside {
+    Inside() { inside() = true; }
+    ~Inside() { inside() = false; }
+  };
+
+  void work(uint64_t gen) {
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      const int next = int(s & 0xffffff), ntasks = int((s >> 24) & 0xffffff);
+      if (generation(s) != gen || next >= ntasks) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+      (*fn_)(next);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      for (int i = 0; generation(state_.load(std::memory_order_acquire)) == seen; ++i) {
+        if ((i & 63) == 0 && std::chrono::steady_clock::now() > spin_until) break;
+        TINY_LLM_PAUSE();
+      }
+      if (generation(state_.load(std::memory_order_acquire)) == seen) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return generation(state_.load(std::memory_order_acquire)) != seen; });
+      }
+      seen = generation(state_.load(std::memory_order_acquire));
+      Inside mark;
+      work(seen);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int> done_{0};
+  const std::function<void(int)>* fn_ = nullptr;
+};
+
+}  // namespace tiny_llm

@@ -1,0 +1,332 @@
+"""Topic 2.4: flash attention, a C++ CPU kernel and its pure-MLX twin.
+
+- `impl.flash_attention.flash_attention_mlx(q, k, v, scale, mask, block_size)`: the
+  readable twin: a loop over key blocks keeping, per query row, the running max m, the
+  running sum l of exp(score - m) and the accumulator of exp(score - m) @ v, rescaled by
+  exp(m_old - m_new) whenever the max grows (the online softmax). The (L, S) scores
+  never exist beyond one (L, block_size) block.
+- `impl.flash_attention.flash_attention(q, k, v, scale, mask)`: the C++ kernel
+  (`tiny_llm_kernels.flash_attention`, an MLX primitive with a CPU implementation:
+  tiled, fp32 accumulation, SIMD, threads) when it is built; the twin otherwise.
+- Semantics are those of topic 1.3's `scaled_dot_product_attention_grouped`: q (B, H, L, D),
+  k/v (B, H_kv, S, D), query head h reads kv head h // (H / H_kv); mask None, "causal"
+  (lower-right aligned: query i sees keys j <= i + S - L) or an additive array
+  broadcastable to (B, H, L, S) (boolean: True = may attend); a query row that sees no
+  key (causal with L > S, an all -inf mask row) outputs 0, as torch does.
+
+Checked: kernel == twin; both against torch's F.scaled_dot_product_attention
+(enable_gqa=True), against impl's week-1 scaled_dot_product_attention_grouped, and
+against mx.fast.scaled_dot_product_attention where its semantics agree (it gives NaN
+or an average on rows that see no key; see day_1_3_gqa.py). Shapes from Hypothesis:
+grouped heads, L != S both ways, decode (L = 1), S not a multiple of the kernel's
+64-key tile, D 32/64/128, fp32/fp16/bf16. A long context (S > 4096). Memory: the
+kernel's peak at L = S = 4096 stays far below one (L, S) score matrix, measured
+with MLX's allocator and with the process's resident set.
+
+Low-precision inputs are compared with a float32 reference computed from the same
+rounded values.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spec.ladder import BY_DTYPE, FP32, Tol, assert_close
+
+NAMES = ("flash_attention_mlx", "flash_attention")
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+HEADS = [(4, 4), (4, 2), (6, 1), (9, 3)]  # (H, H_kv): MHA, GQA, MQA, the default model's
+MASKS = [None, "causal", "L S", "per head", "full"]
+BUILD = "pip install --no-build-isolation ./kernels"
+
+# fp32 kernel/twin vs fp32 references: the online softmax sums exp(s - m) in another
+# order than a one-pass softmax and rescales earlier blocks by exp(m_old - m_new) (one
+# more rounding each time the max grows); a few ulps, as for any fp32 op.
+ONLINE_FP32 = Tol(atol=FP32.atol, rtol=FP32.rtol, reason="fp32: online-softmax rescaling and summation order")
+
+
+def tol_for(dtype: str) -> Tol:
+    """fp32: ONLINE_FP32; fp16/bf16: the ladder's rung (the output is rounded to the input dtype)."""
+    return ONLINE_FP32 if dtype == "float32" else BY_DTYPE[dtype]
+
+
+def test_has_names(impl):
+    missing = [n for n in NAMES if not hasattr(impl.flash_attention, n)]
+    assert not missing, f"impl.flash_attention lacks {missing}"
+
+
+# Hypothesis probes a test's first argument for attributes, which the `impl` fixture
+# would take for a missing module: hand tests the module instead.
+@pytest.fixture
+def fa(impl):
+    return impl.flash_attention
+
+
+def built_kernels(impl):
+    """The built kernels package; fails (never skips) with the build command when it is missing."""
+    k = impl.native.kernels
+    if k is None:
+        pytest.fail(f"tiny_llm_kernels is not built: {BUILD}")
+    if not hasattr(k, "flash_attention"):
+        pytest.fail(f"tiny_llm_kernels has no flash_attention (built from an older tree, or the C++"
+                    f" extension failed to build: {getattr(k, 'ext_error', None)}); rebuild with: {BUILD}")
+    return k
+
+
+def test_kernel_is_built(impl):
+    info = built_kernels(impl).flash_attention_info()
+    assert info["isa"] in ("avx512", "avx2", "portable"), f"flash_attention_info() = {info}"
+
+
+# -- drawing inputs -------------------------------------------------------------------
+
+
+def uniform(rng, shape, dtype: str) -> tuple[mx.array, torch.Tensor]:
+    """U(-1, 1) in `dtype` for the implementation, and the same rounded values as fp32 torch."""
+    x = mx.array(rng.uniform(-1, 1, shape).astype(np.float32)).astype(DTYPES[dtype])
+    return x, torch.from_numpy(np.array(x.astype(mx.float32)))
+
+
+def additive_mask(rng, shape, dtype: str, blank_rows: bool) -> tuple[mx.array, torch.Tensor]:
+    """-inf at random places, [-2, 0] elsewhere; with blank_rows some rows are all -inf."""
+    m = rng.uniform(-2, 0, shape).astype(np.float32)
+    m[rng.random(shape) < 0.3] = -np.inf
+    keep = rng.integers(0, shape[-1], shape[:-1])  # one key per query stays visible...
+    np.put_along_axis(m, keep[..., None], 0.0, axis=-1)
+    if blank_rows:  # ...except in these rows, which see nothing
+        m[rng.random(shape[:-1]) < 0.25] = -np.inf
+    x = mx.array(m).astype(DTYPES[dtype])
+    return x, torch.from_numpy(np.array(x.astype(mx.float32)))
+
+
+def lower_right_allowed(L: int, S: int) -> np.ndarray:
+    """(L, S) bool, True where query i may see key j (j <= i + S - L)."""
+    return np.tril(np.ones((L, S), dtype=bool), k=S - L)
+
+
+def fast_sdpa(q, k, v, scale, mask) -> mx.array:
+    """mx.fast's attention in fp32 (it wants an explicit scale)."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = mask.astype(mx.float32) if isinstance(mask, mx.array) else mask
+    f32 = [x.astype(mx.float32) for x in (q, k, v)]
+    return mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask=mask)
+
+
+def check_all(impl, fa, q, k, v, q32, k32, v32, scale, mask, mask32, dtype, what, blank: bool):
+    """The kernel against the twin, torch, the week-1 attention and (if no row is blank) mx.fast."""
+    got = fa.flash_attention(q, k, v, scale=scale, mask=mask)
+    assert got.dtype == q.dtype, f"{what}: output dtype {got.dtype}, expected {q.dtype} (the input's)"
+    tol = tol_for(dtype)
+    twin = fa.flash_attention_mlx(q, k, v, scale=scale, mask=mask)
+    assert_close(got, twin, tol, f"kernel vs twin, {what}")
+    want = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask32, scale=scale, enable_gqa=True)
+    assert_close(got, want, tol, f"kernel vs torch SDPA (enable_gqa), {what}")
+    assert_close(twin, want, tol, f"twin vs torch SDPA (enable_gqa), {what}")
+    f32 = lambda x: x.astype(mx.float32) if isinstance(x, mx.array) else x  # noqa: E731
+    week1 = impl.attention.scaled_dot_product_attention_grouped(f32(q), f32(k), f32(v), scale=scale, mask=f32(mask))
+    assert_close(got, week1, tol, f"kernel vs week-1 scaled_dot_product_attention_grouped, {what}")
+    if not blank:
+        assert_close(got, fast_sdpa(q, k, v, scale, mask), tol, f"kernel vs mx.fast, {what}")
+
+
+# -- the kernel, the twin and the references agree ------------------------------------
+
+
+@given(data=st.data())
+def test_flash_attention(impl, fa, data):
+    dtype = data.draw(st.sampled_from(sorted(DTYPES)), label="dtype")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    B = data.draw(st.integers(1, 2), label="B")
+    H, H_kv = data.draw(st.sampled_from(HEADS), label="(H, H_kv)")
+    D = data.draw(st.sampled_from([32, 64, 128]), label="D")
+    L = data.draw(st.just(1) | st.integers(1, 80), label="L")  # 1: a decode step
+    S = data.draw(st.integers(1, 200), label="S")  # rarely a multiple of the 64-key tile
+    mask_kind = data.draw(st.sampled_from(MASKS), label="mask")
+    blank_rows = mask_kind not in (None, "causal") and data.draw(st.booleans(), label="all -inf rows")
+    scale = data.draw(st.none() | st.floats(0.05, 1.0), label="scale")
+
+    q, q32 = uniform(rng, (B, H, L, D), dtype)
+    (k, k32), (v, v32) = (uniform(rng, (B, H_kv, S, D), dtype) for _ in range(2))
+    mask_shape = {"L S": (L, S), "per head": (H, L, S), "full": (B, H, L, S)}.get(mask_kind)
+    if mask_shape:
+        mask, mask32 = additive_mask(rng, mask_shape, dtype, blank_rows)
+    else:
+        mask, mask32 = mask_kind, None
+    if mask_kind == "causal":
+        mask32 = torch.from_numpy(lower_right_allowed(L, S))  # bool: True = may attend
+    blank = blank_rows or (mask_kind == "causal" and L > S)  # rows that see no key
+    what = f"q {q.shape}, k {k.shape}, {dtype}, mask {mask_kind}, blank rows {blank}, scale={scale}"
+    check_all(impl, fa, q, k, v, q32, k32, v32, scale, mask, mask32, dtype, what, blank)
+
+
+@pytest.mark.parametrize("L", [1, 64])
+@pytest.mark.parametrize("mask", [None, "causal"])
+def test_long_context(impl, fa, L, mask):
+    # S > 4096 keys, not a multiple of the tile: 65 tiles of online-softmax rescaling
+    # (and, at L = 1, the kernel's split over keys with a merge of the partial softmaxes).
+    rng = np.random.default_rng(L)
+    S = 4096 + 37
+    q, q32 = uniform(rng, (1, 9, L, 64), "float32")
+    (k, k32), (v, v32) = (uniform(rng, (1, 3, S, 64), "float32") for _ in range(2))
+    mask32 = torch.from_numpy(lower_right_allowed(L, S)) if mask else None
+    check_all(impl, fa, q, k, v, q32, k32, v32, None, mask, mask32, "float32", f"L={L} S={S} mask {mask}", False)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 64, 1000])
+def test_twin_block_size_does_not_change_the_result(fa, block_size):
+    # The online softmax is exact: any blocking of the keys gives the one-pass softmax.
+    rng = np.random.default_rng(block_size)
+    q, k, v = (uniform(rng, shape, "float32")[0] for shape in ((2, 4, 9, 16), (2, 2, 50, 16), (2, 2, 50, 16)))
+    mask, _ = additive_mask(rng, (2, 4, 9, 50), "float32", blank_rows=True)
+    got = fa.flash_attention_mlx(q, k, v, mask=mask, block_size=block_size)
+    want = fa.flash_attention_mlx(q, k, v, mask=mask, block_size=50)
+    assert_close(got, want, ONLINE_FP32, f"twin with block_size={block_size} vs one block")
+
+
+def test_public_entry_runs_the_kernel(impl, fa):
+    kernels = built_kernels(impl)
+    # flash_attention is the kernel when it is built: bit for bit its output.
+    rng = np.random.default_rng(0)
+    q, k, v = (uniform(rng, shape, "float32")[0] for shape in ((1, 4, 70, 64), (1, 2, 90, 64), (1, 2, 90, 64)))
+    got, kernel = fa.flash_attention(q, k, v, mask="causal"), kernels.flash_attention(q, k, v, mask="causal")
+    assert np.array_equal(np.array(got), np.array(kernel)), "impl.flash_attention.flash_attention is not the kernel"
+
+
+def test_boolean_mask(fa):
+    rng = np.random.default_rng(1)
+    q, q32 = uniform(rng, (2, 4, 5, 32), "float32")
+    (k, k32), (v, v32) = (uniform(rng, (2, 2, 70, 32), "float32") for _ in range(2))
+    allowed = rng.random((2, 1, 5, 70)) < 0.5
+    allowed[0, 0, 3] = False  # a row that sees nothing: 0
+    want = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=torch.from_numpy(allowed), enable_gqa=True)
+    for name in NAMES:
+        got = getattr(fa, name)(q, k, v, mask=mx.array(allowed))
+        assert_close(got, want, ONLINE_FP32, f"{name} with a boolean mask vs torch")
+
+
+def test_strided_inputs(fa):
+    # The attention layer hands over transposed views (B, L, H, D) -> (B, H, L, D), and a
+    # KV cache slices: the kernel reads strides instead of demanding contiguous arrays.
+    rng = np.random.default_rng(2)
+    q = uniform(rng, (2, 33, 6, 64), "float32")[0].transpose(0, 2, 1, 3)
+    k, v = (uniform(rng, (2, 100, 2, 64), "float32")[0].transpose(0, 2, 1, 3)[:, :, 10:90] for _ in range(2))
+    got = fa.flash_attention(q, k, v, mask="causal")
+    want = fa.flash_attention(*(mx.contiguous(x) for x in (q, k, v)), mask="causal")
+    assert_close(got, want, ONLINE_FP32, "strided views vs contiguous copies")
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_every_instruction_set(impl, fa, isa):
+    kernels = built_kernels(impl)
+    # One wheel carries all three; the CPU picks at run time. Force each one this CPU has.
+    active = kernels.flash_attention_info()["isa"]
+    try:
+        now = kernels.flash_attention_configure(isa)["isa"]
+        order = ["portable", "avx2", "avx512"]
+        assert now == isa or order.index(isa) > order.index(active), f"could not select {isa} (best here: {active})"
+        rng = np.random.default_rng(3)
+        for dtype in DTYPES:
+            q, q32 = uniform(rng, (1, 6, 40, 64), dtype)
+            (k, k32), (v, v32) = (uniform(rng, (1, 2, 300, 64), dtype) for _ in range(2))
+            mask32 = torch.from_numpy(lower_right_allowed(40, 300))
+            got = fa.flash_attention(q, k, v, mask="causal")
+            want = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask32, enable_gqa=True)
+            assert_close(got, want, tol_for(dtype), f"{now} kernels, {dtype}, vs torch")
+    finally:
+        kernels.flash_attention_configure(active)
+
+
+def test_unknown_mask_string_is_an_error(fa):
+    q = mx.zeros((1, 2, 3, 4))
+    for name in NAMES:
+        with pytest.raises(ValueError):
+            getattr(fa, name)(q, q, q, mask="upper")
+
+
+# -- memory: O(L * D), never an (L, S) score matrix -------------------------------------
+
+# Two query heads over one kv head at L = S = 4096: one (L, S) fp32 score matrix is 64 MiB,
+# and an implementation that makes one per head holds 128 MiB. The kernel's own extra
+# (output 2 MiB, fp32 copies of k and v 2 MiB, per-thread tiles ~0.1 MiB) is O((L + S) * D).
+N, D_MEM = 4096, 64
+SCORES = N * N * 4
+
+
+def test_peak_memory_is_far_below_the_scores(impl, fa):
+    built_kernels(impl)  # the twin's memory is not the claim here
+    # MLX's allocator counts the output and the kernel's workspace; mx.get_peak_memory
+    # works on the CPU backend. The week-1 attention, which does make the scores, shows
+    # that the meter would see them.
+    rng = np.random.default_rng(4)
+    q = uniform(rng, (1, 2, N, D_MEM), "float32")[0]
+    k, v = (uniform(rng, (1, 1, N, D_MEM), "float32")[0] for _ in range(2))
+    mx.eval(q, k, v)
+
+    def peak_extra(fn) -> int:
+        mx.synchronize()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        out = fn(q, k, v, mask="causal")
+        mx.eval(out)
+        return mx.get_peak_memory() - base
+
+    kernel = peak_extra(fa.flash_attention)
+    week1 = peak_extra(impl.attention.scaled_dot_product_attention_grouped)
+    assert week1 > SCORES, f"the meter missed the week-1 attention's scores: peak +{week1 / 2**20:.0f} MiB"
+    assert kernel < SCORES / 8, (
+        f"flash attention at L = S = {N}: peak +{kernel / 2**20:.1f} MiB, not far below one (L, S)"
+        f" score matrix ({SCORES / 2**20:.0f} MiB); the week-1 attention peaked at +{week1 / 2**20:.0f} MiB")
+
+
+RSS_PROBE = textwrap.dedent("""
+    import os, resource, sys
+    import {pkg}.native  # the kernels (and the BLAS fix) before mlx
+    import mlx.core as mx
+    from {pkg}.attention import scaled_dot_product_attention_grouped
+    from {pkg}.flash_attention import flash_attention
+
+    def peak_growth(fn, q, k, v):
+        # Linux: reset the resident high-water mark (VmHWM) to the current RSS, then read
+        # it back; elsewhere the growth of ru_maxrss (bytes on macOS), which can only
+        # undercount, and the week-1 control below shows whether it saw anything.
+        if os.path.exists("/proc/self/clear_refs"):
+            open("/proc/self/clear_refs", "w").write("5")
+            hwm = lambda: int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) * 1024
+        else:
+            hwm = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = hwm()
+        mx.eval(fn(q, k, v, mask="causal"))
+        return hwm() - before
+
+    small = [mx.ones((1, 2, 100, {D})), mx.ones((1, 1, 100, {D})), mx.ones((1, 1, 100, {D}))]
+    mx.eval(flash_attention(*small, mask="causal"))  # threads and their tiles exist from here on
+    q, k, v = mx.ones((1, 2, {N}, {D})), mx.ones((1, 1, {N}, {D})), mx.ones((1, 1, {N}, {D}))
+    mx.eval(q, k, v)
+    print(peak_growth(flash_attention, q, k, v), peak_growth(scaled_dot_product_attention_grouped, q, k, v))
+""")
+
+
+def test_resident_memory_growth_is_far_below_the_scores(impl):
+    # Everything the process touches, MLX's allocator or not (the kernel's per-thread
+    # tiles are std::vectors): the growth of the resident high-water mark over one call.
+    built_kernels(impl)
+    code = RSS_PROBE.format(pkg=impl.name, N=N, D=D_MEM)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"the RSS probe failed:\n{run.stderr}"
+    kernel, week1 = (int(x) for x in run.stdout.split()[-2:])
+    assert week1 > SCORES, f"the meter missed the week-1 attention's scores: resident set +{week1 / 2**20:.0f} MiB"
+    assert kernel < SCORES / 8, (
+        f"flash attention at L = S = {N}: resident set grew {kernel / 2**20:.1f} MiB over one call, not far"
+        f" below one (L, S) score matrix ({SCORES / 2**20:.0f} MiB; the week-1 attention: +{week1 / 2**20:.0f} MiB)")
