@@ -92,7 +92,7 @@ class Attention:
 
     def __init__(self, args, wq: mx.array, wk: mx.array, wv: mx.array, wo: mx.array,
                  bq: mx.array | None = None, bk: mx.array | None = None, bv: mx.array | None = None,
-                 bo: mx.array | None = None, rope=None):
+                 bo: mx.array | None = None, rope=None, sdpa=None):
         from impl.rope import RoPE
 
         self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
@@ -101,6 +101,8 @@ class Attention:
         self.bq, self.bk, self.bv, self.bo = bq, bk, bv, bo
         # Hugging Face row order: half-split RoPE (GGUF's permuted Q/K rows are undone on load).
         self.rope = rope or RoPE(self.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
+        # The attention kernel: week 1's grouped SDPA, or flash attention (week 2) with the same contract.
+        self.sdpa = sdpa or scaled_dot_product_attention_grouped
 
     def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,
                  cache=None) -> mx.array:
@@ -116,5 +118,5 @@ class Attention:
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (N, heads, L, D)
         if cache is not None:  # attend over every cached position too: k, v (N, H_kv, offset + L, D)
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention_grouped(q, k, v, mask=mask)  # (N, H, L, D)
+        out = self.sdpa(q, k, v, mask=mask)  # (N, H, L, D)
         return linear(out.transpose(0, 2, 1, 3).reshape(N, L, H * D), self.wo, self.bo)

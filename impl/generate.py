@@ -62,15 +62,25 @@ def generate_step(model, prompt: Sequence[int], sampler: Callable = greedy) -> I
 
 
 def generate_step_cached(model, prompt: Sequence[int], sampler: Callable = greedy) -> Iterator[int]:
-    """Yield next tokens forever: prefill the prompt once into a KV cache, then one token per step."""
+    """Yield next tokens forever: prefill the prompt once into a KV cache, then one token per step.
+
+    Pipelined: step t+1's graph is built (and queued with async_eval) from step t's still
+    lazy token before we wait for that token, so Python's graph building overlaps the compute.
+    """
     from impl.kv_cache import make_cache
 
     cache = make_cache(model)
-    logits = model(mx.array([list(prompt)]), cache=cache)[:, -1, :]  # prefill: (1, V)
+
+    def next_token(inputs: mx.array) -> mx.array:  # (1, L) -> (1,), lazy
+        return sampler(model(inputs, cache=cache)[:, -1, :].astype(mx.float32))
+
+    token = next_token(mx.array([list(prompt)]))  # prefill
+    mx.async_eval(token)
     while True:
-        token = int(sampler(logits.astype(mx.float32)).item())
-        yield token
-        logits = model(mx.array([[token]]), cache=cache)[:, -1, :]  # decode: one position
+        following = next_token(token.reshape(1, 1))  # decode: one position
+        mx.async_eval(following)
+        yield int(token.item())
+        token = following
 
 
 def check_context(model, n_prompt: int) -> None:

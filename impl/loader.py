@@ -82,8 +82,8 @@ def kernels_built() -> bool:
 def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None = None) -> LoadedModel:
     """A GGUF file, tokenizer and chat template from its metadata.
 
-    quantized=False dequantizes every weight to `dtype` (week 1); True keeps them quantized
-    (week 2); None (default) keeps them quantized when the kernels are built.
+    quantized=False dequantizes every weight to `dtype` (week 1); True keeps them quantized and
+    attends with flash attention (week 2's kernels); None (default): True when the kernels are built.
     """
     tensors, meta = read_gguf(path)
     args = args_from_metadata(meta, tensors.keys())
@@ -94,7 +94,10 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     template = meta.get("tokenizer.chat_template")
     chat = ChatTemplate(template, tokenizer) if template else None
-    return LoadedModel(_build(args, weights, path), tokenizer, chat, args, path)
+    sdpa = None
+    if quantized:  # the week-2 engine: flash attention too (kernel when built, else its twin)
+        from impl.flash_attention import flash_attention as sdpa
+    return LoadedModel(_build(args, weights, path, sdpa), tokenizer, chat, args, path)
 
 
 def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
@@ -122,9 +125,9 @@ def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
                        args, path)
 
 
-def _build(args: ModelArgs, weights: dict, path: Path) -> Model:
+def _build(args: ModelArgs, weights: dict, path: Path, sdpa=None) -> Model:
     try:
-        return Model(args, weights)
+        return Model(args, weights, sdpa)
     except KeyError as e:
         raise TinyLLMError(f"{path}: weight {e.args[0]} is missing; is this a {args.model_type} model?") from None
 

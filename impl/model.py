@@ -36,14 +36,15 @@ class Embedding:
 class TransformerBlock:
     """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
 
-    def __init__(self, args: ModelArgs, weights: dict[str, mx.array], prefix: str, rope: RoPE | None = None):
+    def __init__(self, args: ModelArgs, weights: dict[str, mx.array], prefix: str, rope: RoPE | None = None,
+                 sdpa=None):
         w = lambda name: weights[f"{prefix}.{name}"]  # noqa: E731
         bias = lambda name: weights.get(f"{prefix}.{name}")  # noqa: E731  (optional: Qwen2, attention_bias)
         self.self_attn = Attention(
             args, w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
             w("self_attn.v_proj.weight"), w("self_attn.o_proj.weight"),
             bias("self_attn.q_proj.bias"), bias("self_attn.k_proj.bias"), bias("self_attn.v_proj.bias"),
-            bias("self_attn.o_proj.bias"), rope=rope,
+            bias("self_attn.o_proj.bias"), rope=rope, sdpa=sdpa,
         )
         self.mlp = MLP(args.hidden_size, args.intermediate_size, w("mlp.gate_proj.weight"),
                        w("mlp.up_proj.weight"), w("mlp.down_proj.weight"))
@@ -61,11 +62,12 @@ class TransformerBlock:
 class Model:
     """Embedding, N transformer blocks, final norm, output head (tied or untied)."""
 
-    def __init__(self, args: ModelArgs, weights: dict[str, mx.array]):
+    def __init__(self, args: ModelArgs, weights: dict[str, mx.array], sdpa=None):
+        """sdpa: the attention function of every layer (default: week 1's grouped SDPA)."""
         self.args = args
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, weights["model.embed_tokens.weight"])
         rope = RoPE(args.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
-        self.layers = [TransformerBlock(args, weights, f"model.layers.{i}", rope)
+        self.layers = [TransformerBlock(args, weights, f"model.layers.{i}", rope, sdpa)
                        for i in range(args.num_hidden_layers)]
         self.norm = RMSNorm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]

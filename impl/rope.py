@@ -28,16 +28,21 @@ class RoPE:
             offset = 0
         if isinstance(offset, mx.array) and offset.ndim == 0:
             offset = int(offset.item())
+        if isinstance(offset, numbers.Integral):  # the common case: a slice of the tables, no gather
+            offset = slice(int(offset), int(offset) + L)
         if isinstance(offset, slice):
-            pos = mx.arange(offset.start or 0, offset.stop)
-            assert pos.shape[0] == L, f"offset {offset} covers {pos.shape[0]} positions, input has {L}"
-        elif isinstance(offset, numbers.Integral):
-            pos = mx.arange(int(offset), int(offset) + L)
-        else:  # one start per sequence: list or (N,) array
-            pos = mx.array(offset)[:, None] + mx.arange(L)[None, :]  # (N, L)
-        if pos.size and int(pos.max().item()) >= self.seq_len:
-            raise ValueError(f"position {int(pos.max().item())} is past the RoPE table of {self.seq_len}")
+            start, stop = offset.start or 0, offset.stop
+            assert stop - start == L, f"offset {offset} covers {stop - start} positions, input has {L}"
+            self._check(stop - 1)
+            return self.cos[start:stop], self.sin[start:stop]
+        starts = offset if isinstance(offset, mx.array) else mx.array(offset)  # one start per sequence
+        self._check(int(starts.max().item()) + L - 1)
+        pos = starts[:, None] + mx.arange(L)[None, :]  # (N, L)
         return self.cos[pos], self.sin[pos]
+
+    def _check(self, last: int) -> None:
+        if last >= self.seq_len:
+            raise ValueError(f"position {last} is past the RoPE table of {self.seq_len}")
 
     def __call__(self, x: mx.array, offset: int | slice | list[int] | mx.array | None = None) -> mx.array:
         """x: (N, L, H, D) -> same shape, rotated by the positions `offset` names."""

@@ -9,7 +9,7 @@ from xml.sax.saxutils import quoteattr
 
 import pytest
 
-from spec.curriculum import Topic
+from spec.curriculum import TOPICS, Topic
 from tools.progress import NOTES_MARKER, Result, main, status_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,8 @@ def test_statuses(tmp_path, week1):
     assert status["1.5"] == "blocked by 1.2, 1.3", r["1.5"]
     assert status["1.6"] == "blocked by 1.5", r["1.6"]
     assert status["1.7"] == "needs a GPU", r["1.7"]
-    assert status["2.1"] == "not specified yet", r["2.1"]
+    unspecified = next(t.id for t in TOPICS if t.spec_file is None)  # the table grows week by week
+    assert status[unspecified] == "not specified yet", r[unspecified]
     assert r["1.1"][3:6] == ["3 of 3", "PyTorch SDPA, mx.fast", "2025-03-04 05:06 UTC"]
     assert r["1.3"][3] == "0 of 2" and r["1.6"][3] == "-" and r["1.6"][5] == "-"
 

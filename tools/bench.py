@@ -47,6 +47,17 @@ def measure_bandwidth() -> float:
     return max(2 * a.nbytes / best_copy, a.nbytes / best_sum) / 1e9
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a
+    worker would report its parent's peak when that was higher."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -56,30 +67,25 @@ def _timed(fn) -> float:
 # --- workers: one process per peer --------------------------------------------------------
 
 
-def _greedy_mlx(model, cache, ids, n_decode):
-    """Prefill then n_decode greedy steps with an mlx model; returns (prefill_s, decode_s)."""
-    import mlx.core as mx
-
+def _time_stream(tokens, n_decode):
+    """(prefill_s, decode_s) of a token iterator: first token = prefill, the next n_decode = decode."""
     t = time.perf_counter()
-    logits = model(mx.array([ids]), cache=cache)[:, -1, :]
-    token = mx.argmax(logits, axis=-1)
-    mx.eval(token)
+    next(tokens)
     prefill = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(n_decode):
-        token = mx.argmax(model(token[:, None], cache=cache)[:, -1, :], axis=-1)
-        mx.eval(token)
+        next(tokens)
     return prefill, time.perf_counter() - t
 
 
 def worker_impl(ids, n_decode):
     import impl  # noqa: F401  (the BLAS fix and kernels, before mlx)
-    from impl.kv_cache import make_cache
+    from impl.generate import generate_step_cached
     from impl.loader import kernels_built, load_model
 
     loaded = load_model(quantized=None)
-    _greedy_mlx(loaded.model, make_cache(loaded.model), ids[:16], 2)  # warm up
-    prefill, decode = _greedy_mlx(loaded.model, make_cache(loaded.model), ids, n_decode)
+    _time_stream(generate_step_cached(loaded.model, ids[:16]), 2)  # warm up
+    prefill, decode = _time_stream(generate_step_cached(loaded.model, ids), n_decode)
     weights = _impl_weight_bytes(loaded.model)
     note = "quantized weights, C++ kernels" if kernels_built() else "dequantized fp32 (kernels not built)"
     return prefill, decode, weights, note
@@ -108,7 +114,7 @@ def worker_mlx_lm(ids, n_decode):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.generate import generate_step
 
     from reference.models import hf_folder_from_gguf
 
@@ -117,8 +123,11 @@ def worker_mlx_lm(ids, n_decode):
     # too, where the GGUF has 8).
     nn.quantize(model, group_size=32, bits=4)
     mx.eval(model.parameters())
-    _greedy_mlx(model, make_prompt_cache(model), ids[:16], 2)
-    prefill, decode = _greedy_mlx(model, make_prompt_cache(model), ids, n_decode)
+    def stream(prompt):  # mlx-lm's own pipelined decode loop, greedy
+        return (int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n_decode + 1))
+
+    _time_stream(stream(ids[:16]), 2)
+    prefill, decode = _time_stream(stream(ids), n_decode)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return prefill, decode, weights, "4-bit group 32 (mx.quantized_matmul)"
 
@@ -171,24 +180,25 @@ WORKERS = {"impl": worker_impl, "mlx-lm": worker_mlx_lm, "transformers": worker_
            "llama.cpp": worker_llama_cpp}
 
 
-def run_worker(name: str, n_prompt: int, n_decode: int) -> None:
+def run_worker(name: str, ids_file: Path, n_decode: int) -> None:
     """Run one peer's workload and print its result as one JSON line."""
-    ids = prompt_ids(n_prompt)
+    ids = json.loads(ids_file.read_text())  # tokenized by the driver: no tokenizer in the peer's memory
+    n_prompt = len(ids)
     prefill, decode, weight_bytes, note = WORKERS[name](ids, n_decode)
     print(json.dumps({
         "peer": name, "note": note, "prompt_tokens": n_prompt, "decode_tokens": n_decode,
         "prefill_tps": n_prompt / prefill, "decode_tps": n_decode / decode,
-        "weight_bytes": weight_bytes, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "weight_bytes": weight_bytes, "peak_rss_mb": peak_rss_mb(),
     }))
 
 
 # --- the driver ------------------------------------------------------------------------
 
 
-def run_peer(name: str, n_prompt: int, n_decode: int) -> dict:
+def run_peer(name: str, ids_file: Path, n_decode: int) -> dict:
     """One peer in a fresh process; a failure becomes an entry with its error line."""
     print(f"bench: {name} ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "tools.bench", "--worker", name, "--prompt-tokens", str(n_prompt),
+    cmd = [sys.executable, "-m", "tools.bench", "--worker", name, "--prompt-file", str(ids_file),
            "--decode-tokens", str(n_decode)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
@@ -247,11 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     p.add_argument("--out", default="build/bench", help="folder for bench.json, bench.md, bench.png")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--prompt-tokens", type=int, default=512, help=argparse.SUPPRESS)
+    p.add_argument("--prompt-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--decode-tokens", type=int, default=128, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker == "kernels":
+        worker_kernels(args.quick)
+        return 0
     if args.worker:
-        run_worker(args.worker, args.prompt_tokens, args.decode_tokens)
+        run_worker(args.worker, args.prompt_file, args.decode_tokens)
         return 0
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     unknown = [x for x in peers if x not in PEERS]
@@ -262,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bandwidth = measure_bandwidth()
     print(f"bench: memory bandwidth {bandwidth:.1f} GB/s", file=sys.stderr)
-    results = [run_peer(name, n_prompt, n_decode) for name in peers]
+    ids_file = out / "prompt_ids.json"
+    ids_file.write_text(json.dumps(prompt_ids(n_prompt)))
+    results = [run_peer(name, ids_file, n_decode) for name in peers]
     kernels = kernel_results(args.quick)
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
               "bandwidth_gbs": bandwidth, "prompt_tokens": n_prompt, "decode_tokens": n_decode,
@@ -270,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# Benchmark, {report['when']}", "",
           f"{os.cpu_count()} cores, measured memory bandwidth {bandwidth:.1f} GB/s;"
           f" prefill {n_prompt} tokens, decode {n_decode} tokens at batch 1.", "",
-          peer_table(results, bandwidth), "", kernel_table(kernels)]
+          peer_table(results, bandwidth), "", kernel_table(kernels, bandwidth)]
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text("\n".join(md) + "\n")
     chart(results, out / "bench.png")
@@ -279,14 +294,69 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def kernel_results(quick: bool) -> list[dict]:
-    """The kernel table's rows (filled in by the kernels' own benchmarks when they are built)."""
-    return []
+def _load_script(name: str):
+    """kernels/<name>.py as a module (they are scripts, not a package; they rewrite sys.path[0])."""
+    import importlib.util
+
+    saved = list(sys.path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "kernels" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
 
 
-def kernel_table(rows: list[dict]) -> str:
-    """Markdown table of kernel timings."""
-    return "Kernels: not built." if not rows else ""
+def worker_kernels(quick: bool) -> None:
+    """Print the kernel rows as one JSON line: qmm at the model's shapes, flash attention, fp32 matmul peak."""
+    import impl  # noqa: F401
+    import mlx.core as mx
+
+    a = mx.random.normal((1024, 1024))
+    mx.eval(a @ a)
+    seconds = min(_timed(lambda: mx.eval(a @ a)) for _ in range(5))
+    rows = _load_script("bench_qmm").results(quick) + _load_script("bench_flash_attention").results(quick)
+    print(json.dumps({"fp32_matmul_gflops": 2 * 1024**3 / seconds / 1e9, "rows": rows}))
+
+
+def kernel_results(quick: bool) -> dict:
+    """The kernel table's data, measured in a fresh process; {} with an error when the kernels are absent."""
+    print("bench: kernels ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "tools.bench", "--worker", "kernels"] + (["--quick"] if quick else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        error = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"bench: kernels failed: {error}", file=sys.stderr)
+        return {"error": error}
+    return json.loads(lines[-1])
+
+
+def kernel_table(data: dict, bandwidth: float) -> str:
+    """Markdown tables: quantized matmul against mx.quantized_matmul and the machine's limits, then flash attention."""
+    if "rows" not in data:
+        return f"Kernels: {data.get('error', 'not run')}"
+    peak = data["fp32_matmul_gflops"]
+    out = [f"Quantized matmul (M = 1 is bandwidth bound: {bandwidth:.1f} GB/s; M = 512 compute bound:"
+           f" OpenBLAS fp32 sgemm here runs at {peak:.0f} GFLOPS)", "",
+           "| layer (K -> N, bits) | M | kernel ms | mx.quantized_matmul ms | kernel vs mx | twin ms |"
+           " kernel GB/s | of bandwidth | kernel GFLOPS | of sgemm |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    qmm = [r for r in data["rows"] if r["kernel"] == "quantized_matmul"]
+    for r in (r for r in qmm if r["impl"] == "kernel"):
+        same = {x["impl"]: x for x in qmm if (x["K"], x["N"], x["M"]) == (r["K"], r["N"], r["M"])}
+        mx_ms = f"{same['mx.qmm']['ms']:.3f}" if "mx.qmm" in same else "skipped"
+        ratio = f"{r['vs_mx']:.0f}x" if r.get("vs_mx") else "-"
+        out.append(f"| {r['what']} ({r['K']} -> {r['N']}, {r['bits']}) | {r['M']} | {r['ms']:.3f} | {mx_ms} |"
+                   f" {ratio} | {same['twin']['ms']:.3f} | {r['gbs']:.1f} | {r['gbs'] / bandwidth:.0%} |"
+                   f" {r['gflops']:.0f} | {r['gflops'] / peak:.0%} |")
+    out += ["", "Flash attention (B 1, H 9, H_kv 3, D 64, fp32)", "",
+            "| L = S | mask | impl | ms | GFLOPS | vs mx.fast | peak MiB |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in (r for r in data["rows"] if r["kernel"] == "flash_attention"):
+        out.append(f"| {r['L']} | {r['mask']} | {r['impl']} | {r['ms']:.1f} | {r['gflops']:.1f} |"
+                   f" {r['vs_mx_fast']:.2f}x | {r['peak_mib']:.1f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
