@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from spec.draw import DTYPES
 from spec.ladder import BY_DTYPE, FP32, Tol, assert_close
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 BASES = [10000.0, 100000.0, 1000000.0]
 
 

@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from spec.draw import DTYPES, draw_dtype, draw_rng
 from spec.ladder import BY_DTYPE, FP16, FP32, assert_close
 
 NAMES = {"norm": ("RMSNorm",), "basics": ("silu",), "mlp": ("MLP",)}
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -60,14 +60,6 @@ def mlp(impl):
 
 
 # -- drawing inputs -------------------------------------------------------------
-
-
-def draw_dtype(data) -> str:
-    return data.draw(st.sampled_from(sorted(DTYPES)), label="dtype")
-
-
-def draw_rng(data) -> np.random.Generator:
-    return np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
 
 
 def draw_batch(data) -> tuple[int, ...]:

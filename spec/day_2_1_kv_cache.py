@@ -80,7 +80,7 @@ def test_state_round_trip(kv_cache):
     a.update_and_fetch(k, k + 1)
     b = kv_cache.KVCache()
     b.state = a.state
-    assert b.offset == 5 and all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a.state, b.state))
+    assert b.offset == 5 and all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a.state, b.state, strict=True))
 
 
 # --- invariance: cached == uncached ----------------------------------------------------

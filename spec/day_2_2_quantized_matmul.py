@@ -31,11 +31,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spec.draw import DTYPES
 from spec.ladder import BY_DTYPE, Tol, assert_close, to_numpy
 
 NAMES = ("dequantize", "quantized_matmul", "quantized_matmul_mlx")
 BUILD = "pip install --no-build-isolation ./kernels  (needs a C++ compiler, cmake, mlx, nanobind>=3,<4)"
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 # SmolLM2-135M: (what, K, N, bits); GGUF group size 32, Q4_1 layers, Q8_0 tied head.
 MODEL_SHAPES = [("q_o_proj", 576, 576, 4), ("k_v_proj", 576, 192, 4), ("gate_up", 576, 1536, 4),

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spec.draw import DTYPES
 from spec.ladder import BY_DTYPE, FP32, Tol, assert_close
 
 NAMES = ("flash_attention_mlx", "flash_attention")
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 HEADS = [(4, 4), (4, 2), (6, 1), (9, 3)]  # (H, H_kv): MHA, GQA, MQA, the default model's
 MASKS = [None, "causal", "L S", "per head", "full"]
 BUILD = "pip install --no-build-isolation ./kernels"

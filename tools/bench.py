@@ -310,8 +310,9 @@ def _load_script(name: str):
 
 def worker_kernels(quick: bool) -> None:
     """Print the kernel rows as one JSON line: qmm at the model's shapes, flash attention, fp32 matmul peak."""
-    import impl  # noqa: F401
     import mlx.core as mx
+
+    import impl  # noqa: F401
 
     a = mx.random.normal((1024, 1024))
     mx.eval(a @ a)
