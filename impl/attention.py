@@ -90,15 +90,17 @@ def scaled_dot_product_attention_grouped(
 class Attention:
     """Llama/Qwen2 self-attention: q/k/v/o projections (optional biases), RoPE, grouped-query heads."""
 
-    def __init__(self, args, wq: mx.array, wk: mx.array, wv: mx.array, wo: mx.array,
+    def __init__(self, args, wq: mx.array | None, wk: mx.array | None, wv: mx.array | None, wo: mx.array,
                  bq: mx.array | None = None, bk: mx.array | None = None, bv: mx.array | None = None,
-                 bo: mx.array | None = None, rope=None, sdpa=None):
+                 bo: mx.array | None = None, rope=None, sdpa=None, wqkv=None, bqkv: mx.array | None = None):
+        """wqkv/bqkv: the rows of wq, wk, wv (and their biases) stacked, in place of the three (week 2)."""
         from impl.rope import RoPE
 
         self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.head_dim = args.head_dim
         self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
         self.bq, self.bk, self.bv, self.bo = bq, bk, bv, bo
+        self.wqkv, self.bqkv = wqkv, bqkv
         # Hugging Face row order: half-split RoPE (GGUF's permuted Q/K rows are undone on load).
         self.rope = rope or RoPE(self.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
         # The attention kernel: week 1's grouped SDPA, or flash attention (week 2) with the same contract.
@@ -108,10 +110,8 @@ class Attention:
                  cache=None) -> mx.array:
         """x: (N, L, E) -> (N, L, E); positions start at `offset`, or at cache.offset with a KV cache."""
         N, L, _ = x.shape
-        H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = linear(x, self.wq, self.bq).reshape(N, L, H, D)
-        k = linear(x, self.wk, self.bk).reshape(N, L, H_kv, D)
-        v = linear(x, self.wv, self.bv).reshape(N, L, H_kv, D)
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self._project(x)
         if cache is not None:
             offset = cache.offset
         q, k = self.rope(q, offset), self.rope(k, offset)
@@ -120,3 +120,13 @@ class Attention:
             k, v = cache.update_and_fetch(k, v)
         out = self.sdpa(q, k, v, mask=mask)  # (N, H, L, D)
         return linear(out.transpose(0, 2, 1, 3).reshape(N, L, H * D), self.wo, self.bo)
+
+    def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """x: (N, L, E) -> q (N, L, H, D), k and v (N, L, H_kv, D)."""
+        N, L, _ = x.shape
+        H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.wqkv is not None:  # one matmul, then views of its heads: q's H, k's H_kv, v's H_kv
+            qkv = linear(x, self.wqkv, self.bqkv).reshape(N, L, H + 2 * H_kv, D)
+            return qkv[:, :, :H], qkv[:, :, H:H + H_kv], qkv[:, :, H + H_kv:]
+        return (linear(x, self.wq, self.bq).reshape(N, L, H, D), linear(x, self.wk, self.bk).reshape(N, L, H_kv, D),
+                linear(x, self.wv, self.bv).reshape(N, L, H_kv, D))

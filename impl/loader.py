@@ -12,7 +12,13 @@ import mlx.core as mx
 from impl.chat_template import ChatTemplate
 from impl.config import ModelArgs
 from impl.errors import TinyLLMError
-from impl.gguf import GGUF_GROUP_SIZE, args_from_metadata, gguf_weights, quantization_bits, read_gguf
+from impl.gguf import (
+    GGUF_GROUP_SIZE,
+    args_from_metadata,
+    gguf_weights,
+    quantization_bits,
+    read_gguf,
+)
 from impl.model import Model
 from impl.quantize import dequantize
 from impl.quantized_weight import QuantizedWeight
@@ -41,8 +47,9 @@ def default_model_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
 
 
-def dequantize_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
-    """Replace every affine triple ('x.weight', 'x.scales', 'x.biases') by a dense 'x.weight'."""
+def convert_triples(weights: dict, to_weight, dtype: mx.Dtype = mx.float32) -> dict:
+    """Replace each affine triple ('x.weight', 'x.scales', 'x.biases') by one 'x.weight' made by
+    to_weight(QuantizedWeight); every other tensor is cast to `dtype`."""
     out = {}
     for key, w in weights.items():
         if key.endswith((".scales", ".biases")):
@@ -51,25 +58,50 @@ def dequantize_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
         if key.endswith(".weight") and f"{base}.scales" in weights:
             scales, biases = weights[f"{base}.scales"], weights[f"{base}.biases"]
             bits = quantization_bits(w, scales, GGUF_GROUP_SIZE)
-            w = dequantize(w, scales, biases, GGUF_GROUP_SIZE, bits, dtype)
-        out[key] = w.astype(dtype)
-    return out
-
-
-def quantized_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
-    """Turn every affine triple into one QuantizedWeight under 'x.weight' (week 2: no dense copy)."""
-    out = {}
-    for key, w in weights.items():
-        if key.endswith((".scales", ".biases")):
-            continue
-        base = key.removesuffix(".weight")
-        if key.endswith(".weight") and f"{base}.scales" in weights:
-            scales, biases = weights[f"{base}.scales"], weights[f"{base}.biases"]
-            out[key] = QuantizedWeight(w, scales, biases, GGUF_GROUP_SIZE,
-                                       quantization_bits(w, scales, GGUF_GROUP_SIZE))
+            out[key] = to_weight(QuantizedWeight(w, scales, biases, GGUF_GROUP_SIZE, bits))
         else:
             out[key] = w.astype(dtype)
     return out
+
+
+def dequantize_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
+    """Every affine triple becomes a dense 'x.weight' in `dtype` (week 1)."""
+    return convert_triples(weights, lambda q: dequantize(q.w_q, q.scales, q.biases, q.group_size, q.bits, dtype),
+                           dtype)
+
+
+def quantized_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
+    """Every affine triple becomes one QuantizedWeight under 'x.weight' (week 2: no dense copy)."""
+    return convert_triples(weights, lambda q: q, dtype)
+
+
+def fuse_projections(weights: dict, num_layers: int) -> dict:
+    """Stack each layer's q/k/v rows into one 'self_attn.qkv_proj' and gate/up rows into one
+    'mlp.gate_up_proj' (Phi-3's names): one quantized matmul each where there were three and two.
+
+    Only QuantizedWeights of one layout are stacked (a GGUF may mix bit widths); biases go along.
+    """
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        _stack(weights, [f"{p}.self_attn.{n}_proj" for n in "qkv"], f"{p}.self_attn.qkv_proj")
+        _stack(weights, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj")
+    return weights
+
+
+def _stack(weights: dict, names: list[str], fused: str) -> None:
+    parts = [weights.get(f"{n}.weight") for n in names]  # a missing one: Model says which
+    biases = [weights.get(f"{n}.bias") for n in names]
+    if not all(isinstance(w, QuantizedWeight) and w.can_stack(parts[0]) for w in parts):
+        return
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return  # a bias on some projections only: keep them apart
+    weights[f"{fused}.weight"] = stacked = QuantizedWeight.stack(parts)
+    mx.eval(stacked.w_q, stacked.scales, stacked.biases)  # now, so the parts can be freed
+    if biases[0] is not None:
+        weights[f"{fused}.bias"] = mx.concatenate(biases)
+    for n in names:
+        weights.pop(f"{n}.weight")
+        weights.pop(f"{n}.bias", None)
 
 
 def kernels_built() -> bool:
@@ -94,10 +126,14 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     template = meta.get("tokenizer.chat_template")
     chat = ChatTemplate(template, tokenizer) if template else None
-    sdpa = None
-    if quantized:  # the week-2 engine: flash attention too (kernel when built, else its twin)
-        from impl.flash_attention import flash_attention as sdpa
-    return LoadedModel(_build(args, weights, path, sdpa), tokenizer, chat, args, path)
+    layers = {}
+    if quantized:  # the week-2 engine: stacked projections; flash attention, RMSNorm, RoPE, SwiGLU kernels
+        from impl.flash_attention import flash_attention
+        from impl.layer_kernels import KernelRMSNorm, KernelRoPE
+
+        weights = fuse_projections(weights, args.num_hidden_layers)
+        layers = {"sdpa": flash_attention, "norm": KernelRMSNorm, "rope": KernelRoPE}
+    return LoadedModel(_build(args, weights, path, **layers), tokenizer, chat, args, path)
 
 
 def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
@@ -125,9 +161,9 @@ def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
                        args, path)
 
 
-def _build(args: ModelArgs, weights: dict, path: Path, sdpa=None) -> Model:
+def _build(args: ModelArgs, weights: dict, path: Path, **layers) -> Model:
     try:
-        return Model(args, weights, sdpa)
+        return Model(args, weights, **layers)
     except KeyError as e:
         raise TinyLLMError(f"{path}: weight {e.args[0]} is missing; is this a {args.model_type} model?") from None
 

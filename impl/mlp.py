@@ -5,15 +5,20 @@ from __future__ import annotations
 import mlx.core as mx
 
 from impl.basics import linear, silu
+from impl.layer_kernels import swiglu
 
 
 class MLP:
     """down(silu(gate(x)) * up(x)); gate/up: (I, E), down: (E, I)."""
 
-    def __init__(self, dim: int, hidden_dim: int, w_gate: mx.array, w_up: mx.array, w_down: mx.array):
+    def __init__(self, dim: int, hidden_dim: int, w_gate: mx.array | None, w_up: mx.array | None,
+                 w_down: mx.array, w_gate_up=None):
+        """w_gate_up: the rows of w_gate then w_up stacked (2I, E), in place of the two (week 2)."""
         self.dim, self.hidden_dim = dim, hidden_dim
-        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
+        self.w_gate, self.w_up, self.w_down, self.w_gate_up = w_gate, w_up, w_down, w_gate_up
 
     def __call__(self, x: mx.array) -> mx.array:
         """x: (..., E) -> (..., E)."""
+        if self.w_gate_up is not None:  # one matmul for both; silu(gate) * up on the kernel
+            return linear(swiglu(linear(x, self.w_gate_up)), self.w_down)  # (..., 2I) -> (..., I) -> (..., E)
         return linear(silu(linear(x, self.w_gate)) * linear(x, self.w_up), self.w_down)  # (..., I) -> (..., E)

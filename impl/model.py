@@ -37,20 +37,22 @@ class TransformerBlock:
     """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
 
     def __init__(self, args: ModelArgs, weights: dict[str, mx.array], prefix: str, rope: RoPE | None = None,
-                 sdpa=None):
+                 sdpa=None, norm=RMSNorm):
         w = lambda name: weights[f"{prefix}.{name}"]  # noqa: E731
-        bias = lambda name: weights.get(f"{prefix}.{name}")  # noqa: E731  (optional: Qwen2, attention_bias)
+        opt = lambda name: weights.get(f"{prefix}.{name}")  # noqa: E731  (biases: Qwen2; fused projections)
+        qkv, gate_up = opt("self_attn.qkv_proj.weight"), opt("mlp.gate_up_proj.weight")
+        unless = lambda fused, name: None if fused is not None else w(name)  # noqa: E731
         self.self_attn = Attention(
-            args, w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
-            w("self_attn.v_proj.weight"), w("self_attn.o_proj.weight"),
-            bias("self_attn.q_proj.bias"), bias("self_attn.k_proj.bias"), bias("self_attn.v_proj.bias"),
-            bias("self_attn.o_proj.bias"), rope=rope, sdpa=sdpa,
+            args, unless(qkv, "self_attn.q_proj.weight"), unless(qkv, "self_attn.k_proj.weight"),
+            unless(qkv, "self_attn.v_proj.weight"), w("self_attn.o_proj.weight"),
+            opt("self_attn.q_proj.bias"), opt("self_attn.k_proj.bias"), opt("self_attn.v_proj.bias"),
+            opt("self_attn.o_proj.bias"), rope=rope, sdpa=sdpa, wqkv=qkv, bqkv=opt("self_attn.qkv_proj.bias"),
         )
-        self.mlp = MLP(args.hidden_size, args.intermediate_size, w("mlp.gate_proj.weight"),
-                       w("mlp.up_proj.weight"), w("mlp.down_proj.weight"))
-        self.input_layernorm = RMSNorm(args.hidden_size, w("input_layernorm.weight"), args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, w("post_attention_layernorm.weight"),
-                                                args.rms_norm_eps)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size, unless(gate_up, "mlp.gate_proj.weight"),
+                       unless(gate_up, "mlp.up_proj.weight"), w("mlp.down_proj.weight"), w_gate_up=gate_up)
+        self.input_layernorm = norm(args.hidden_size, w("input_layernorm.weight"), args.rms_norm_eps)
+        self.post_attention_layernorm = norm(args.hidden_size, w("post_attention_layernorm.weight"),
+                                             args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,
                  cache=None) -> mx.array:
@@ -62,21 +64,22 @@ class TransformerBlock:
 class Model:
     """Embedding, N transformer blocks, final norm, output head (tied or untied)."""
 
-    def __init__(self, args: ModelArgs, weights: dict[str, mx.array], sdpa=None):
-        """sdpa: the attention function of every layer (default: week 1's grouped SDPA)."""
+    def __init__(self, args: ModelArgs, weights: dict[str, mx.array], sdpa=None, norm=RMSNorm, rope=RoPE):
+        """sdpa: the attention function of every layer (default: week 1's grouped SDPA); norm, rope: the
+        RMSNorm and RoPE classes (default: week 1's twins; week 2's engine passes impl.layer_kernels')."""
         self.args = args
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, weights["model.embed_tokens.weight"])
-        rope = RoPE(args.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
-        self.layers = [TransformerBlock(args, weights, f"model.layers.{i}", rope, sdpa)
+        rope = rope(args.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
+        self.layers = [TransformerBlock(args, weights, f"model.layers.{i}", rope, sdpa, norm)
                        for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
+        self.norm = norm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]
 
     def __call__(self, inputs: mx.array, offset: int = 0, cache: list | None = None) -> mx.array:
         """inputs: (N, L) token ids -> logits (N, L, V); with a KV cache (one per layer) only new tokens go in."""
         h = self.embed_tokens(inputs)  # (N, L, E)
         mask = "causal" if inputs.shape[1] > 1 else None  # one new token sees every cached one
-        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers), strict=True):
             h = layer(h, mask, offset, c)
         h = self.norm(h)
         return self.embed_tokens.as_linear(h) if self.lm_head is None else linear(h, self.lm_head)

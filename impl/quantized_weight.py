@@ -38,6 +38,19 @@ class QuantizedWeight:
         dense = dequantize(self.w_q[flat], self.scales[flat], self.biases[flat], self.group_size, self.bits, dtype)
         return dense.reshape(*ids.shape, dense.shape[-1])
 
+    @staticmethod
+    def stack(weights: list[QuantizedWeight]) -> QuantizedWeight:
+        """One (N_1 + N_2 + ..., K) weight from weights of one K and layout: their rows, in order."""
+        first = weights[0]
+        assert all(first.can_stack(w) for w in weights), "stacked weights need one K and one layout"
+        rows = lambda name: mx.concatenate([getattr(w, name) for w in weights])  # noqa: E731
+        return QuantizedWeight(rows("w_q"), rows("scales"), rows("biases"), first.group_size, first.bits)
+
+    def can_stack(self, other: QuantizedWeight) -> bool:
+        """Whether `stack` takes the two: same K, group size, bit width and scale dtype."""
+        return ((self.shape[1], self.group_size, self.bits, self.scales.dtype, self.biases.dtype)
+                == (other.shape[1], other.group_size, other.bits, other.scales.dtype, other.biases.dtype))
+
     @property
     def nbytes(self) -> int:
         """Bytes held: packed values, scales and biases."""

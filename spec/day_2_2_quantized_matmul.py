@@ -15,6 +15,12 @@ Checked:
 - that the kernel is one lazy node in MLX's graph, that (B, L, K) and strided x
   give exactly what the flat contiguous x gives, and that a row's output does not
   depend on the batch it comes in (bit for bit).
+- the engine's other C++ CPU kernels, written the same way (an MLX primitive, one
+  graph node where the twin is many ops): RMSNorm (twin impl.norm.RMSNorm), RoPE
+  (twin impl.rope.RoPE) and SwiGLU on the stacked gate/up output (twin
+  impl.layer_kernels.swiglu_mlx), kernel == twin == reference (torch; mx.fast.rope);
+  and stacked projections (q/k/v, gate/up: one QuantizedWeight, one matmul) ==
+  the separate ones, bit for bit.
 fp32 tolerances are derived from the fp32 summation error over K (fp32_sum_bound);
 fp16/bf16 ones are the ladder's rungs, each with its reason.
 """
@@ -31,8 +37,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spec.day_1_2_rope import rope_tol
 from spec.draw import DTYPES
-from spec.ladder import BY_DTYPE, Tol, assert_close, to_numpy
+from spec.ladder import BY_DTYPE, FP32, Tol, assert_close, to_numpy
 
 NAMES = ("dequantize", "quantized_matmul", "quantized_matmul_mlx")
 BUILD = "pip install --no-build-isolation ./kernels  (needs a C++ compiler, cmake, mlx, nanobind>=3,<4)"
@@ -253,7 +260,8 @@ def dense_model(impl, default_model):
 def _linear_weights(model):
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
-        yield from (a.wq, a.wk, a.wv, a.wo, m.w_gate, m.w_up, m.w_down)
+        parts = (a.wq, a.wk, a.wv, a.wqkv, a.wo, m.w_gate, m.w_up, m.w_gate_up, m.w_down)
+        yield from (w for w in parts if w is not None)  # stacked (wqkv, w_gate_up) or separate
     yield model.embed_tokens.weight
 
 
@@ -297,3 +305,165 @@ def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_m
             break
         token = next(got)
         assert token == want[i], f"step {i}: got {token}, transformers {want[i]} (its top-2 gap {gaps[i]:.3g})"
+
+
+# --- the engine's other CPU kernels: RMSNorm and RoPE; stacked projections --------------
+
+
+def _ops(y: mx.array) -> list[str]:
+    """The primitives still to evaluate in y's lazy graph."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, y)
+    return [line.split('label ="')[1].split('"')[0] for line in dot.getvalue().splitlines() if 'label ="' in line]
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "rope", "swiglu"])
+def test_layer_kernel_is_built(impl, name):
+    kernels = impl.native.kernels
+    assert kernels is not None and hasattr(kernels, name), (
+        f"tiny_llm_kernels has no {name} ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+
+
+@given(data=st.data())
+def test_rms_norm_kernel_matches_twin_and_torch(impl, data):
+    dtype = data.draw(st.sampled_from(sorted(DTYPES)), label="dtype")
+    shape = data.draw(st.sampled_from([(1, 1, 576), (2, 5, 64), (7, 8), (3, 1)]), label="shape")
+    scale = data.draw(st.sampled_from([1.0, 1000.0]), label="scale (1000: fp16 squares overflow)")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    x = mx.array(rng.uniform(-scale, scale, shape).astype(np.float32)).astype(DTYPES[dtype])
+    weight = mx.array(rng.uniform(0.5, 1.5, shape[-1:]).astype(np.float32)).astype(DTYPES[dtype])
+    mx.eval(x, weight)
+    norm = impl.layer_kernels.KernelRMSNorm(shape[-1], weight, 1e-5)
+    got = norm(x)
+    assert _ops(got) == ["TinyLLMRMSNorm"], f"expected the kernel as one lazy node, got {_ops(got)}"
+    twin = impl.norm.RMSNorm(shape[-1], weight, 1e-5)(x)
+    # torch in fp32 on the same rounded values, rounded to x's dtype at the twin's two points.
+    x32, w32 = (torch.from_numpy(to_numpy(a)).float() for a in (x, weight))
+    t_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    ref = torch.nn.functional.rms_norm(x32, (shape[-1],), eps=1e-5).to(t_dtype) * w32.to(t_dtype)
+    assert got.dtype == x.dtype, f"kernel output dtype {got.dtype}, expected {x.dtype}"
+    # Same steps in the same dtypes; only the order of the sum of squares may differ: the rung.
+    assert_close(got, twin, BY_DTYPE[dtype], f"rms_norm kernel vs twin, {dtype} {shape}")
+    assert_close(got, ref, BY_DTYPE[dtype], f"rms_norm kernel vs torch, {dtype} {shape}")
+
+
+@given(data=st.data())
+def test_swiglu_kernel_matches_twin_and_torch(impl, data):
+    dtype = data.draw(st.sampled_from(sorted(DTYPES)), label="dtype")
+    shape = data.draw(st.sampled_from([(1, 1, 3072), (2, 5, 16), (3, 2), (4, 6)]), label="shape (..., 2I)")
+    strided = data.draw(st.booleans(), label="x a transposed view")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    x = mx.array(rng.uniform(-8, 8, shape).astype(np.float32)).astype(DTYPES[dtype])  # past sigmoid's knee
+    if strided:  # the same values in column-major order: a view that is not row-contiguous
+        x = mx.contiguous(x.T).T
+    mx.eval(x)
+    got = impl.layer_kernels.swiglu(x)
+    assert _ops(got) == ["TinyLLMSwiGLU"], f"expected the kernel as one lazy node, got {_ops(got)}"
+    twin = impl.layer_kernels.swiglu_mlx(x)
+    I = shape[-1] // 2
+    x32 = torch.from_numpy(to_numpy(x)).float()
+    t_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    ref = torch.nn.functional.silu(x32[..., :I]).to(t_dtype) * x32[..., I:].to(t_dtype)
+    what = f"{dtype} {shape} strided={strided}"
+    assert got.dtype == x.dtype and got.shape == (*shape[:-1], I), f"{what}: got {got.dtype} {got.shape}"
+    # exp from libm (kernel) vs MLX's own (twin) and torch's: ulps apart, then at most three
+    # roundings to x's dtype (sigmoid, gate * sigmoid, * up): the dtype's rung.
+    assert_close(got, twin, BY_DTYPE[dtype], f"swiglu kernel vs twin, {what}")
+    assert_close(got, ref, BY_DTYPE[dtype], f"swiglu kernel vs torch, {what}")
+
+
+def _rope_reference(x: mx.array, traditional: bool, base: float, offset: int) -> mx.array:
+    """mx.fast.rope in fp32 on (N, L, H, D): it wants the positions on axis -2."""
+    y = mx.fast.rope(x.astype(mx.float32).transpose(0, 2, 1, 3), x.shape[-1], traditional=traditional,
+                     base=base, scale=1.0, offset=offset)
+    return y.transpose(0, 2, 1, 3)
+
+
+@given(data=st.data())
+def test_rope_kernel_matches_twin_and_mx_fast(impl, data):
+    dtype = data.draw(st.sampled_from(sorted(DTYPES)), label="dtype")
+    traditional = data.draw(st.booleans(), label="traditional")
+    N, L, H = (data.draw(st.integers(1, 3), label=n) for n in "NLH")
+    D = data.draw(st.sampled_from([2, 8, 64]), label="D")
+    base = data.draw(st.sampled_from([10000.0, 100000.0]), label="base")
+    offset = data.draw(st.integers(0, 500 - L), label="offset")
+    strided = data.draw(st.booleans(), label="x a head slice of a wider array (as from fused q/k/v)")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    wide = mx.array(rng.uniform(-1, 1, (N, L, H + 2, D)).astype(np.float32)).astype(DTYPES[dtype])
+    x = wide[:, :, 1:H + 1] if strided else mx.contiguous(wide[:, :, :H])
+    mx.eval(x)  # a strided view stays one after evaluation
+    kernel_rope = impl.layer_kernels.KernelRoPE(D, 500, base, traditional)
+    mx.eval(kernel_rope.cos, kernel_rope.sin)  # the tables, computed once
+    got = kernel_rope(x, offset)
+    assert _ops(got) == ["TinyLLMRoPE"], f"expected the kernel as one lazy node, got {_ops(got)}"
+    twin = impl.rope.RoPE(D, 500, base, traditional)(x, offset)
+    what = f"{dtype} traditional={traditional} (N, L, H, D)={(N, L, H, D)} offset={offset} strided={strided}"
+    assert got.dtype == x.dtype, f"kernel output dtype {got.dtype}, expected {x.dtype}"
+    # The same tables and the same fp32 products and sums, rounded once to x's dtype
+    # (the kernel is built without fma contraction): bit for bit.
+    assert np.array_equal(to_numpy(got), to_numpy(twin)), f"rope kernel differs from its twin, {what}"
+    # mx.fast.rope computes its own angles: the RoPE spec's rung (day_1_2's rope_tol, p < 500).
+    assert_close(got, _rope_reference(x, traditional, base, offset), rope_tol(dtype, 500),
+                 f"rope kernel vs mx.fast.rope, {what}")
+
+
+def test_rope_kernel_falls_back_to_the_twin_for_per_sequence_offsets(impl):
+    x = mx.random.normal((2, 3, 2, 8), key=mx.random.key(4))
+    kernel_rope, twin = impl.layer_kernels.KernelRoPE(8, 64), impl.rope.RoPE(8, 64)
+    got, want = kernel_rope(x, [5, 9]), twin(x, [5, 9])
+    assert np.array_equal(to_numpy(got), to_numpy(want)), "per-sequence offsets differ from the twin"
+    with pytest.raises(ValueError):
+        kernel_rope(x, 62)  # positions 62..64 are past the table of 64
+
+
+def _quantized_weight(impl, rng, n: int, k: int):
+    """A random (n, k) weight as a QuantizedWeight: 4 bits, group 32, fp16 scales, as in the GGUF."""
+    w_q, scales, biases = mx.quantize(mx.array(rng.standard_normal((n, k)).astype(np.float32)), group_size=32, bits=4)
+    return impl.quantized_weight.QuantizedWeight(w_q, scales.astype(mx.float16), biases.astype(mx.float16), 32, 4)
+
+
+def test_stacked_projections_match_separate_ones(impl):
+    """A Qwen2-like block (q/k/v biases) with q/k/v and gate/up stacked at load: attention gives,
+    bit for bit, what the separate projections give (each output of the kernel comes from its
+    weight row alone); the MLP too, up to SwiGLU's exp (the kernel's libm vs MLX's)."""
+    from types import SimpleNamespace
+
+    E, H, H_kv, D, I = 64, 4, 2, 16, 96
+    args = SimpleNamespace(hidden_size=E, intermediate_size=I, num_attention_heads=H, num_key_value_heads=H_kv,
+                           head_dim=D, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5)
+    rng, p = np.random.default_rng(7), "model.layers.0"
+    weights = {f"{p}.input_layernorm.weight": mx.ones((E,)), f"{p}.post_attention_layernorm.weight": mx.ones((E,))}
+    for name, (n, k) in {"self_attn.q_proj": (H * D, E), "self_attn.k_proj": (H_kv * D, E),
+                         "self_attn.v_proj": (H_kv * D, E), "self_attn.o_proj": (E, H * D),
+                         "mlp.gate_proj": (I, E), "mlp.up_proj": (I, E), "mlp.down_proj": (E, I)}.items():
+        weights[f"{p}.{name}.weight"] = _quantized_weight(impl, rng, n, k)
+        if name[-6] in "qkv" and name.startswith("self_attn"):
+            weights[f"{p}.{name}.bias"] = mx.array(rng.standard_normal(n).astype(np.float32))
+    fused = impl.loader.fuse_projections(dict(weights), 1)
+    stacked = sorted(k for k in fused if "qkv_proj" in k or "gate_up_proj" in k)
+    assert stacked == [f"{p}.mlp.gate_up_proj.weight", f"{p}.self_attn.qkv_proj.bias",
+                       f"{p}.self_attn.qkv_proj.weight"], f"stacked: {stacked}"
+    assert not any(k in fused for k in weights if k.endswith(("q_proj.weight", "gate_proj.weight"))), (
+        "the separate projections were kept next to the stacked ones (twice the memory)")
+    x = mx.random.normal((2, 3, E), key=mx.random.key(5))
+    got, want = impl.model.TransformerBlock(args, fused, p), impl.model.TransformerBlock(args, weights, p)
+    a, b = to_numpy(got.self_attn(x)), to_numpy(want.self_attn(x))
+    assert np.array_equal(a, b), f"attention on stacked q/k/v differs: max abs diff {np.abs(a - b).max():.3g}"
+    a, b = to_numpy(got.mlp(x)), to_numpy(want.mlp(x))
+    # silu's exp a few ulps apart, then down_proj's sum of I terms: relative to the output's scale.
+    scale = float(np.abs(b).max())
+    tol = Tol(atol=FP32.rtol * scale, rtol=FP32.rtol, reason=f"{FP32.reason}; exp in SiLU, summed over I={I}")
+    assert_close(a, b, tol, "MLP on stacked gate/up vs separate")
+
+
+def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):
+    model = quantized_model.model
+    layer = model.layers[0]
+    kinds = {type(layer.input_layernorm).__name__, type(model.norm).__name__, type(layer.self_attn.rope).__name__}
+    assert kinds == {"KernelRMSNorm", "KernelRoPE"}, f"the week-2 engine's norm and RoPE classes: {kinds}"
+    assert layer.self_attn.wqkv is not None and layer.mlp.w_gate_up is not None, "projections are not stacked"
+    ops = _ops(model(mx.array([[1, 2, 3]])))
+    for kernel in ("TinyLLMRMSNorm", "TinyLLMRoPE", "TinyLLMSwiGLU", "TinyLLMQuantizedMatmul", "TinyLLMFlashAttention"):
+        assert kernel in ops, f"{kernel} is not in the model's graph"
+    assert ops.count("TinyLLMQuantizedMatmul") == 4 * len(model.layers) + 1, (
+        "expected 4 quantized matmuls a layer (qkv, o, gate_up, down) and the head")

@@ -103,8 +103,9 @@ def _impl_weight_bytes(model) -> int:
     add(model.norm.weight)
     for layer in model.layers:
         a = layer.self_attn
-        for w in (a.wq, a.wk, a.wv, a.wo, a.bq, a.bk, a.bv, a.bo, layer.mlp.w_gate, layer.mlp.w_up,
-                  layer.mlp.w_down, layer.input_layernorm.weight, layer.post_attention_layernorm.weight):
+        for w in (a.wq, a.wk, a.wv, a.wqkv, a.wo, a.bq, a.bk, a.bv, a.bqkv, a.bo, layer.mlp.w_gate,
+                  layer.mlp.w_up, layer.mlp.w_gate_up, layer.mlp.w_down, layer.input_layernorm.weight,
+                  layer.post_attention_layernorm.weight):  # separate or stacked (week 2) projections
             add(w)
     return total
 

@@ -9,6 +9,9 @@
 
 #include "flash_attention.h"
 #include "quantized_matmul.h"
+#include "rms_norm.h"
+#include "rope.h"
+#include "swiglu.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -40,4 +43,18 @@ NB_MODULE(_ext, m) {
   m.def("flash_attention_configure", &tiny_llm::flash_attention_configure, "isa"_a = "auto",
         "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto').\n"
         "Returns flash_attention_info().");
+
+  m.def("rms_norm", &tiny_llm::rms_norm, "x"_a, "weight"_a, "eps"_a = 1e-5f, "stream"_a = nb::none(),
+        "x / sqrt(mean(x^2) + eps) * weight over the last axis, on the CPU (twin: impl.norm.RMSNorm).\n\n"
+        "x (..., D) float32/float16/bfloat16, weight (D,). Returns x's shape and dtype; the mean of\n"
+        "squares is accumulated in float32. Lazy, like any MLX op.");
+  m.def("rope", &tiny_llm::rope, "x"_a, "cos"_a, "sin"_a, "offset"_a = 0, "traditional"_a = false,
+        "stream"_a = nb::none(),
+        "Rotary position embedding from cos/sin tables, on the CPU (twin: impl.rope.RoPE).\n\n"
+        "x (N, L, H, D) float32/float16/bfloat16, any strides; cos, sin (S, D/2) float32 for positions\n"
+        "[0, S); position l is offset + l. traditional: interleaved pairs (x_2i, x_2i+1), else\n"
+        "half-split (x_i, x_i+D/2). Returns (N, L, H, D) in x's dtype. Lazy, like any MLX op.");
+  m.def("swiglu", &tiny_llm::swiglu, "x"_a, "stream"_a = nb::none(),
+        "silu(gate) * up for x = [gate | up] on the last axis, on the CPU (twin: impl.layer_kernels.swiglu_mlx).\n\n"
+        "x (..., 2I) float32/float16/bfloat16 -> (..., I) in x's dtype. Lazy, like any MLX op.");
 }

@@ -20,6 +20,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "quantized_matmul_kernels.h"
 #include "quantized_matmul_threads.h"
+#include "row_major.h"
 
 namespace tiny_llm {
 
@@ -101,24 +102,6 @@ DType dtype_of(const mx::array& a) {
   if (a.dtype() == mx::float16) return DType::f16;
   if (a.dtype() == mx::bfloat16) return DType::bf16;
   return DType::f32;
-}
-
-// The data of `a` in row-major order: its own buffer when row-contiguous (the
-// usual case), else a gathered copy in `tmp` (e.g. x[:, -1] of a (B, L, K) array).
-const void* row_major(const mx::array& a, std::vector<char>& tmp) {
-  if (a.flags().row_contiguous) return a.data<void>();
-  const size_t item = a.itemsize();
-  const int nd = a.ndim();
-  tmp.resize(a.size() * item);
-  std::vector<int> idx(nd, 0);
-  const char* src = a.data<char>();
-  for (size_t i = 0; i < a.size(); ++i) {
-    int64_t off = 0;
-    for (int d = 0; d < nd; ++d) off += idx[d] * a.strides()[d];
-    std::memcpy(tmp.data() + i * item, src + off * int64_t(item), item);
-    for (int d = nd - 1; d >= 0 && ++idx[d] == a.shape(d); --d) idx[d] = 0;
-  }
-  return tmp.data();
 }
 
 // Split [0, n) into about `parts` ranges whose size is a multiple of `align`.

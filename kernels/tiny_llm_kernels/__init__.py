@@ -7,6 +7,9 @@ on top of it, both RTLD_GLOBAL, so MLX's matmuls resolve to OpenBLAS.
 Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4, stream=None)
     flash_attention(q, k, v, scale=None, mask=None, stream=None)  (mask: None, "causal", array)
+    rms_norm(x, weight, eps=1e-5, stream=None)
+    rope(x, cos, sin, offset=0, traditional=False, stream=None)
+    swiglu(x, stream=None)  (x = [gate | up] on the last axis)
 Imported only after the BLAS fix: `_ext` imports mlx.core, and the fix must come first.
 """
 
@@ -65,6 +68,9 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         quantized_matmul,
         quantized_matmul_configure,
         quantized_matmul_info,
+        rms_norm,
+        rope,
+        swiglu,
     )
 except ImportError as e:  # e.g. built without a C++ compiler; the BLAS fix above still holds
     ext_error = str(e)

@@ -1,0 +1,76 @@
+// The MLX side and the loop of tiny_llm_kernels.rms_norm: one pass over each row
+// for the sum of squares, one to scale it. Rows are short (the hidden size), so
+// one thread does them all; the win is one graph node instead of ~8.
+#include "rms_norm.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "row_major.h"
+
+namespace tiny_llm {
+
+namespace {
+
+// T: float, mx::float16_t or mx::bfloat16_t; every arithmetic step in fp32.
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* y, long rows, int D, float eps) {
+  for (long r = 0; r < rows; ++r, x += D, y += D) {
+    float sum = 0.0f;
+    for (int i = 0; i < D; ++i) sum += float(x[i]) * float(x[i]);
+    const float rms = 1.0f / std::sqrt(sum * (1.0f / D) + eps);
+    for (int i = 0; i < D; ++i) y[i] = T(float(T(float(x[i]) * rms)) * float(w[i]));
+  }
+}
+
+void run(const mx::array& x, const mx::array& w, mx::array& out, float eps) {
+  const int D = x.shape(-1);
+  const long rows = D ? long(x.size() / D) : 0;
+  std::vector<char> tx, tw;
+  const void* xd = row_major(x, tx);
+  const void* wd = row_major(w, tw);
+  if (out.dtype() == mx::float16) {
+    using T = mx::float16_t;
+    rms_norm_rows(static_cast<const T*>(xd), static_cast<const T*>(wd), out.data<T>(), rows, D, eps);
+  } else if (out.dtype() == mx::bfloat16) {
+    using T = mx::bfloat16_t;
+    rms_norm_rows(static_cast<const T*>(xd), static_cast<const T*>(wd), out.data<T>(), rows, D, eps);
+  } else {
+    rms_norm_rows(static_cast<const float*>(xd), static_cast<const float*>(wd), out.data<float>(), rows, D, eps);
+  }
+}
+
+bool is_float(const mx::Dtype& t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
+
+}  // namespace
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("rms_norm: " + what); };
+  if (x.ndim() < 1 || !is_float(x.dtype())) fail("x must be float32, float16 or bfloat16 with shape (..., D)");
+  if (weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
+    fail("weight must be (D,) with D = x.shape[-1] = " + std::to_string(x.shape(-1)));
+  if (!is_float(weight.dtype())) fail("weight must be float32, float16 or bfloat16");
+  const mx::Stream stream =
+      std::holds_alternative<std::monostate>(s) ? mx::default_stream(mx::Device::cpu) : mx::to_stream(s);
+  if (stream.device.type != mx::Device::cpu) fail("this is a CPU kernel; pass stream=mx.cpu (or leave it out)");
+  // As the twin: the weight in x's dtype (astype returns weight itself when they match).
+  return mx::array(x.shape(), x.dtype(), std::make_shared<RMSNormPrimitive>(stream, eps),
+                   {x, mx::astype(weight, x.dtype(), stream)});
+}
+
+void RMSNormPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                    out = mx::array::unsafe_weak_copy(out), eps = eps_]() mutable { run(x, w, out, eps); });
+}
+
+void RMSNormPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("tiny_llm_kernels.rms_norm is a CPU kernel; run it with stream=mx.cpu");
+}
+
+}  // namespace tiny_llm

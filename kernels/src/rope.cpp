@@ -1,0 +1,91 @@
+// The MLX side and the loop of tiny_llm_kernels.rope. x and the tables are read
+// through their strides (a head slice of a fused q/k/v projection needs no copy);
+// the output is row-contiguous. Compiled with -ffp-contract=off: a*c - b*s is
+// then rounded exactly as the twin's separate multiply and subtract are.
+#include "rope.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "mlx/backend/cpu/encoder.h"
+
+namespace tiny_llm {
+
+namespace {
+
+template <typename T>
+void rope_rows(const mx::array& x, const mx::array& cos_table, const mx::array& sin_table, T* y, int offset,
+               bool traditional) {
+  const int N = x.shape(0), L = x.shape(1), H = x.shape(2), D = x.shape(3), half = D / 2;
+  const auto& st = x.strides();
+  // Pair i: elements (i, i + D/2) or (2i, 2i + 1), as strides along the last axis.
+  const int64_t first = traditional ? 2 * st[3] : st[3], second = traditional ? st[3] : half * st[3];
+  const int out_first = traditional ? 2 : 1, out_second = traditional ? 1 : half;
+  const T* base = x.data<T>();
+  for (int n = 0; n < N; ++n)
+    for (int l = 0; l < L; ++l) {
+      const float* c = cos_table.data<float>() + (offset + l) * cos_table.strides()[0];
+      const float* s = sin_table.data<float>() + (offset + l) * sin_table.strides()[0];
+      const int64_t cs = cos_table.strides()[1], ss = sin_table.strides()[1];
+      for (int h = 0; h < H; ++h, y += D) {
+        const T* row = base + n * st[0] + l * st[1] + h * st[2];
+        for (int i = 0; i < half; ++i) {
+          const float a = float(row[i * first]), b = float(row[i * first + second]);
+          y[i * out_first] = T(a * c[i * cs] - b * s[i * ss]);
+          y[i * out_first + out_second] = T(a * s[i * ss] + b * c[i * cs]);
+        }
+      }
+    }
+}
+
+bool is_float(const mx::Dtype& t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
+
+std::string shape_str(const mx::array& a) {
+  std::string r = "(";
+  for (size_t i = 0; i < a.ndim(); ++i) r += (i ? ", " : "") + std::to_string(a.shape(int(i)));
+  return r + ")";
+}
+
+}  // namespace
+
+mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, int offset, bool traditional,
+               mx::StreamOrDevice s) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("rope: " + what); };
+  if (x.ndim() != 4 || !is_float(x.dtype()) || x.shape(3) % 2 != 0)
+    fail("x must be (N, L, H, D) float32, float16 or bfloat16 with D even, got " + shape_str(x));
+  const int L = x.shape(1), half = x.shape(3) / 2;
+  if (cos.ndim() != 2 || cos.shape() != sin.shape() || cos.shape(1) != half || cos.dtype() != mx::float32 ||
+      sin.dtype() != mx::float32)
+    fail("cos and sin must be float32 (S, D/2) = (S, " + std::to_string(half) + "), got " + shape_str(cos) +
+         " and " + shape_str(sin));
+  if (offset < 0 || offset + L > cos.shape(0))
+    fail("positions " + std::to_string(offset) + ".." + std::to_string(offset + L - 1) + " are past the table of " +
+         std::to_string(cos.shape(0)));
+  const mx::Stream stream =
+      std::holds_alternative<std::monostate>(s) ? mx::default_stream(mx::Device::cpu) : mx::to_stream(s);
+  if (stream.device.type != mx::Device::cpu) fail("this is a CPU kernel; pass stream=mx.cpu (or leave it out)");
+  return mx::array(x.shape(), x.dtype(), std::make_shared<RoPEPrimitive>(stream, offset, traditional), {x, cos, sin});
+}
+
+void RoPEPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), c = mx::array::unsafe_weak_copy(inputs[1]),
+                    s = mx::array::unsafe_weak_copy(inputs[2]), out = mx::array::unsafe_weak_copy(out),
+                    offset = offset_, traditional = traditional_]() mutable {
+    if (out.dtype() == mx::float16)
+      rope_rows(x, c, s, out.data<mx::float16_t>(), offset, traditional);
+    else if (out.dtype() == mx::bfloat16)
+      rope_rows(x, c, s, out.data<mx::bfloat16_t>(), offset, traditional);
+    else
+      rope_rows(x, c, s, out.data<float>(), offset, traditional);
+  });
+}
+
+void RoPEPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("tiny_llm_kernels.rope is a CPU kernel; run it with stream=mx.cpu");
+}
+
+}  // namespace tiny_llm

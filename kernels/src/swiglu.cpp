@@ -1,0 +1,67 @@
+// The MLX side and the loop of tiny_llm_kernels.swiglu. Rows are short (the
+// intermediate size), so one thread does them all; the win is one graph node.
+#include "swiglu.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "row_major.h"
+
+namespace tiny_llm {
+
+namespace {
+
+// T: float, mx::float16_t or mx::bfloat16_t. The twin rounds to T after the
+// sigmoid, after gate * sigmoid and after the product with up: so does this.
+template <typename T>
+void swiglu_rows(const T* x, T* y, long rows, int I) {
+  for (long r = 0; r < rows; ++r, x += 2 * I, y += I)
+    for (int i = 0; i < I; ++i) {
+      const float g = float(x[i]);
+      const T sig = T(1.0f / (1.0f + std::exp(-g)));
+      y[i] = T(float(T(g * float(sig))) * float(x[I + i]));
+    }
+}
+
+}  // namespace
+
+mx::array swiglu(const mx::array& x, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("swiglu: " + what); };
+  if (x.ndim() < 1 || (x.dtype() != mx::float32 && x.dtype() != mx::float16 && x.dtype() != mx::bfloat16))
+    fail("x must be float32, float16 or bfloat16 with shape (..., 2I)");
+  if (x.shape(-1) % 2 != 0) fail("the last axis holds gate then up: its size must be even, got " +
+                                 std::to_string(x.shape(-1)));
+  const mx::Stream stream =
+      std::holds_alternative<std::monostate>(s) ? mx::default_stream(mx::Device::cpu) : mx::to_stream(s);
+  if (stream.device.type != mx::Device::cpu) fail("this is a CPU kernel; pass stream=mx.cpu (or leave it out)");
+  mx::Shape shape = x.shape();
+  shape.back() /= 2;
+  return mx::array(shape, x.dtype(), std::make_shared<SwiGLUPrimitive>(stream), {x});
+}
+
+void SwiGLUPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(inputs[0]);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), out = mx::array::unsafe_weak_copy(out)]() mutable {
+    const int I = out.shape(-1);
+    const long rows = I ? long(out.size() / I) : 0;
+    std::vector<char> tmp;
+    const void* xd = row_major(x, tmp);
+    if (out.dtype() == mx::float16)
+      swiglu_rows(static_cast<const mx::float16_t*>(xd), out.data<mx::float16_t>(), rows, I);
+    else if (out.dtype() == mx::bfloat16)
+      swiglu_rows(static_cast<const mx::bfloat16_t*>(xd), out.data<mx::bfloat16_t>(), rows, I);
+    else
+      swiglu_rows(static_cast<const float*>(xd), out.data<float>(), rows, I);
+  });
+}
+
+void SwiGLUPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("tiny_llm_kernels.swiglu is a CPU kernel; run it with stream=mx.cpu");
+}
+
+}  // namespace tiny_llm
