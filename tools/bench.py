@@ -84,7 +84,7 @@ def worker_impl(ids, n_decode):
     from impl.loader import kernels_built, load_model
 
     loaded = load_model(quantized=None)
-    _time_stream(generate_step_cached(loaded.model, ids[:16]), 2)  # warm up
+    _time_stream(generate_step_cached(loaded.model, ids), 2)  # warm up at the same shapes
     prefill, decode = _time_stream(generate_step_cached(loaded.model, ids), n_decode)
     weights = _impl_weight_bytes(loaded.model)
     note = "quantized weights, C++ kernels" if kernels_built() else "dequantized fp32 (kernels not built)"
@@ -127,7 +127,7 @@ def worker_mlx_lm(ids, n_decode):
     def stream(prompt):  # mlx-lm's own pipelined decode loop, greedy
         return (int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n_decode + 1))
 
-    _time_stream(stream(ids[:16]), 2)
+    _time_stream(stream(ids), 2)  # warm up at the same shapes
     prefill, decode = _time_stream(stream(ids), n_decode)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return prefill, decode, weights, "4-bit group 32 (mx.quantized_matmul)"
@@ -141,7 +141,7 @@ def worker_transformers(ids, n_decode):
     model = transformers_model(str(hf_folder_from_gguf()))
     x = torch.tensor([ids])
     with torch.no_grad():
-        model(x[:, :16])  # warm up
+        model(x)  # warm up at the same shapes
         t = time.perf_counter()
         out = model(x, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -162,8 +162,10 @@ def worker_llama_cpp(ids, n_decode):
     from reference.models import default_model_path
 
     path = default_model_path()
-    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=os.cpu_count(), verbose=False)
-    llm.eval(ids[:16])  # warm up
+    # n_batch = n_ctx: without logits_all, llama-cpp-python keeps n_batch rows of logits and
+    # indexes them by position, so a position past n_batch would fall off the end.
+    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=1024, n_threads=os.cpu_count(), verbose=False)
+    llm.eval(ids)  # warm up at the same shapes
     llm.reset()
     t = time.perf_counter()
     llm.eval(ids)
