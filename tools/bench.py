@@ -313,9 +313,10 @@ def _load_script(name: str):
 
 def worker_kernels(quick: bool) -> None:
     """Print the kernel rows as one JSON line: qmm at the model's shapes, flash attention, fp32 matmul peak."""
-    import mlx.core as mx
+    import impl  # noqa: F401  (first: the BLAS fix only takes effect before mlx is imported)
 
-    import impl  # noqa: F401
+    # isort: split
+    import mlx.core as mx
 
     a = mx.random.normal((1024, 1024))
     mx.eval(a @ a)
