@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from impl.quantize import dequantize, quantized_matmul
+
 
 @dataclass
 class QuantizedWeight:
@@ -26,14 +28,10 @@ class QuantizedWeight:
 
     def matmul_t(self, x: mx.array) -> mx.array:
         """x (..., K) @ W.T -> (..., N), on the quantized-matmul kernel when it is built."""
-        from impl.quantize import quantized_matmul
-
         return quantized_matmul(x, self.w_q, self.scales, self.biases, self.group_size, self.bits)
 
     def rows(self, ids: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Dense rows W[ids]: ids (...) -> (..., K), dequantizing only those rows (embedding lookup)."""
-        from impl.quantize import dequantize
-
         flat = ids.reshape(-1)
         dense = dequantize(self.w_q[flat], self.scales[flat], self.biases[flat], self.group_size, self.bits, dtype)
         return dense.reshape(*ids.shape, dense.shape[-1])
