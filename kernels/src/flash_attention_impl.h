@@ -159,6 +159,46 @@ void pack_kv(const Problem& p, const Plan& plan, int b, int g, int t, float* dst
   }
 }
 
+// Row s of K or V as Dp fp32 values: the tensor's own memory when it already is that
+// (fp32, unit stride, D == Dp), else converted and zero padded into `buf`.
+inline const float* kv_row(const Tensor& t, int b, int g, int s, int D, int Dp, float* buf) {
+  if (t.dtype == DType::f32 && t.strides[3] == 1 && D == Dp)
+    return static_cast<const float*>(t.data) + b * t.strides[0] + g * t.strides[1] + s * t.strides[2];
+  load_row(t, b, g, s, 0, D, buf);
+  std::fill(buf + D, buf + Dp, 0.0f);
+  return buf;
+}
+
+// Decode (a few rows): scores of key tile t straight from K's rows, S (rows, BC) = Q @ K^T.
+// Packing the tile first (transposing K) would cost more than these few rows use it.
+void scores_direct(const Problem& p, int b, int g, int t, const float* Q, int rows, int Dp, float* S, float* buf) {
+  const int s0 = t * BC, valid = std::min(BC, p.S - s0);
+  for (int j = 0; j < valid; ++j) {
+    const float* k = kv_row(p.k, b, g, s0 + j, p.D, Dp, buf);
+    for (int r = 0; r < rows; ++r) {
+      V acc = V::zero();
+      for (int d = 0; d < Dp; d += V::L) acc = V::fma(V::load(Q + r * Dp + d), V::load(k + d), acc);
+      S[r * BC + j] = V::hsum(acc);
+    }
+  }
+  for (int r = 0; r < rows; ++r) std::fill(S + r * BC + valid, S + (r + 1) * BC, 0.0f);  // masked next
+}
+
+// ... and O (rows, Dp) += P (rows, BC) @ V straight from V's rows.
+void accumulate_direct(const Problem& p, int b, int g, int t, const float* P, int rows, int Dp, float* O, float* buf) {
+  const int s0 = t * BC, valid = std::min(BC, p.S - s0);
+  for (int j = 0; j < valid; ++j) {
+    const float* v = kv_row(p.v, b, g, s0 + j, p.D, Dp, buf);
+    for (int r = 0; r < rows; ++r) {
+      const V w = V::set1(P[r * BC + j]);
+      for (int d = 0; d < Dp; d += V::L) V::store(O + r * Dp + d, V::fma(w, V::load(v + d), V::load(O + r * Dp + d)));
+    }
+  }
+}
+
+// Up to this many rows a task reads K and V in place (decode); above, it packs tiles.
+constexpr int kDirectRows = 8;
+
 // The online softmax step for one row of scores s (BC, log2 units): the running max m
 // and sum l absorb this tile, the accumulator o is rescaled by 2^(m_old - m_new), and s
 // becomes the tile's weights 2^(s - m_new).
@@ -237,7 +277,15 @@ void attend(const Problem& p, const Plan& plan, int b, int g, int qt, int split,
     visible = last < 0 ? 0 : std::min(plan.n_ktiles, last / BC + 1);
   }
   const int t0 = visible * split / plan.n_splits, t1 = visible * (split + 1) / plan.n_splits;
+  const bool direct = !packed && rows <= kDirectRows;
   for (int t = t0; t < t1; ++t) {
+    if (direct) {
+      scores_direct(p, b, g, t, Q, rows, Dp, S, tile);
+      mask_scores(p, b, g, n_rep, l0, nl, t, S, mrow);
+      for (int row = 0; row < rows; ++row) online_softmax(S + row * BC, m[row], l[row], O + row * Dp, Dp);
+      accumulate_direct(p, b, g, t, S, rows, Dp, O, tile);
+      continue;
+    }
     const float* kt = packed ? packed + size_t(t) * plan.tile_floats() : tile;
     if (!packed) pack_kv(p, plan, b, g, t, tile);
     gemm(rows, BC, Dp, Q, Dp, kt, BC, S, BC, false);  // (rows, Dp) @ (Dp, BC)
