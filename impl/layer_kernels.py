@@ -1,10 +1,13 @@
-"""RMSNorm, RoPE and SwiGLU on C++ CPU kernels (topic 2.2; week 2's engine): drop-in
-subclasses of impl.norm.RMSNorm and impl.rope.RoPE, which stay their readable pure-MLX
-twins, and `swiglu` for the stacked gate/up projection, with its twin `swiglu_mlx`.
+"""RMSNorm, RoPE, SwiGLU and the attention between the projections on C++ CPU kernels
+(topic 2.2; week 2's engine): drop-in subclasses of impl.norm.RMSNorm, impl.rope.RoPE
+and impl.attention.Attention, which stay their readable pure-MLX twins; `swiglu` for the
+stacked gate/up projection (twin `swiglu_mlx`); `cached_attention` for RoPE, the KV-cache
+append and flash attention in one step (twin `cached_attention_mlx`).
 
-Each kernel is one node in MLX's graph where its twin is ~8 (RMSNorm), ~14 (RoPE)
-or 5 (SwiGLU) array ops; at batch-1 decode those per-op dispatches, not the
-arithmetic, are the cost. Without the kernels (or off the CPU) the twins run.
+Each kernel is one node in MLX's graph where its twin is ~8 (RMSNorm), ~14 (RoPE),
+5 (SwiGLU) or ~16 (cached attention) array ops; at batch-1 decode those per-op
+dispatches, not the arithmetic, are the cost. Without the kernels (or off the CPU)
+the twins run.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import numbers
 
 import mlx.core as mx
 
-from impl.basics import silu
+from impl.attention import Attention
+from impl.basics import linear, silu
+from impl.flash_attention import flash_attention_mlx
+from impl.kv_cache import KVCache
 from impl.native import kernels
 from impl.norm import RMSNorm
 from impl.rope import RoPE
@@ -57,3 +63,51 @@ def swiglu(gate_up: mx.array) -> mx.array:
     """(..., 2I) = [gate | up] -> silu(gate) * up (..., I): the C++ kernel when built, else the twin."""
     kernel = _kernel("swiglu")
     return kernel(gate_up) if kernel else swiglu_mlx(gate_up)
+
+
+def cached_attention_mlx(qkv: mx.array, cache: KVCache, rope: RoPE, n_heads: int, n_kv_heads: int,
+                         scale: float | None = None) -> mx.array:
+    """The pure-MLX twin of `cached_attention`: qkv (N, L, (H + 2 H_kv) D) -> (N, L, H D)."""
+    N, L, width = qkv.shape
+    H, H_kv = n_heads, n_kv_heads
+    D = width // (H + 2 * H_kv)
+    heads = qkv.reshape(N, L, H + 2 * H_kv, D)
+    q, k, v = heads[:, :, :H], heads[:, :, H:H + H_kv], heads[:, :, H + H_kv:]  # (N, L, heads, D)
+    q, k = rope(q, cache.offset), rope(k, cache.offset)
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (N, heads, L, D)
+    k, v = cache.update_and_fetch(k, v)  # (N, H_kv, offset + L, D)
+    out = flash_attention_mlx(q, k, v, scale=scale, mask="causal")  # (N, H, L, D)
+    return out.transpose(0, 2, 1, 3).reshape(N, L, H * D)
+
+
+def cached_attention(qkv: mx.array, cache: KVCache, rope: RoPE, n_heads: int, n_kv_heads: int,
+                     scale: float | None = None) -> mx.array:
+    """RoPE at the cache's offset, append k and v to the cache, causal attention over every cached
+    position: qkv (N, L, (H + 2 H_kv) D) -> (N, L, H D), one kernel node when built, else the twin."""
+    kernel = _kernel("cached_attention")
+    if kernel is None:
+        return cached_attention_mlx(qkv, cache, rope, n_heads, n_kv_heads, scale)
+    N, L, width = qkv.shape
+    D = width // (n_heads + 2 * n_kv_heads)
+    rope._check(cache.offset + L - 1)
+    cache.reserve(N, n_kv_heads, L, D, qkv.dtype)
+    # The old buffers go into the graph and nowhere else, so the kernel may write into them.
+    out, cache.keys, cache.values = kernel(qkv, cache.keys, cache.values, rope.cos, rope.sin, cache.offset,
+                                           n_heads, n_kv_heads, scale=scale, traditional=rope.traditional)
+    cache.offset += L
+    return out
+
+
+class KernelAttention(Attention):
+    """Attention whose decode and prefill with a KVCache run `cached_attention`; the twin otherwise."""
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,
+                 cache=None) -> mx.array:
+        """x: (N, L, E) -> (N, L, E)."""
+        L = x.shape[1]
+        causal = mask == "causal" if isinstance(mask, str) else (mask is None and L == 1)  # L = 1: same thing
+        if self.wqkv is None or type(cache) is not KVCache or not causal or not isinstance(self.rope, RoPE):
+            return super().__call__(x, mask, offset, cache)
+        qkv = linear(x, self.wqkv, self.bqkv)  # (N, L, (H + 2 H_kv) D)
+        out = cached_attention(qkv, cache, self.rope, self.num_heads, self.num_kv_heads)  # (N, L, H D)
+        return linear(out, self.wo, self.bo)

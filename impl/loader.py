@@ -127,12 +127,12 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
     template = meta.get("tokenizer.chat_template")
     chat = ChatTemplate(template, tokenizer) if template else None
     layers = {}
-    if quantized:  # the week-2 engine: stacked projections; flash attention, RMSNorm, RoPE, SwiGLU kernels
+    if quantized:  # the week-2 engine: stacked projections; attention, RMSNorm, RoPE, SwiGLU kernels
         from impl.flash_attention import flash_attention
-        from impl.layer_kernels import KernelRMSNorm, KernelRoPE
+        from impl.layer_kernels import KernelAttention, KernelRMSNorm, KernelRoPE
 
         weights = fuse_projections(weights, args.num_hidden_layers)
-        layers = {"sdpa": flash_attention, "norm": KernelRMSNorm, "rope": KernelRoPE}
+        layers = {"sdpa": flash_attention, "norm": KernelRMSNorm, "rope": KernelRoPE, "attention": KernelAttention}
     return LoadedModel(_build(args, weights, path, **layers), tokenizer, chat, args, path)
 
 

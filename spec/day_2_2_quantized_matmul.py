@@ -459,11 +459,33 @@ def test_stacked_projections_match_separate_ones(impl):
 def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):
     model = quantized_model.model
     layer = model.layers[0]
-    kinds = {type(layer.input_layernorm).__name__, type(model.norm).__name__, type(layer.self_attn.rope).__name__}
-    assert kinds == {"KernelRMSNorm", "KernelRoPE"}, f"the week-2 engine's norm and RoPE classes: {kinds}"
+    kinds = {type(layer.input_layernorm).__name__, type(model.norm).__name__, type(layer.self_attn.rope).__name__,
+             type(layer.self_attn).__name__}
+    assert kinds == {"KernelRMSNorm", "KernelRoPE", "KernelAttention"}, f"the week-2 engine's layer classes: {kinds}"
     assert layer.self_attn.wqkv is not None and layer.mlp.w_gate_up is not None, "projections are not stacked"
     ops = _ops(model(mx.array([[1, 2, 3]])))
     for kernel in ("TinyLLMRMSNorm", "TinyLLMRoPE", "TinyLLMSwiGLU", "TinyLLMQuantizedMatmul", "TinyLLMFlashAttention"):
         assert kernel in ops, f"{kernel} is not in the model's graph"
     assert ops.count("TinyLLMQuantizedMatmul") == 4 * len(model.layers) + 1, (
         "expected 4 quantized matmuls a layer (qkv, o, gate_up, down) and the head")
+    # With a KV cache, RoPE, the cache append and the attention are one node a layer.
+    cache = impl.kv_cache.make_cache(model)
+    ops = _ops(model(mx.array([[1, 2, 3]]), cache=cache))
+    assert ops.count("TinyLLMCachedAttention") == len(model.layers), "the cached attention kernel is not used"
+    assert "TinyLLMRoPE" not in ops and "SliceUpdate" not in ops, f"RoPE or a cache update outside it: {ops}"
+
+
+@pytest.mark.parametrize("text", MODEL_PROMPTS)
+def test_cached_decode_on_the_kernels_matches_the_dequantized_path(impl, quantized_model, dense_model, text):
+    # Prefill, then decode token by token through the KV cache: the fused cached-attention
+    # kernel at every layer, against the week-1 model recomputing the whole sequence.
+    from spec.ladder import MODEL_FP32
+
+    ids = quantized_model.tokenizer.encode(text)
+    extra = [28, 1024, 14, 2583, 30]  # any ids: teacher-forced decode steps
+    cache = impl.kv_cache.make_cache(quantized_model.model)
+    quantized_model.model(mx.array([ids]), cache=cache)
+    for i, token in enumerate(extra):
+        got = quantized_model.model(mx.array([[token]]), cache=cache)[:, -1]
+        want = dense_model.model(mx.array([ids + extra[:i + 1]]))[:, -1]
+        assert_close(got, want, MODEL_FP32, f"decode step {i} after {text!r}: cached kernels vs dense recompute")

@@ -255,6 +255,123 @@ def test_unknown_mask_string_is_an_error(fa):
             getattr(fa, name)(q, q, q, mask="upper")
 
 
+# -- the decode step's attention as one node: RoPE, KV-cache append, flash attention ----------
+#
+# impl.layer_kernels.cached_attention(qkv, cache, rope, H, H_kv) takes the stacked q/k/v
+# projection's output (N, L, (H + 2 H_kv) D), rotates q and k at the cache's offset, appends
+# k and v to the KV cache and attends causally over every cached position: (N, L, H D).
+# The kernel (tiny_llm_kernels.cached_attention) writes the cache in place; its twin,
+# cached_attention_mlx, is the week-1/2 composition (slices, RoPE, update_and_fetch, the
+# flash-attention twin).
+
+
+def _rope_pair(impl, D: int, base: float = 10000.0):
+    """The kernel-backed RoPE and the twin, sharing one pair of tables."""
+    kernel_rope, twin_rope = impl.layer_kernels.KernelRoPE(D, 600, base), impl.rope.RoPE(D, 600, base)
+    twin_rope.cos, twin_rope.sin = kernel_rope.cos, kernel_rope.sin
+    return kernel_rope, twin_rope
+
+
+@given(data=st.data())
+def test_cached_attention_matches_twin_and_torch(impl, data):
+    built_kernels(impl)
+    lk = impl.layer_kernels
+    dtype = data.draw(st.sampled_from(sorted(DTYPES)), label="dtype")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    N = data.draw(st.integers(1, 2), label="N")
+    H, H_kv = data.draw(st.sampled_from(HEADS), label="(H, H_kv)")
+    D = data.draw(st.sampled_from([32, 64]), label="D")
+    # A prefill, then decode steps and a chunk: the cache grows past its 256-position step.
+    chunks = data.draw(st.lists(st.integers(1, 300), min_size=1, max_size=2), label="prefill chunks")
+    chunks += [1, 1, 3, 1]
+    kernel_rope, twin_rope = _rope_pair(impl, D)
+    kernel_cache, twin_cache = impl.kv_cache.KVCache(), impl.kv_cache.KVCache()
+    outs, qkvs = [], []
+    for L in chunks:
+        qkv, qkv32 = uniform(rng, (N, L, (H + 2 * H_kv) * D), dtype)
+        qkvs.append(qkv)
+        got = lk.cached_attention(qkv, kernel_cache, kernel_rope, H, H_kv)
+        assert got.shape == (N, L, H * D) and got.dtype == qkv.dtype, f"output {got.shape} {got.dtype}"
+        want = lk.cached_attention_mlx(qkv, twin_cache, twin_rope, H, H_kv)
+        what = f"N={N} H={H} H_kv={H_kv} D={D} {dtype}, chunk L={L} at offset {kernel_cache.offset - L}"
+        assert_close(got, want, tol_for(dtype), f"cached_attention kernel vs twin, {what}")
+        outs.append(got)
+    assert kernel_cache.offset == twin_cache.offset == sum(chunks)
+    # The cache holds exactly what the twin's holds: the RoPE kernel rounds as the twin does.
+    for name, a, b in zip(("keys", "values"), kernel_cache.state, twin_cache.state, strict=True):
+        assert np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))), (
+            f"cached {name} differ from the twin's ({dtype})")
+    # Torch on the whole sequence at once: the twin's rotated q (and the cache's k, v), causal.
+    S = sum(chunks)
+    heads = mx.concatenate(qkvs, axis=1).reshape(N, S, H + 2 * H_kv, D)
+    q = twin_rope(heads[:, :, :H], 0).transpose(0, 2, 1, 3)
+    t32 = lambda x: torch.from_numpy(np.array(x.astype(mx.float32)))  # noqa: E731
+    want = F.scaled_dot_product_attention(t32(q), *(t32(x) for x in twin_cache.state), is_causal=True,
+                                          enable_gqa=True)  # (N, H, S, D)
+    got = mx.concatenate(outs, axis=1).reshape(N, S, H, D).transpose(0, 2, 1, 3)
+    assert_close(got, want, tol_for(dtype), f"cached_attention kernel vs torch SDPA over all {S} positions")
+
+
+def test_cached_attention_is_one_node_and_writes_the_cache_in_place(impl):
+    built_kernels(impl)
+    lk = impl.layer_kernels
+    rng = np.random.default_rng(5)
+    kernel_rope, _ = _rope_pair(impl, 64)
+    cache = impl.kv_cache.KVCache()
+    mx.eval(lk.cached_attention(uniform(rng, (1, 500, 15 * 64), "float32")[0], cache, kernel_rope, 9, 3))
+    buffers = cache.keys.nbytes + cache.values.nbytes  # (1, 3, 512, 64) fp32 each: 768 KiB
+    qkv = uniform(rng, (1, 1, 15 * 64), "float32")[0]
+    mx.eval(qkv)
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = lk.cached_attention(qkv, cache, kernel_rope, 9, 3)
+    from spec.day_2_2_quantized_matmul import _ops
+
+    assert _ops(out) == ["TinyLLMCachedAttention"], f"expected one lazy node, got {_ops(out)}"
+    mx.eval(out, cache.keys, cache.values)
+    extra = mx.get_peak_memory() - base
+    # A decode step writes its row into the buffers; copying them would take +768 KiB.
+    assert extra < buffers / 4, f"a decode step took +{extra / 2**10:.0f} KiB: the cache was copied"
+    assert cache.offset == 501
+
+
+def test_cached_attention_leaves_a_held_view_of_the_cache_alone(impl):
+    # A slice of the old cache (here: its state, kept across a rewind) shares its buffer: the
+    # kernel must then write a copy, so the slice still shows what it showed.
+    built_kernels(impl)
+    lk = impl.layer_kernels
+    rng = np.random.default_rng(6)
+    kernel_rope, twin_rope = _rope_pair(impl, 32)
+    cache = impl.kv_cache.KVCache()
+    mx.eval(lk.cached_attention(uniform(rng, (1, 10, 4 * 32), "float32")[0], cache, kernel_rope, 2, 1))
+    keys_before, values_before = cache.state
+    mx.eval(keys_before, values_before)
+    snapshot = np.array(keys_before), np.array(values_before)
+    cache.trim(4)  # rewind: the next step overwrites positions 6..
+    out = lk.cached_attention(uniform(rng, (1, 2, 4 * 32), "float32")[0], cache, kernel_rope, 2, 1)
+    mx.eval(out, cache.keys)
+    assert np.array_equal(np.array(keys_before), snapshot[0]), "a held slice of the old keys changed"
+    assert np.array_equal(np.array(values_before), snapshot[1]), "a held slice of the old values changed"
+    assert cache.offset == 8
+
+
+def test_cached_attention_rejects_mismatched_inputs(impl):
+    kernels = built_kernels(impl)
+    cos = sin = mx.zeros((16, 4))
+    qkv, cache = mx.zeros((1, 2, 4 * 8)), mx.zeros((1, 1, 16, 8))
+    cases = {
+        "qkv width": (mx.zeros((1, 2, 30)), cache, cache, 0),
+        "cache heads": (qkv, mx.zeros((1, 2, 16, 8)), mx.zeros((1, 2, 16, 8)), 0),
+        "cache dtype": (qkv, cache.astype(mx.float16), cache.astype(mx.float16), 0),
+        "cache full": (qkv, cache, cache, 15),
+    }
+    for what, (x, k, v, offset) in cases.items():
+        with pytest.raises(ValueError, match="cached_attention: ") as e:
+            kernels.cached_attention(x, k, v, cos, sin, offset, 2, 1)
+        assert "\n" not in str(e.value), f"{what}: the error is not one line: {e.value}"
+
+
 # -- memory: O(L * D), never an (L, S) score matrix -------------------------------------
 
 # Two query heads over one kv head at L = S = 4096: one (L, S) fp32 score matrix is 64 MiB,

@@ -5,8 +5,10 @@
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
+#include "cached_attention.h"
 #include "flash_attention.h"
 #include "quantized_matmul.h"
 #include "rms_norm.h"
@@ -44,6 +46,16 @@ NB_MODULE(_ext, m) {
         "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto').\n"
         "Returns flash_attention_info().");
 
+  m.def("cached_attention", &tiny_llm::cached_attention, "qkv"_a, "keys"_a, "values"_a, "cos"_a, "sin"_a,
+        "offset"_a, "n_heads"_a, "n_kv_heads"_a, "scale"_a = nb::none(), "traditional"_a = false,
+        "stream"_a = nb::none(),
+        "RoPE, KV-cache append and causal flash attention in one node, on the CPU\n"
+        "(twin: impl.layer_kernels.cached_attention_mlx).\n\n"
+        "qkv (N, L, (H + 2 H_kv) D): q, k, v heads side by side. keys, values (N, H_kv, C, D) in qkv's\n"
+        "dtype, positions [0, offset) filled, C >= offset + L. cos, sin (P, D/2) float32 RoPE tables.\n"
+        "Returns (out (N, L, H D), keys', values'): the new k (rotated) and v written at positions\n"
+        "offset..offset + L - 1, query l attending to keys <= offset + l. keys'/values' reuse the\n"
+        "input buffers when nothing else holds them. Lazy, like any MLX op.");
   m.def("rms_norm", &tiny_llm::rms_norm, "x"_a, "weight"_a, "eps"_a = 1e-5f, "stream"_a = nb::none(),
         "x / sqrt(mean(x^2) + eps) * weight over the last axis, on the CPU (twin: impl.norm.RMSNorm).\n\n"
         "x (..., D) float32/float16/bfloat16, weight (D,). Returns x's shape and dtype; the mean of\n"

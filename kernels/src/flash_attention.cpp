@@ -82,6 +82,7 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
   p.H_kv = k.shape(1), p.S = k.shape(2);
   p.scale = scale_;
   p.out = out.data<void>();
+  p.set_contiguous_out();
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& in : inputs) encoder.set_input_array(in);

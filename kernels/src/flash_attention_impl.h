@@ -307,7 +307,7 @@ void attend(const Problem& p, const Plan& plan, int b, int g, int qt, int split,
     float* o = O + row * Dp;
     for (int d = 0; d < Dp; d += V::L) V::store(o + d, V::mul(V::load(o + d), inv));
     const int h = g * n_rep + row / nl, pos = l0 + row % nl;
-    store_row(o, p.q.dtype, p.out, ((int64_t(b) * p.H + h) * p.L + pos) * p.D, p.D);
+    store_row(o, p.q.dtype, p.out, p.out_offset(b, h, pos), p.D);
   }
 }
 
@@ -335,7 +335,7 @@ void merge(const Problem& p, const Plan& plan, int b, int g, int qt, const float
     const V inv = V::set1(lsum > 0.0f ? 1.0f / lsum : 0.0f);
     for (int d = 0; d < Dp; d += V::L) V::store(o + d, V::mul(V::load(o + d), inv));
     const int h = g * n_rep + row / nl, pos = l0 + row % nl;
-    store_row(o, p.q.dtype, p.out, ((int64_t(b) * p.H + h) * p.L + pos) * p.D, p.D);
+    store_row(o, p.q.dtype, p.out, p.out_offset(b, h, pos), p.D);
   }
 }
 

@@ -27,7 +27,12 @@ struct Problem {
   bool causal = false;  // query i sees keys j <= i + S - L (lower-right aligned)
   int B = 0, H = 0, H_kv = 0, L = 0, S = 0, D = 0;
   float scale = 1.0f;
-  void* out = nullptr;  // (B, H, L, D) contiguous, in q's dtype
+  void* out = nullptr;  // (B, H, L, D) in q's dtype, at out_strides (set_contiguous_out: row-major)
+  int64_t out_strides[4] = {0, 0, 0, 0};
+  void set_contiguous_out() {
+    out_strides[3] = 1, out_strides[2] = D, out_strides[1] = int64_t(L) * D, out_strides[0] = int64_t(H) * L * D;
+  }
+  int64_t out_offset(int b, int h, int l) const { return b * out_strides[0] + h * out_strides[1] + l * out_strides[2]; }
 };
 
 constexpr int kKeyTile = 64;  // keys per tile (BC)

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "mlx/backend/cpu/encoder.h"
+#include "rope_row.h"
 
 namespace tiny_llm {
 
@@ -18,23 +19,14 @@ void rope_rows(const mx::array& x, const mx::array& cos_table, const mx::array& 
                bool traditional) {
   const int N = x.shape(0), L = x.shape(1), H = x.shape(2), D = x.shape(3), half = D / 2;
   const auto& st = x.strides();
-  // Pair i: elements (i, i + D/2) or (2i, 2i + 1), as strides along the last axis.
-  const int64_t first = traditional ? 2 * st[3] : st[3], second = traditional ? st[3] : half * st[3];
-  const int out_first = traditional ? 2 : 1, out_second = traditional ? 1 : half;
   const T* base = x.data<T>();
+  const int64_t cs = cos_table.strides()[1], ss = sin_table.strides()[1];
   for (int n = 0; n < N; ++n)
     for (int l = 0; l < L; ++l) {
       const float* c = cos_table.data<float>() + (offset + l) * cos_table.strides()[0];
       const float* s = sin_table.data<float>() + (offset + l) * sin_table.strides()[0];
-      const int64_t cs = cos_table.strides()[1], ss = sin_table.strides()[1];
-      for (int h = 0; h < H; ++h, y += D) {
-        const T* row = base + n * st[0] + l * st[1] + h * st[2];
-        for (int i = 0; i < half; ++i) {
-          const float a = float(row[i * first]), b = float(row[i * first + second]);
-          y[i * out_first] = T(a * c[i * cs] - b * s[i * ss]);
-          y[i * out_first + out_second] = T(a * s[i * ss] + b * c[i * cs]);
-        }
-      }
+      for (int h = 0; h < H; ++h, y += D)
+        rotate_row(base + n * st[0] + l * st[1] + h * st[2], st[3], c, cs, s, ss, half, traditional, y);
     }
 }
 

@@ -10,6 +10,8 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     rms_norm(x, weight, eps=1e-5, stream=None)
     rope(x, cos, sin, offset=0, traditional=False, stream=None)
     swiglu(x, stream=None)  (x = [gate | up] on the last axis)
+    cached_attention(qkv, keys, values, cos, sin, offset, n_heads, n_kv_heads, scale=None,
+                     traditional=False, stream=None) -> (out, keys, values)
 Imported only after the BLAS fix: `_ext` imports mlx.core, and the fix must come first.
 """
 
@@ -61,8 +63,8 @@ if sys.platform.startswith("linux"):
 try:  # after the BLAS fix: importing _ext loads mlx.core
     import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext needs it)
 
-    from tiny_llm_kernels._ext import flash_attention as _flash_attention
     from tiny_llm_kernels._ext import (  # noqa: F401  (re-exported: the package's API)
+        cached_attention,
         flash_attention_configure,
         flash_attention_info,
         quantized_matmul,
@@ -72,6 +74,7 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         rope,
         swiglu,
     )
+    from tiny_llm_kernels._ext import flash_attention as _flash_attention
 except ImportError as e:  # e.g. built without a C++ compiler; the BLAS fix above still holds
     ext_error = str(e)
     print(f"tiny-llm: C++ kernels unavailable ({e}); using the pure-MLX paths."
