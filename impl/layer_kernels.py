@@ -2,12 +2,13 @@
 (topic 2.2; week 2's engine): drop-in subclasses of impl.norm.RMSNorm, impl.rope.RoPE
 and impl.attention.Attention, which stay their readable pure-MLX twins; `swiglu` for the
 stacked gate/up projection (twin `swiglu_mlx`); `cached_attention` for RoPE, the KV-cache
-append and flash attention in one step (twin `cached_attention_mlx`).
+append and flash attention in one step (twin `cached_attention_mlx`). impl.fusion builds
+a whole decoder layer from these and the quantized matmul.
 
 Each kernel is one node in MLX's graph where its twin is ~8 (RMSNorm), ~14 (RoPE),
 5 (SwiGLU) or ~16 (cached attention) array ops; at batch-1 decode those per-op
-dispatches, not the arithmetic, are the cost. Without the kernels (or off the CPU)
-the twins run.
+dispatches (about 5 us each here), not the arithmetic, are the cost. Without the
+kernels (or off the CPU) the twins run.
 """
 
 from __future__ import annotations
@@ -111,3 +112,4 @@ class KernelAttention(Attention):
         qkv = linear(x, self.wqkv, self.bqkv)  # (N, L, (H + 2 H_kv) D)
         out = cached_attention(qkv, cache, self.rope, self.num_heads, self.num_kv_heads)  # (N, L, H D)
         return linear(out, self.wo, self.bo)
+

@@ -65,14 +65,15 @@ class Model:
     """Embedding, N transformer blocks, final norm, output head (tied or untied)."""
 
     def __init__(self, args: ModelArgs, weights: dict[str, mx.array], sdpa=None, norm=RMSNorm, rope=RoPE,
-                 attention=Attention):
+                 attention=Attention, block=None):
         """sdpa: the attention function of every layer (default: week 1's grouped SDPA); norm, rope,
-        attention: the RMSNorm, RoPE and Attention classes (default: week 1's; week 2's engine passes
-        impl.layer_kernels' kernel-backed subclasses)."""
+        attention, block: the RMSNorm, RoPE, Attention and TransformerBlock classes (default: week 1's;
+        week 2's engine passes impl.layer_kernels' kernel-backed subclasses)."""
         self.args = args
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, weights["model.embed_tokens.weight"])
         rope = rope(args.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
-        self.layers = [TransformerBlock(args, weights, f"model.layers.{i}", rope, sdpa, norm, attention)
+        block = block or TransformerBlock
+        self.layers = [block(args, weights, f"model.layers.{i}", rope, sdpa, norm, attention)
                        for i in range(args.num_hidden_layers)]
         self.norm = norm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]

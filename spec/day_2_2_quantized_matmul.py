@@ -473,6 +473,78 @@ def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):
     ops = _ops(model(mx.array([[1, 2, 3]]), cache=cache))
     assert ops.count("TinyLLMCachedAttention") == len(model.layers), "the cached attention kernel is not used"
     assert "TinyLLMRoPE" not in ops and "SliceUpdate" not in ops, f"RoPE or a cache update outside it: {ops}"
+    # ... and the norms, SwiGLU and residual adds ride in the matmuls (impl.fusion): 5 nodes a layer.
+    per_layer = ops.count("TinyLLMQuantizedMatmul") + ops.count("TinyLLMCachedAttention") - 1  # - the head
+    assert per_layer == 5 * len(model.layers), f"{per_layer / len(model.layers):.1f} kernel nodes a layer"
+    assert ops.count("TinyLLMRMSNorm") == 1 and "TinyLLMSwiGLU" not in ops, f"unfused norms or SwiGLU: {ops}"
+
+
+# --- kernel fusion: the quantized matmul with its neighbours in the same node --------------
+#
+# impl.fusion.fused_linear(x, w, norm=..., swiglu=..., residual=...): RMSNorm or SwiGLU on x
+# before the matmul, + residual after it, in the quantized-matmul kernel's node (twin:
+# fused_linear_mlx, the separate ops). The fused pieces run the same row loops as the
+# RMSNorm and SwiGLU kernels and round the matmul's output to x's dtype before the add,
+# as `linear(x, w) + residual` does: so fused == the separate kernels, bit for bit.
+
+
+@pytest.mark.parametrize("x_dtype", sorted(DTYPES))
+@pytest.mark.parametrize("M", [1, 5, 40])  # the fused (decode) and the panel (prefill) paths
+def test_fused_matmul_equals_the_separate_kernels(impl, x_dtype, M):
+    kernels = impl.native.kernels
+    if kernels is None or not hasattr(kernels, "quantized_matmul"):
+        pytest.fail(f"tiny_llm_kernels is not built: {BUILD}")
+    fusion, lk = impl.fusion, impl.layer_kernels
+    dt = DTYPES[x_dtype]
+    rng = np.random.default_rng(M)
+    K, N = 128, 72
+    w = impl.quantized_weight.QuantizedWeight(*make_weights(N, K, 32, 4, mx.float16, seed=M), 32, 4)
+    x = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(dt)
+    gate_up = mx.array(rng.standard_normal((M, 2 * K)).astype(np.float32)).astype(dt)
+    r = mx.array(rng.standard_normal((M, N)).astype(np.float32)).astype(dt)
+    norm = lk.KernelRMSNorm(K, mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32)).astype(dt), 1e-5)
+    twin_norm = impl.norm.RMSNorm(K, norm.weight, 1e-5)
+    mx.eval(w.w_q, w.scales, w.biases, x, gate_up, r, norm.weight)  # so that _ops sees only what is fused
+    cases = {  # name: (fused, the separate kernels, the twin)
+        "rms_norm": (fusion.fused_linear(x, w, norm=norm), w.matmul_t(norm(x)),
+                     fusion.fused_linear_mlx(x, w, norm=twin_norm)),
+        "swiglu": (fusion.fused_linear(gate_up, w, swiglu=True), w.matmul_t(lk.swiglu(gate_up)),
+                   fusion.fused_linear_mlx(gate_up, w, swiglu=True)),
+        "residual": (fusion.fused_linear(x, w, residual=r), w.matmul_t(x) + r,
+                     fusion.fused_linear_mlx(x, w, residual=r)),
+        "swiglu + residual": (fusion.fused_linear(gate_up, w, swiglu=True, residual=r),
+                              w.matmul_t(lk.swiglu(gate_up)) + r,
+                              fusion.fused_linear_mlx(gate_up, w, swiglu=True, residual=r)),
+    }
+    for name, (fused, separate, twin) in cases.items():
+        what = f"{name}, M={M}, {x_dtype}"
+        assert _ops(fused) == ["TinyLLMQuantizedMatmul"], f"{what}: not one node: {_ops(fused)}"
+        assert fused.dtype == dt and fused.shape == (M, N), f"{what}: {fused.dtype} {fused.shape}"
+        assert np.array_equal(to_numpy(fused), to_numpy(separate)), (
+            f"{what}: fused differs from the separate kernels by {np.abs(to_numpy(fused) - to_numpy(separate)).max():.3g}")
+        # The twin runs the pure-MLX ops: fp32 sums in another order (K = 128 terms; the
+        # normalized or gated x is O(1), so a few ulps of the O(10) outputs), or the ladder's rung.
+        tol = Tol(atol=1e-4, rtol=FP32.rtol, reason="fp32 sums over K = 128 in another order") if (
+            x_dtype == "float32") else BY_DTYPE[x_dtype]
+        assert_close(fused, twin, tol, f"fused kernel vs twin, {what}")
+
+
+def test_fused_matmul_rejects_bad_pieces(impl):
+    kernels = impl.native.kernels
+    w_q, scales, biases = make_weights(8, 64, 32, 4, mx.float16, seed=0)
+    x = mx.zeros((2, 64))
+    bad = {
+        "both prologues": dict(x=x, norm_weight=mx.ones((64,)), swiglu=True),
+        "norm weight size": dict(x=x, norm_weight=mx.ones((32,))),
+        "swiglu width": dict(x=x, swiglu=True),  # 64 = 2 * 32, but w_q holds K = 64
+        "residual shape": dict(x=x, residual=mx.zeros((2, 9))),
+        "residual dtype": dict(x=x, residual=mx.zeros((2, 8), mx.float16)),
+    }
+    for what, kw in bad.items():
+        x_ = kw.pop("x")
+        with pytest.raises(ValueError, match="quantized_matmul: ") as e:
+            kernels.quantized_matmul(x_, w_q, scales, biases, 32, 4, **kw)
+        assert "\n" not in str(e.value), f"{what}: the error is not one line"
 
 
 @pytest.mark.parametrize("text", MODEL_PROMPTS)

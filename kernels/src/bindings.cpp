@@ -22,11 +22,15 @@ NB_MODULE(_ext, m) {
   m.doc() = "tiny-llm spec's C++ kernels for MLX (CPU).";
 
   m.def("quantized_matmul", &tiny_llm::quantized_matmul, "x"_a, "w_q"_a, "scales"_a, "biases"_a,
-        "group_size"_a = 64, "bits"_a = 4, "stream"_a = nb::none(),
+        "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "norm_weight"_a = nb::none(), "eps"_a = 1e-5f,
+        "swiglu"_a = false, "residual"_a = nb::none(), "stream"_a = nb::none(),
         "y = x @ dequantize(w_q, scales, biases).T in MLX's affine format, on the CPU.\n\n"
         "x (..., K) float32/float16/bfloat16; w_q (N, K * bits / 32) uint32; scales and\n"
         "biases (N, K / group_size) float32/float16/bfloat16. Returns (..., N) in x's dtype,\n"
-        "accumulated in float32. bits 4 or 8, group_size 32, 64 or 128. Lazy, like any MLX op.");
+        "accumulated in float32. bits 4 or 8, group_size 32, 64 or 128. Lazy, like any MLX op.\n"
+        "Fused in the same node (twin: impl.layer_kernels.fused_linear_mlx): norm_weight (K,):\n"
+        "x = rms_norm(x, norm_weight, eps) first; swiglu: x (..., 2K) = [gate | up] ->\n"
+        "silu(gate) * up first; residual (..., N) in x's dtype: y + residual after.");
   m.def("quantized_matmul_info", &tiny_llm::quantized_matmul_info,
         "Which code quantized_matmul runs: instruction set, threads, panel_min_m.");
   m.def("quantized_matmul_configure", &tiny_llm::quantized_matmul_configure, "isa"_a = "", "panel_min_m"_a = -1,

@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "quantized_matmul_kernels.h"
 #include "quantized_matmul_threads.h"
@@ -171,18 +172,61 @@ void run_panels(const Isa& isa, const Weights& W, const float* x, long M, float*
   });
 }
 
+// The prologue on M rows of x (row-major, x's dtype T) into `buf`: K values a row.
+template <typename T>
+const void* prologue_t(const Fusion& f, const void* x, const mx::array* norm_w, long M, int K, std::vector<char>& buf) {
+  buf.resize(size_t(M) * K * sizeof(T));
+  T* y = reinterpret_cast<T*>(buf.data());
+  if (f.prologue == Fusion::kSwiGLU) {
+    swiglu_rows(static_cast<const T*>(x), y, M, K);
+  } else {
+    std::vector<char> tw;
+    rms_norm_rows(static_cast<const T*>(x), static_cast<const T*>(row_major(*norm_w, tw)), y, M, K, f.eps);
+  }
+  return buf.data();
+}
+
+const void* prologue(const Fusion& f, const mx::array& x, const void* xd, const mx::array* norm_w, long M, int K,
+                     std::vector<char>& buf) {
+  if (f.prologue == Fusion::kNone) return xd;
+  if (x.dtype() == mx::float16) return prologue_t<mx::float16_t>(f, xd, norm_w, M, K, buf);
+  if (x.dtype() == mx::bfloat16) return prologue_t<mx::bfloat16_t>(f, xd, norm_w, M, K, buf);
+  return prologue_t<float>(f, xd, norm_w, M, K, buf);
+}
+
+// out += residual, both in T: y was rounded to T already, the sum is rounded once more.
+template <typename T>
+void add_residual_t(T* out, const T* r, size_t n) {
+  for (size_t i = 0; i < n; ++i) out[i] = T(float(out[i]) + float(r[i]));
+}
+
+void add_residual(mx::array& out, const mx::array& residual) {
+  std::vector<char> tr;
+  const void* r = row_major(residual, tr);
+  if (out.dtype() == mx::float16) {
+    add_residual_t(out.data<mx::float16_t>(), static_cast<const mx::float16_t*>(r), out.size());
+  } else if (out.dtype() == mx::bfloat16) {
+    add_residual_t(out.data<mx::bfloat16_t>(), static_cast<const mx::bfloat16_t*>(r), out.size());
+  } else {
+    add_residual_t(out.data<float>(), static_cast<const float*>(r), out.size());
+  }
+}
+
+// norm_w, residual: the fused pieces' inputs when `fusion` has them, else nullptr.
 void run(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
-         mx::array& out, int group_size, int bits) {
-  const int K = x.shape(-1), N = w.shape(0);
-  const long M = long(x.size() / K);
+         mx::array& out, int group_size, int bits, const Fusion& fusion, const mx::array* norm_w,
+         const mx::array* residual) {
+  const int N = w.shape(0), K = int(int64_t(w.shape(1)) * 32 / bits);
+  const long M = long(x.size() / x.shape(-1));
   if (M == 0 || N == 0) return;
-  std::vector<char> tx, tw, ts, tb;
+  std::vector<char> tx, tw, ts, tb, tp;
   const Weights W{static_cast<const uint32_t*>(row_major(w, tw)), row_major(scales, ts), row_major(biases, tb),
                   dtype_of(scales), N, K, group_size, bits};
   const DType yt = dtype_of(out);
   const Config& cfg = config();
   std::vector<float> xbuf, ybuf;
-  const float* xf = kernel_input(*cfg.isa, row_major(x, tx), dtype_of(x), M, K, bits, xbuf);
+  const void* xd = prologue(fusion, x, row_major(x, tx), norm_w, M, K, tp);
+  const float* xf = kernel_input(*cfg.isa, xd, dtype_of(x), M, K, bits, xbuf);
   float* y = out.data<float>();
   if (yt != DType::f32) {
     ybuf.resize(size_t(M) * N);
@@ -201,6 +245,7 @@ void run(const mx::array& x, const mx::array& w, const mx::array& scales, const 
       cfg.isa->from_f32(y + size_t(m0) * N, out.data<uint16_t>() + size_t(m0) * N, yt, (m1 - m0) * N);
     });
   }
+  if (residual) add_residual(out, *residual);
 }
 
 std::string dtype_name(const mx::Dtype& t) {
@@ -225,7 +270,9 @@ std::string shape_str(const mx::Shape& s) {
 }  // namespace
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
-                           const mx::array& biases, int group_size, int bits, mx::StreamOrDevice s) {
+                           const mx::array& biases, int group_size, int bits,
+                           const std::optional<mx::array>& norm_weight, float eps, bool swiglu,
+                           const std::optional<mx::array>& residual, mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("quantized_matmul: " + what); };
   if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128)
@@ -235,10 +282,14 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
          dtype_name(w_q.dtype()));
   if (x.ndim() < 1 || !is_float(x.dtype()))
     fail("x must be float32, float16 or bfloat16 with shape (..., K), got " + dtype_name(x.dtype()));
-  const int K = x.shape(-1), N = w_q.shape(0);
+  if (norm_weight && swiglu) fail("one prologue at a time: norm_weight or swiglu, not both");
+  const int N = w_q.shape(0), K = swiglu ? x.shape(-1) / 2 : x.shape(-1);
+  if (swiglu && x.shape(-1) % 2 != 0)
+    fail("with swiglu, x's last axis holds gate then up: its size must be even, got " + std::to_string(x.shape(-1)));
   if (int64_t(w_q.shape(1)) * 32 / bits != K)
-    fail("x has K = " + std::to_string(K) + " but w_q " + shape_str(w_q.shape()) + " holds " +
-         std::to_string(int64_t(w_q.shape(1)) * 32 / bits) + " " + std::to_string(bits) + "-bit values per row");
+    fail("x has K = " + std::to_string(K) + (swiglu ? " (after swiglu)" : "") + " but w_q " +
+         shape_str(w_q.shape()) + " holds " + std::to_string(int64_t(w_q.shape(1)) * 32 / bits) + " " +
+         std::to_string(bits) + "-bit values per row");
   if (K == 0 || K % group_size != 0)
     fail("K = " + std::to_string(K) + " must be a positive multiple of group_size = " + std::to_string(group_size));
   const mx::Shape sb{N, K / group_size};
@@ -256,8 +307,25 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
   const mx::array b32 = mixed ? mx::astype(biases, mx::float32, stream) : biases;
   mx::Shape shape = x.shape();
   shape.back() = N;
-  return mx::array(shape, x.dtype(), std::make_shared<QuantizedMatmul>(stream, group_size, bits),
-                   {x, w_q, s32, b32});
+  Fusion fusion;
+  std::vector<mx::array> inputs = {x, w_q, s32, b32};
+  if (norm_weight) {
+    if (norm_weight->ndim() != 1 || norm_weight->shape(0) != K || !is_float(norm_weight->dtype()))
+      fail("norm_weight must be a float (K,) = (" + std::to_string(K) + ",) array, got " +
+           shape_str(norm_weight->shape()));
+    fusion.prologue = Fusion::kRMSNorm, fusion.eps = eps;
+    inputs.push_back(mx::astype(*norm_weight, x.dtype(), stream));  // as the RMSNorm kernel: in x's dtype
+  }
+  if (swiglu) fusion.prologue = Fusion::kSwiGLU;
+  if (residual) {
+    if (residual->shape() != shape || residual->dtype() != x.dtype())
+      fail("residual must be " + shape_str(shape) + " " + dtype_name(x.dtype()) + " (the output's), got " +
+           shape_str(residual->shape()) + " " + dtype_name(residual->dtype()));
+    fusion.residual = true;
+    inputs.push_back(*residual);
+  }
+  return mx::array(shape, x.dtype(), std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion),
+                   std::move(inputs));
 }
 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -265,10 +333,14 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& in : inputs) encoder.set_input_array(in);
   encoder.set_output_array(out);
-  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
-                    s = mx::array::unsafe_weak_copy(inputs[2]), b = mx::array::unsafe_weak_copy(inputs[3]),
-                    out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_]() mutable {
-    run(x, w, s, b, out, gs, bits);
+  std::vector<mx::array> in;
+  for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
+  encoder.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
+                    fusion = fusion_]() mutable {
+    int next = 4;  // the fused pieces' inputs follow x, w_q, scales, biases
+    const mx::array* norm_w = fusion.prologue == Fusion::kRMSNorm ? &in[next++] : nullptr;
+    const mx::array* residual = fusion.residual ? &in[next++] : nullptr;
+    run(in[0], in[1], in[2], in[3], out, gs, bits, fusion, norm_w, residual);
   });
 }
 

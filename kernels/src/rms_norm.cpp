@@ -7,23 +7,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "row_major.h"
 
 namespace tiny_llm {
 
 namespace {
-
-// T: float, mx::float16_t or mx::bfloat16_t; every arithmetic step in fp32.
-template <typename T>
-void rms_norm_rows(const T* x, const T* w, T* y, long rows, int D, float eps) {
-  for (long r = 0; r < rows; ++r, x += D, y += D) {
-    float sum = 0.0f;
-    for (int i = 0; i < D; ++i) sum += float(x[i]) * float(x[i]);
-    const float rms = 1.0f / std::sqrt(sum * (1.0f / D) + eps);
-    for (int i = 0; i < D; ++i) y[i] = T(float(T(float(x[i]) * rms)) * float(w[i]));
-  }
-}
 
 void run(const mx::array& x, const mx::array& w, mx::array& out, float eps) {
   const int D = x.shape(-1);

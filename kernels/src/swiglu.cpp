@@ -6,26 +6,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "row_major.h"
 
 namespace tiny_llm {
-
-namespace {
-
-// T: float, mx::float16_t or mx::bfloat16_t. The twin rounds to T after the
-// sigmoid, after gate * sigmoid and after the product with up: so does this.
-template <typename T>
-void swiglu_rows(const T* x, T* y, long rows, int I) {
-  for (long r = 0; r < rows; ++r, x += 2 * I, y += I)
-    for (int i = 0; i < I; ++i) {
-      const float g = float(x[i]);
-      const T sig = T(1.0f / (1.0f + std::exp(-g)));
-      y[i] = T(float(T(g * float(sig))) * float(x[I + i]));
-    }
-}
-
-}  // namespace
 
 mx::array swiglu(const mx::array& x, mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("swiglu: " + what); };

@@ -1,0 +1,73 @@
+"""Kernel fusion (topic 2.2; week 2's engine): a decoder layer in 5 MLX graph nodes.
+
+At batch-1 decode each node costs MLX about 5 us of scheduling here, as much as a small
+matmul's arithmetic. So the quantized-matmul kernel also runs, in the same node, what comes
+right before or after it in the layer (a prologue and an epilogue, as GPU GEMM libraries do):
+
+    qkv     = matmul(x, W_qkv, norm=input_layernorm)            RMSNorm fused
+    a       = cached_attention(qkv, cache, rope)                 RoPE + cache append + attention
+    h       = matmul(a, W_o, residual=x)                         + residual fused
+    gate_up = matmul(h, W_gate_up, norm=post_attention_layernorm)
+    out     = matmul(gate_up, W_down, swiglu=True, residual=h)   SwiGLU and + residual fused
+
+`fused_linear_mlx` is the readable twin of each fused matmul; `KernelTransformerBlock` falls
+back to the week-1 block (impl.model.TransformerBlock) whenever a piece is missing.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from impl.basics import linear
+from impl.kv_cache import KVCache
+from impl.layer_kernels import _kernel, cached_attention, swiglu_mlx
+from impl.model import TransformerBlock
+from impl.norm import RMSNorm
+from impl.quantized_weight import QuantizedWeight
+from impl.rope import RoPE
+
+
+def fused_linear_mlx(x: mx.array, w, norm: RMSNorm | None = None, swiglu: bool = False,
+                     residual: mx.array | None = None) -> mx.array:
+    """The pure-MLX twin of `fused_linear`: [norm(x) | swiglu(x) | x] @ w.T (+ residual)."""
+    if norm is not None:
+        x = norm(x)  # (..., K)
+    if swiglu:
+        x = swiglu_mlx(x)  # (..., 2K) -> (..., K)
+    y = linear(x, w)  # (..., N)
+    return y + residual if residual is not None else y
+
+
+def fused_linear(x: mx.array, w: QuantizedWeight, norm: RMSNorm | None = None, swiglu: bool = False,
+                 residual: mx.array | None = None) -> mx.array:
+    """x @ w.T with, in the same node, the RMSNorm `norm` or SwiGLU applied to x first and the
+    residual added after: the quantized-matmul kernel's fused prologue and epilogue; else the twin."""
+    kernel = _kernel("quantized_matmul")
+    if kernel is None or not isinstance(w, QuantizedWeight) or (norm is not None and swiglu):
+        return fused_linear_mlx(x, w, norm, swiglu, residual)
+    return kernel(x, w.w_q, w.scales, w.biases, w.group_size, w.bits,
+                  norm_weight=None if norm is None else norm.weight, eps=1e-5 if norm is None else norm.eps,
+                  swiglu=swiglu, residual=residual)
+
+
+class KernelTransformerBlock(TransformerBlock):
+    """A decoder layer as 5 nodes with a KVCache (see the module docstring); the twin otherwise."""
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,
+                 cache=None) -> mx.array:
+        """x: (N, L, E) -> (N, L, E)."""
+        attn, mlp = self.self_attn, self.mlp
+        L = x.shape[1]
+        causal = mask == "causal" if isinstance(mask, str) else (mask is None and L == 1)
+        fusable = (type(cache) is KVCache and causal and isinstance(attn.wqkv, QuantizedWeight)
+                   and isinstance(mlp.w_gate_up, QuantizedWeight) and attn.bo is None
+                   and isinstance(attn.rope, RoPE))
+        if not fusable:
+            return super().__call__(x, mask, offset, cache)
+        qkv = fused_linear(x, attn.wqkv, norm=self.input_layernorm)  # (N, L, (H + 2 H_kv) D)
+        if attn.bqkv is not None:  # Qwen2's q/k/v biases
+            qkv = qkv + attn.bqkv
+        a = cached_attention(qkv, cache, attn.rope, attn.num_heads, attn.num_kv_heads)  # (N, L, H D)
+        h = fused_linear(a, attn.wo, residual=x)  # (N, L, E): x + attention
+        gate_up = fused_linear(h, mlp.w_gate_up, norm=self.post_attention_layernorm)  # (N, L, 2I)
+        return fused_linear(gate_up, mlp.w_down, swiglu=True, residual=h)  # (N, L, E): h + MLP
