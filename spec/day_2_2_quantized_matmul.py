@@ -21,6 +21,10 @@ Checked:
   impl.layer_kernels.swiglu_mlx), kernel == twin == reference (torch; mx.fast.rope);
   and stacked projections (q/k/v, gate/up: one QuantizedWeight, one matmul) ==
   the separate ones, bit for bit.
+- kernel fusion (impl.fusion): the matmul with an RMSNorm or SwiGLU prologue and a
+  residual epilogue in one node == the separate kernels, bit for bit, and == the
+  twin (fused_linear_mlx); the engine's decoder layer is 5 nodes with a KV cache, and
+  its cached decode matches the week-1 model recomputing the whole sequence.
 fp32 tolerances are derived from the fp32 summation error over K (fp32_sum_bound);
 fp16/bf16 ones are the ladder's rungs, each with its reason.
 """

@@ -23,6 +23,12 @@ grouped heads, L != S both ways, decode (L = 1), S not a multiple of the kernel'
 kernel's peak at L = S = 4096 stays far below one (L, S) score matrix, measured
 with MLX's allocator and with the process's resident set.
 
+The decode step's attention as one node (impl.layer_kernels.cached_attention: RoPE,
+the KV-cache append, causal flash attention): kernel == twin (cached_attention_mlx)
+over prefill chunks and decode steps, the cache bit-identical to the twin's, torch
+over the whole sequence; a decode step writes the cache in place (its peak memory
+stays far below the cache's size) but never into a buffer that a held slice views.
+
 Low-precision inputs are compared with a float32 reference computed from the same
 rounded values.
 """
