@@ -10,6 +10,9 @@ namespace {
 
 struct V {
   static constexpr int L = 8;
+  static constexpr bool kTable = false;  // 16-entry tables need 2 registers here: unpack4 instead
+  static V table(float s, float b);                    // declared for the shared code, never called
+  static void lookup4(const uint8_t* p, V t, V& lo, V& hi);
   __m256 v;
   static V zero() { return {_mm256_setzero_ps()}; }
   static V set1(float a) { return {_mm256_set1_ps(a)}; }

@@ -11,7 +11,21 @@ namespace {
 
 struct V {
   static constexpr int L = 16;
+  // 4-bit weights dequantize by table lookup: one register holds a group's 16 values
+  // s * q + b (q = 0..15), and vpermps picks them by nibble (it reads only an index's
+  // low 4 bits, so the low nibble needs no mask) -- instead of int->float conversions
+  // and an FMA per vector. The table's entries are the same fma(q, s, b): same bits.
+  static constexpr bool kTable = true;
   __m512 v;
+  static V table(float s, float b) {
+    const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return {_mm512_fmadd_ps(q, _mm512_set1_ps(s), _mm512_set1_ps(b))};
+  }
+  static void lookup4(const uint8_t* p, V t, V& lo, V& hi) {  // as unpack4, then through the table
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo.v = _mm512_permutexvar_ps(b, t.v);
+    hi.v = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t.v);
+  }
   static V zero() { return {_mm512_setzero_ps()}; }
   static V set1(float a) { return {_mm512_set1_ps(a)}; }
   static V load(const float* p) { return {_mm512_loadu_ps(p)}; }

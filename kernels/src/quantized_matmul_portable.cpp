@@ -10,6 +10,9 @@ namespace {
 
 struct V {
   static constexpr int L = 4;
+  static constexpr bool kTable = false;
+  static V table(float s, float b);                    // declared for the shared code, never called
+  static void lookup4(const uint8_t* p, V t, V& lo, V& hi);
   float v[L];
   static V zero() { return set1(0.0f); }
   static V set1(float a) {
