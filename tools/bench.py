@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -215,6 +216,17 @@ def run_peer(name: str, ids_file: Path, n_decode: int) -> dict:
     return result
 
 
+def median_of_runs(runs: list[dict]) -> dict:
+    """One peer's repeated runs as one result: the median prefill and decode rates, the largest
+    peak memory, and every run's decode rate (a failed run fails the peer)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    mid = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return {**runs[0], "prefill_tps": mid("prefill_tps"), "decode_tps": mid("decode_tps"),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "decode_tps_runs": [r["decode_tps"] for r in runs]}
+
+
 def peer_table(results: list[dict], bandwidth: float) -> str:
     """Markdown table of the peers, with ratios to llama.cpp and transformers."""
     ok = {r["peer"]: r for r in results if "error" not in r}
@@ -228,10 +240,12 @@ def peer_table(results: list[dict], bandwidth: float) -> str:
             rows.append(f"| {r['peer']} | failed: {r['error']} | | | | | | | | |")
             continue
         gbs = r["decode_tps"] * r["weight_bytes"] / 1e9
+        runs = r.get("decode_tps_runs", [])
+        note = r["note"] + (f"; decode runs {', '.join(f'{x:.0f}' for x in runs)}" if len(runs) > 1 else "")
         rows.append(f"| {r['peer']} | {r['prefill_tps']:.0f} | {ratio(r, base_llama, 'prefill_tps')} |"
                     f" {ratio(r, base_tf, 'prefill_tps')} | {r['decode_tps']:.1f} |"
                     f" {ratio(r, base_llama, 'decode_tps')} | {gbs:.1f} | {gbs / bandwidth:.0%} |"
-                    f" {r['peak_rss_mb']:.0f} | {r['note']} |")
+                    f" {r['peak_rss_mb']:.0f} | {note} |")
     return "\n".join(rows)
 
 
@@ -259,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="shorter workload: 128-token prompt, 32 decode tokens")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     p.add_argument("--out", default="build/bench", help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the peers N times, in turn, and report each one's median (a busy or noisy machine)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--prompt-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--decode-tokens", type=int, default=128, help=argparse.SUPPRESS)
@@ -269,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args.worker, args.prompt_file, args.decode_tokens)
         return 0
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, not {args.repeat}")
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     unknown = [x for x in peers if x not in PEERS]
     if unknown:
@@ -280,14 +298,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: memory bandwidth {bandwidth:.1f} GB/s", file=sys.stderr)
     ids_file = out / "prompt_ids.json"
     ids_file.write_text(json.dumps(prompt_ids(n_prompt)))
-    results = [run_peer(name, ids_file, n_decode) for name in peers]
+    runs = {name: [] for name in peers}
+    for i in range(args.repeat):  # in turn, so that a slow spell of the machine hits every peer
+        if args.repeat > 1:
+            print(f"bench: round {i + 1} of {args.repeat}", file=sys.stderr)
+        for name in peers:
+            runs[name].append(run_peer(name, ids_file, n_decode))
+    results = [median_of_runs(runs[name]) for name in peers]
     kernels = kernel_results(args.quick)
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
               "bandwidth_gbs": bandwidth, "prompt_tokens": n_prompt, "decode_tokens": n_decode,
               "peers": results, "kernels": kernels}
     md = [f"# Benchmark, {report['when']}", "",
           f"{os.cpu_count()} cores, measured memory bandwidth {bandwidth:.1f} GB/s;"
-          f" prefill {n_prompt} tokens, decode {n_decode} tokens at batch 1.", "",
+          f" prefill {n_prompt} tokens, decode {n_decode} tokens at batch 1"
+          + (f"; medians of {args.repeat} runs per peer, taken in turn." if args.repeat > 1 else "."), "",
           peer_table(results, bandwidth), "", kernel_table(kernels, bandwidth)]
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text("\n".join(md) + "\n")
