@@ -112,4 +112,3 @@ class KernelAttention(Attention):
         qkv = linear(x, self.wqkv, self.bqkv)  # (N, L, (H + 2 H_kv) D)
         out = cached_attention(qkv, cache, self.rope, self.num_heads, self.num_kv_heads)  # (N, L, H D)
         return linear(out, self.wo, self.bo)
-

@@ -68,7 +68,7 @@ class Model:
                  attention=Attention, block=None):
         """sdpa: the attention function of every layer (default: week 1's grouped SDPA); norm, rope,
         attention, block: the RMSNorm, RoPE, Attention and TransformerBlock classes (default: week 1's;
-        week 2's engine passes impl.layer_kernels' kernel-backed subclasses)."""
+        week 2's engine passes the kernel-backed subclasses of impl.layer_kernels and impl.fusion)."""
         self.args = args
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, weights["model.embed_tokens.weight"])
         rope = rope(args.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
