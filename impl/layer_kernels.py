@@ -1,6 +1,6 @@
 """RMSNorm, RoPE, SwiGLU and the attention between the projections on C++ CPU kernels
-(topic 2.2; week 2's engine): drop-in subclasses of impl.norm.RMSNorm, impl.rope.RoPE
-and impl.attention.Attention, which stay their readable pure-MLX twins; `swiglu` for the
+(topic 2.2; week 2's engine): drop-in subclasses of impl.norm.RMSNorm and impl.rope.RoPE,
+which stay their readable pure-MLX twins; `swiglu` for the
 stacked gate/up projection (twin `swiglu_mlx`); `cached_attention` for RoPE, the KV-cache
 append and flash attention in one step (twin `cached_attention_mlx`). impl.fusion builds
 a whole decoder layer from these and the quantized matmul.
@@ -17,8 +17,7 @@ import numbers
 
 import mlx.core as mx
 
-from impl.attention import Attention
-from impl.basics import linear, silu
+from impl.basics import silu
 from impl.flash_attention import flash_attention_mlx
 from impl.kv_cache import KVCache
 from impl.native import kernels
@@ -98,17 +97,3 @@ def cached_attention(qkv: mx.array, cache: KVCache, rope: RoPE, n_heads: int, n_
     cache.offset += L
     return out
 
-
-class KernelAttention(Attention):
-    """Attention whose decode and prefill with a KVCache run `cached_attention`; the twin otherwise."""
-
-    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,
-                 cache=None) -> mx.array:
-        """x: (N, L, E) -> (N, L, E)."""
-        L = x.shape[1]
-        causal = mask == "causal" if isinstance(mask, str) else (mask is None and L == 1)  # L = 1: same thing
-        if self.wqkv is None or type(cache) is not KVCache or not causal or not isinstance(self.rope, RoPE):
-            return super().__call__(x, mask, offset, cache)
-        qkv = linear(x, self.wqkv, self.bqkv)  # (N, L, (H + 2 H_kv) D)
-        out = cached_attention(qkv, cache, self.rope, self.num_heads, self.num_kv_heads)  # (N, L, H D)
-        return linear(out, self.wo, self.bo)

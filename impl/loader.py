@@ -130,11 +130,10 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
     if quantized:  # the week-2 engine: stacked projections; attention, RMSNorm, RoPE, SwiGLU kernels
         from impl.flash_attention import flash_attention
         from impl.fusion import KernelTransformerBlock
-        from impl.layer_kernels import KernelAttention, KernelRMSNorm, KernelRoPE
+        from impl.layer_kernels import KernelRMSNorm, KernelRoPE
 
         weights = fuse_projections(weights, args.num_hidden_layers)
-        layers = {"sdpa": flash_attention, "norm": KernelRMSNorm, "rope": KernelRoPE, "attention": KernelAttention,
-                  "block": KernelTransformerBlock}
+        layers = {"sdpa": flash_attention, "norm": KernelRMSNorm, "rope": KernelRoPE, "block": KernelTransformerBlock}
     return LoadedModel(_build(args, weights, path, **layers), tokenizer, chat, args, path)
 
 

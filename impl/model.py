@@ -37,12 +37,12 @@ class TransformerBlock:
     """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
 
     def __init__(self, args: ModelArgs, weights: dict[str, mx.array], prefix: str, rope: RoPE | None = None,
-                 sdpa=None, norm=RMSNorm, attention=Attention):
+                 sdpa=None, norm=RMSNorm):
         w = lambda name: weights[f"{prefix}.{name}"]  # noqa: E731
         opt = lambda name: weights.get(f"{prefix}.{name}")  # noqa: E731  (biases: Qwen2; fused projections)
         qkv, gate_up = opt("self_attn.qkv_proj.weight"), opt("mlp.gate_up_proj.weight")
         unless = lambda fused, name: None if fused is not None else w(name)  # noqa: E731
-        self.self_attn = attention(
+        self.self_attn = Attention(
             args, unless(qkv, "self_attn.q_proj.weight"), unless(qkv, "self_attn.k_proj.weight"),
             unless(qkv, "self_attn.v_proj.weight"), w("self_attn.o_proj.weight"),
             opt("self_attn.q_proj.bias"), opt("self_attn.k_proj.bias"), opt("self_attn.v_proj.bias"),
@@ -65,15 +65,15 @@ class Model:
     """Embedding, N transformer blocks, final norm, output head (tied or untied)."""
 
     def __init__(self, args: ModelArgs, weights: dict[str, mx.array], sdpa=None, norm=RMSNorm, rope=RoPE,
-                 attention=Attention, block=None):
+                 block=None):
         """sdpa: the attention function of every layer (default: week 1's grouped SDPA); norm, rope,
-        attention, block: the RMSNorm, RoPE, Attention and TransformerBlock classes (default: week 1's;
-        week 2's engine passes the kernel-backed subclasses of impl.layer_kernels and impl.fusion)."""
+        block: the RMSNorm, RoPE and TransformerBlock classes (default: week 1's; week 2's engine
+        passes the kernel-backed subclasses of impl.layer_kernels and impl.fusion)."""
         self.args = args
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, weights["model.embed_tokens.weight"])
         rope = rope(args.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
         block = block or TransformerBlock
-        self.layers = [block(args, weights, f"model.layers.{i}", rope, sdpa, norm, attention)
+        self.layers = [block(args, weights, f"model.layers.{i}", rope, sdpa, norm)
                        for i in range(args.num_hidden_layers)]
         self.norm = norm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]

@@ -464,8 +464,8 @@ def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):
     model = quantized_model.model
     layer = model.layers[0]
     kinds = {type(layer.input_layernorm).__name__, type(model.norm).__name__, type(layer.self_attn.rope).__name__,
-             type(layer.self_attn).__name__}
-    assert kinds == {"KernelRMSNorm", "KernelRoPE", "KernelAttention"}, f"the week-2 engine's layer classes: {kinds}"
+             type(layer).__name__}
+    assert kinds == {"KernelRMSNorm", "KernelRoPE", "KernelTransformerBlock"}, f"the week-2 engine's classes: {kinds}"
     assert layer.self_attn.wqkv is not None and layer.mlp.w_gate_up is not None, "projections are not stacked"
     ops = _ops(model(mx.array([[1, 2, 3]])))
     for kernel in ("TinyLLMRMSNorm", "TinyLLMRoPE", "TinyLLMSwiGLU", "TinyLLMQuantizedMatmul", "TinyLLMFlashAttention"):
