@@ -47,19 +47,23 @@ def _prompt_ids(loaded, messages: list[dict]) -> list[int]:
     return loaded.tokenizer.encode(loaded.chat_template.render(messages, add_generation_prompt=True))
 
 
-def reply(loaded, messages: list[dict], args, sampler) -> str:
-    """Stream one assistant reply to stdout; return its text."""
-    from impl.generate import generate_step_cached, stream_generate
+def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str:
+    """Stream one assistant reply to stdout; return its text. prompt_cache: a PromptCache kept
+    across a chat's turns, so each turn prefills only what the conversation added."""
+    from impl.generate import PromptCache, stream_generate
 
     ids = _prompt_ids(loaded, messages)
+    prompt_cache = prompt_cache or PromptCache(loaded.model)
     text, stats = [], None
     for g in stream_generate(loaded.model, loaded.tokenizer, ids, args.max_tokens, sampler,
-                             step=generate_step_cached):
+                             step=prompt_cache.steps):
         print(g.text, end="", flush=True)
         text.append(g.text)
         stats = g.stats
     print()
-    print(f"[prefill {stats.prompt_tokens} tokens at {stats.prefill_tps:.1f} tok/s,"
+    new = stats.prompt_tokens - prompt_cache.reused
+    reused = f" ({prompt_cache.reused} more from the cache)" if prompt_cache.reused else ""
+    print(f"[prefill {new} tokens{reused} at {new / stats.prefill_seconds:.1f} tok/s,"
           f" decode {stats.generated_tokens} tokens at {stats.decode_tps:.1f} tok/s,"
           f" finish: {stats.finish_reason}]", file=sys.stderr)
     return "".join(text)
@@ -67,7 +71,10 @@ def reply(loaded, messages: list[dict], args, sampler) -> str:
 
 def chat(loaded, args, sampler) -> None:
     """Interactive multi-turn chat until Ctrl-D."""
+    from impl.generate import PromptCache
+
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    prompt_cache = PromptCache(loaded.model)  # each turn prefills only what the conversation added
     print("Chatting with", loaded.path.name, "- Ctrl-D to exit, Ctrl-C to stop a reply.", file=sys.stderr)
     while True:
         try:
@@ -79,7 +86,7 @@ def chat(loaded, args, sampler) -> None:
             continue
         messages.append({"role": "user", "content": user})
         try:
-            messages.append({"role": "assistant", "content": reply(loaded, messages, args, sampler)})
+            messages.append({"role": "assistant", "content": reply(loaded, messages, args, sampler, prompt_cache)})
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
             messages.pop()

@@ -61,15 +61,19 @@ def generate_step(model, prompt: Sequence[int], sampler: Callable = greedy) -> I
         tokens.append(token)
 
 
-def generate_step_cached(model, prompt: Sequence[int], sampler: Callable = greedy) -> Iterator[int]:
+def generate_step_cached(model, prompt: Sequence[int], sampler: Callable = greedy,
+                         cache: list | None = None) -> Iterator[int]:
     """Yield next tokens forever: prefill the prompt once into a KV cache, then one token per step.
 
+    cache: one KVCache per layer that already holds the positions before `prompt` (PromptCache
+    keeps one across the turns of a chat); a new one when None.
     Pipelined: step t+1's graph is built (and queued with async_eval) from step t's still
     lazy token before we wait for that token, so Python's graph building overlaps the compute.
+    When token t is yielded, its keys and values are already on their way into the cache.
     """
     from impl.kv_cache import make_cache
 
-    cache = make_cache(model)
+    cache = make_cache(model) if cache is None else cache
 
     def next_token(inputs: mx.array) -> mx.array:  # (1, L) -> (1,), lazy
         return sampler(model(inputs, cache=cache)[:, -1, :].astype(mx.float32))
@@ -81,6 +85,38 @@ def generate_step_cached(model, prompt: Sequence[int], sampler: Callable = greed
         mx.async_eval(following)
         yield int(token.item())
         token = following
+
+
+class PromptCache:
+    """A KV cache kept across generations, with the tokens it holds: a prompt that starts like
+    the last one (the next turn of a chat) prefills only what comes after the common prefix."""
+
+    def __init__(self, model):
+        from impl.kv_cache import make_cache
+
+        self.model, self.cache = model, make_cache(model)
+        self.tokens: list[int] = []  # the token at each cached position
+        self.reused = 0  # positions the last prompt took from the cache
+
+    def new_tokens(self, prompt: Sequence[int]) -> list[int]:
+        """Rewind the cache to its longest common prefix with `prompt` (keeping at least one token
+        to prefill, which gives the next token's logits) and return the rest of the prompt."""
+        # A generation stopped part-way (Ctrl-C in a chat) can leave layers holding fewer positions.
+        held = min(len(self.tokens), *(c.offset for c in self.cache))
+        n, limit = 0, min(held, len(prompt) - 1)
+        while n < limit and self.tokens[n] == prompt[n]:
+            n += 1
+        for c in self.cache:
+            c.trim(c.offset - n)
+        self.tokens, self.reused = list(prompt), n
+        return list(prompt[n:])
+
+    def steps(self, model, prompt: Sequence[int], sampler: Callable = greedy) -> Iterator[int]:
+        """generate_step_cached on this cache (a `step` for stream_generate); records what it caches."""
+        assert model is self.model, "a PromptCache serves the model it was made for"
+        for token in generate_step_cached(model, self.new_tokens(prompt), sampler, cache=self.cache):
+            self.tokens.append(token)  # its keys and values are in the cache once it is yielded
+            yield token
 
 
 def check_context(model, n_prompt: int) -> None:

@@ -5,7 +5,9 @@ Checked by invariances (STYLE.md): the cache's bookkeeping exactly (offsets,
 contents, trim/rewind, nbytes growing linearly); cached logits == uncached logits
 (the same model, fp32); rewind then re-decode gives the same tokens; and greedy
 decoding with the cache == the week-1 loop that recomputes everything, on the
-real model.
+real model. A PromptCache kept across a chat's turns prefills only what a new prompt
+adds after its common prefix with the cached tokens, and gives the logits of a fresh
+start.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 
 from spec.ladder import FP32, GREEDY_MARGIN, MODEL_FP32, assert_close
 
-NAMES = {"kv_cache": ["KVCache", "make_cache"], "generate": ["generate_step_cached"]}
+NAMES = {"kv_cache": ["KVCache", "make_cache"], "generate": ["generate_step_cached", "PromptCache"]}
 
 
 def test_has_names(impl):
@@ -120,6 +122,54 @@ def test_cached_logits_equal_uncached(impl, model_type, chunks):
     # Same fp32 math on differently shaped matmuls: summation order only.
     assert_close(mx.concatenate(parts, axis=1), full, FP32, f"{model_type} chunks {chunks}")
     assert all(c.offset == sum(chunks) for c in cache)
+
+
+def test_prompt_cache_prefills_only_past_the_common_prefix(impl):
+    model = _tiny_model(impl, "llama", seed=4)
+    rng = np.random.default_rng(2)
+    first = [int(t) for t in rng.integers(0, 128, 12)]
+    pc = impl.generate.PromptCache(model)
+    steps = pc.steps(model, first)
+    answer = [next(steps) for _ in range(4)]
+    steps.close()  # the chat moves on to its next turn
+    assert pc.tokens == first + answer and all(c.offset == 16 for c in pc.cache), "the cache lost track of its tokens"
+    # The next turn repeats the conversation so far but for its last 2 tokens, then adds 5.
+    second = first + answer[:2] + [int(t) for t in rng.integers(0, 128, 7)]
+    new = pc.new_tokens(second)
+    assert pc.reused == 14 and new == second[14:], f"reused {pc.reused} positions, prefills {len(new)} tokens"
+    assert all(c.offset == 14 for c in pc.cache), "the cache was not rewound to the common prefix"
+    got = model(mx.array([new]), cache=pc.cache)
+    want = model(mx.array([second]))[:, 14:]  # a fresh start, no cache
+    assert_close(got, want, FP32, "logits after reusing the cached prefix vs recomputing the whole prompt")
+    # A prompt equal to the cached tokens still prefills its last token (for the next logits).
+    assert len(pc.new_tokens(second)) == 1 and pc.reused == len(second) - 1
+
+
+def test_prompt_cache_after_an_interrupted_prefill(impl):
+    # Ctrl-C during a prefill can leave some layers holding fewer positions than the tokens
+    # recorded: the next prompt reuses only what every layer holds.
+    model = _tiny_model(impl, "qwen2", seed=5)
+    pc = impl.generate.PromptCache(model)
+    ids = [int(t) for t in np.random.default_rng(3).integers(0, 128, 10)]
+    pc.new_tokens(ids)
+    for i, c in enumerate(pc.cache):  # layer 0 got the first 6 positions; the others nothing
+        if i == 0:
+            c.update_and_fetch(*(mx.zeros((1, 2, 6, 16)),) * 2)
+    new = pc.new_tokens(ids + [5])
+    assert pc.reused == 0 and new == ids + [5] and all(c.offset == 0 for c in pc.cache)
+
+
+def test_chat_second_turn_prefills_only_what_it_adds(impl):
+    import subprocess
+    import sys
+
+    turns = "What is the capital of France?\nAnd of Germany?\n"
+    r = subprocess.run([sys.executable, "-m", f"{impl.name}.cli", "--max-tokens", "24"], input=turns,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    reports = [ln for ln in r.stderr.splitlines() if ln.startswith("[prefill")]
+    assert len(reports) == 2, f"expected two replies, got: {r.stderr[-2000:]}"
+    assert "from the cache" not in reports[0] and "from the cache" in reports[1], reports
 
 
 # --- the real model ------------------------------------------------------------------------
