@@ -53,16 +53,21 @@ def fused_linear(x: mx.array, w: QuantizedWeight, norm: RMSNorm | None = None, s
 class KernelTransformerBlock(TransformerBlock):
     """A decoder layer as 5 nodes with a KVCache (see the module docstring); the twin otherwise."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        attn, mlp = self.self_attn, self.mlp
+        # What the fused path needs of the weights, decided once (the decode loop calls this block 30
+        # times a token): stacked quantized q/k/v and gate/up, no o bias, a RoPE with tables.
+        self.fusable = (isinstance(attn.wqkv, QuantizedWeight) and isinstance(mlp.w_gate_up, QuantizedWeight)
+                        and attn.bo is None and isinstance(attn.rope, RoPE))
+
     def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,
                  cache=None) -> mx.array:
         """x: (N, L, E) -> (N, L, E)."""
         attn, mlp = self.self_attn, self.mlp
         L = x.shape[1]
-        causal = mask == "causal" if isinstance(mask, str) else (mask is None and L == 1)
-        fusable = (type(cache) is KVCache and causal and isinstance(attn.wqkv, QuantizedWeight)
-                   and isinstance(mlp.w_gate_up, QuantizedWeight) and attn.bo is None
-                   and isinstance(attn.rope, RoPE))
-        if not fusable:
+        causal = mask == "causal" if isinstance(mask, str) else (mask is None and L == 1)  # L = 1: the same
+        if not (self.fusable and causal and type(cache) is KVCache):
             return super().__call__(x, mask, offset, cache)
         qkv = fused_linear(x, attn.wqkv, norm=self.input_layernorm)  # (N, L, (H + 2 H_kv) D)
         if attn.bqkv is not None:  # Qwen2's q/k/v biases

@@ -23,19 +23,20 @@ class KVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (N, H_kv, L, D) keys/values; return all (N, H_kv, offset + L, D) so far."""
         N, H_kv, L, D = keys.shape
-        self.reserve(N, H_kv, L, D, keys.dtype)
+        self.reserve(N, H_kv, L, D, keys.dtype, values.shape[-1])
         self.keys[..., self.offset:self.offset + L, :] = keys
         self.values[..., self.offset:self.offset + L, :] = values
         self.offset += L
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
-    def reserve(self, N: int, H_kv: int, L: int, D: int, dtype: mx.Dtype) -> None:
-        """Make the buffers (N, H_kv, capacity, D) hold at least offset + L positions."""
+    def reserve(self, N: int, H_kv: int, L: int, D: int, dtype: mx.Dtype, D_v: int | None = None) -> None:
+        """Make the buffers, keys (N, H_kv, capacity, D) and values (..., D_v, default D), hold at
+        least offset + L positions."""
         if self.keys is not None and self.offset + L <= self.keys.shape[2]:
             return
         capacity = (self.offset + L + self.step - 1) // self.step * self.step
         new_k = mx.zeros((N, H_kv, capacity, D), dtype)
-        new_v = mx.zeros((N, H_kv, capacity, D), dtype)
+        new_v = mx.zeros((N, H_kv, capacity, D if D_v is None else D_v), dtype)
         if self.keys is not None:
             new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
             new_v[..., : self.offset, :] = self.values[..., : self.offset, :]

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reference.models import hf_folder_from_gguf, mlx_lm_model, transformers_model
-from spec.ladder import FP32, GREEDY_MARGIN, MODEL_FP32, assert_close
+from spec.ladder import FP32, MODEL_FP32, assert_close, assert_greedy_tokens
 
 NAMES = {
     "config": ["ModelArgs"],
@@ -199,17 +199,14 @@ def test_real_greedy_tokens_match_transformers(real, hf_folder, prompt_ids, prom
     steps = 12
     ids = prompt_ids[prompt]
     want, gaps = _reference_greedy(transformers_model(str(hf_folder)), ids, steps)
-    seq = list(ids)
-    for i in range(steps):
-        if gaps[i] < GREEDY_MARGIN:  # a near tie: rounding may pick either; stop comparing here
-            print(f"{prompt}: compared {i} tokens; step {i} has top-2 gap {gaps[i]:.2e} < {GREEDY_MARGIN}")
-            break
-        token = int(mx.argmax(real.model(mx.array([seq]))[0, -1]).item())
-        assert token == want[i], (f"{prompt}: step {i}: got token {token}, transformers {want[i]}"
-                                  f" (its top-2 gap {gaps[i]:.3g}); so far {seq[len(ids):]}")
-        seq.append(token)
-    else:
-        print(f"{prompt}: all {steps} greedy tokens identical")
+
+    def greedy():  # the whole sequence through the model at every step, as week 1 does
+        seq = list(ids)
+        while True:
+            seq.append(int(mx.argmax(real.model(mx.array([seq]))[0, -1]).item()))
+            yield seq[-1]
+
+    assert_greedy_tokens(greedy(), want, gaps, f"{prompt}: greedy tokens vs transformers")
 
 
 # --- bad model files: one-line errors ---------------------------------------------------

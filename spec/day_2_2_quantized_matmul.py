@@ -43,7 +43,15 @@ from hypothesis import strategies as st
 
 from spec.day_1_2_rope import rope_tol
 from spec.draw import DTYPES
-from spec.ladder import BY_DTYPE, FP32, Tol, assert_close, to_numpy
+from spec.ladder import (
+    BY_DTYPE,
+    FP32,
+    MODEL_FP32,
+    Tol,
+    assert_close,
+    assert_greedy_tokens,
+    to_numpy,
+)
 
 NAMES = ("dequantize", "quantized_matmul", "quantized_matmul_mlx")
 BUILD = "pip install --no-build-isolation ./kernels  (needs a C++ compiler, cmake, mlx, nanobind>=3,<4)"
@@ -284,15 +292,12 @@ def test_model_logits_match_the_dequantized_path(quantized_model, dense_model, t
     # The same weight values (scale * q + bias in fp32) and fp32 accumulation on both paths;
     # only summation order differs (and flash attention's online softmax), so the week-1
     # model rung applies unchanged.
-    from spec.ladder import MODEL_FP32
-
     assert_close(quantized_model.model(ids), dense_model.model(ids), MODEL_FP32,
                  f"quantized-kernel logits vs dequantized logits for {text!r}")
 
 
 def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_model):
     from reference.models import hf_folder_from_gguf, transformers_model
-    from spec.ladder import GREEDY_MARGIN
 
     loaded, steps = quantized_model, 16
     ids = loaded.tokenizer.encode(loaded.chat_template.render([{"role": "user", "content": "Name three colors."}]))
@@ -302,13 +307,8 @@ def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_m
         return_dict_in_generate=True, pad_token_id=2, eos_token_id=None)
     want = out.sequences[0, len(ids):].tolist()
     gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
-    got = impl.generate.generate_step_cached(loaded.model, ids)  # KV cache + both kernels
-    for i in range(steps):
-        if gaps[i] < GREEDY_MARGIN:
-            print(f"compared {i} tokens; step {i} has top-2 gap {gaps[i]:.2e}")
-            break
-        token = next(got)
-        assert token == want[i], f"step {i}: got {token}, transformers {want[i]} (its top-2 gap {gaps[i]:.3g})"
+    got = impl.generate.generate_step_cached(loaded.model, ids)  # KV cache + the kernels
+    assert_greedy_tokens(got, want, gaps, "the engine on the kernels vs transformers")
 
 
 # --- the engine's other CPU kernels: RMSNorm and RoPE; stacked projections --------------
@@ -586,7 +586,6 @@ def test_fused_matmul_rejects_bad_pieces(impl):
 def test_cached_decode_on_the_kernels_matches_the_dequantized_path(impl, quantized_model, dense_model, text):
     # Prefill, then decode token by token through the KV cache: the fused cached-attention
     # kernel at every layer, against the week-1 model recomputing the whole sequence.
-    from spec.ladder import MODEL_FP32
 
     ids = quantized_model.tokenizer.encode(text)
     extra = [28, 1024, 14, 2583, 30]  # any ids: teacher-forced decode steps

@@ -319,13 +319,20 @@ def test_cached_attention_matches_twin_and_torch(impl, data):
     assert_close(got, want, tol_for(dtype), f"cached_attention kernel vs torch SDPA over all {S} positions")
 
 
-def test_cached_attention_is_one_node_and_writes_the_cache_in_place(impl):
+def _prefilled(impl, seed: int, L: int, H: int, H_kv: int, D: int):
+    """A KVCache holding L prefilled positions (fp32, through the kernel), the RoPE used and an rng."""
     built_kernels(impl)
-    lk = impl.layer_kernels
-    rng = np.random.default_rng(5)
-    kernel_rope, _ = _rope_pair(impl, 64)
+    rng = np.random.default_rng(seed)
+    kernel_rope, _ = _rope_pair(impl, D)
     cache = impl.kv_cache.KVCache()
-    mx.eval(lk.cached_attention(uniform(rng, (1, 500, 15 * 64), "float32")[0], cache, kernel_rope, 9, 3))
+    qkv = uniform(rng, (1, L, (H + 2 * H_kv) * D), "float32")[0]
+    mx.eval(impl.layer_kernels.cached_attention(qkv, cache, kernel_rope, H, H_kv))
+    return cache, kernel_rope, rng
+
+
+def test_cached_attention_is_one_node_and_writes_the_cache_in_place(impl):
+    lk = impl.layer_kernels
+    cache, kernel_rope, rng = _prefilled(impl, 5, 500, 9, 3, 64)
     buffers = cache.keys.nbytes + cache.values.nbytes  # (1, 3, 512, 64) fp32 each: 768 KiB
     qkv = uniform(rng, (1, 1, 15 * 64), "float32")[0]
     mx.eval(qkv)
@@ -346,12 +353,8 @@ def test_cached_attention_is_one_node_and_writes_the_cache_in_place(impl):
 def test_cached_attention_leaves_a_held_view_of_the_cache_alone(impl):
     # A slice of the old cache (here: its state, kept across a rewind) shares its buffer: the
     # kernel must then write a copy, so the slice still shows what it showed.
-    built_kernels(impl)
     lk = impl.layer_kernels
-    rng = np.random.default_rng(6)
-    kernel_rope, _ = _rope_pair(impl, 32)
-    cache = impl.kv_cache.KVCache()
-    mx.eval(lk.cached_attention(uniform(rng, (1, 10, 4 * 32), "float32")[0], cache, kernel_rope, 2, 1))
+    cache, kernel_rope, rng = _prefilled(impl, 6, 10, 2, 1, 32)
     keys_before, values_before = cache.state
     mx.eval(keys_before, values_before)
     snapshot = np.array(keys_before), np.array(values_before)

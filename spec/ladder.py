@@ -74,3 +74,17 @@ def assert_close(actual, expected, tol: Tol, what: str = "") -> None:
             f" worst at {tuple(int(j) for j in i)}: got {a[i]:.7g}, expected {e[i]:.7g};"
             f" first got {a.ravel()[:4]}, first expected {e.ravel()[:4]}"
         )
+
+
+def assert_greedy_tokens(tokens, want: list[int], gaps: list[float], what: str = "") -> int:
+    """Compare the token iterator `tokens` with the reference's greedy tokens `want` while the
+    reference's top-2 logit gap stays >= GREEDY_MARGIN (a nearer tie may flip on rounding alone).
+    Returns how many tokens were compared."""
+    for i, (w, gap) in enumerate(zip(want, gaps, strict=True)):
+        if gap < GREEDY_MARGIN:
+            print(f"{what}: compared {i} tokens; step {i} has top-2 gap {gap:.2e} < {GREEDY_MARGIN}")
+            return i
+        token = next(tokens)
+        assert token == w, f"{what}: step {i}: got token {token}, the reference {w} (its top-2 gap {gap:.3g})"
+    print(f"{what}: all {len(want)} greedy tokens identical")
+    return len(want)
