@@ -1,8 +1,9 @@
 """Flash attention (2.4): softmax(q @ k^T * scale + mask) @ v one key block at a time,
 with an online softmax, so the (L, S) scores are never needed all at once.
 
-`flash_attention` runs the C++ kernel (kernels/src/flash_attention*.cpp) when it is
-built, and the twin otherwise. `flash_attention_mlx` is the readable pure-MLX twin:
+`flash_attention` runs the C++ kernel (kernels/src/flash_attention*.cpp) on the CPU
+and the Metal/CUDA one (topic 2.5, kernels/tiny_llm_kernels/gpu_src) on a GPU when
+they are built, and the twin otherwise. `flash_attention_mlx` is the readable pure-MLX twin:
 the algorithm, block by block; as one lazy MLX graph it may still hold many blocks at
 a time, so only the kernel is held to O(L * D) memory.
 Semantics are those of attention.scaled_dot_product_attention_grouped (1.3): query
@@ -17,7 +18,7 @@ import math
 
 import mlx.core as mx
 
-from impl.native import kernels
+from impl.native import gpu_kernel, kernels
 
 
 def flash_attention_mlx(
@@ -71,7 +72,11 @@ def flash_attention(
     query: mx.array, key: mx.array, value: mx.array,
     scale: float | None = None, mask: mx.array | str | None = None,
 ) -> mx.array:
-    """The C++ flash attention kernel when built, else the twin; q (B, H, L, D), k/v (B, H_kv, S, D)."""
-    if kernels is not None and hasattr(kernels, "flash_attention"):
+    """The C++ (CPU) or Metal/CUDA (GPU) flash attention kernel when built, else the twin;
+    q (B, H, L, D), k/v (B, H_kv, S, D)."""
+    if mx.default_device() == mx.cpu and hasattr(kernels, "flash_attention"):
         return kernels.flash_attention(query, key, value, scale=scale, mask=mask)
+    gpu = gpu_kernel("flash_attention")
+    if gpu is not None and query.ndim == 4 and query.shape[-1] <= 256:  # the GPU kernel's reach
+        return gpu(query, key, value, scale=scale, mask=mask)
     return flash_attention_mlx(query, key, value, scale=scale, mask=mask)

@@ -18,7 +18,7 @@ import numbers
 import mlx.core as mx
 
 from impl.basics import silu
-from impl.flash_attention import flash_attention_mlx
+from impl.flash_attention import flash_attention, flash_attention_mlx
 from impl.kv_cache import KVCache
 from impl.native import kernels
 from impl.norm import RMSNorm
@@ -66,8 +66,9 @@ def swiglu(gate_up: mx.array) -> mx.array:
 
 
 def cached_attention_mlx(qkv: mx.array, cache: KVCache, rope: RoPE, n_heads: int, n_kv_heads: int,
-                         scale: float | None = None) -> mx.array:
-    """The pure-MLX twin of `cached_attention`: qkv (N, L, (H + 2 H_kv) D) -> (N, L, H D)."""
+                         scale: float | None = None, attend=flash_attention_mlx) -> mx.array:
+    """The pure-MLX twin of `cached_attention`: qkv (N, L, (H + 2 H_kv) D) -> (N, L, H D);
+    `attend` is the attention after the cache append (the flash twin by default)."""
     N, L, width = qkv.shape
     H, H_kv = n_heads, n_kv_heads
     D = width // (H + 2 * H_kv)
@@ -76,7 +77,7 @@ def cached_attention_mlx(qkv: mx.array, cache: KVCache, rope: RoPE, n_heads: int
     q, k = rope(q, cache.offset), rope(k, cache.offset)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (N, heads, L, D)
     k, v = cache.update_and_fetch(k, v)  # (N, H_kv, offset + L, D)
-    out = flash_attention_mlx(q, k, v, scale=scale, mask="causal")  # (N, H, L, D)
+    out = attend(q, k, v, scale=scale, mask="causal")  # (N, H, L, D)
     return out.transpose(0, 2, 1, 3).reshape(N, L, H * D)
 
 
@@ -85,8 +86,8 @@ def cached_attention(qkv: mx.array, cache: KVCache, rope: RoPE, n_heads: int, n_
     """RoPE at the cache's offset, append k and v to the cache, causal attention over every cached
     position: qkv (N, L, (H + 2 H_kv) D) -> (N, L, H D), one kernel node when built, else the twin."""
     kernel = _kernel("cached_attention")
-    if kernel is None:
-        return cached_attention_mlx(qkv, cache, rope, n_heads, n_kv_heads, scale)
+    if kernel is None:  # off the CPU: still the GPU's flash attention kernel when there is one
+        return cached_attention_mlx(qkv, cache, rope, n_heads, n_kv_heads, scale, attend=flash_attention)
     N, L, width = qkv.shape
     D = width // (n_heads + 2 * n_kv_heads)
     rope._check(cache.offset + L - 1)

@@ -1,9 +1,10 @@
 """The compiled side of impl/: the kernels package, if it was built.
 
 `tiny_llm_kernels` (built from kernels/ by the install) interposes OpenBLAS
-under MLX's CPU matmul on Linux and, from week 2, holds the C++ kernels.
-It is imported before mlx: the BLAS fix only takes effect that way. Without
-it, impl/ says so once and runs on the pure-MLX paths.
+under MLX's CPU matmul on Linux and, from week 2, holds the C++ kernels and
+(`tiny_llm_kernels.gpu`) the Metal/CUDA ones. It is imported before mlx: the
+BLAS fix only takes effect that way. Without it, impl/ says so once and runs
+on the pure-MLX paths.
 """
 
 from __future__ import annotations
@@ -16,3 +17,17 @@ except ImportError as e:  # not built: the pure-MLX twins still work, slower
     kernels = None
     print(f"tiny-llm: kernels not built ({e}); using the pure-MLX paths."
           " Build them with: pip install ./kernels --no-build-isolation", file=sys.stderr)
+
+try:
+    from tiny_llm_kernels import gpu as gpu_kernels
+except ImportError:  # not built, or built from a tree before the GPU kernels
+    gpu_kernels = None
+
+
+def gpu_kernel(name: str):
+    """The GPU kernel `name` when MLX computes on a GPU (Metal or CUDA) and it is built; else None."""
+    import mlx.core as mx
+
+    if gpu_kernels is None or mx.default_device() != mx.gpu or gpu_kernels.backend() is None:
+        return None
+    return getattr(gpu_kernels, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from impl.native import kernels
+from impl.native import gpu_kernel, kernels
 
 
 def dequantize(w_q: mx.array, scales: mx.array, biases: mx.array, group_size: int = 64,
@@ -30,9 +30,12 @@ def quantized_matmul_mlx(x: mx.array, w_q: mx.array, scales: mx.array, biases: m
 
 def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
                      group_size: int = 64, bits: int = 4) -> mx.array:
-    """x (..., K) @ dequantize(w_q, scales, biases).T: the C++ kernel on the CPU when built, else the twin."""
+    """x (..., K) @ dequantize(w_q, scales, biases).T: the C++ kernel on the CPU, the Metal/CUDA one
+    (topic 2.3) on a GPU, when built; else the twin."""
     if _kernel is not None and mx.default_device() == mx.cpu:
         return _kernel(x, w_q, scales, biases, group_size, bits)
+    if (gpu := gpu_kernel("quantized_matmul")) is not None:
+        return gpu(x, w_q, scales, biases, group_size, bits)
     return quantized_matmul_mlx(x, w_q, scales, biases, group_size, bits)
 
 

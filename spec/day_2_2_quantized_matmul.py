@@ -162,6 +162,11 @@ def test_kernel_is_one_lazy_node(quantize):
 
 @given(data=st.data())
 def test_matches_twin_mx_and_torch(quantize, data):
+    check_drawn_case(quantize, data)
+
+
+def check_drawn_case(quantize, data):
+    """Draw a case (shapes, bits, group, dtypes); kernel, twin, torch float64 and mx agree. Also day_2_3's."""
     bits = data.draw(st.sampled_from([4, 8]), label="bits")
     group_size = data.draw(st.sampled_from([32, 64, 128]), label="group_size")
     K = group_size * data.draw(st.sampled_from([1, 2, 3, 5]), label="groups (1: K is one group)")
@@ -199,6 +204,11 @@ def model_case(K: int, N: int, bits: int):
 @pytest.mark.parametrize("M", [1, 16, 512])
 @pytest.mark.parametrize("shape", MODEL_SHAPES, ids=[s[0] for s in MODEL_SHAPES])
 def test_model_shapes(impl, shape, M):
+    check_model_shape(impl, shape, M)
+
+
+def check_model_shape(impl, shape, M: int):
+    """One of SmolLM2's matmuls at M rows: kernel vs twin, torch float64 and (M = 1) mx."""
     _, K, N, bits = shape
     (w_q, scales, biases), w64, terms = model_case(K, N, bits)
     x = mx.array(np.random.default_rng(M).standard_normal((M, K)).astype(np.float32))  # RMSNorm'd activations
@@ -217,6 +227,11 @@ def test_model_shapes(impl, shape, M):
 
 @pytest.mark.parametrize("x_dtype", sorted(DTYPES))
 def test_batched_and_strided_x(impl, x_dtype):
+    check_batched_and_strided_x(impl, x_dtype)
+
+
+def check_batched_and_strided_x(impl, x_dtype: str):
+    """(B, L, K), strided and sliced x give exactly the flat contiguous x's rows."""
     w_q, scales, biases = make_weights(7, 128, 64, 4, mx.float16, seed=3)
     x = mx.random.normal((2, 5, 128), key=mx.random.key(1)).astype(DTYPES[x_dtype])  # (B, L, K)
     qmm = functools.partial(impl.quantize.quantized_matmul, w_q=w_q, scales=scales, biases=biases,
@@ -236,6 +251,11 @@ def test_a_row_gives_the_same_bits_alone_and_in_any_batch(impl):
     """Batch invariance: decode (M = 1), a batch of requests and a whole prompt give each
     row bit-identical outputs, so batched == single and chunked == whole prefill hold
     exactly, not just within a tolerance (M here spans the decode and prefill paths)."""
+    check_batch_invariance(impl)
+
+
+def check_batch_invariance(impl):
+    """Rows alone and in batches of every size give the same bits."""
     w_q, scales, biases = make_weights(67, 576, 32, 4, mx.float16, seed=5)
     x = mx.random.normal((40, 576), key=mx.random.key(2))
     qmm = functools.partial(impl.quantize.quantized_matmul, w_q=w_q, scales=scales, biases=biases,
@@ -297,6 +317,11 @@ def test_model_logits_match_the_dequantized_path(quantized_model, dense_model, t
 
 
 def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_model):
+    check_greedy_tokens(impl, quantized_model, default_model)
+
+
+def check_greedy_tokens(impl, quantized_model, default_model):
+    """The engine (KV cache, kernels) generates transformers' greedy tokens where the top-2 gap is clear."""
     from reference.models import hf_folder_from_gguf, transformers_model
 
     loaded, steps = quantized_model, 16

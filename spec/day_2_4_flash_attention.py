@@ -151,6 +151,11 @@ def check_all(impl, fa, q, k, v, q32, k32, v32, scale, mask, mask32, dtype, what
 
 @given(data=st.data())
 def test_flash_attention(impl, fa, data):
+    check_drawn_case(impl, fa, data)
+
+
+def check_drawn_case(impl, fa, data):
+    """Draw shapes, heads, dtype, mask and scale; then check_all. Also day_2_5's."""
     dtype = data.draw(st.sampled_from(sorted(DTYPES)), label="dtype")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     B = data.draw(st.integers(1, 2), label="B")
@@ -179,6 +184,11 @@ def test_flash_attention(impl, fa, data):
 @pytest.mark.parametrize("L", [1, 64])
 @pytest.mark.parametrize("mask", [None, "causal"])
 def test_long_context(impl, fa, L, mask):
+    check_long_context(impl, fa, L, mask)
+
+
+def check_long_context(impl, fa, L: int, mask):
+    """check_all at S = 4133 keys."""
     # S > 4096 keys, not a multiple of the tile: 65 tiles of online-softmax rescaling
     # (and, at L = 1, the kernel's split over keys with a merge of the partial softmaxes).
     rng = np.random.default_rng(L)
@@ -210,6 +220,11 @@ def test_public_entry_runs_the_kernel(impl, fa):
 
 
 def test_boolean_mask(fa):
+    check_boolean_mask(fa)
+
+
+def check_boolean_mask(fa):
+    """A boolean (B, 1, L, S) mask, with a row that sees nothing, vs torch."""
     rng = np.random.default_rng(1)
     q, q32 = uniform(rng, (2, 4, 5, 32), "float32")
     (k, k32), (v, v32) = (uniform(rng, (2, 2, 70, 32), "float32") for _ in range(2))
@@ -393,6 +408,11 @@ SCORES = N * N * 4
 
 def test_peak_memory_is_far_below_the_scores(impl, fa):
     built_kernels(impl)  # the twin's memory is not the claim here
+    check_peak_memory(impl, fa)
+
+
+def check_peak_memory(impl, fa):
+    """flash_attention's peak memory at L = S = 4096 vs one score matrix (and the week-1 attention's)."""
     # MLX's allocator counts the output and the kernel's workspace; mx.get_peak_memory
     # works on the CPU backend. The week-1 attention, which does make the scores, shows
     # that the meter would see them.

@@ -1,0 +1,212 @@
+"""GPU kernels (topics 2.3 and 2.5): quantized matmul and flash attention on Metal and CUDA,
+through MLX's mx.fast.metal_kernel / mx.fast.cuda_kernel, compiled by MLX at first use.
+
+Each kernel is one body in gpu_src/ (quantized_matmul.inc, flash_attention.inc) written in a
+small dialect: C++ plus the tl_* names that one header per backend defines (dialect_cuda.h,
+dialect_metal.h; dialect_cpu.h emulates them on the CPU, see gpu_emulator.py). A prologue
+per backend gives the body its thread's place: tl_thread (in the threadgroup), tl_lane and
+tl_warp (32-thread warps, SIMD groups on Apple GPUs), tl_group_x/y/z (the threadgroup).
+MLX writes the signature: each input as a pointer named as in `input_names`, `<name>_shape`
+when the body uses it, the outputs, and the template arguments as constants.
+
+    quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4)  (twin: impl.quantize)
+    flash_attention(q, k, v, scale=None, mask=None)  (twin: impl.flash_attention)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+SRC = Path(__file__).resolve().parent / "gpu_src"
+WARP = 32
+
+PROLOGUE = {
+    "cuda": "const int tl_thread = threadIdx.x;\n"
+            "const int tl_group_x = blockIdx.x, tl_group_y = blockIdx.y, tl_group_z = blockIdx.z;\n",
+    "metal": "const int tl_thread = int(thread_position_in_threadgroup.x);\n"
+             "const int tl_group_x = int(threadgroup_position_in_grid.x);\n"
+             "const int tl_group_y = int(threadgroup_position_in_grid.y);\n"
+             "const int tl_group_z = int(threadgroup_position_in_grid.z);\n",
+    "cpu": "const int tl_thread = tl_emu::self.thread;\n"
+           "const int tl_group_x = tl_emu::self.group_x, tl_group_y = tl_emu::self.group_y,"
+           " tl_group_z = tl_emu::self.group_z;\n",
+}
+LANES = "const int tl_lane = tl_thread % 32;\nconst int tl_warp = tl_thread / 32;\n"
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """What mx.fast.<backend>_kernel takes: a name, argument names, a header and a body."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    header: str
+    source: str
+
+
+ARGUMENTS = {  # kernel -> (input names, output names)
+    "quantized_matmul": (("x", "w", "scales", "biases"), ("y",)),
+    "flash_attention": (("q", "k", "v", "mask", "params"), ("o",)),
+}
+
+
+def kernel_source(kernel: str, backend: str) -> KernelSource:
+    """The source of `kernel` ("quantized_matmul", "flash_attention") for "cuda", "metal" or "cpu"."""
+    inputs, outputs = ARGUMENTS[kernel]
+    header = (SRC / f"dialect_{backend}.h").read_text()
+    body = PROLOGUE[backend] + LANES + (SRC / f"{kernel}.inc").read_text()
+    return KernelSource(f"tiny_llm_{kernel}", inputs, outputs, header, body)
+
+
+@functools.cache  # asked on every call of the impl dispatchers; the answer never changes
+def backend() -> str | None:
+    """"metal" or "cuda" when MLX has that GPU here, else None."""
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+@functools.cache
+def _kernel(kernel: str, which: str):
+    src = kernel_source(kernel, which)
+    make = mx.fast.metal_kernel if which == "metal" else mx.fast.cuda_kernel
+    return make(name=src.name, input_names=list(src.input_names), output_names=list(src.output_names),
+                source=src.source, header=src.header)
+
+
+def _run(kernel: str, inputs: list, output_shapes: list, output_dtypes: list, stream, launch: dict) -> list:
+    """Launch `kernel` on this machine's GPU (tests put gpu_emulator.emulate_run here)."""
+    which = backend()
+    if which is None:
+        raise RuntimeError("tiny_llm_kernels.gpu needs a GPU (Metal or CUDA); MLX finds none here")
+    return _kernel(kernel, which)(inputs=inputs, output_shapes=output_shapes, output_dtypes=output_dtypes,
+                                  stream=stream, **launch)
+
+
+# --- quantized matmul ------------------------------------------------------------------
+
+QMM_ROWS, QMM_WARPS = 8, 4  # as in quantized_matmul.inc: rows of x per warp, warps per group
+
+
+def qmm_launch(M: int, N: int, x_dtype: mx.Dtype, group_size: int, bits: int) -> dict:
+    """Grid, threadgroup and template arguments of the quantized matmul for (M, K) @ (N, K).T."""
+    return dict(grid=(math.ceil(N / QMM_WARPS) * QMM_WARPS * WARP, math.ceil(M / QMM_ROWS), 1),
+                threadgroup=(QMM_WARPS * WARP, 1, 1),
+                template=[("T", x_dtype), ("BITS", bits), ("GROUP_SIZE", group_size)])
+
+
+def check_quantized(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                    group_size: int, bits: int) -> None:
+    """One-line ValueErrors for what the kernel cannot compute."""
+    if bits not in (4, 8) or group_size not in (32, 64, 128):
+        raise ValueError(f"bits must be 4 or 8 and group_size 32, 64 or 128, not {bits} and {group_size}")
+    if w_q.ndim != 2 or w_q.dtype != mx.uint32:
+        raise ValueError(f"w_q must be (N, K * bits / 32) uint32, not {w_q.shape} {w_q.dtype}")
+    N, K = w_q.shape[0], w_q.shape[1] * 32 // bits
+    if x.shape[-1] != K:
+        raise ValueError(f"x has K = {x.shape[-1]} but the {bits}-bit weights have K = {K}")
+    if scales.shape != (N, K // group_size) or biases.shape != scales.shape:
+        raise ValueError(f"scales and biases must be {(N, K // group_size)}, not {scales.shape} and {biases.shape}")
+    if x.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, not {x.dtype}")
+
+
+def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                     group_size: int = 64, bits: int = 4, stream=None) -> mx.array:
+    """x (..., K) @ dequantize(w_q, scales, biases).T -> (..., N) in x's dtype, on the GPU."""
+    check_quantized(x, w_q, scales, biases, group_size, bits)
+    *lead, K = x.shape
+    N, M = w_q.shape[0], math.prod(lead)
+    flat = x if x.ndim == 2 else x.reshape(M, K)  # (M, K); MLX copies it row-contiguous if it is not
+    (y,) = _run("quantized_matmul", [flat, w_q, scales, biases], [(M, N)], [x.dtype], stream,
+                qmm_launch(M, N, x.dtype, group_size, bits))
+    return y if x.ndim == 2 else y.reshape(*lead, N)  # (..., N)
+
+
+# --- flash attention -------------------------------------------------------------------
+
+FA_ROWS = 4  # as in flash_attention.inc: query rows (warps) per threadgroup
+MASK_MODES = {None: 0, "causal": 1, "array": 2}
+
+
+def attention_inputs(q: mx.array, k: mx.array, v: mx.array, scale: float | None,
+                     mask: mx.array | str | None) -> tuple[list[mx.array], int]:
+    """The kernel's inputs (q, k, v, mask, params) for 4-D q, k, v, and its MASK_MODE."""
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be (B, H, L, D) and k, v (B, H_kv, S, D); got {q.shape}, {k.shape}, {v.shape}")
+    (B, H, L, D), H_kv, S = q.shape, k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D or H % H_kv:
+        raise ValueError(f"k and v {k.shape} do not fit q {q.shape} (same B and D; H a multiple of H_kv)")
+    if D > 256:
+        raise ValueError(f"head size {D} is over the kernel's 256")
+    if isinstance(mask, str) and mask != "causal":
+        raise ValueError(f"mask must be None, 'causal' or an array, not {mask!r}")
+    mode = MASK_MODES["array" if isinstance(mask, mx.array) else mask]
+    if mode == 2:  # additive fp32 (B, H, L, S); a boolean mask says True = may attend
+        mask = mx.where(mask, 0.0, -mx.inf) if mask.dtype == mx.bool_ else mask.astype(mx.float32)
+        mask = mx.broadcast_to(mask, (B, H, L, S))
+    else:
+        mask = mx.zeros((1,), mx.float32)  # unread
+    params = mx.array([1.0 / math.sqrt(D) if scale is None else scale], mx.float32)
+    return [q, k, v, mask, params], mode
+
+
+def attention_launch(q: mx.array, mode: int) -> dict:
+    """Grid, threadgroup and template arguments of flash attention for q (B, H, L, D)."""
+    B, H, L, D = q.shape
+    return dict(grid=(math.ceil(L / FA_ROWS) * FA_ROWS * WARP, H, B), threadgroup=(FA_ROWS * WARP, 1, 1),
+                template=[("T", q.dtype), ("D", D), ("MASK_MODE", mode)])
+
+
+def flash_attention(q: mx.array, k: mx.array, v: mx.array, scale: float | None = None,
+                    mask: mx.array | str | None = None, stream=None) -> mx.array:
+    """Grouped-query flash attention on the GPU; q (B, H, L, D), k/v (B, H_kv, S, D) -> (B, H, L, D)."""
+    inputs, mode = attention_inputs(q, k, v, scale, mask)
+    (o,) = _run("flash_attention", inputs, [q.shape], [q.dtype], stream, attention_launch(q, mode))
+    return o
+
+
+# --- for tools/nvrtc_check.py: instances that cover every template combination ----------
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One compilation of a kernel: its source, argument dtypes and ranks, template arguments."""
+
+    name: str
+    input_names: list[str]
+    output_names: list[str]
+    header: str
+    source: str
+    input_dtypes: list[str]
+    input_ndims: list[int]
+    output_dtypes: list[str]
+    template: list[tuple[str, int | bool | str]]
+
+
+def example_instances(which: str):
+    """Every dtype/bits/group/mask combination the engine and the specs use, for `which` backend."""
+    floats = ("float32", "float16", "bfloat16")
+    qmm = kernel_source("quantized_matmul", which)
+    for x_dtype in floats:
+        for s_dtype in floats:
+            for bits in (4, 8):
+                for group_size in (32, 64, 128):
+                    yield Instance(qmm.name, list(qmm.input_names), list(qmm.output_names), qmm.header, qmm.source,
+                                   [x_dtype, "uint32", s_dtype, s_dtype], [2, 2, 2, 2], [x_dtype],
+                                   [("T", x_dtype), ("BITS", bits), ("GROUP_SIZE", group_size)])
+    fa = kernel_source("flash_attention", which)
+    for dtype in floats:
+        for D in (32, 64, 80, 128):
+            for mode in (0, 1, 2):
+                yield Instance(fa.name, list(fa.input_names), list(fa.output_names), fa.header, fa.source,
+                               [dtype, dtype, dtype, "float32", "float32"], [4, 4, 4, 4 if mode == 2 else 1, 1],
+                               [dtype], [("T", dtype), ("D", D), ("MASK_MODE", mode)])

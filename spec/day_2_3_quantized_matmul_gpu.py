@@ -1,0 +1,113 @@
+"""Topic 2.3: quantized matmul on the GPU, a Metal and a CUDA kernel.
+
+The same contract as topic 2.2 (day_2_2_quantized_matmul.py): y = x @ dequantize(w_q,
+scales, biases).T in MLX's affine format (bits 4 and 8, groups 32/64/128), x in
+fp32/fp16/bf16, y in x's dtype, fp32 accumulation; `impl.quantize.quantized_matmul` runs
+the GPU kernel whenever MLX's default device is a GPU.
+
+Every test here runs on the GPU (MLX's default device set to it) and is marked `gpu`:
+machines without one skip the file and PROGRESS.md shows "needs a GPU". Checked, with
+2.2's checks and tolerances: the GPU kernel is one node of MLX's lazy graph; kernel ==
+twin (impl.quantize.quantized_matmul_mlx) == mx.quantized_matmul == torch float64 over
+Hypothesis-drawn shapes; SmolLM2-135M's shapes at M = 1, 16, 512; batched and strided x;
+a row's bits do not depend on its batch; the model on the GPU keeps its weights quantized,
+matches the dequantized path's logits and generates transformers' greedy tokens.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spec.day_2_2_quantized_matmul import (
+    MODEL_PROMPTS,
+    MODEL_SHAPES,
+    _ops,
+    check_batch_invariance,
+    check_batched_and_strided_x,
+    check_drawn_case,
+    check_greedy_tokens,
+    check_model_shape,
+    fp32_tol,
+    make_weights,
+    numpy_dequantize,
+)
+from spec.draw import DTYPES
+from spec.ladder import MODEL_FP32, assert_close, to_numpy
+
+pytestmark = pytest.mark.gpu
+BUILD = "pip install --no-build-isolation ./kernels  (the GPU kernels are sources in tiny_llm_kernels/gpu_src)"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def on_the_gpu():
+    before = mx.default_device()
+    mx.set_default_device(mx.gpu)
+    yield
+    mx.set_default_device(before)
+
+
+@pytest.fixture
+def quantize(impl):
+    return impl.quantize
+
+
+def test_gpu_kernels_are_built(impl):
+    gpu = getattr(impl.native, "gpu_kernels", None)
+    assert gpu is not None, f"tiny_llm_kernels.gpu is missing, so the GPU kernel never runs: {BUILD}"
+    assert gpu.backend() in ("metal", "cuda"), f"MLX has a GPU but tiny_llm_kernels.gpu sees {gpu.backend()}"
+
+
+def test_kernel_is_one_lazy_node(quantize):
+    w_q, scales, biases = make_weights(5, 64, 32, 4, mx.float16, seed=0)
+    x = mx.random.normal((3, 64), key=mx.random.key(0))
+    mx.eval(x, w_q, scales, biases)
+    y = quantize.quantized_matmul(x, w_q, scales, biases, 32, 4)
+    ops = _ops(y)
+    assert len(ops) == 1 and ops[0] not in ("Matmul", "QuantizedMatmul"), (
+        f"expected one GPU kernel node waiting in the lazy graph, got {ops}"
+        f" (MLX ops: the twin or mx.quantized_matmul, not the kernel)")
+    A = np.abs(to_numpy(x)) @ numpy_dequantize(w_q, scales, biases, 32, 4)[1].T
+    assert_close(y, quantize.quantized_matmul_mlx(x, w_q, scales, biases, 32, 4), fp32_tol(64, A, 2),
+                 "evaluated GPU kernel vs twin")
+
+
+@given(data=st.data())
+def test_matches_twin_mx_and_torch(quantize, data):
+    check_drawn_case(quantize, data)
+
+
+@pytest.mark.parametrize("M", [1, 16, 512])
+@pytest.mark.parametrize("shape", MODEL_SHAPES, ids=[s[0] for s in MODEL_SHAPES])
+def test_model_shapes(impl, shape, M):
+    check_model_shape(impl, shape, M)
+
+
+@pytest.mark.parametrize("x_dtype", sorted(DTYPES))
+def test_batched_and_strided_x(impl, x_dtype):
+    check_batched_and_strided_x(impl, x_dtype)
+
+
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(impl):
+    check_batch_invariance(impl)
+
+
+@pytest.fixture(scope="module")
+def quantized_model(impl, default_model):
+    return impl.loader.load_model(default_model, quantized=True)
+
+
+@pytest.mark.parametrize("text", MODEL_PROMPTS)
+def test_model_logits_match_the_dequantized_path(impl, quantized_model, default_model, text):
+    dense = impl.loader.load_model(default_model, quantized=False)
+    ids = mx.array([quantized_model.tokenizer.encode(text)])
+    # As in 2.2: the same weight values and fp32 accumulation, another summation order.
+    assert_close(quantized_model.model(ids), dense.model(ids), MODEL_FP32,
+                 f"GPU quantized-kernel logits vs dequantized logits for {text!r}")
+
+
+def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_model):
+    check_greedy_tokens(impl, quantized_model, default_model)

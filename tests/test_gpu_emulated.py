@@ -1,0 +1,121 @@
+"""The GPU kernels' bodies (topics 2.3, 2.5), run on the CPU by tiny_llm_kernels.gpu_emulator.
+
+The specs day_2_3 and day_2_5 run the real kernels where MLX has a GPU, and skip here. These
+tests check the same bodies on any machine: compiled with dialect_cpu.h, each GPU thread a
+std::thread, threadgroups and warps as the launch in tiny_llm_kernels.gpu sets them up, and
+compared with the pure-MLX twins on the tolerances the specs use. What they cannot check:
+the CUDA and Metal headers and MLX's GPU launch (tools/nvrtc_check.py compiles the CUDA
+source as MLX would; only a GPU runs it).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tiny_llm_kernels import gpu  # missing: rebuild with pip install --no-build-isolation ./kernels
+from tiny_llm_kernels.gpu_emulator import emulate, emulate_run
+
+from impl.flash_attention import flash_attention_mlx
+from impl.quantize import quantized_matmul_mlx
+from spec.day_2_2_quantized_matmul import make_weights, numpy_dequantize, tol_for
+from spec.day_2_4_flash_attention import additive_mask, uniform
+from spec.day_2_4_flash_attention import tol_for as attention_tol
+from spec.draw import DTYPES
+from spec.ladder import assert_close, to_numpy
+
+# (x dtype, scales dtype, bits, group size): every x dtype, bits and group size at least once.
+QMM_CASES = [("float32", "float16", 4, 32), ("float32", "float32", 8, 64), ("float32", "bfloat16", 4, 128),
+             ("float16", "float16", 8, 32), ("float16", "float32", 4, 64), ("bfloat16", "bfloat16", 4, 32),
+             ("bfloat16", "float16", 8, 128)]
+# (M, N, groups): a decode row, M across the 8-row tiles, N across the 4-warp groups, K of one group.
+QMM_SHAPES = [(1, 5, 3), (9, 13, 1), (17, 4, 2)]
+
+
+def emulated_qmm(x, w_q, scales, biases, group_size, bits):
+    M, N = x.shape[0], w_q.shape[0]
+    gpu.check_quantized(x, w_q, scales, biases, group_size, bits)
+    (y,) = emulate("quantized_matmul", [x, w_q, scales, biases], [(M, N)], [x.dtype],
+                   **gpu.qmm_launch(M, N, x.dtype, group_size, bits))
+    return y
+
+
+@pytest.mark.parametrize("shape", QMM_SHAPES, ids=[f"M{m}-N{n}-groups{g}" for m, n, g in QMM_SHAPES])
+@pytest.mark.parametrize("case", QMM_CASES, ids=["-".join(map(str, c)) for c in QMM_CASES])
+def test_quantized_matmul_body_matches_twin(case, shape):
+    x_dtype, s_dtype, bits, group_size = case
+    M, N, groups = shape
+    K = groups * group_size
+    w_q, scales, biases = make_weights(N, K, group_size, bits, DTYPES[s_dtype], seed=M * N + K)
+    x = mx.array(np.random.default_rng(K).standard_normal((M, K)).astype(np.float32)).astype(DTYPES[x_dtype])
+    got = emulated_qmm(x, w_q, scales, biases, group_size, bits)
+    twin = quantized_matmul_mlx(x, w_q, scales, biases, group_size, bits)
+    A = np.abs(to_numpy(x)) @ numpy_dequantize(w_q, scales, biases, group_size, bits)[1].T
+    assert_close(got, twin, tol_for(x_dtype, K, A, 2), f"emulated GPU qmm vs twin, {case}, M={M} N={N} K={K}")
+
+
+def test_quantized_matmul_body_on_a_model_shape():
+    """SmolLM2's k/v projection at decode (M = 1, K = 576, N = 192, 4-bit, group 32)."""
+    w_q, scales, biases = make_weights(192, 576, 32, 4, mx.float16, seed=1)
+    x = mx.random.normal((1, 576), key=mx.random.key(1))
+    got = emulated_qmm(x, w_q, scales, biases, 32, 4)
+    A = np.abs(to_numpy(x)) @ numpy_dequantize(w_q, scales, biases, 32, 4)[1].T
+    assert_close(got, quantized_matmul_mlx(x, w_q, scales, biases, 32, 4), tol_for("float32", 576, A, 2),
+                 "emulated GPU qmm vs twin, k/v projection at decode")
+
+
+# (B, H, H_kv, L, S, D): decode, GQA/MQA/MHA, S across 32-key blocks, L > S, D not a multiple of 32.
+ATTENTION_SHAPES = [(1, 9, 3, 1, 70, 64), (2, 4, 1, 7, 33, 32), (1, 2, 2, 40, 20, 80), (1, 4, 2, 5, 64, 128)]
+
+
+@pytest.mark.parametrize("mask_kind", [None, "causal", "array", "array with blank rows", "boolean"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=["-".join(map(str, s)) for s in ATTENTION_SHAPES])
+def test_flash_attention_body_matches_twin(shape, dtype, mask_kind):
+    B, H, H_kv, L, S, D = shape
+    rng = np.random.default_rng(L * S + D)
+    q, _ = uniform(rng, (B, H, L, D), dtype)
+    (k, _), (v, _) = (uniform(rng, (B, H_kv, S, D), dtype) for _ in range(2))
+    mask = mask_kind
+    if mask_kind and mask_kind.startswith("array"):
+        mask, _ = additive_mask(rng, (H, L, S), dtype, blank_rows=mask_kind.endswith("rows"))
+    elif mask_kind == "boolean":
+        mask = mx.array(rng.random((L, S)) < 0.7)
+    scale = 0.3 if D == 80 else None
+    inputs, mode = gpu.attention_inputs(q, k, v, scale, mask)
+    (got,) = emulate("flash_attention", inputs, [q.shape], [q.dtype], **gpu.attention_launch(q, mode))
+    twin = flash_attention_mlx(q, k, v, scale=scale, mask=mask)
+    assert_close(got, twin, attention_tol(dtype), f"emulated GPU flash attention vs twin, {shape} {dtype} {mask_kind}")
+
+
+def test_public_functions_end_to_end(monkeypatch):
+    """gpu.quantized_matmul on (B, L, K) x and gpu.flash_attention with a broadcast boolean mask,
+    their launches run by the emulator instead of a GPU."""
+    monkeypatch.setattr(gpu, "_run", emulate_run)
+    w_q, scales, biases = make_weights(6, 128, 64, 8, mx.bfloat16, seed=2)
+    x = mx.random.normal((2, 3, 128), key=mx.random.key(3)).astype(mx.float16)
+    got = gpu.quantized_matmul(x, w_q, scales, biases, 64, 8)
+    assert got.shape == (2, 3, 6) and got.dtype == mx.float16, f"{got.shape} {got.dtype}"
+    assert_close(got, quantized_matmul_mlx(x, w_q, scales, biases, 64, 8), tol_for("float16", 128, None, 2),
+                 "gpu.quantized_matmul (emulated) vs twin, (2, 3, 128) fp16 x")
+    rng = np.random.default_rng(5)
+    q, _ = uniform(rng, (2, 4, 6, 64), "bfloat16")
+    (k, _), (v, _) = (uniform(rng, (2, 2, 37, 64), "bfloat16") for _ in range(2))
+    allowed = mx.array(rng.random((2, 1, 6, 37)) < 0.5)
+    got = gpu.flash_attention(q, k, v, scale=0.2, mask=allowed)
+    assert got.shape == q.shape and got.dtype == mx.bfloat16, f"{got.shape} {got.dtype}"
+    assert_close(got, flash_attention_mlx(q, k, v, scale=0.2, mask=allowed), attention_tol("bfloat16"),
+                 "gpu.flash_attention (emulated) vs twin, boolean (B, 1, L, S) mask, bf16")
+
+
+def test_bad_inputs_get_one_line_errors():
+    w_q, scales, biases = make_weights(4, 64, 32, 4, mx.float16, seed=0)
+    with pytest.raises(ValueError, match="K = 96"):
+        gpu.check_quantized(mx.zeros((2, 96)), w_q, scales, biases, 32, 4)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        gpu.check_quantized(mx.zeros((2, 64)), w_q, scales, biases, 32, 3)
+    q = mx.zeros((1, 3, 2, 64))
+    with pytest.raises(ValueError, match="multiple of H_kv"):
+        gpu.attention_inputs(q, mx.zeros((1, 2, 5, 64)), mx.zeros((1, 2, 5, 64)), None, None)
+    with pytest.raises(ValueError, match="mask must be"):
+        gpu.attention_inputs(q, mx.zeros((1, 1, 5, 64)), mx.zeros((1, 1, 5, 64)), None, "sliding")
