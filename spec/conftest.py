@@ -66,6 +66,17 @@ def _has_gpu() -> bool:
     return mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
 
 
+@pytest.fixture(scope="module")
+def on_the_gpu():
+    """MLX's default device is the GPU for the module's tests (the GPU topics' files use it)."""
+    import mlx.core as mx
+
+    before = mx.default_device()
+    mx.set_default_device(mx.gpu)
+    yield
+    mx.set_default_device(before)
+
+
 # The modules a package under test has to provide: those of impl/.
 MODULES = {p.stem for p in (Path(__file__).resolve().parent.parent / "impl").glob("*.py")} - {"__init__"}
 

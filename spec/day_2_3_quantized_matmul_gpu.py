@@ -38,16 +38,8 @@ from spec.day_2_2_quantized_matmul import (
 from spec.draw import DTYPES
 from spec.ladder import MODEL_FP32, assert_close, to_numpy
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("on_the_gpu")]  # see conftest.py
 BUILD = "pip install --no-build-isolation ./kernels  (the GPU kernels are sources in tiny_llm_kernels/gpu_src)"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def on_the_gpu():
-    before = mx.default_device()
-    mx.set_default_device(mx.gpu)
-    yield
-    mx.set_default_device(before)
 
 
 @pytest.fixture

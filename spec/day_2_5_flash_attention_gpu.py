@@ -32,15 +32,7 @@ from spec.day_2_4_flash_attention import (
 )
 from spec.ladder import assert_close
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True, scope="module")
-def on_the_gpu():
-    before = mx.default_device()
-    mx.set_default_device(mx.gpu)
-    yield
-    mx.set_default_device(before)
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("on_the_gpu")]  # see conftest.py
 
 
 @pytest.fixture

@@ -40,7 +40,6 @@ import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 MLX_VERSION = "0.32.4"
@@ -178,21 +177,6 @@ def elf_string_arrays(lib: bytes, *symbols: bytes) -> list[list[bytes]]:
 
 
 # --- 3. the kernel source, as MLX's build_kernel writes it ---------------------------------
-
-
-@dataclass
-class Instance:
-    """One mx.fast.cuda_kernel call: the same fields as tiny_llm_kernels.gpu's instances."""
-
-    name: str
-    input_names: list[str]
-    output_names: list[str]
-    header: str
-    source: str
-    input_dtypes: list[str]
-    input_ndims: list[int]
-    output_dtypes: list[str]
-    template: list = field(default_factory=list)
 
 
 def template_hash(template) -> str:
@@ -342,8 +326,8 @@ def check_instance(nvrtc: Nvrtc, inst, source: str, path: Path, arch: str) -> bo
 # --- 5. the instances ----------------------------------------------------------------------
 
 
-def project_instances() -> list:
-    """tiny_llm_kernels.gpu.example_instances("cuda"), gpu.py taken from this source tree."""
+def gpu_module():
+    """tiny_llm_kernels.gpu, its gpu.py taken from this source tree (never an older installed copy)."""
     src = REPO / "kernels" / "tiny_llm_kernels"
     try:  # the installed package's __init__ (it has the built _ext), then gpu.py from src
         package = importlib.import_module("tiny_llm_kernels")
@@ -353,11 +337,17 @@ def project_instances() -> list:
         sys.path.insert(0, str(src.parent))
     gpu = importlib.import_module("tiny_llm_kernels.gpu")
     say(f"instances from {gpu.__file__}")
-    return list(gpu.example_instances("cuda"))
+    return gpu
 
 
-def self_test_instances() -> list[Instance]:
+def project_instances() -> list:
+    """tiny_llm_kernels.gpu.example_instances("cuda")."""
+    return list(gpu_module().example_instances("cuda"))
+
+
+def self_test_instances() -> list:
     """A tiny kernel that must compile (every template kind, a shape, cg) and one that must not."""
+    Instance = gpu_module().Instance
     good = Instance(
         name="nvrtc_check_exp", input_names=["inp"], output_names=["out"], header="",
         source=("  auto block = cg::this_thread_block();\n"
@@ -368,7 +358,7 @@ def self_test_instances() -> list[Instance]:
         template=[("T", "float16"), ("N", 4), ("FAST", True)])
     bad = Instance(name="nvrtc_check_syntax_error", input_names=["inp"], output_names=["out"],
                    header="", source="  out[0] = ;\n", input_dtypes=["float32"], input_ndims=[1],
-                   output_dtypes=["float32"])
+                   output_dtypes=["float32"], template=[])
     return [good, bad]
 
 
