@@ -22,7 +22,9 @@ compilation here:
 
 The instances come from `tiny_llm_kernels.gpu.example_instances("cuda")`.
 
-    PYTHONPATH=. python -m tools.nvrtc_check [--arch 90,80] [--cache DIR] [--self-test]
+    .nox/_spec/bin/python -m tools.nvrtc_check [--arch 90,80] [--cache DIR] [--only NAME] [--self-test]
+
+(from the repository root, with any Python that has mlx: gpu.py imports it).
 
 Prints `ok <kernel> <arch> (<n> bytes of cubin, <t>s)` or `FAIL <kernel> <arch>` and the
 NVRTC log for each instance and architecture; exits 1 if any fails. Linux x86-64 only.
