@@ -17,7 +17,6 @@ matches the dequantized path's logits and generates transformers' greedy tokens.
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,18 +24,15 @@ from hypothesis import strategies as st
 from spec.day_2_2_quantized_matmul import (
     MODEL_PROMPTS,
     MODEL_SHAPES,
-    _ops,
     check_batch_invariance,
     check_batched_and_strided_x,
     check_drawn_case,
     check_greedy_tokens,
     check_model_shape,
-    fp32_tol,
-    make_weights,
-    numpy_dequantize,
+    check_one_lazy_node,
 )
 from spec.draw import DTYPES
-from spec.ladder import MODEL_FP32, assert_close, to_numpy
+from spec.ladder import MODEL_FP32, assert_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("on_the_gpu")]  # see conftest.py
 BUILD = "pip install --no-build-isolation ./kernels  (the GPU kernels are sources in tiny_llm_kernels/gpu_src)"
@@ -54,17 +50,7 @@ def test_gpu_kernels_are_built(impl):
 
 
 def test_kernel_is_one_lazy_node(quantize):
-    w_q, scales, biases = make_weights(5, 64, 32, 4, mx.float16, seed=0)
-    x = mx.random.normal((3, 64), key=mx.random.key(0))
-    mx.eval(x, w_q, scales, biases)
-    y = quantize.quantized_matmul(x, w_q, scales, biases, 32, 4)
-    ops = _ops(y)
-    assert len(ops) == 1 and ops[0] not in ("Matmul", "QuantizedMatmul"), (
-        f"expected one GPU kernel node waiting in the lazy graph, got {ops}"
-        f" (MLX ops: the twin or mx.quantized_matmul, not the kernel)")
-    A = np.abs(to_numpy(x)) @ numpy_dequantize(w_q, scales, biases, 32, 4)[1].T
-    assert_close(y, quantize.quantized_matmul_mlx(x, w_q, scales, biases, 32, 4), fp32_tol(64, A, 2),
-                 "evaluated GPU kernel vs twin")
+    check_one_lazy_node(quantize)
 
 
 @given(data=st.data())
