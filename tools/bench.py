@@ -346,8 +346,10 @@ def worker_kernels(quick: bool) -> None:
     a = mx.random.normal((1024, 1024))
     mx.eval(a @ a)
     seconds = min(_timed(lambda: mx.eval(a @ a)) for _ in range(5))
-    rows = _load_script("bench_qmm").results(quick) + _load_script("bench_flash_attention").results(quick)
-    print(json.dumps({"fp32_matmul_gflops": 2 * 1024**3 / seconds / 1e9, "rows": rows}))
+    bench_qmm = _load_script("bench_qmm")
+    rows = bench_qmm.results(quick) + _load_script("bench_flash_attention").results(quick)
+    print(json.dumps({"fp32_matmul_gflops": 2 * 1024**3 / seconds / 1e9, "op_overhead_us": bench_qmm.op_overhead() * 1e6,
+                      "rows": rows}))
 
 
 def kernel_results(quick: bool) -> dict:
@@ -367,20 +369,28 @@ def kernel_table(data: dict, bandwidth: float) -> str:
     """Markdown tables: quantized matmul against mx.quantized_matmul and the machine's limits, then flash attention."""
     if "rows" not in data:
         return f"Kernels: {data.get('error', 'not run')}"
-    peak = data["fp32_matmul_gflops"]
+    peak, op_us = data["fp32_matmul_gflops"], data.get("op_overhead_us", 0.0)
     out = [f"Quantized matmul (M = 1 is bandwidth bound: {bandwidth:.1f} GB/s; M = 512 compute bound:"
-           f" OpenBLAS fp32 sgemm here runs at {peak:.0f} GFLOPS)", "",
+           f" OpenBLAS fp32 sgemm here runs at {peak:.0f} GFLOPS). The M = 1 limit: one MLX node that"
+           f" reads its weights once at {bandwidth:.1f} GB/s, plus MLX's cost of a node ({op_us:.1f} us"
+           " measured): what any kernel could reach against mx.quantized_matmul and of the bandwidth.", "",
            "| layer (K -> N, bits) | M | kernel ms | mx.quantized_matmul ms | kernel vs mx | twin ms |"
-           " kernel GB/s | of bandwidth | kernel GFLOPS | of sgemm |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           " kernel GB/s | of bandwidth | kernel GFLOPS | of sgemm | M = 1 limit: vs mx | of bandwidth |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     qmm = [r for r in data["rows"] if r["kernel"] == "quantized_matmul"]
     for r in (r for r in qmm if r["impl"] == "kernel"):
         same = {x["impl"]: x for x in qmm if (x["K"], x["N"], x["M"]) == (r["K"], r["N"], r["M"])}
         mx_ms = f"{same['mx.qmm']['ms']:.3f}" if "mx.qmm" in same else "skipped"
         ratio = f"{r['vs_mx']:.0f}x" if r.get("vs_mx") else "-"
+        limit = "- | -"
+        if r["M"] == 1:  # the fastest one node can be: its bytes at the bandwidth, plus the node's cost
+            read_ms = r["gbs"] * r["ms"] / bandwidth  # = weight bytes / bandwidth, in ms
+            limit_ms = read_ms + op_us / 1e3
+            limit_vs_mx = f"{same['mx.qmm']['ms'] / limit_ms:.0f}x" if "mx.qmm" in same else "-"
+            limit = f"{limit_vs_mx} | {read_ms / limit_ms:.0%}"
         out.append(f"| {r['what']} ({r['K']} -> {r['N']}, {r['bits']}) | {r['M']} | {r['ms']:.3f} | {mx_ms} |"
                    f" {ratio} | {same['twin']['ms']:.3f} | {r['gbs']:.1f} | {r['gbs'] / bandwidth:.0%} |"
-                   f" {r['gflops']:.0f} | {r['gflops'] / peak:.0%} |")
+                   f" {r['gflops']:.0f} | {r['gflops'] / peak:.0%} | {limit} |")
     out += ["", "Flash attention (B 1, H 9, H_kv 3, D 64, fp32)", "",
             "| L = S | mask | impl | ms | GFLOPS | vs mx.fast | peak MiB |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in (r for r in data["rows"] if r["kernel"] == "flash_attention"):
