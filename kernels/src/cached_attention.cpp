@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_stream.h"
 #include "flash_attention_kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -102,9 +103,7 @@ std::tuple<mx::array, mx::array, mx::array> cached_attention(const mx::array& qk
       sin.dtype() != mx::float32 || offset + L > cos.shape(0))
     fail("cos and sin must be float32 (P, D/2) with P >= offset + L, got " + shape_str(cos) + " and " +
          shape_str(sin));
-  const mx::Stream stream =
-      std::holds_alternative<std::monostate>(s) ? mx::default_stream(mx::Device::cpu) : mx::to_stream(s);
-  if (stream.device.type != mx::Device::cpu) fail("this is a CPU kernel; pass stream=mx.cpu (or leave it out)");
+  const mx::Stream stream = cpu_stream(s, "cached_attention");
   const float sc = scale.value_or(1.0f / std::sqrt(float(D)));
   auto outs = mx::array::make_arrays(
       {{N, L, n_heads * D}, keys.shape(), values.shape()}, {qkv.dtype(), qkv.dtype(), qkv.dtype()},

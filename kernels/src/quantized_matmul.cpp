@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu_stream.h"
 #include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "quantized_matmul_kernels.h"
@@ -298,9 +299,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
          shape_str(biases.shape()));
   if (!is_float(scales.dtype()) || !is_float(biases.dtype()))
     fail("scales and biases must be float32, float16 or bfloat16");
-  const mx::Stream stream =
-      std::holds_alternative<std::monostate>(s) ? mx::default_stream(mx::Device::cpu) : mx::to_stream(s);
-  if (stream.device.type != mx::Device::cpu) fail("this is a CPU kernel; pass stream=mx.cpu (or leave it out)");
+  const mx::Stream stream = cpu_stream(s, "quantized_matmul");
   // The kernels read scales and biases of one dtype: mixed ones go to fp32, exactly.
   const bool mixed = biases.dtype() != scales.dtype();
   const mx::array s32 = mixed ? mx::astype(scales, mx::float32, stream) : scales;

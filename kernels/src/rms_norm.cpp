@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_stream.h"
 #include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "row_major.h"
@@ -42,9 +43,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
   if (weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
     fail("weight must be (D,) with D = x.shape[-1] = " + std::to_string(x.shape(-1)));
   if (!is_float(weight.dtype())) fail("weight must be float32, float16 or bfloat16");
-  const mx::Stream stream =
-      std::holds_alternative<std::monostate>(s) ? mx::default_stream(mx::Device::cpu) : mx::to_stream(s);
-  if (stream.device.type != mx::Device::cpu) fail("this is a CPU kernel; pass stream=mx.cpu (or leave it out)");
+  const mx::Stream stream = cpu_stream(s, "rms_norm");
   // As the twin: the weight in x's dtype (astype returns weight itself when they match).
   return mx::array(x.shape(), x.dtype(), std::make_shared<RMSNormPrimitive>(stream, eps),
                    {x, mx::astype(weight, x.dtype(), stream)});

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_stream.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "rope_row.h"
 
@@ -53,9 +54,7 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, i
   if (offset < 0 || offset + L > cos.shape(0))
     fail("positions " + std::to_string(offset) + ".." + std::to_string(offset + L - 1) + " are past the table of " +
          std::to_string(cos.shape(0)));
-  const mx::Stream stream =
-      std::holds_alternative<std::monostate>(s) ? mx::default_stream(mx::Device::cpu) : mx::to_stream(s);
-  if (stream.device.type != mx::Device::cpu) fail("this is a CPU kernel; pass stream=mx.cpu (or leave it out)");
+  const mx::Stream stream = cpu_stream(s, "rope");
   return mx::array(x.shape(), x.dtype(), std::make_shared<RoPEPrimitive>(stream, offset, traditional), {x, cos, sin});
 }
 

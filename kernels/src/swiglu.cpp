@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_stream.h"
 #include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "row_major.h"
@@ -18,9 +19,7 @@ mx::array swiglu(const mx::array& x, mx::StreamOrDevice s) {
     fail("x must be float32, float16 or bfloat16 with shape (..., 2I)");
   if (x.shape(-1) % 2 != 0) fail("the last axis holds gate then up: its size must be even, got " +
                                  std::to_string(x.shape(-1)));
-  const mx::Stream stream =
-      std::holds_alternative<std::monostate>(s) ? mx::default_stream(mx::Device::cpu) : mx::to_stream(s);
-  if (stream.device.type != mx::Device::cpu) fail("this is a CPU kernel; pass stream=mx.cpu (or leave it out)");
+  const mx::Stream stream = cpu_stream(s, "swiglu");
   mx::Shape shape = x.shape();
   shape.back() /= 2;
   return mx::array(shape, x.dtype(), std::make_shared<SwiGLUPrimitive>(stream), {x});
