@@ -33,9 +33,9 @@ NB_MODULE(_ext, m) {
         "silu(gate) * up first; residual (..., N) in x's dtype: y + residual after.");
   m.def("quantized_matmul_info", &tiny_llm::quantized_matmul_info,
         "Which code quantized_matmul runs: instruction set, threads, panel_min_m.");
-  m.def("quantized_matmul_configure", &tiny_llm::quantized_matmul_configure, "isa"_a = "", "panel_min_m"_a = -1,
+  m.def("quantized_matmul_configure", &tiny_llm::quantized_matmul_configure, "isa"_a = "", "panel_min_m"_a = -2,
         "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto') and the\n"
-        "smallest M sent to the dequantized-panel kernel (0: never). Returns quantized_matmul_info().");
+        "smallest M sent to the dequantized-panel kernel (0: never, -1: the isa's own). Returns quantized_matmul_info().");
 
   m.def("flash_attention", &tiny_llm::flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a = nb::none(),
         "causal"_a = false, "mask"_a = nb::none(), "stream"_a = nb::none(),

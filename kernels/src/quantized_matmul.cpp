@@ -5,6 +5,8 @@
 //     weights once, unpacks and dequantizes them in registers, FMA into fp32.
 //   M >= panel_min_m (prefill): each task dequantizes a panel of W rows to fp32
 //     (it stays in L2) and multiplies every row of x with it, 4x4 register tiles.
+// panel_min_m is each instruction set's own (Isa::panel_min_m): 16 for AVX2 and the
+// portable kernels; AVX-512's fused kernel is as fast at every M, so it never panels.
 // An earlier version sent the panels to OpenBLAS's sgemm; measured here (AVX-512,
 // kernels/bench_qmm.py) the panel kernel ran at ~170 GFLOPS a thread and sgemm at
 // ~110 (its Haswell kernels), and two sgemm calls on two threads did not scale.
@@ -31,12 +33,6 @@ namespace {
 using qmm::DType;
 using qmm::Isa;
 using qmm::Weights;
-
-// Measured on 2 AVX-512 cores, 64 MB of weight copies per case (GFLOPS, fused vs
-// panel): M = 8: 72/107 (576x576), 144/152, 170/153, 177/134 (head); M = 16: 90/148,
-// 152/147, 196/190, 175/191; from M = 24 on the panel kernel wins everywhere. Both
-// give the same bits (see kernels_impl.h), so this is a speed choice only.
-constexpr int kDefaultPanelMinM = 16;
 
 // Whether this CPU runs the code of each TU: every flag it is compiled with (see
 // CMakeLists.txt). The TU's functions are not even called otherwise.
@@ -81,12 +77,13 @@ const Isa* isa_named(const std::string& name) {
 
 struct Config {
   const Isa* isa;
-  int panel_min_m;
+  int panel_min_m;  // -1: the instruction set's own (Isa::panel_min_m)
+  int min_m() const { return panel_min_m >= 0 ? panel_min_m : isa->panel_min_m; }
 };
 
 Config& config() {
   static Config c = [] {
-    Config c{best_isa(), kDefaultPanelMinM};
+    Config c{best_isa(), -1};
     if (const char* isa = std::getenv("TINY_LLM_QMM_ISA"); isa && *isa) {
       try {
         c.isa = isa_named(isa);
@@ -233,7 +230,7 @@ void run(const mx::array& x, const mx::array& w, const mx::array& scales, const 
     ybuf.resize(size_t(M) * N);
     y = ybuf.data();
   }
-  if (cfg.panel_min_m > 0 && M >= cfg.panel_min_m) {
+  if (cfg.min_m() > 0 && M >= cfg.min_m()) {
     run_panels(*cfg.isa, W, xf, M, y);
   } else {
     run_fused(*cfg.isa, W, xf, M, y);
@@ -351,13 +348,13 @@ std::map<std::string, std::string> quantized_matmul_info() {
   const Config& c = config();
   return {{"isa", c.isa->name},
           {"threads", std::to_string(ThreadPool::get().size())},
-          {"panel_min_m", std::to_string(c.panel_min_m)}};
+          {"panel_min_m", std::to_string(c.min_m())}};
 }
 
 std::map<std::string, std::string> quantized_matmul_configure(const std::string& isa, int panel_min_m) {
   Config& c = config();
   if (!isa.empty()) c.isa = isa_named(isa);
-  if (panel_min_m >= 0) c.panel_min_m = panel_min_m;
+  if (panel_min_m >= -1) c.panel_min_m = panel_min_m;
   return quantized_matmul_info();
 }
 

@@ -58,7 +58,8 @@ std::map<std::string, std::string> quantized_matmul_info();
 
 // For tests and benchmarks: force an instruction set ("portable", "avx2",
 // "avx512", "auto" = the best this CPU has; "" keeps it) and the smallest M sent
-// to the dequantized-panel kernel (0 = never; -1 keeps it). Returns the info.
+// to the dequantized-panel kernel (0 = never; -1 = the instruction set's own; -2
+// keeps it). Returns the info.
 std::map<std::string, std::string> quantized_matmul_configure(const std::string& isa, int panel_min_m);
 
 }  // namespace tiny_llm

@@ -28,6 +28,9 @@ struct Isa {
   // 4-bit kernels read x permuted in chunks of `chunk` values: the even-indexed
   // values of the chunk, then the odd ones (the low and high nibbles of its bytes).
   int chunk;
+  // The smallest M sent to the panel kernels (0: never): both paths give the same
+  // bits (see kernels_impl.h), so this is a speed choice only, measured per ISA.
+  int panel_min_m;
   // y[m, n] for m < M, n0 <= n < n1: fused unpack + dequantize + FMA, fp32
   // accumulation. x (M, K) fp32, permuted as above for 4 bits; y (M, ldy).
   void (*fused)(const Weights& w, const float* x, int M, float* y, long ldy, int n0, int n1);

@@ -1,0 +1,76 @@
+"""The engine's quantized-matmul kernel on every code path this CPU can run.
+
+The 2.2 spec checks the kernel as a user gets it: the best instruction set, and the
+path (fused or dequantized panel) that set picks for each M. These tests force each
+instruction set (portable, AVX2, AVX-512) and each path in turn, so that no code the
+kernel ships goes unchecked because another path is faster here (AVX-512 never picks
+the panels, for one). Each result is checked against float64 numpy on the same
+weights, and the two paths against each other: they are meant to give the same bits.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import impl  # noqa: F401  (loads tiny_llm_kernels and the BLAS fix before mlx is used)
+from impl.native import kernels
+from spec.day_2_2_quantized_matmul import make_weights, numpy_dequantize, tol_for
+from spec.ladder import assert_close, to_numpy
+
+ISAS = ["portable", "avx2", "avx512"]
+PATHS = {"fused": 0, "panel": 1}  # panel_min_m: 0 never panels, 1 always
+
+
+@pytest.fixture
+def isa(request):
+    """Run the test on one instruction set, and put the defaults back after."""
+    if getattr(kernels, "quantized_matmul_configure", None) is None:
+        pytest.fail("tiny_llm_kernels.quantized_matmul is not built: pip install --no-build-isolation ./kernels")
+    try:
+        kernels.quantized_matmul_configure(request.param, -1)
+    except ValueError as e:  # this CPU lacks the instruction set: not something a test can fix
+        pytest.skip(f"needs {request.param} on this CPU ({e})")
+    yield request.param
+    mx.synchronize()
+    kernels.quantized_matmul_configure("auto", -1)
+
+
+def run(x, w, path: str):
+    """x @ dequantize(w).T on the given path (evaluated before the path is switched back)."""
+    kernels.quantized_matmul_configure("", PATHS[path])
+    y = kernels.quantized_matmul(x, *w[:3], group_size=w[3], bits=w[4])
+    mx.eval(y)
+    return y
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 128)])
+@pytest.mark.parametrize("x_dtype", ["float32", "float16", "bfloat16"])
+def test_both_paths_match_numpy_and_each_other(isa, bits, group_size, x_dtype):
+    K, N = 384, 75  # N odd: the kernels' tails (tiles of 8 and 4 rows, then single rows)
+    w_q, scales, biases = make_weights(N, K, group_size, bits, mx.float16, seed=bits + group_size)
+    w_ref, a = numpy_dequantize(w_q, scales, biases, group_size, bits)
+    x = mx.random.normal((40, K), key=mx.random.key(7)).astype(getattr(mx, x_dtype))
+    xf = to_numpy(x).astype(np.float64)
+    want = xf @ w_ref.T
+    tol = tol_for(x_dtype, K, np.abs(xf) @ a.T, pairs=1)
+    w = (w_q, scales, biases, group_size, bits)
+    got = {path: run(x, w, path) for path in PATHS}
+    for path, y in got.items():
+        assert_close(y, want, tol, f"{isa}, {path} path, {bits}-bit, group {group_size}, x {x_dtype}")
+    fused, panel = to_numpy(got["fused"]), to_numpy(got["panel"])
+    assert np.array_equal(fused, panel), (
+        f"{isa}: the fused and panel paths differ by {np.abs(fused - panel).max():.3g} (they should give the same bits)")
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_row_gives_the_same_bits_alone_and_in_a_batch(isa, path):
+    w = (*make_weights(67, 576, 32, 4, mx.float16, seed=5), 32, 4)
+    x = mx.random.normal((40, 576), key=mx.random.key(2))
+    whole = to_numpy(run(x, w, path))
+    for lo, hi in [(0, 1), (39, 40), (5, 21), (3, 40)]:
+        part = to_numpy(run(x[lo:hi], w, path))
+        assert np.array_equal(part, whole[lo:hi]), f"{isa}, {path}: rows {lo}:{hi} alone differ from the batch"
