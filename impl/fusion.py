@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from impl.basics import linear
 from impl.kv_cache import KVCache
-from impl.layer_kernels import _kernel, cached_attention, swiglu_mlx
+from impl.layer_kernels import _kernel, cached_attention, swiglu, swiglu_mlx
 from impl.model import TransformerBlock
 from impl.norm import RMSNorm
 from impl.quantized_weight import QuantizedWeight
@@ -56,6 +56,7 @@ class KernelTransformerBlock(TransformerBlock):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         attn, mlp = self.self_attn, self.mlp
+        mlp.swiglu = swiglu  # the unfused path too: silu(gate) * up on the kernel
         # What the fused path needs of the weights, decided once (the decode loop calls this block 30
         # times a token): stacked quantized q/k/v and gate/up, no o bias, a RoPE with tables.
         self.fusable = (isinstance(attn.wqkv, QuantizedWeight) and isinstance(mlp.w_gate_up, QuantizedWeight)

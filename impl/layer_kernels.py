@@ -17,9 +17,9 @@ import numbers
 
 import mlx.core as mx
 
-from impl.basics import silu
 from impl.flash_attention import flash_attention, flash_attention_mlx
 from impl.kv_cache import KVCache
+from impl.mlp import _swiglu
 from impl.native import kernels
 from impl.norm import RMSNorm
 from impl.rope import RoPE
@@ -54,9 +54,8 @@ class KernelRoPE(RoPE):
 
 
 def swiglu_mlx(gate_up: mx.array) -> mx.array:
-    """(..., 2I) = [gate | up] -> silu(gate) * up (..., I); the pure-MLX twin."""
-    hidden = gate_up.shape[-1] // 2
-    return silu(gate_up[..., :hidden]) * gate_up[..., hidden:]
+    """(..., 2I) = [gate | up] -> silu(gate) * up (..., I); the pure-MLX twin (week 1's, in impl.mlp)."""
+    return _swiglu(gate_up)
 
 
 def swiglu(gate_up: mx.array) -> mx.array:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import mlx.core as mx
 
 from impl.basics import linear, silu
-from impl.layer_kernels import swiglu
+
+
+def _swiglu(gate_up: mx.array) -> mx.array:
+    """(..., 2I) = [gate | up] -> silu(gate) * up (..., I): the activation of stacked gate/up rows."""
+    hidden = gate_up.shape[-1] // 2
+    return silu(gate_up[..., :hidden]) * gate_up[..., hidden:]
 
 
 class MLP:
@@ -16,9 +21,10 @@ class MLP:
         """w_gate_up: the rows of w_gate then w_up stacked (2I, E), in place of the two (week 2)."""
         self.dim, self.hidden_dim = dim, hidden_dim
         self.w_gate, self.w_up, self.w_down, self.w_gate_up = w_gate, w_up, w_down, w_gate_up
+        self.swiglu = _swiglu  # for w_gate_up; week 2's impl.fusion swaps in the C++ kernel
 
     def __call__(self, x: mx.array) -> mx.array:
         """x: (..., E) -> (..., E)."""
-        if self.w_gate_up is not None:  # one matmul for both; silu(gate) * up on the kernel
-            return linear(swiglu(linear(x, self.w_gate_up)), self.w_down)  # (..., 2I) -> (..., I) -> (..., E)
+        if self.w_gate_up is not None:  # one matmul for both, then silu(gate) * up
+            return linear(self.swiglu(linear(x, self.w_gate_up)), self.w_down)  # (..., 2I) -> (..., I) -> (..., E)
         return linear(silu(linear(x, self.w_gate)) * linear(x, self.w_up), self.w_down)  # (..., I) -> (..., E)

@@ -7,6 +7,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "cpu_stream.h"
 #include "flash_attention_kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/allocator.h"
@@ -54,7 +55,7 @@ mx::array flash_attention(const mx::array& q, const mx::array& k, const mx::arra
     throw std::invalid_argument("flash_attention: q, k, v must share one dtype");
   to_fa(q.dtype());
   const float sc = scale.value_or(1.0f / std::sqrt(float(D)));
-  auto stream = mx::to_stream(s);
+  const mx::Stream stream = cpu_stream(s, "flash_attention");
   std::vector<mx::array> inputs = {q, k, v};
   if (mask) {
     mx::array m = *mask;
