@@ -67,9 +67,9 @@ inline const float* row_floats(const void* base, int n, int G, int count, float*
 // (measured at M = 1, 576x1536 from L2, interleaved in one process: 35.7 -> 32.0 us
 // a call on one thread, 20.3 -> 18.7 on two).
 //
-// ahead: where the packed rows of a later tile start, or nullptr. Decode reads
-// every weight once from DRAM, in small tiles that the hardware prefetcher is slow
-// to follow; each group step asks for its share of that tile's bytes in advance.
+// ahead: where the packed rows of a later tile start, or nullptr. A first pass over W
+// (all of decode) reads it from DRAM in small tiles that the hardware prefetcher is
+// slow to follow; each group step asks for its share of that tile's bytes in advance.
 //
 // Every output, whatever the tile, the path (fused or panel) or the row's place in
 // x, is computed by the same operations in the same order: w = fma(q, s, b); per
@@ -144,10 +144,10 @@ void rows(const Weights& W, const float* x, float* y, long ldy, int n0, int n1, 
     const uint8_t* ahead = nullptr;
     if (first && later + B <= n1) {
       ahead = reinterpret_cast<const uint8_t*>(W.w) + size_t(later) * row_bytes;
-      const size_t sb_bytes = size_t(B) * G * sizeof(S), first = size_t(later) * G * sizeof(S);
+      const size_t sb_bytes = size_t(B) * G * sizeof(S), at = size_t(later) * G * sizeof(S);
       for (size_t o = 0; o < sb_bytes; o += 64) {  // that tile's scales and biases too
-        __builtin_prefetch(static_cast<const char*>(W.scales) + first + o);
-        __builtin_prefetch(static_cast<const char*>(W.biases) + first + o);
+        __builtin_prefetch(static_cast<const char*>(W.scales) + at + o);
+        __builtin_prefetch(static_cast<const char*>(W.biases) + at + o);
       }
     }
     const float* s = row_floats<S>(W.scales, n, G, B * G, buf.data());
