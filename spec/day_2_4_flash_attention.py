@@ -35,6 +35,7 @@ rounded values.
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -258,13 +259,15 @@ def test_every_instruction_set(impl, fa, isa):
         order = ["portable", "avx2", "avx512"]
         assert now == isa or order.index(isa) > order.index(active), f"could not select {isa} (best here: {active})"
         rng = np.random.default_rng(3)
-        for dtype in DTYPES:
-            q, q32 = uniform(rng, (1, 6, 40, 64), dtype)
-            (k, k32), (v, v32) = (uniform(rng, (1, 2, 300, 64), dtype) for _ in range(2))
-            mask32 = torch.from_numpy(lower_right_allowed(40, 300))
+        # L = 40: packed kv tiles; L = 1 (decode): K and V rows read in place, and D = 40 pads
+        # rows to 48 (3 AVX-512 vectors, 6 AVX2 ones); S = 300 ends in a partial key tile.
+        for dtype, (L, D) in itertools.product(DTYPES, [(40, 64), (1, 64), (1, 40)]):
+            q, q32 = uniform(rng, (1, 6, L, D), dtype)
+            (k, k32), (v, v32) = (uniform(rng, (1, 2, 300, D), dtype) for _ in range(2))
+            mask32 = torch.from_numpy(lower_right_allowed(L, 300))
             got = fa.flash_attention(q, k, v, mask="causal")
             want = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask32, enable_gqa=True)
-            assert_close(got, want, tol_for(dtype), f"{now} kernels, {dtype}, vs torch")
+            assert_close(got, want, tol_for(dtype), f"{now} kernels, {dtype}, L={L} D={D}, vs torch")
     finally:
         kernels.flash_attention_configure(active)
 

@@ -29,6 +29,23 @@ struct V {
   static V max(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
   static float hmax(V a) { return _mm512_reduce_max_ps(a.v); }
   static float hsum(V a) { return _mm512_reduce_add_ps(a.v); }
+  // Lane j = hsum(a[j]), for 16 vectors at once: add pairs within 128-bit blocks, then
+  // fours, then across blocks (45 shuffles and adds where 16 hsums take ~140).
+  static V sum_lanes(const V* a) {
+    __m512 two[8], four[4];
+    for (int i = 0; i < 8; ++i)  // block g: [x0+x2, y0+y2, x1+x3, y1+y3] of a[2i] = x, a[2i+1] = y
+      two[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i].v, a[2 * i + 1].v),
+                             _mm512_unpackhi_ps(a[2 * i].v, a[2 * i + 1].v));
+    for (int i = 0; i < 4; ++i)  // block g: a[4i + k]'s sum over block g, k = 0..3
+      four[i] = _mm512_add_ps(_mm512_shuffle_ps(two[2 * i], two[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_ps(two[2 * i], two[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 lo = _mm512_add_ps(_mm512_shuffle_f32x4(four[0], four[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(four[0], four[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 hi = _mm512_add_ps(_mm512_shuffle_f32x4(four[2], four[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(four[2], four[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return {_mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)))};
+  }
   static V exp2(V x);  // below, after kExp2Poly
   static int f16_n(const uint16_t* src, float* dst, int n) {
     int i = 0;

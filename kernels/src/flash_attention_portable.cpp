@@ -49,6 +49,11 @@ struct V {
     for (int i = 0; i < L; ++i) s += a.v[i];
     return s;
   }
+  static V sum_lanes(const V* a) {  // lane j = hsum(a[j])
+    V r;
+    for (int j = 0; j < L; ++j) r.v[j] = hsum(a[j]);
+    return r;
+  }
   static V exp2(V x);  // below, after kExp2Poly
   static int f16_n(const uint16_t*, float*, int) { return 0; }  // the scalar tail does it all
   static int bf16_n(const uint16_t*, float*, int) { return 0; }
