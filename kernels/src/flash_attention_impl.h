@@ -2,8 +2,9 @@
 // instruction-set translation unit defines, before including this file:
 //   struct V: L floats a vector; RB x NV: the register block of the matmul tile
 //     (RB rows by NV vectors of columns); zero, set1, load, store, fma, mul, sub,
-//     max, hmax, hsum, sum_lanes (lane j = hsum of the j-th of L vectors), exp2; f16_n / bf16_n: bulk conversion to fp32 of a prefix
-//     (returns how many values it converted; the caller does the tail).
+//     max, hmax, hsum, sum_lanes (lane j = hsum of the j-th of L vectors), exp2;
+//     f16_n / bf16_n: bulk conversion to fp32 of a prefix (returns how many values it
+//     converted; the caller does the tail).
 //   float half_to_float(uint16_t), uint16_t float_to_half(float) (round to nearest even).
 // Everything here has internal linkage: each TU compiles its own copy with its own
 // flags, so the linker can never hand the portable TU an AVX-512 body.
