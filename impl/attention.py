@@ -118,6 +118,8 @@ class Attention:
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (N, heads, L, D)
         if cache is not None:  # attend over every cached position too: k, v (N, H_kv, offset + L, D)
             k, v = cache.update_and_fetch(k, v)
+            if k.dtype != q.dtype:  # a cache that stores another dtype (KVCache(mx.float16))
+                k, v = k.astype(q.dtype), v.astype(q.dtype)
         out = self.sdpa(q, k, v, mask=mask)  # (N, H, L, D)
         return linear(out.transpose(0, 2, 1, 3).reshape(N, L, H * D), self.wo, self.bo)
 

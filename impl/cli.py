@@ -13,6 +13,16 @@ import time
 
 from impl.errors import TinyLLMError
 
+# --kv-cache-dtype: what the KV cache stores (impl.kv_cache.KVCache's dtype; auto: the activations').
+KV_DTYPES = {"auto": None, "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def kv_dtype(name: str):
+    """The mx dtype a --kv-cache-dtype name stands for (None for auto)."""
+    import mlx.core as mx
+
+    return None if KV_DTYPES[name] is None else getattr(mx, KV_DTYPES[name])
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
@@ -27,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability (default 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    p.add_argument("--kv-cache-dtype", choices=sorted(KV_DTYPES), default="auto",
+                   help="what the KV cache stores: auto keeps the activations' dtype (exact); float16"
+                        " halves its memory and decode's attention reads (default auto)")
     return p
+
 
 
 def _check_args(args) -> None:
@@ -53,7 +67,7 @@ def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str
     from impl.generate import PromptCache, stream_generate
 
     ids = _prompt_ids(loaded, messages)
-    prompt_cache = prompt_cache or PromptCache(loaded.model)
+    prompt_cache = prompt_cache or PromptCache(loaded.model, kv_dtype(args.kv_cache_dtype))
     text, stats = [], None
     for g in stream_generate(loaded.model, loaded.tokenizer, ids, args.max_tokens, sampler,
                              step=prompt_cache.steps):
@@ -74,7 +88,7 @@ def chat(loaded, args, sampler) -> None:
     from impl.generate import PromptCache
 
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    prompt_cache = PromptCache(loaded.model)  # each turn prefills only what the conversation added
+    prompt_cache = PromptCache(loaded.model, kv_dtype(args.kv_cache_dtype))  # each turn prefills only what the conversation added
     print("Chatting with", loaded.path.name, "- Ctrl-D to exit, Ctrl-C to stop a reply.", file=sys.stderr)
     while True:
         try:

@@ -91,10 +91,11 @@ class PromptCache:
     """A KV cache kept across generations, with the tokens it holds: a prompt that starts like
     the last one (the next turn of a chat) prefills only what comes after the common prefix."""
 
-    def __init__(self, model):
+    def __init__(self, model, kv_dtype=None):
+        """kv_dtype: what the cache stores (None: the activations' dtype; see KVCache)."""
         from impl.kv_cache import make_cache
 
-        self.model, self.cache = model, make_cache(model)
+        self.model, self.cache = model, make_cache(model, kv_dtype)
         self.tokens: list[int] = []  # the token at each cached position
         self.reused = 0  # positions the last prompt took from the cache
 

@@ -11,14 +11,21 @@ import mlx.core as mx
 
 
 class KVCache:
-    """A dense cache for one layer: (N, H_kv, S, D) keys and values, grown in steps."""
+    """A dense cache for one layer: (N, H_kv, S, D) keys and values, grown in steps.
+
+    dtype: what the buffers store. None (the default) keeps the dtype the keys come in, so a
+    cached step computes exactly what recomputing the prefix would. float16 under fp32
+    activations (llama.cpp's default cache) halves the cache's memory and the bytes each decode
+    step's attention reads; keys and values are rounded to fp16 as they are written.
+    """
 
     step = 256  # grow the buffers this many positions at a time, not on every token
 
-    def __init__(self):
+    def __init__(self, dtype: mx.Dtype | None = None):
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0  # positions filled so far; the next token's position
+        self.dtype = dtype
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (N, H_kv, L, D) keys/values; return all (N, H_kv, offset + L, D) so far."""
@@ -31,9 +38,10 @@ class KVCache:
 
     def reserve(self, N: int, H_kv: int, L: int, D: int, dtype: mx.Dtype, D_v: int | None = None) -> None:
         """Make the buffers, keys (N, H_kv, capacity, D) and values (..., D_v, default D), hold at
-        least offset + L positions."""
+        least offset + L positions; they store self.dtype, else `dtype` (the incoming keys')."""
         if self.keys is not None and self.offset + L <= self.keys.shape[2]:
             return
+        dtype = dtype if self.dtype is None else self.dtype
         capacity = (self.offset + L + self.step - 1) // self.step * self.step
         new_k = mx.zeros((N, H_kv, capacity, D), dtype)
         new_v = mx.zeros((N, H_kv, capacity, D if D_v is None else D_v), dtype)
@@ -66,6 +74,6 @@ class KVCache:
         return sum(a.nbytes for a in self.state)
 
 
-def make_cache(model) -> list[KVCache]:
-    """One empty cache per layer of `model`."""
-    return [KVCache() for _ in model.layers]
+def make_cache(model, dtype: mx.Dtype | None = None) -> list[KVCache]:
+    """One empty cache per layer of `model`, storing `dtype` (None: the activations' dtype)."""
+    return [KVCache(dtype) for _ in model.layers]

@@ -76,6 +76,8 @@ def cached_attention_mlx(qkv: mx.array, cache: KVCache, rope: RoPE, n_heads: int
     q, k = rope(q, cache.offset), rope(k, cache.offset)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (N, heads, L, D)
     k, v = cache.update_and_fetch(k, v)  # (N, H_kv, offset + L, D)
+    if k.dtype != q.dtype:  # a cache that stores another dtype (KVCache(mx.float16))
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     out = attend(q, k, v, scale=scale, mask="causal")  # (N, H, L, D)
     return out.transpose(0, 2, 1, 3).reshape(N, L, H * D)
 

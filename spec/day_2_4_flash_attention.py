@@ -25,8 +25,8 @@ with MLX's allocator and with the process's resident set.
 
 The decode step's attention as one node (impl.layer_kernels.cached_attention: RoPE,
 the KV-cache append, causal flash attention): kernel == twin (cached_attention_mlx)
-over prefill chunks and decode steps, the cache bit-identical to the twin's, torch
-over the whole sequence; a decode step writes the cache in place (its peak memory
+over prefill chunks and decode steps (with fp32 activations, also an fp16 or bf16
+cache), the cache bit-identical to the twin's, torch over the whole sequence; a decode step writes the cache in place (its peak memory
 stays far below the cache's size) but never into a buffer that a held slice views.
 
 Low-precision inputs are compared with a float32 reference computed from the same
@@ -309,8 +309,13 @@ def test_cached_attention_matches_twin_and_torch(impl, data):
     # A prefill, then decode steps and a chunk: the cache grows past its 256-position step.
     chunks = data.draw(st.lists(st.integers(1, 300), min_size=1, max_size=2), label="prefill chunks")
     chunks += [1, 1, 3, 1]
+    # Under fp32 activations the cache may store fp16 or bf16 (KVCache(dtype)): the kernel then
+    # rounds the new k and v as it writes them and reads the cache converted back to fp32.
+    stored = None
+    if dtype == "float32":
+        stored = data.draw(st.sampled_from([None, "float16", "bfloat16"]), label="cache dtype")
     kernel_rope, twin_rope = _rope_pair(impl, D)
-    kernel_cache, twin_cache = impl.kv_cache.KVCache(), impl.kv_cache.KVCache()
+    kernel_cache, twin_cache = (impl.kv_cache.KVCache(stored and getattr(mx, stored)) for _ in range(2))
     outs, qkvs = [], []
     for L in chunks:
         qkv, qkv32 = uniform(rng, (N, L, (H + 2 * H_kv) * D), dtype)
@@ -318,14 +323,16 @@ def test_cached_attention_matches_twin_and_torch(impl, data):
         got = lk.cached_attention(qkv, kernel_cache, kernel_rope, H, H_kv)
         assert got.shape == (N, L, H * D) and got.dtype == qkv.dtype, f"output {got.shape} {got.dtype}"
         want = lk.cached_attention_mlx(qkv, twin_cache, twin_rope, H, H_kv)
-        what = f"N={N} H={H} H_kv={H_kv} D={D} {dtype}, chunk L={L} at offset {kernel_cache.offset - L}"
+        what = (f"N={N} H={H} H_kv={H_kv} D={D} {dtype} ({stored or dtype} cache), chunk L={L} at offset"
+                f" {kernel_cache.offset - L}")
         assert_close(got, want, tol_for(dtype), f"cached_attention kernel vs twin, {what}")
         outs.append(got)
     assert kernel_cache.offset == twin_cache.offset == sum(chunks)
     # The cache holds exactly what the twin's holds: the RoPE kernel rounds as the twin does.
     for name, a, b in zip(("keys", "values"), kernel_cache.state, twin_cache.state, strict=True):
+        assert a.dtype == b.dtype == getattr(mx, stored or dtype), f"cached {name} are {a.dtype}"
         assert np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))), (
-            f"cached {name} differ from the twin's ({dtype})")
+            f"cached {name} differ from the twin's ({dtype}, {stored or dtype} cache)")
     # Torch on the whole sequence at once: the twin's rotated q (and the cache's k, v), causal.
     S = sum(chunks)
     heads = mx.concatenate(qkvs, axis=1).reshape(N, S, H + 2 * H_kv, D)
@@ -391,7 +398,8 @@ def test_cached_attention_rejects_mismatched_inputs(impl):
     cases = {
         "qkv width": (mx.zeros((1, 2, 30)), cache, cache, 0),
         "cache heads": (qkv, mx.zeros((1, 2, 16, 8)), mx.zeros((1, 2, 16, 8)), 0),
-        "cache dtype": (qkv, cache.astype(mx.float16), cache.astype(mx.float16), 0),
+        "cache dtypes": (qkv, cache.astype(mx.float16), cache, 0),  # keys fp16, values fp32
+        "cache not float": (qkv, cache.astype(mx.int32), cache.astype(mx.int32), 0),
         "cache full": (qkv, cache, cache, 15),
     }
     for what, (x, k, v, offset) in cases.items():

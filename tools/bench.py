@@ -2,12 +2,14 @@
 transformers (fp32) and llama.cpp, in one run, reported as ratios.
 
 Workload on the default model: prefill a 512-token prompt, then decode 128
-tokens greedily at batch 1. Each peer runs in its own process (so its peak
+tokens greedily at batch 1. impl runs twice: with its default KV cache (the
+activations' fp32, exact) and with an fp16 one, as llama.cpp's is by default
+(impl-fp16-kv). Each peer runs in its own process (so its peak
 memory is its own). Achieved GB/s = decode tok/s x the weight bytes one token
 reads, set against this machine's measured memory bandwidth. The kernel table
 times the quantized matmul and flash attention against MLX's own ops.
 
-    python -m tools.bench [--quick] [--peers impl,mlx-lm,transformers,llama.cpp] [--out build/bench]
+    python -m tools.bench [--quick] [--peers impl,impl-fp16-kv,mlx-lm,transformers,llama.cpp] [--out build/bench]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-PEERS = ("impl", "mlx-lm", "transformers", "llama.cpp")
+PEERS = ("impl", "impl-fp16-kv", "mlx-lm", "transformers", "llama.cpp")
 TEXT = ("The history of computing is a story of abstraction. Each layer hides the one below it, "
         "from transistors to logic gates, from machine code to compilers, from operating systems "
         "to the programs people use every day. ")
@@ -79,17 +81,26 @@ def _time_stream(tokens, n_decode):
     return prefill, time.perf_counter() - t
 
 
-def worker_impl(ids, n_decode):
+def worker_impl(ids, n_decode, kv_cache_dtype: str = "auto"):
+    """kv_cache_dtype: what the KV cache stores, as the chat's --kv-cache-dtype (auto: the activations')."""
     import impl  # noqa: F401  (the BLAS fix and kernels, before mlx)
+    from impl.cli import kv_dtype
     from impl.generate import generate_step_cached
+    from impl.kv_cache import make_cache
     from impl.loader import kernels_built, load_model
 
     loaded = load_model(quantized=None)
-    _time_stream(generate_step_cached(loaded.model, ids), 2)  # warm up at the same shapes
-    prefill, decode = _time_stream(generate_step_cached(loaded.model, ids), n_decode)
+    cache = lambda: make_cache(loaded.model, kv_dtype(kv_cache_dtype))  # noqa: E731
+    steps = lambda: generate_step_cached(loaded.model, ids, cache=cache())  # noqa: E731
+    _time_stream(steps(), 2)  # warm up at the same shapes
+    prefill, decode = _time_stream(steps(), n_decode)
     weights = _impl_weight_bytes(loaded.model)
     note = "quantized weights, C++ kernels" if kernels_built() else "dequantized fp32 (kernels not built)"
-    return prefill, decode, weights, note
+    return prefill, decode, weights, note + ("" if kv_cache_dtype == "auto" else f", {kv_cache_dtype} KV cache")
+
+
+def worker_impl_fp16_kv(ids, n_decode):
+    return worker_impl(ids, n_decode, kv_cache_dtype="float16")
 
 
 def _impl_weight_bytes(model) -> int:
@@ -180,8 +191,8 @@ def worker_llama_cpp(ids, n_decode):
     return prefill, decode, path.stat().st_size, f"{os.cpu_count()} threads, GGUF Q4_1"
 
 
-WORKERS = {"impl": worker_impl, "mlx-lm": worker_mlx_lm, "transformers": worker_transformers,
-           "llama.cpp": worker_llama_cpp}
+WORKERS = {"impl": worker_impl, "impl-fp16-kv": worker_impl_fp16_kv, "mlx-lm": worker_mlx_lm,
+           "transformers": worker_transformers, "llama.cpp": worker_llama_cpp}
 
 
 def run_worker(name: str, ids_file: Path, n_decode: int) -> None:
@@ -260,7 +271,7 @@ def chart(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "prefill_tps", "prefill tok/s (512-token prompt)"),
                            (axes[1], "decode_tps", "decode tok/s (batch 1)")):
-        ax.bar([r["peer"] for r in ok], [r[key] for r in ok], color=["C0", "C1", "C2", "C3"][: len(ok)])
+        ax.bar([r["peer"] for r in ok], [r[key] for r in ok], color=[f"C{i}" for i in range(len(ok))])
         ax.set_title(title)
     fig.suptitle("tiny-llm spec benchmark: SmolLM2-135M-Instruct on this machine")
     fig.tight_layout()

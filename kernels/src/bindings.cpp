@@ -55,8 +55,9 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "RoPE, KV-cache append and causal flash attention in one node, on the CPU\n"
         "(twin: impl.layer_kernels.cached_attention_mlx).\n\n"
-        "qkv (N, L, (H + 2 H_kv) D): q, k, v heads side by side. keys, values (N, H_kv, C, D) in qkv's\n"
-        "dtype, positions [0, offset) filled, C >= offset + L. cos, sin (P, D/2) float32 RoPE tables.\n"
+        "qkv (N, L, (H + 2 H_kv) D): q, k, v heads side by side. keys, values (N, H_kv, C, D), one float\n"
+        "dtype (qkv's, or e.g. float16 under float32 activations: the new rows are rounded to it),\n"
+        "positions [0, offset) filled, C >= offset + L. cos, sin (P, D/2) float32 RoPE tables.\n"
         "Returns (out (N, L, H D), keys', values'): the new k (rotated) and v written at positions\n"
         "offset..offset + L - 1, query l attending to keys <= offset + l. keys'/values' reuse the\n"
         "input buffers when nothing else holds them. Lazy, like any MLX op.");

@@ -47,10 +47,11 @@ struct Shapes {
   int N, L, H, H_kv, D, C;
 };
 
-// q (N, L, H, D) rotated into qbuf; k rotated and v copied into the caches at offset..offset+L.
-template <typename T>
+// q (N, L, H, D) rotated into qbuf; k rotated and v copied into the caches at offset..offset+L,
+// rounded to the cache's type C as they are written.
+template <typename T, typename C>
 void prologue(const mx::array& qkv, const mx::array& cos, const mx::array& sin, const Shapes& sh, int offset,
-              bool traditional, T* qbuf, T* kc, T* vc) {
+              bool traditional, T* qbuf, C* kc, C* vc) {
   const auto& st = qkv.strides();
   const T* base = qkv.data<T>();
   const int half = sh.D / 2;
@@ -67,10 +68,24 @@ void prologue(const mx::array& qkv, const mx::array& cos, const mx::array& sin, 
         const int64_t at = ((int64_t(n) * sh.H_kv + g) * sh.C + offset + l) * sh.D;
         rotate_row(row + int64_t(sh.H + g) * sh.D * st[2], st[2], c, cs, s, ss, half, traditional, kc + at);
         const T* v = row + int64_t(sh.H + sh.H_kv + g) * sh.D * st[2];
-        for (int d = 0; d < sh.D; ++d) vc[at + d] = v[d * st[2]];
+        for (int d = 0; d < sh.D; ++d) vc[at + d] = C(float(v[d * st[2]]));
       }
     }
 }
+
+// f(T{}) for the C++ type T of a float dtype (float32, float16 or bfloat16).
+template <typename F>
+void with_float_type(const mx::Dtype& t, F&& f) {
+  if (t == mx::float16) {
+    f(mx::float16_t{});
+  } else if (t == mx::bfloat16) {
+    f(mx::bfloat16_t{});
+  } else {
+    f(float{});
+  }
+}
+
+bool is_float(const mx::Dtype& t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
 
 }  // namespace
 
@@ -80,8 +95,7 @@ std::tuple<mx::array, mx::array, mx::array> cached_attention(const mx::array& qk
                                                              int n_kv_heads, std::optional<float> scale,
                                                              bool traditional, mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("cached_attention: " + what); };
-  const bool is_float = qkv.dtype() == mx::float32 || qkv.dtype() == mx::float16 || qkv.dtype() == mx::bfloat16;
-  if (qkv.ndim() != 3 || !is_float) fail("qkv must be (N, L, (H + 2 H_kv) D) float32, float16 or bfloat16, got " +
+  if (qkv.ndim() != 3 || !is_float(qkv.dtype())) fail("qkv must be (N, L, (H + 2 H_kv) D) float32, float16 or bfloat16, got " +
                                          shape_str(qkv));
   if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0)
     fail("n_heads must be a positive multiple of n_kv_heads, got " + std::to_string(n_heads) + " and " +
@@ -95,7 +109,8 @@ std::tuple<mx::array, mx::array, mx::array> cached_attention(const mx::array& qk
       keys.shape(3) != D)
     fail("keys and values must be (N, H_kv, C, D) = (" + std::to_string(N) + ", " + std::to_string(n_kv_heads) +
          ", C, " + std::to_string(D) + "), got " + shape_str(keys) + " and " + shape_str(values));
-  if (keys.dtype() != qkv.dtype() || values.dtype() != qkv.dtype()) fail("keys and values must have qkv's dtype");
+  if (keys.dtype() != values.dtype() || !is_float(keys.dtype()))
+    fail("keys and values must share one dtype: float32, float16 or bfloat16");
   if (offset < 0 || offset + L > keys.shape(2))
     fail("positions " + std::to_string(offset) + ".." + std::to_string(offset + L - 1) + " do not fit a cache of " +
          std::to_string(keys.shape(2)));
@@ -106,7 +121,7 @@ std::tuple<mx::array, mx::array, mx::array> cached_attention(const mx::array& qk
   const mx::Stream stream = cpu_stream(s, "cached_attention");
   const float sc = scale.value_or(1.0f / std::sqrt(float(D)));
   auto outs = mx::array::make_arrays(
-      {{N, L, n_heads * D}, keys.shape(), values.shape()}, {qkv.dtype(), qkv.dtype(), qkv.dtype()},
+      {{N, L, n_heads * D}, keys.shape(), values.shape()}, {qkv.dtype(), keys.dtype(), keys.dtype()},
       std::make_shared<CachedAttention>(stream, offset, n_heads, n_kv_heads, sc, traditional),
       {qkv, keys, values, cos, sin});
   return {outs[0], outs[1], outs[2]};
@@ -123,11 +138,12 @@ void CachedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   p.B = sh.N, p.H = sh.H, p.H_kv = sh.H_kv, p.L = sh.L, p.S = offset_ + sh.L, p.D = sh.D;
   p.causal = true;
   p.scale = scale_;
-  const fa::DType t = fa_dtype(qkv.dtype());
+
   // The rotated q, (N, L, H, D), read as (B, H, L, D) through strides.
   const int64_t q_strides[4] = {int64_t(sh.L) * sh.H * sh.D, sh.D, int64_t(sh.H) * sh.D, 1};
   const int64_t kv_strides[4] = {int64_t(sh.H_kv) * sh.C * sh.D, int64_t(sh.C) * sh.D, sh.D, 1};
-  p.q.dtype = p.k.dtype = p.v.dtype = t;
+  p.q.dtype = fa_dtype(qkv.dtype());
+  p.k.dtype = p.v.dtype = fa_dtype(keys.dtype());
   std::memcpy(p.q.strides, q_strides, sizeof q_strides);
   std::memcpy(p.k.strides, kv_strides, sizeof kv_strides);
   std::memcpy(p.v.strides, kv_strides, sizeof kv_strides);
@@ -151,16 +167,13 @@ void CachedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     std::vector<char> tmp;
     if (copy_k) std::memcpy(k_out.data<char>(), row_major(keys, tmp), k_out.nbytes());
     if (copy_v) std::memcpy(v_out.data<char>(), row_major(values, tmp), v_out.nbytes());
-    if (qkv.dtype() == mx::float16) {
-      using T = mx::float16_t;
-      prologue(qkv, cos, sin, sh, offset, traditional, reinterpret_cast<T*>(qbuf), k_out.data<T>(), v_out.data<T>());
-    } else if (qkv.dtype() == mx::bfloat16) {
-      using T = mx::bfloat16_t;
-      prologue(qkv, cos, sin, sh, offset, traditional, reinterpret_cast<T*>(qbuf), k_out.data<T>(), v_out.data<T>());
-    } else {
-      prologue(qkv, cos, sin, sh, offset, traditional, reinterpret_cast<float*>(qbuf), k_out.data<float>(),
-               v_out.data<float>());
-    }
+    with_float_type(qkv.dtype(), [&](auto q_type) {
+      with_float_type(k_out.dtype(), [&](auto cache_type) {
+        using T = decltype(q_type);
+        using C = decltype(cache_type);
+        prologue(qkv, cos, sin, sh, offset, traditional, reinterpret_cast<T*>(qbuf), k_out.data<C>(), v_out.data<C>());
+      });
+    });
     p.q.data = qbuf;
     p.k.data = k_out.data<void>();
     p.v.data = v_out.data<void>();

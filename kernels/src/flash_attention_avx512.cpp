@@ -47,6 +47,13 @@ struct V {
                           _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)))};
   }
   static V exp2(V x);  // below, after kExp2Poly
+  static V load_f16(const uint16_t* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static V load_bf16(const uint16_t* p) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(u, 16))};
+  }
   static int f16_n(const uint16_t* src, float* dst, int n) {
     int i = 0;
     for (; i + L <= n; i += L)

@@ -9,6 +9,8 @@
 
 namespace {
 
+float half_to_float(uint16_t h);  // below
+
 struct V {
   static constexpr int L = 8, RB = 4, NV = 2;
   float v[L];
@@ -55,6 +57,19 @@ struct V {
     return r;
   }
   static V exp2(V x);  // below, after kExp2Poly
+  static V load_f16(const uint16_t* p) {
+    V r;
+    for (int i = 0; i < L; ++i) r.v[i] = half_to_float(p[i]);
+    return r;
+  }
+  static V load_bf16(const uint16_t* p) {
+    V r;
+    for (int i = 0; i < L; ++i) {
+      const uint32_t u = uint32_t(p[i]) << 16;
+      std::memcpy(&r.v[i], &u, 4);
+    }
+    return r;
+  }
   static int f16_n(const uint16_t*, float*, int) { return 0; }  // the scalar tail does it all
   static int bf16_n(const uint16_t*, float*, int) { return 0; }
 };
