@@ -43,7 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def _check_args(args) -> None:
     from impl.sampler import validate_sampling
 
@@ -88,7 +87,8 @@ def chat(loaded, args, sampler) -> None:
     from impl.generate import PromptCache
 
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    prompt_cache = PromptCache(loaded.model, kv_dtype(args.kv_cache_dtype))  # each turn prefills only what the conversation added
+    # Kept across the turns: each turn prefills only what the conversation added.
+    prompt_cache = PromptCache(loaded.model, kv_dtype(args.kv_cache_dtype))
     print("Chatting with", loaded.path.name, "- Ctrl-D to exit, Ctrl-C to stop a reply.", file=sys.stderr)
     while True:
         try:

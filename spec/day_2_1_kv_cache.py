@@ -8,9 +8,9 @@ decoding with the cache == the week-1 loop that recomputes everything, on the
 real model. A cache may store another dtype than the activations' (KVCache(mx.float16),
 as llama.cpp's cache is by default): it holds the keys and values rounded once to that
 dtype, in half the bytes, and the real model's logits stay within the fp16 tolerance of
-the uncached ones, with the same greedy tokens where the top-2 gap is clear. A PromptCache kept across a chat's turns prefills only what a new prompt
-adds after its common prefix with the cached tokens, and gives the logits of a fresh
-start.
+the uncached ones, with the same greedy tokens where the top-2 gap is clear. A
+PromptCache kept across a chat's turns prefills only what a new prompt adds after its
+common prefix with the cached tokens, and gives the logits of a fresh start.
 """
 
 from __future__ import annotations

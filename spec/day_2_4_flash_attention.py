@@ -26,8 +26,9 @@ with MLX's allocator and with the process's resident set.
 The decode step's attention as one node (impl.layer_kernels.cached_attention: RoPE,
 the KV-cache append, causal flash attention): kernel == twin (cached_attention_mlx)
 over prefill chunks and decode steps (with fp32 activations, also an fp16 or bf16
-cache), the cache bit-identical to the twin's, torch over the whole sequence; a decode step writes the cache in place (its peak memory
-stays far below the cache's size) but never into a buffer that a held slice views.
+cache), the cache bit-identical to the twin's, torch over the whole sequence; a
+decode step writes the cache in place (its peak memory stays far below the cache's
+size) but never into a buffer that a held slice views.
 
 Low-precision inputs are compared with a float32 reference computed from the same
 rounded values.

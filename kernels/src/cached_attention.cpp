@@ -95,8 +95,8 @@ std::tuple<mx::array, mx::array, mx::array> cached_attention(const mx::array& qk
                                                              int n_kv_heads, std::optional<float> scale,
                                                              bool traditional, mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("cached_attention: " + what); };
-  if (qkv.ndim() != 3 || !is_float(qkv.dtype())) fail("qkv must be (N, L, (H + 2 H_kv) D) float32, float16 or bfloat16, got " +
-                                         shape_str(qkv));
+  if (qkv.ndim() != 3 || !is_float(qkv.dtype()))
+    fail("qkv must be (N, L, (H + 2 H_kv) D) float32, float16 or bfloat16, got " + shape_str(qkv));
   if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0)
     fail("n_heads must be a positive multiple of n_kv_heads, got " + std::to_string(n_heads) + " and " +
          std::to_string(n_kv_heads));
@@ -138,7 +138,6 @@ void CachedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   p.B = sh.N, p.H = sh.H, p.H_kv = sh.H_kv, p.L = sh.L, p.S = offset_ + sh.L, p.D = sh.D;
   p.causal = true;
   p.scale = scale_;
-
   // The rotated q, (N, L, H, D), read as (B, H, L, D) through strides.
   const int64_t q_strides[4] = {int64_t(sh.L) * sh.H * sh.D, sh.D, int64_t(sh.H) * sh.D, 1};
   const int64_t kv_strides[4] = {int64_t(sh.H_kv) * sh.C * sh.D, int64_t(sh.C) * sh.D, sh.D, 1};
@@ -171,7 +170,8 @@ void CachedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       with_float_type(k_out.dtype(), [&](auto cache_type) {
         using T = decltype(q_type);
         using C = decltype(cache_type);
-        prologue(qkv, cos, sin, sh, offset, traditional, reinterpret_cast<T*>(qbuf), k_out.data<C>(), v_out.data<C>());
+        prologue(qkv, cos, sin, sh, offset, traditional, reinterpret_cast<T*>(qbuf), k_out.data<C>(),
+                 v_out.data<C>());
       });
     });
     p.q.data = qbuf;

@@ -19,9 +19,8 @@ namespace mx = mlx::core;
 // qkv (N, L, (H + 2 H_kv) D): the stacked projection's output, heads q_0..q_H-1, k_0..,
 // v_0.. (fp32/fp16/bf16). keys, values (N, H_kv, C, D): the cache buffers, one float dtype,
 // qkv's or another (an fp16 cache under fp32 activations: the new k and v are rounded to
-// it as they are written), positions [0, offset) filled, C >= offset + L. cos, sin (P, D/2)
-// fp32 RoPE tables,
-// P >= offset + L. Returns (out, keys', values'):
+// it as they are written), positions [0, offset) filled, C >= offset + L. cos, sin (P, D/2):
+// fp32 RoPE tables, P >= offset + L. Returns (out, keys', values'):
 //   out (N, L, H * D): causal attention of the rotated q at positions offset.. over the
 //     offset + L cached keys (query l sees keys <= offset + l), in o_proj's input layout;
 //   keys', values': the buffers with positions [offset, offset + L) set to the rotated k

@@ -61,7 +61,8 @@ void run(const Problem& p, void* workspace) {
   if (p.S == 0) {  // no keys: every row sees nothing, and outputs 0
     for (int b = 0; b < p.B; ++b)
       for (int h = 0; h < p.H; ++h)
-        for (int l = 0; l < p.L; ++l) std::memset(static_cast<char*>(p.out) + p.out_offset(b, h, l) * elem, 0, p.D * elem);
+        for (int l = 0; l < p.L; ++l)
+          std::memset(static_cast<char*>(p.out) + p.out_offset(b, h, l) * elem, 0, p.D * elem);
     return;
   }
   const Isa& isa = *current().load();

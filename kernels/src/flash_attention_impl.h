@@ -132,7 +132,8 @@ void column_block(int M, const float* A, int lda, const float* B, int ldb, int K
 void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
           bool accumulate) {
   int n = 0;
-  for (; n + V::NV * V::L <= N; n += V::NV * V::L) column_block<V::NV>(M, A, lda, B + n, ldb, K, C + n, ldc, accumulate);
+  for (; n + V::NV * V::L <= N; n += V::NV * V::L)
+    column_block<V::NV>(M, A, lda, B + n, ldb, K, C + n, ldc, accumulate);
   for (; n < N; n += V::L) column_block<1>(M, A, lda, B + n, ldb, K, C + n, ldc, accumulate);
 }
 
