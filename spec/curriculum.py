@@ -27,7 +27,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("1.5", "the model: config, embedding, block, weight loading", ("1.1", "1.2", "1.3", "1.4"), "transformers Llama/Qwen2, mlx-lm", "day_1_5_model.py"),
     Topic("1.6", "generating a response: tokenizer, chat template, decode loop", ("1.5",), "HF tokenizers, transformers generate", "day_1_6_generate.py"),
     Topic("1.7", "sampling: greedy, temperature, top-k, top-p, min-p", ("1.6",), "exact masks, chi-squared test", "day_1_7_sampling.py"),
-    Topic("2.1", "KV cache", ("1.6",), "invariances: cached == uncached, rewind", "day_2_1_kv_cache.py"),
+    Topic("2.1", "KV cache", ("1.6",), "invariances: cached == uncached (an fp16 cache within fp16), rewind", "day_2_1_kv_cache.py"),
     Topic("2.2", "quantized matmul, CPU kernel (C++)", ("1.5",), "mx.quantized_matmul, torch, pure-MLX twin; transformers on the model", "day_2_2_quantized_matmul.py"),
     Topic("2.3", "quantized matmul, GPU kernels (Metal, CUDA)", ("2.2",), "mx.quantized_matmul, torch, pure-MLX twin; transformers on the model", "day_2_3_quantized_matmul_gpu.py", needs_gpu=True),
     Topic("2.4", "flash attention, CPU kernel (C++)", ("1.3",), "mx.fast SDPA, torch SDPA, pure-MLX twin", "day_2_4_flash_attention.py"),
