@@ -100,6 +100,7 @@ def worker_impl(ids, n_decode, kv_cache_dtype: str = "auto"):
 
 
 def worker_impl_fp16_kv(ids, n_decode):
+    """impl with an fp16 KV cache, as llama.cpp's is by default."""
     return worker_impl(ids, n_decode, kv_cache_dtype="float16")
 
 
