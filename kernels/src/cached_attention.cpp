@@ -13,18 +13,13 @@
 #include "flash_attention_kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "op_checks.h"
 #include "rope_row.h"
 #include "row_major.h"
 
 namespace tiny_llm {
 
 namespace {
-
-std::string shape_str(const mx::array& a) {
-  std::string r = "(";
-  for (size_t i = 0; i < a.ndim(); ++i) r += (i ? ", " : "") + std::to_string(a.shape(int(i)));
-  return r + ")";
-}
 
 fa::DType fa_dtype(const mx::Dtype& t) {
   return t == mx::float16 ? fa::DType::f16 : t == mx::bfloat16 ? fa::DType::bf16 : fa::DType::f32;
@@ -72,20 +67,6 @@ void prologue(const mx::array& qkv, const mx::array& cos, const mx::array& sin, 
       }
     }
 }
-
-// f(T{}) for the C++ type T of a float dtype (float32, float16 or bfloat16).
-template <typename F>
-void with_float_type(const mx::Dtype& t, F&& f) {
-  if (t == mx::float16) {
-    f(mx::float16_t{});
-  } else if (t == mx::bfloat16) {
-    f(mx::bfloat16_t{});
-  } else {
-    f(float{});
-  }
-}
-
-bool is_float(const mx::Dtype& t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
 
 }  // namespace
 

@@ -4,13 +4,13 @@
 
 #include <cmath>
 #include <limits>
-#include <sstream>
 #include <stdexcept>
 
 #include "cpu_stream.h"
 #include "flash_attention_kernels.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "op_checks.h"
 #include "quantized_matmul_threads.h"
 
 namespace tiny_llm {
@@ -30,14 +30,6 @@ fa::Tensor view(const mx::array& a) {  // any strides, including MLX's 0-stride 
   t.dtype = to_fa(a.dtype());
   for (int i = 0; i < 4; ++i) t.strides[i] = a.strides()[i];
   return t;
-}
-
-std::string shape_str(const mx::array& a) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(int(i));
-  s << ")";
-  return s.str();
 }
 
 }  // namespace

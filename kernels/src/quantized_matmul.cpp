@@ -22,6 +22,7 @@
 #include "cpu_stream.h"
 #include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "op_checks.h"
 #include "quantized_matmul_kernels.h"
 #include "quantized_matmul_threads.h"
 #include "row_major.h"
@@ -257,7 +258,6 @@ std::string dtype_name(const mx::Dtype& t) {
   return "an unsupported dtype";
 }
 
-bool is_float(const mx::Dtype& t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
 
 std::string shape_str(const mx::Shape& s) {
   std::string r = "(";

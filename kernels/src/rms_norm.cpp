@@ -10,6 +10,7 @@
 #include "cpu_stream.h"
 #include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "op_checks.h"
 #include "row_major.h"
 
 namespace tiny_llm {
@@ -22,18 +23,11 @@ void run(const mx::array& x, const mx::array& w, mx::array& out, float eps) {
   std::vector<char> tx, tw;
   const void* xd = row_major(x, tx);
   const void* wd = row_major(w, tw);
-  if (out.dtype() == mx::float16) {
-    using T = mx::float16_t;
+  with_float_type(out.dtype(), [&](auto type) {
+    using T = decltype(type);
     rms_norm_rows(static_cast<const T*>(xd), static_cast<const T*>(wd), out.data<T>(), rows, D, eps);
-  } else if (out.dtype() == mx::bfloat16) {
-    using T = mx::bfloat16_t;
-    rms_norm_rows(static_cast<const T*>(xd), static_cast<const T*>(wd), out.data<T>(), rows, D, eps);
-  } else {
-    rms_norm_rows(static_cast<const float*>(xd), static_cast<const float*>(wd), out.data<float>(), rows, D, eps);
-  }
+  });
 }
-
-bool is_float(const mx::Dtype& t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
 
 }  // namespace
 

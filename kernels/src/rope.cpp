@@ -9,6 +9,7 @@
 
 #include "cpu_stream.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "op_checks.h"
 #include "rope_row.h"
 
 namespace tiny_llm {
@@ -29,14 +30,6 @@ void rope_rows(const mx::array& x, const mx::array& cos_table, const mx::array& 
       for (int h = 0; h < H; ++h, y += D)
         rotate_row(base + n * st[0] + l * st[1] + h * st[2], st[3], c, cs, s, ss, half, traditional, y);
     }
-}
-
-bool is_float(const mx::Dtype& t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
-
-std::string shape_str(const mx::array& a) {
-  std::string r = "(";
-  for (size_t i = 0; i < a.ndim(); ++i) r += (i ? ", " : "") + std::to_string(a.shape(int(i)));
-  return r + ")";
 }
 
 }  // namespace
@@ -66,12 +59,9 @@ void RoPEPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
   encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), c = mx::array::unsafe_weak_copy(inputs[1]),
                     s = mx::array::unsafe_weak_copy(inputs[2]), out = mx::array::unsafe_weak_copy(out),
                     offset = offset_, traditional = traditional_]() mutable {
-    if (out.dtype() == mx::float16)
-      rope_rows(x, c, s, out.data<mx::float16_t>(), offset, traditional);
-    else if (out.dtype() == mx::bfloat16)
-      rope_rows(x, c, s, out.data<mx::bfloat16_t>(), offset, traditional);
-    else
-      rope_rows(x, c, s, out.data<float>(), offset, traditional);
+    with_float_type(out.dtype(), [&](auto type) {
+      rope_rows(x, c, s, out.data<decltype(type)>(), offset, traditional);
+    });
   });
 }
 

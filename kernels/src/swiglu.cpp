@@ -9,6 +9,7 @@
 #include "cpu_stream.h"
 #include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "op_checks.h"
 #include "row_major.h"
 
 namespace tiny_llm {
@@ -35,12 +36,10 @@ void SwiGLUPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     const long rows = I ? long(out.size() / I) : 0;
     std::vector<char> tmp;
     const void* xd = row_major(x, tmp);
-    if (out.dtype() == mx::float16)
-      swiglu_rows(static_cast<const mx::float16_t*>(xd), out.data<mx::float16_t>(), rows, I);
-    else if (out.dtype() == mx::bfloat16)
-      swiglu_rows(static_cast<const mx::bfloat16_t*>(xd), out.data<mx::bfloat16_t>(), rows, I);
-    else
-      swiglu_rows(static_cast<const float*>(xd), out.data<float>(), rows, I);
+    with_float_type(out.dtype(), [&](auto type) {
+      using T = decltype(type);
+      swiglu_rows(static_cast<const T*>(xd), out.data<T>(), rows, I);
+    });
   });
 }
 
