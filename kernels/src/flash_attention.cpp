@@ -53,7 +53,7 @@ mx::array flash_attention(const mx::array& q, const mx::array& k, const mx::arra
     mx::array m = *mask;
     if (m.dtype() == mx::bool_) {  // true = attend
       m = mx::where(m, mx::array(0.0f, q.dtype()), mx::array(-std::numeric_limits<float>::infinity(), q.dtype()), stream);
-    } else if (m.dtype() != mx::float32 && m.dtype() != mx::float16 && m.dtype() != mx::bfloat16) {
+    } else if (!is_float(m.dtype())) {
       m = mx::astype(m, mx::float32, stream);
     }
     // A view with 0 strides on broadcast axes: an (L, S) mask stays (L, S) in memory.

@@ -188,9 +188,9 @@ const void* prologue_t(const Fusion& f, const void* x, const mx::array* norm_w, 
 const void* prologue(const Fusion& f, const mx::array& x, const void* xd, const mx::array* norm_w, long M, int K,
                      std::vector<char>& buf) {
   if (f.prologue == Fusion::kNone) return xd;
-  if (x.dtype() == mx::float16) return prologue_t<mx::float16_t>(f, xd, norm_w, M, K, buf);
-  if (x.dtype() == mx::bfloat16) return prologue_t<mx::bfloat16_t>(f, xd, norm_w, M, K, buf);
-  return prologue_t<float>(f, xd, norm_w, M, K, buf);
+  const void* y = nullptr;
+  with_float_type(x.dtype(), [&](auto type) { y = prologue_t<decltype(type)>(f, xd, norm_w, M, K, buf); });
+  return y;
 }
 
 // out += residual, both in T: y was rounded to T already, the sum is rounded once more.
@@ -202,13 +202,10 @@ void add_residual_t(T* out, const T* r, size_t n) {
 void add_residual(mx::array& out, const mx::array& residual) {
   std::vector<char> tr;
   const void* r = row_major(residual, tr);
-  if (out.dtype() == mx::float16) {
-    add_residual_t(out.data<mx::float16_t>(), static_cast<const mx::float16_t*>(r), out.size());
-  } else if (out.dtype() == mx::bfloat16) {
-    add_residual_t(out.data<mx::bfloat16_t>(), static_cast<const mx::bfloat16_t*>(r), out.size());
-  } else {
-    add_residual_t(out.data<float>(), static_cast<const float*>(r), out.size());
-  }
+  with_float_type(out.dtype(), [&](auto type) {
+    using T = decltype(type);
+    add_residual_t(out.data<T>(), static_cast<const T*>(r), out.size());
+  });
 }
 
 // norm_w, residual: the fused pieces' inputs when `fusion` has them, else nullptr.

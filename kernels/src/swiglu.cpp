@@ -16,7 +16,7 @@ namespace tiny_llm {
 
 mx::array swiglu(const mx::array& x, mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("swiglu: " + what); };
-  if (x.ndim() < 1 || (x.dtype() != mx::float32 && x.dtype() != mx::float16 && x.dtype() != mx::bfloat16))
+  if (x.ndim() < 1 || !is_float(x.dtype()))
     fail("x must be float32, float16 or bfloat16 with shape (..., 2I)");
   if (x.shape(-1) % 2 != 0) fail("the last axis holds gate then up: its size must be even, got " +
                                  std::to_string(x.shape(-1)));
