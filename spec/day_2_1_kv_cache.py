@@ -263,7 +263,7 @@ def test_real_rewind_then_redecode_gives_the_same_tokens(impl, real, prompt):
 
 def test_real_float16_cache_logits_and_greedy_tokens(impl, real, prompt):
     # Keys and values rounded once to fp16 (relative error <= 2^-11) as they enter the cache;
-    # everything else is the fp32 model. Measured here: logits within 0.01 of the uncached ones.
+    # everything else is the fp32 model. Measured here: at most 0.0083 from the fp32 cache's logits (~20).
     model = real.model
     cache = impl.kv_cache.make_cache(model, mx.float16)
     model(mx.array([prompt]), cache=cache)

@@ -316,7 +316,7 @@ def test_cached_attention_matches_twin_and_torch(impl, data):
     if dtype == "float32":
         stored = data.draw(st.sampled_from([None, "float16", "bfloat16"]), label="cache dtype")
     kernel_rope, twin_rope = _rope_pair(impl, D)
-    kernel_cache, twin_cache = (impl.kv_cache.KVCache(stored and getattr(mx, stored)) for _ in range(2))
+    kernel_cache, twin_cache = (impl.kv_cache.KVCache(getattr(mx, stored) if stored else None) for _ in range(2))
     outs, qkvs = [], []
     for L in chunks:
         qkv, qkv32 = uniform(rng, (N, L, (H + 2 * H_kv) * D), dtype)
