@@ -25,11 +25,12 @@ void with_float_type(const mlx::core::Dtype& t, F&& f) {
   }
 }
 
-// "(2, 3, 4)"
-inline std::string shape_str(const mlx::core::array& a) {
+// A shape as Python prints its tuple: "(2, 3, 4)", "(4,)".
+inline std::string shape_str(const mlx::core::Shape& s) {
   std::string r = "(";
-  for (size_t i = 0; i < a.ndim(); ++i) r += (i ? ", " : "") + std::to_string(a.shape(int(i)));
-  return r + ")";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + (s.size() == 1 ? ",)" : ")");
 }
+inline std::string shape_str(const mlx::core::array& a) { return shape_str(a.shape()); }
 
 }  // namespace tiny_llm

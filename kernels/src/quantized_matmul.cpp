@@ -255,13 +255,6 @@ std::string dtype_name(const mx::Dtype& t) {
   return "an unsupported dtype";
 }
 
-
-std::string shape_str(const mx::Shape& s) {
-  std::string r = "(";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + (s.size() == 1 ? ",)" : ")");
-}
-
 }  // namespace
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
