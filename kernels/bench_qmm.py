@@ -156,7 +156,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="shorter runs; skips mx.quantized_matmul's slowest case")
     args = parser.parse_args()
     if getattr(kernels, "quantized_matmul", None) is None:

@@ -153,11 +153,16 @@ def hf_folder(default_model):
     return hf_folder_from_gguf(default_model)
 
 
-def test_real_config_from_gguf(real):
-    a = real.args
-    got = (a.model_type, a.num_hidden_layers, a.hidden_size, a.num_attention_heads, a.num_key_value_heads,
-           a.head_dim, a.rope_theta, a.tie_word_embeddings, a.vocab_size)
-    assert got == ("llama", 30, 576, 9, 3, 64, 100000.0, True, 49152)
+def test_real_config_from_gguf(real, hf_folder):
+    # Against transformers' own reading of the same GGUF (the config.json it wrote).
+    a, want = real.args, json.loads((hf_folder / "config.json").read_text())
+    names = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "rope_theta", "tie_word_embeddings", "vocab_size",
+             "max_position_embeddings", "bos_token_id", "eos_token_id")
+    got = {n: getattr(a, n) for n in names}
+    assert got == {n: want[n] for n in names}, f"ModelArgs {got} vs transformers' config {want}"
+    # The GGUF stores eps in fp32 (1e-5 reads back as 9.99999975e-06): equal to fp32 rounding.
+    assert np.float32(a.rms_norm_eps) == np.float32(want["rms_norm_eps"]), (a.rms_norm_eps, want["rms_norm_eps"])
 
 
 @pytest.mark.parametrize("prompt", sorted(PROMPTS))
@@ -212,12 +217,20 @@ def test_real_greedy_tokens_match_transformers(real, hf_folder, prompt_ids, prom
 # --- bad model files: one-line errors ---------------------------------------------------
 
 
-def _gguf(path, arch="llama", file_type=3):
+def _gguf(path, arch="llama", file_type=3, tokenizer=None):
+    """A GGUF with one tensor; only its block count, unless `tokenizer` (a tokenizer.ggml.model)
+    asks for the rest of the metadata a model needs."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_file_type(file_type)
     w.add_block_count(1)
+    if tokenizer is not None:
+        w.add_embedding_length(8)
+        w.add_feed_forward_length(16)
+        w.add_head_count(2)
+        w.add_tokenizer_model(tokenizer)
+        w.add_token_list(["<s>", "</s>", "a", "b"])
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -226,11 +239,14 @@ def _gguf(path, arch="llama", file_type=3):
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "not-gguf", "architecture", "quantization"])
-def test_bad_model_files_give_one_line_errors(impl, tmp_path, default_model, case):
+@pytest.mark.parametrize("case", ["missing", "truncated", "not-gguf", "architecture", "quantization", "metadata",
+                                  "tokenizer", "folder-without-tokenizer"])
+def test_bad_model_files_give_one_line_errors(impl, tmp_path, default_model, hf_folder, case):
     path = tmp_path / "model.gguf"
     expect = {"missing": "not found", "truncated": "past the end", "not-gguf": "not a GGUF",
-              "architecture": "supported: llama, qwen2", "quantization": "supported: F32"}[case]
+              "architecture": "supported: llama, qwen2", "quantization": "supported: F32",
+              "metadata": "lacks llama.embedding_length", "tokenizer": "unsupported tokenizer model 'llama'",
+              "folder-without-tokenizer": "tokenizer.json is missing"}[case]
     if case == "truncated":
         path.write_bytes(default_model.read_bytes()[: 40_000_000])
     elif case == "not-gguf":
@@ -239,6 +255,16 @@ def test_bad_model_files_give_one_line_errors(impl, tmp_path, default_model, cas
         _gguf(path, arch="gpt2")
     elif case == "quantization":
         _gguf(path, file_type=15)  # Q4_K_M
+    elif case == "metadata":
+        _gguf(path)
+    elif case == "tokenizer":  # SentencePiece, as Llama 2's GGUFs have: not byte-level BPE
+        _gguf(path, tokenizer="llama")
+    elif case == "folder-without-tokenizer":
+        path = tmp_path / "folder"
+        path.mkdir()
+        for f in hf_folder.iterdir():  # links, not copies: the weights are 500 MB
+            if f.name != "tokenizer.json":
+                (path / f.name).symlink_to(f)
     with pytest.raises(impl.errors.TinyLLMError) as e:
         impl.loader.load_model(path)
     msg = str(e.value)

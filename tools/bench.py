@@ -281,7 +281,7 @@ def chart(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write build/bench/bench.json, bench.md and bench.png."""
-    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="shorter workload: 128-token prompt, 32 decode tokens")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     p.add_argument("--out", default="build/bench", help="folder for bench.json, bench.md, bench.png")

@@ -28,7 +28,7 @@ NB_MODULE(_ext, m) {
         "x (..., K) float32/float16/bfloat16; w_q (N, K * bits / 32) uint32; scales and\n"
         "biases (N, K / group_size) float32/float16/bfloat16. Returns (..., N) in x's dtype,\n"
         "accumulated in float32. bits 4 or 8, group_size 32, 64 or 128. Lazy, like any MLX op.\n"
-        "Fused in the same node (twin: impl.layer_kernels.fused_linear_mlx): norm_weight (K,):\n"
+        "Fused in the same node (twin: impl.fusion.fused_linear_mlx): norm_weight (K,):\n"
         "x = rms_norm(x, norm_weight, eps) first; swiglu: x (..., 2K) = [gate | up] ->\n"
         "silu(gate) * up first; residual (..., N) in x's dtype: y + residual after.");
   m.def("quantized_matmul_info", &tiny_llm::quantized_matmul_info,
