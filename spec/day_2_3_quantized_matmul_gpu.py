@@ -28,6 +28,7 @@ from spec.day_2_2_quantized_matmul import (
     check_batched_and_strided_x,
     check_drawn_case,
     check_greedy_tokens,
+    check_model_keeps_weights_quantized,
     check_model_shape,
     check_one_lazy_node,
 )
@@ -76,6 +77,10 @@ def test_a_row_gives_the_same_bits_alone_and_in_any_batch(impl):
 @pytest.fixture(scope="module")
 def quantized_model(impl, default_model):
     return impl.loader.load_model(default_model, quantized=True)
+
+
+def test_model_keeps_weights_quantized(impl, quantized_model, default_model):
+    check_model_keeps_weights_quantized(impl, quantized_model, default_model)
 
 
 @pytest.mark.parametrize("text", MODEL_PROMPTS)

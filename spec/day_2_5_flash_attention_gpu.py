@@ -28,6 +28,8 @@ from spec.day_2_4_flash_attention import (
     check_drawn_case,
     check_long_context,
     check_peak_memory,
+    check_strided_inputs,
+    tol_for,
     uniform,
 )
 from spec.ladder import assert_close
@@ -40,16 +42,19 @@ def fa(impl):
     return impl.flash_attention
 
 
-def test_public_entry_runs_a_kernel(fa):
+def test_public_entry_runs_a_kernel(impl, fa):
     rng = np.random.default_rng(0)
     q, k, v = (uniform(rng, shape, "float32")[0] for shape in ((1, 4, 70, 64), (1, 2, 90, 64), (1, 2, 90, 64)))
     mx.eval(q, k, v)
     out = fa.flash_attention(q, k, v, mask="causal")
     ops = _ops(out)
     # The twin is dozens of ops (matmuls, exp, max, where per key block); the kernel is one node
-    # (plus, at most, the constant inputs it is handed).
-    assert not {"Matmul", "Exp", "Softmax"} & set(ops) and len(ops) <= 3, (
+    # (plus, at most, the constant inputs it is handed); mx.fast's attention would be its own node.
+    assert not {"Matmul", "Exp", "Softmax", "ScaledDotProductAttention"} & set(ops) and len(ops) <= 3, (
         f"expected the GPU kernel in the lazy graph, got {ops}")
+    # ... and that node is this project's kernel: bit for bit its output.
+    kernel = impl.native.gpu_kernels.flash_attention(q, k, v, mask="causal")
+    assert np.array_equal(np.array(out), np.array(kernel)), "impl.flash_attention.flash_attention is not the kernel"
     assert_close(out, fa.flash_attention_mlx(q, k, v, mask="causal"), ONLINE_FP32, "GPU kernel vs twin")
 
 
@@ -70,3 +75,28 @@ def test_boolean_mask(fa):
 
 def test_peak_memory_is_far_below_the_scores(impl, fa):
     check_peak_memory(impl, fa)
+
+
+@pytest.mark.parametrize("L", [1, 33])
+def test_strided_inputs(fa, L):
+    check_strided_inputs(fa, L)
+
+
+@pytest.mark.parametrize("dtype, stored", [("float32", None), ("float32", "float16"), ("float16", None)])
+def test_cached_attention_runs_on_the_gpu_kernel(impl, dtype, stored):
+    # The model's decode attention on a GPU: RoPE, the cache append, then this kernel through
+    # impl.flash_attention (the CPU's fused cached_attention primitive is CPU-only). Against the
+    # same steps with the pure-MLX flash twin, over a prefill, decode steps and a chunk.
+    lk = impl.layer_kernels
+    rng = np.random.default_rng(6)
+    H, H_kv, D = 6, 2, 64
+    rope = impl.rope.RoPE(D, 1024, 10000.0)
+    caches = [impl.kv_cache.KVCache(getattr(mx, stored) if stored else None) for _ in range(2)]
+    for L in (40, 1, 1, 3, 1):
+        qkv = uniform(rng, (1, L, (H + 2 * H_kv) * D), dtype)[0]
+        got = lk.cached_attention(qkv, caches[0], rope, H, H_kv)
+        want = lk.cached_attention_mlx(qkv, caches[1], rope, H, H_kv)
+        assert got.shape == want.shape == (1, L, H * D) and got.dtype == qkv.dtype, f"{got.shape} {got.dtype}"
+        assert_close(got, want, tol_for(dtype), f"cached attention on the GPU kernel vs the twin, {dtype}"
+                     f" ({stored or dtype} cache), chunk L={L} at offset {caches[0].offset - L}")
+    assert caches[0].offset == caches[1].offset == 46

@@ -35,10 +35,21 @@ BF16 = Tol(atol=5e-2, rtol=5e-2, reason="bf16: 7-bit mantissa, ~4e-3 per roundin
 # layers of fp32 error (each ~1e-6 relative) reach logits of magnitude ~20.
 MODEL_FP32 = Tol(atol=1e-3, rtol=0.0, reason="30 fp32 layers, logits ~20 in magnitude")
 
+# The fp32 model with an fp16 KV cache: keys and values are rounded once (2^-11 = 4.9e-4
+# relative) as they enter the cache, everything else is fp32. If that relative error reached
+# the logits (~20) undamped it would be 20 * 4.9e-4 = 1e-2; twice that allows for the 30 layers
+# not cancelling. (Measured on the default model: 8.3e-3.)
+MODEL_FP16_KV = Tol(atol=2e-2, rtol=0.0, reason="fp32 model, K/V rounded once to fp16; logits ~20")
+
 # Greedy tokens are compared only while the reference's top-2 logit gap is
 # above this: a gap smaller than a few times MODEL_FP32.atol can flip on
 # rounding alone, which says nothing about correctness.
 GREEDY_MARGIN = 1e-2
+# ... and at least this many must be compared, or a greedy check would pass having checked
+# (almost) nothing. On the default model every prompt the spec uses has a clear gap at every
+# step it compares (measured: 12 of 12, 16 of 16, 8 of 8), so this only fires on a change
+# of model or prompt, which should then pick prompts that still check something.
+MIN_GREEDY_TOKENS = 4
 
 BY_DTYPE = {"float32": FP32, "float16": FP16, "bfloat16": BF16}
 
@@ -79,10 +90,11 @@ def assert_close(actual, expected, tol: Tol, what: str = "") -> None:
 def assert_greedy_tokens(tokens, want: list[int], gaps: list[float], what: str = "") -> int:
     """Compare the token iterator `tokens` with the reference's greedy tokens `want` while the
     reference's top-2 logit gap stays >= GREEDY_MARGIN (a nearer tie may flip on rounding alone).
-    Returns how many tokens were compared."""
+    Returns how many tokens were compared: at least MIN_GREEDY_TOKENS (or all of `want`)."""
     for i, (w, gap) in enumerate(zip(want, gaps, strict=True)):
         if gap < GREEDY_MARGIN:
             print(f"{what}: compared {i} tokens; step {i} has top-2 gap {gap:.2e} < {GREEDY_MARGIN}")
+            assert i >= MIN_GREEDY_TOKENS, f"{what}: only {i} tokens had a clear top-2 gap: a vacuous check"
             return i
         token = next(tokens)
         assert token == w, f"{what}: step {i}: got token {token}, the reference {w} (its top-2 gap {gap:.3g})"

@@ -119,3 +119,31 @@ def test_bad_inputs_get_one_line_errors():
         gpu.attention_inputs(q, mx.zeros((1, 2, 5, 64)), mx.zeros((1, 2, 5, 64)), None, None)
     with pytest.raises(ValueError, match="mask must be"):
         gpu.attention_inputs(q, mx.zeros((1, 1, 5, 64)), mx.zeros((1, 1, 5, 64)), None, "sliding")
+
+
+@pytest.mark.parametrize("stored", [None, "float16"])
+def test_cached_attention_as_on_a_gpu(monkeypatch, stored):
+    """impl's decode attention where MLX's default device is a GPU: layer_kernels.cached_attention
+    takes the twin's RoPE and cache append, then impl.flash_attention's GPU kernel (here emulated),
+    with a float16 cache under fp32 cast back before it; against the all-twin path (2.5's test)."""
+    import impl.layer_kernels as lk
+    from impl.kv_cache import KVCache
+    from impl.rope import RoPE
+
+    monkeypatch.setattr(gpu, "_run", emulate_run)
+    monkeypatch.setattr(gpu, "backend", lambda: "cuda")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # what impl's dispatchers ask; MLX stays on the CPU
+    calls = []
+    monkeypatch.setattr(gpu, "flash_attention", lambda *a, _f=gpu.flash_attention, **k: calls.append(1) or _f(*a, **k))
+    rng = np.random.default_rng(6)
+    H, H_kv, D = 6, 2, 64
+    rope = RoPE(D, 1024, 10000.0)
+    caches = [KVCache(getattr(mx, stored) if stored else None) for _ in range(2)]
+    for L in (40, 1, 1, 3):  # a prefill, decode steps, a chunk
+        qkv = uniform(rng, (1, L, (H + 2 * H_kv) * D), "float32")[0]
+        got = lk.cached_attention(qkv, caches[0], rope, H, H_kv)
+        want = lk.cached_attention_mlx(qkv, caches[1], rope, H, H_kv)
+        assert_close(got, want, attention_tol("float32"),
+                     f"cached attention on the emulated GPU kernel vs twin, {stored or 'float32'} cache, L={L}")
+    assert len(calls) == 4, f"the GPU flash attention ran {len(calls)} times, not once per step"
+    assert caches[0].keys.dtype == (getattr(mx, stored) if stored else mx.float32)
