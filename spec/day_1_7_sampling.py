@@ -137,6 +137,7 @@ def test_top_k_keeps_ties(sampler):
     got = np.array(sampler.apply_top_k(mx.array(x), 3))
     # The 3rd largest value is 2.0, held by two tokens: both stay, 4 kept of 5.
     assert np.isfinite(got).tolist() == [[False, True, True, True, True]], got
+    assert_same_mask(got, ref_top_k(x.astype(np.float64), 3), x, "top-k ties vs the reference")
 
 
 @given(data=st.data())
@@ -155,6 +156,7 @@ def test_top_p_always_keeps_top_token(sampler):
     got = np.array(sampler.apply_top_p(x, 1e-6))
     # Row 0: only token 1. Row 1: a tie at the top, both kept by the tie rule.
     assert np.isfinite(got).tolist() == [[False, True, False], [True, True, False]], got
+    assert_same_mask(got, ref_top_p(np.array(x, np.float64), 1e-6), np.array(x), "top-p 1e-6 vs the reference")
 
 
 @given(data=st.data())
@@ -173,6 +175,9 @@ def test_min_p_edges(sampler):
     # min_p = 1: prob >= max prob keeps exactly the tied maxima; 0 keeps all.
     assert np.isfinite(np.array(sampler.apply_min_p(x, 1.0))).tolist() == [[False, True, False, True]]
     assert np.isfinite(np.array(sampler.apply_min_p(x, 0.0))).all()
+    for m in (1.0, 0.0):
+        assert_same_mask(sampler.apply_min_p(x, m), ref_min_p(np.array(x, np.float64), m), np.array(x),
+                         f"min-p {m} vs the reference")
 
 
 # -- greedy and the sampler's contract ---------------------------------------
