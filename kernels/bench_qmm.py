@@ -35,13 +35,17 @@ from impl.quantize import quantized_matmul_mlx  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-# (K, N, bits, what): SmolLM2-135M, hidden 576, intermediate 1536, vocab 49152.
+# (K, N, bits, what): SmolLM2-135M, hidden 576, intermediate 1536, vocab 49152: each projection
+# as the course has it, then q/k/v and gate/up stacked into one matmul each, as the engine runs
+# them (impl.loader.fuse_projections).
 SHAPES = [
     (576, 576, 4, "q/o proj"),
     (576, 192, 4, "k/v proj"),
     (576, 1536, 4, "gate/up"),
     (1536, 576, 4, "down"),
     (576, 49152, 8, "tied head"),
+    (576, 960, 4, "q+k+v stacked"),
+    (576, 3072, 4, "gate+up stacked"),
 ]
 GROUP = 32
 MS = (1, 16, 512)
