@@ -75,8 +75,8 @@ def generate_step_cached(model, prompt: Sequence[int], sampler: Callable = greed
 
     cache = make_cache(model) if cache is None else cache
 
-    def next_token(inputs: mx.array) -> mx.array:  # (1, L) -> (1,), lazy
-        return sampler(model(inputs, cache=cache)[:, -1, :].astype(mx.float32))
+    def next_token(inputs: mx.array) -> mx.array:  # (1, L) -> (1,), lazy; the last position's logits only
+        return sampler(model(inputs, cache=cache, logits_to_keep=1)[:, -1, :].astype(mx.float32))
 
     token = next_token(mx.array([list(prompt)]))  # prefill
     mx.async_eval(token)

@@ -8,7 +8,8 @@ decoding with the cache == the week-1 loop that recomputes everything, on the
 real model. A cache may store another dtype than the activations' (KVCache(mx.float16),
 as llama.cpp's cache is by default): it holds the keys and values rounded once to that
 dtype, in half the bytes, and the real model's logits stay within the fp16 tolerance of
-the uncached ones, with the same greedy tokens where the top-2 gap is clear. A
+the uncached ones, with the same greedy tokens where the top-2 gap is clear. A prefill
+computes the head on the positions it keeps only (`logits_to_keep`), the same logits. A
 PromptCache kept across a chat's turns prefills only what a new prompt adds after its
 common prefix with the cached tokens, and gives the logits of a fresh start.
 """
@@ -237,6 +238,23 @@ def test_real_cached_decode_logits_equal_uncached(impl, real, prompt):
     got = model(mx.array([[nxt]]), cache=cache)[0, -1]
     want = model(mx.array([prompt + [nxt]]))[0, -1]
     assert_close(got, want, MODEL_FP32, "decode-step logits with vs without cache")
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "quantized engine"])
+def test_real_prefill_computes_only_the_logits_it_keeps(impl, real, default_model, prompt, quantized):
+    # A prefill needs the last position's logits only: logits_to_keep=k runs the final norm and
+    # the head on the last k positions (a 512-token prompt spent a quarter of its time in the
+    # head over all 512). The kept rows are the full logits' last rows; the caches are the same.
+    model = impl.loader.load_model(default_model, quantized=True).model if quantized else real.model
+    caches = [impl.kv_cache.make_cache(model) for _ in range(3)]
+    full = model(mx.array([prompt]), cache=caches[0])
+    assert full.shape == (1, len(prompt), real.args.vocab_size), f"logits_to_keep=0 keeps all: {full.shape}"
+    for k, cache in zip((1, 3), caches[1:], strict=True):
+        kept = model(mx.array([prompt]), cache=cache, logits_to_keep=k)
+        assert kept.shape == (1, k, real.args.vocab_size), f"logits_to_keep={k}: {kept.shape}"
+        # The head over k rows instead of all: one fp32 matmul's summation order at most.
+        assert_close(kept, full[:, -k:], FP32, f"logits_to_keep={k} vs the full logits' last {k} rows")
+        assert np.array_equal(np.array(cache[0].state[0]), np.array(caches[0][0].state[0])), "the caches differ"
 
 
 def test_real_greedy_with_cache_equals_recomputing(impl, real, prompt):

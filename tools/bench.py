@@ -154,9 +154,10 @@ def worker_transformers(ids, n_decode):
     model = transformers_model(str(hf_folder_from_gguf()))
     x = torch.tensor([ids])
     with torch.no_grad():
-        model(x)  # warm up at the same shapes
+        # logits_to_keep=1: the prefill's head on the last position only, as the other peers do
+        model(x, logits_to_keep=1)  # warm up at the same shapes
         t = time.perf_counter()
-        out = model(x, use_cache=True)
+        out = model(x, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         prefill = time.perf_counter() - t
         past = out.past_key_values
