@@ -56,9 +56,7 @@ def _check_args(args) -> None:
     if args.max_tokens < 1:
         raise TinyLLMError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     try:
-        validate_sampling(args.temperature, args.top_k, args.top_p, args.min_p)
-        if args.seed is not None and not 0 <= args.seed < 2**64:  # as make_sampler checks
-            raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
+        validate_sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     except ValueError as e:
         raise TinyLLMError(str(e)) from None
 

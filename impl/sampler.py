@@ -23,8 +23,8 @@ from collections.abc import Callable
 import mlx.core as mx
 
 
-def validate_sampling(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
-    """Raise ValueError if a sampling parameter is out of range."""
+def validate_sampling(temperature: float, top_k: int, top_p: float, min_p: float, seed: int | None = None) -> None:
+    """Raise ValueError if a sampling parameter (or the seed) is out of range."""
     # `not (...)` so that NaN fails too.
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature}")
@@ -34,6 +34,8 @@ def validate_sampling(temperature: float, top_k: int, top_p: float, min_p: float
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
     if not 0 <= min_p <= 1:
         raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
+    if seed is not None and not 0 <= seed < 2**64:  # what mx.random.key takes
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
 
 
 def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
@@ -83,9 +85,7 @@ def _filtered_logprobs(logits: mx.array, temperature: float, top_k: int, top_p: 
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int | None = None) -> Callable[[mx.array], mx.array]:
     """Return a function mapping logits (B, V) to token ids (B,) uint32."""
-    validate_sampling(temperature, top_k, top_p, min_p)
-    if seed is not None and not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")  # what mx.random.key takes
+    validate_sampling(temperature, top_k, top_p, min_p, seed)
     if temperature == 0:
         # Every filter keeps the top token, so greedy ignores them.
         return lambda logits: mx.argmax(logits, axis=-1)
