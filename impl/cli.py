@@ -14,14 +14,14 @@ import time
 from impl.errors import TinyLLMError
 
 # --kv-cache-dtype: what the KV cache stores (impl.kv_cache.KVCache's dtype; auto: the activations').
-KV_DTYPES = {"auto": None, "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def kv_dtype(name: str):
     """The mx dtype a --kv-cache-dtype name stands for (None for auto)."""
     import mlx.core as mx
 
-    return None if KV_DTYPES[name] is None else getattr(mx, KV_DTYPES[name])
+    return None if name == "auto" else getattr(mx, name)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability (default 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
-    p.add_argument("--kv-cache-dtype", choices=sorted(KV_DTYPES), default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto",
                    help="what the KV cache stores: auto keeps the activations' dtype (exact); float16"
                         " halves its memory and decode's attention reads (default auto)")
     return p

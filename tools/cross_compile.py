@@ -54,14 +54,13 @@ class Target:
 
     triple: str
     x86: bool  # CMake adds the *_avx2/*_avx512 files on x86-64 only
-    linux: bool  # ... and the BLAS shim (blas_shim.c) on Linux only
-    macos_headers: bool  # the macOS mlx headers and MLXConfig.cmake's flags, not the installed ones
+    macos: bool  # the macOS mlx headers and MLXConfig.cmake's flags; else Linux, with the BLAS shim
 
 
 TARGETS = {
-    "macos-arm64": Target("aarch64-macos", x86=False, linux=False, macos_headers=True),
-    "linux-arm64": Target("aarch64-linux-gnu", x86=False, linux=True, macos_headers=False),
-    "linux-x86_64-clang": Target("x86_64-linux-gnu", x86=True, linux=True, macos_headers=False),
+    "macos-arm64": Target("aarch64-macos", x86=False, macos=True),
+    "linux-arm64": Target("aarch64-linux-gnu", x86=False, macos=False),
+    "linux-x86_64-clang": Target("x86_64-linux-gnu", x86=True, macos=False),
 }
 
 
@@ -94,10 +93,6 @@ def ensure_zig(cache: Path) -> Path:
     return zig
 
 
-def mlx_version() -> str:
-    return importlib.metadata.version("mlx")
-
-
 def installed_mlx_include() -> Path:
     """The include/ of the mlx installed here (found without importing it)."""
     spec = importlib.util.find_spec("mlx")
@@ -108,7 +103,7 @@ def installed_mlx_include() -> Path:
 
 def ensure_macos_mlx_include(cache: Path) -> Path:
     """include/ of the macOS (Apple silicon) mlx-metal wheel of the installed mlx version, once."""
-    version = mlx_version()
+    version = importlib.metadata.version("mlx")
     root = cache / f"mlx-metal-{version}-macos-arm64"
     if not (root / "mlx" / "include").exists():
         say(f"downloading mlx-metal {version} for macOS arm64 (about 45 MB; only its include/ is kept)")
@@ -143,7 +138,7 @@ def sources(target: Target) -> list[Path]:
     """The files CMakeLists.txt compiles for `target`: every src/*.cpp, the AVX ones on x86-64
     only, and src/blas_shim.c on Linux only."""
     files = [p for p in sorted((KERNELS / "src").glob("*.cpp")) if target.x86 or "_avx" not in p.name]
-    return files + [KERNELS / "src" / "blas_shim.c"] if target.linux else files
+    return files if target.macos else files + [KERNELS / "src" / "blas_shim.c"]
 
 
 def include_flags(target: Target, cache: Path) -> list[str]:
@@ -151,7 +146,7 @@ def include_flags(target: Target, cache: Path) -> list[str]:
     import nanobind
 
     flags = []
-    if target.macos_headers:
+    if target.macos:
         inc = ensure_macos_mlx_include(cache)
         # What the macOS MLXConfig.cmake puts in the mlx target's INTERFACE options and includes.
         flags += ["-D_METAL_", "-DACCELERATE_NEW_LAPACK"]
