@@ -18,7 +18,7 @@ import math
 
 import mlx.core as mx
 
-from impl.native import gpu_kernel, kernels
+from impl.native import gpu_kernel, gpu_works, kernels
 
 
 def flash_attention_mlx(
@@ -77,6 +77,7 @@ def flash_attention(
     if mx.default_device() == mx.cpu and hasattr(kernels, "flash_attention"):
         return kernels.flash_attention(query, key, value, scale=scale, mask=mask)
     gpu = gpu_kernel("flash_attention")
-    if gpu is not None and query.ndim == 4 and query.shape[-1] <= 256:  # the GPU kernel's reach
+    variant = (query.dtype, query.shape[-1], "array" if isinstance(mask, mx.array) else mask)
+    if gpu is not None and query.ndim == 4 and gpu_works("flash_attention", variant):
         return gpu(query, key, value, scale=scale, mask=mask)
     return flash_attention_mlx(query, key, value, scale=scale, mask=mask)

@@ -4,7 +4,8 @@
 under MLX's CPU matmul on Linux and, from week 2, holds the C++ kernels and
 (`tiny_llm_kernels.gpu`) the Metal/CUDA ones. It is imported before mlx: the
 BLAS fix only takes effect that way. Without it, impl/ says so once and runs
-on the pure-MLX paths.
+on the pure-MLX paths. The same holds for a GPU kernel that fails its first-use
+check on this GPU (`gpu_works`).
 """
 
 from __future__ import annotations
@@ -31,3 +32,23 @@ def gpu_kernel(name: str):
     if gpu_kernels is None or mx.default_device() != mx.gpu or gpu_kernels.backend() is None:
         return None
     return getattr(gpu_kernels, name)
+
+
+_gpu_checked: dict[tuple, bool] = {}  # (kernel, variant) -> passed its first-use check
+
+
+def gpu_works(name: str, variant: tuple) -> bool:
+    """Whether the GPU kernel `name` works here in `variant` (see tiny_llm_kernels.gpu.first_use_check),
+    checked once; a failure is said once on stderr, and the caller then runs its pure-MLX twin.
+    False, silently, for a variant the kernel does not compute (another dtype, bits, mask kind)."""
+    if not gpu_kernels.supports(name, variant):
+        return False
+    key = (name, variant)
+    if key not in _gpu_checked:
+        reason = gpu_kernels.first_use_check(name, variant)
+        if reason is not None:
+            shown = ", ".join(str(v).removeprefix("mlx.core.") for v in variant)
+            print(f"tiny-llm: the {gpu_kernels.backend()} {name} kernel ({shown}) failed its first-use check"
+                  f" ({reason}); using the pure-MLX path", file=sys.stderr)
+        _gpu_checked[key] = reason is None
+    return _gpu_checked[key]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from impl.native import gpu_kernel, kernels
+from impl.native import gpu_kernel, gpu_works, kernels
 
 
 def dequantize(w_q: mx.array, scales: mx.array, biases: mx.array, group_size: int = 64,
@@ -34,7 +34,8 @@ def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.ar
     (topic 2.3) on a GPU, when built; else the twin."""
     if _kernel is not None and mx.default_device() == mx.cpu:
         return _kernel(x, w_q, scales, biases, group_size, bits)
-    if (gpu := gpu_kernel("quantized_matmul")) is not None:
+    gpu = gpu_kernel("quantized_matmul")
+    if gpu is not None and gpu_works("quantized_matmul", (x.dtype, scales.dtype, group_size, bits)):
         return gpu(x, w_q, scales, biases, group_size, bits)
     return quantized_matmul_mlx(x, w_q, scales, biases, group_size, bits)
 

@@ -50,6 +50,19 @@ def test_gpu_kernels_are_built(impl):
     assert gpu.backend() in ("metal", "cuda"), f"MLX has a GPU but tiny_llm_kernels.gpu sees {gpu.backend()}"
 
 
+FIRST_USE = [(x, bits, group) for x in sorted(DTYPES) for bits in (4, 8) for group in (32, 64, 128)]
+
+
+@pytest.mark.parametrize("x_dtype, bits, group_size", FIRST_USE, ids=["-".join(map(str, v)) for v in FIRST_USE])
+def test_every_variant_passes_the_first_use_check(impl, x_dtype, bits, group_size):
+    """impl runs its twin, after one line on stderr, where a GPU kernel variant fails its first-use
+    check (tiny_llm_kernels.gpu.first_use_check); every variant must pass it, or the other tests
+    here would check the twin, not the kernel."""
+    variant = (DTYPES[x_dtype], mx.float16, group_size, bits)  # float16 scales, as the GGUF loader gives
+    reason = impl.native.gpu_kernels.first_use_check("quantized_matmul", variant)
+    assert reason is None, f"the GPU quantized matmul fails its first-use check in {variant}: {reason}"
+
+
 def test_kernel_is_one_lazy_node(quantize):
     check_one_lazy_node(quantize)
 

@@ -58,6 +58,20 @@ def test_public_entry_runs_a_kernel(impl, fa):
     assert_close(out, fa.flash_attention_mlx(q, k, v, mask="causal"), ONLINE_FP32, "GPU kernel vs twin")
 
 
+FIRST_USE = [(dtype, 64, mask) for dtype in ("bfloat16", "float16", "float32") for mask in (None, "causal", "array")]
+FIRST_USE += [("float32", D, "causal") for D in (32, 80, 128, 256)]
+
+
+@pytest.mark.parametrize("dtype, D, mask", FIRST_USE, ids=["-".join(map(str, v)) for v in FIRST_USE])
+def test_every_variant_passes_the_first_use_check(impl, dtype, D, mask):
+    """impl runs its twin, after one line on stderr, where a GPU kernel variant fails its first-use
+    check (tiny_llm_kernels.gpu.first_use_check); every variant must pass it, or the other tests
+    here would check the twin, not the kernel."""
+    variant = (getattr(mx, dtype), D, mask)
+    reason = impl.native.gpu_kernels.first_use_check("flash_attention", variant)
+    assert reason is None, f"the GPU flash attention fails its first-use check in {variant}: {reason}"
+
+
 @given(data=st.data())
 def test_flash_attention(impl, fa, data):
     check_drawn_case(impl, fa, data)

@@ -16,6 +16,9 @@ import pytest
 from tiny_llm_kernels import gpu  # missing: rebuild with pip install --no-build-isolation ./kernels
 from tiny_llm_kernels.gpu_emulator import emulate, emulate_run
 
+import impl.flash_attention
+import impl.quantize
+from impl import native
 from impl.flash_attention import flash_attention_mlx
 from impl.quantize import quantized_matmul_mlx
 from spec.day_2_2_quantized_matmul import make_weights, numpy_dequantize, tol_for
@@ -133,6 +136,8 @@ def test_cached_attention_as_on_a_gpu(monkeypatch, stored):
     monkeypatch.setattr(gpu, "_run", emulate_run)
     monkeypatch.setattr(gpu, "backend", lambda: "cuda")
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # what impl's dispatchers ask; MLX stays on the CPU
+    monkeypatch.setattr(native, "_gpu_checked", {})
+    assert native.gpu_works("flash_attention", (mx.float32, 64, "causal"))  # first use, before the count
     calls = []
     monkeypatch.setattr(gpu, "flash_attention", lambda *a, _f=gpu.flash_attention, **k: calls.append(1) or _f(*a, **k))
     rng = np.random.default_rng(6)
@@ -147,3 +152,64 @@ def test_cached_attention_as_on_a_gpu(monkeypatch, stored):
                      f"cached attention on the emulated GPU kernel vs twin, {stored or 'float32'} cache, L={L}")
     assert len(calls) == 4, f"the GPU flash attention ran {len(calls)} times, not once per step"
     assert caches[0].keys.dtype == (getattr(mx, stored) if stored else mx.float32)
+
+
+# Variants the engine runs (fp32 activations on fp16 GGUF scales; the 8-bit head) and the rest.
+CHECKED = [("quantized_matmul", (mx.float32, mx.float16, 32, 4)), ("quantized_matmul", (mx.float32, mx.float16, 32, 8)),
+           ("quantized_matmul", (mx.bfloat16, mx.float32, 128, 8)), ("flash_attention", (mx.float32, 64, "causal")),
+           ("flash_attention", (mx.float16, 80, None)), ("flash_attention", (mx.bfloat16, 128, "array"))]
+
+
+@pytest.mark.parametrize("kernel, variant", CHECKED, ids=[f"{k}-{'-'.join(map(str, v))}" for k, v in CHECKED])
+def test_first_use_check_passes_a_working_kernel(monkeypatch, kernel, variant):
+    monkeypatch.setattr(gpu, "_run", emulate_run)
+    assert gpu.supports(kernel, variant)
+    assert gpu.first_use_check(kernel, variant) is None
+
+
+def _zeros(kernel, inputs, output_shapes, output_dtypes, stream, launch):  # a kernel that computes nothing
+    return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes, strict=True)]
+
+
+def _no_compiler(*args):
+    raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: use of undeclared identifier")
+
+
+@pytest.mark.parametrize("broken", [_zeros, _no_compiler], ids=["wrong answer", "does not compile"])
+def test_impl_falls_back_to_the_twin_once_a_gpu_kernel_fails(monkeypatch, capsys, broken):
+    """On a GPU where a kernel does not compile or computes garbage, impl says so once per kernel
+    variant and runs the twin: the chat still answers, slower."""
+    monkeypatch.setattr(gpu, "_run", broken)
+    monkeypatch.setattr(gpu, "backend", lambda: "metal")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # what impl's dispatchers ask; MLX stays on the CPU
+    monkeypatch.setattr(native, "_gpu_checked", {})
+    w_q, scales, biases = make_weights(6, 64, 32, 4, mx.float16, seed=3)
+    x = mx.random.normal((2, 64), key=mx.random.key(3))
+    rng = np.random.default_rng(7)
+    q, k, v = (uniform(rng, shape, "float32")[0] for shape in ((1, 4, 3, 64), (1, 2, 9, 64), (1, 2, 9, 64)))
+    for _ in range(2):
+        got = impl.quantize.quantized_matmul(x, w_q, scales, biases, 32, 4)
+        assert mx.array_equal(got, quantized_matmul_mlx(x, w_q, scales, biases, 32, 4)), "not the twin's answer"
+        got = impl.flash_attention.flash_attention(q, k, v, mask="causal")
+        assert mx.array_equal(got, flash_attention_mlx(q, k, v, mask="causal")), "not the twin's answer"
+    said = [line for line in capsys.readouterr().err.splitlines() if "first-use check" in line]
+    assert len(said) == 2, f"expected one line per failed kernel variant, got {said}"
+    assert "metal quantized_matmul kernel (float32, float16, 32, 4)" in said[0], said[0]
+    assert "metal flash_attention kernel (float32, 64, causal)" in said[1], said[1]
+    reason = "off by" if broken is _zeros else "Unable to build metal library"
+    assert all(reason in line for line in said), said
+
+
+def test_impl_takes_the_twin_for_what_a_gpu_kernel_does_not_compute(monkeypatch, capsys):
+    """A variant the GPU kernel lacks (2-bit weights, a head of 512) goes to the twin with no warning."""
+    monkeypatch.setattr(gpu, "_run", _no_compiler)  # would fail loudly if it were asked
+    monkeypatch.setattr(gpu, "backend", lambda: "cuda")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(native, "_gpu_checked", {})
+    w_q, scales, biases = make_weights(3, 64, 32, 2, mx.float16, seed=4)
+    x = mx.random.normal((1, 64), key=mx.random.key(4))
+    assert mx.array_equal(impl.quantize.quantized_matmul(x, w_q, scales, biases, 32, 2),
+                          quantized_matmul_mlx(x, w_q, scales, biases, 32, 2))
+    q = mx.random.normal((1, 1, 2, 512), key=mx.random.key(5))
+    assert mx.array_equal(impl.flash_attention.flash_attention(q, q, q), flash_attention_mlx(q, q, q))
+    assert capsys.readouterr().err == "" and native._gpu_checked == {}

@@ -11,6 +11,7 @@ when the body uses it, the outputs, and the template arguments as constants.
 
     quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4)  (twin: impl.quantize)
     flash_attention(q, k, v, scale=None, mask=None)  (twin: impl.flash_attention)
+    first_use_check(kernel, variant)  one small run against numpy, before impl relies on a kernel
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 SRC = Path(__file__).resolve().parent / "gpu_src"
 WARP = 32
@@ -134,7 +136,7 @@ def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.ar
 # --- flash attention -------------------------------------------------------------------
 
 FA_ROWS = 4  # as in flash_attention.inc: query rows (warps) per threadgroup
-MASK_MODES = {None: 0, "causal": 1, "array": 2}
+MASK_MODES = {None: 0, "causal": 1, "array": 2}  # what the kernel's MASK_MODE means
 
 
 def attention_inputs(q: mx.array, k: mx.array, v: mx.array, scale: float | None,
@@ -172,6 +174,73 @@ def flash_attention(q: mx.array, k: mx.array, v: mx.array, scale: float | None =
     inputs, mode = attention_inputs(q, k, v, scale, mask)
     (o,) = _run("flash_attention", inputs, [q.shape], [q.dtype], stream, attention_launch(q, mode))
     return o
+
+
+# --- first use: does this kernel work on this GPU? ----------------------------------------
+# These sources have run only on the CPU emulator here (no GPU was at hand), so impl runs each
+# kernel variant once on a small input before relying on it (impl.native.gpu_works). A kernel
+# that does not compile or computes garbage on some GPU then costs its user speed, not the answer.
+
+# Of the reference's largest |value|. A broken kernel (a compile error, a wrong layout, another
+# SIMD width) is off by O(1); precision is the spec's business (day_2_3, day_2_5), not this check's.
+CHECK_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def _mx(a: np.ndarray, dtype: mx.Dtype) -> tuple[mx.array, np.ndarray]:
+    """a as an mx array of `dtype`, and the float64 values that dtype holds."""
+    x = mx.array(a.astype(np.float32)).astype(dtype)
+    return x, np.array(x.astype(mx.float32), np.float64)
+
+
+def _check_quantized_matmul(rng, x_dtype: mx.Dtype, scales_dtype: mx.Dtype, group_size: int, bits: int):
+    M, N, K = 3, 5, 2 * group_size  # a partial tile of rows, a partial group of warps, two groups
+    per_word = 32 // bits
+    q = rng.integers(0, 2**bits, (N, K), dtype=np.uint32)
+    w_q = (q.reshape(N, K // per_word, per_word) << np.arange(0, 32, bits, dtype=np.uint32)).sum(-1, dtype=np.uint32)
+    scales, s = _mx(rng.uniform(0.01, 0.1, (N, K // group_size)), scales_dtype)
+    biases, b = _mx(rng.uniform(-0.5, 0.5, (N, K // group_size)), scales_dtype)
+    x, x64 = _mx(rng.uniform(-1, 1, (M, K)), x_dtype)
+    w = np.repeat(s, group_size, axis=1) * q + np.repeat(b, group_size, axis=1)  # (N, K)
+    return quantized_matmul(x, mx.array(w_q), scales, biases, group_size, bits), x64 @ w.T
+
+
+def _check_flash_attention(rng, dtype: mx.Dtype, D: int, mask: str | None):
+    B, H, H_kv, L, S = 1, 2, 1, 3, 37  # grouped heads, two blocks of keys, L < S
+    (q, q64), (k, k64), (v, v64) = (_mx(rng.uniform(-1, 1, (B, h, n, D)), dtype) for h, n in ((H, L), (H_kv, S), (H_kv, S)))
+    scores = q64 @ k64.swapaxes(-1, -2) / math.sqrt(D)  # (B, H, L, S); kv head 0 serves both heads
+    if mask == "causal":  # lower-right aligned: row i sees keys j <= i + S - L
+        scores = np.where(np.arange(S) <= np.arange(L)[:, None] + S - L, scores, -np.inf)
+    elif mask == "array":
+        additive = rng.uniform(-1, 0, (B, H, L, S))
+        scores, mask = scores + additive, mx.array(additive.astype(np.float32))
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return flash_attention(q, k, v, mask=mask), p / p.sum(-1, keepdims=True) @ v64
+
+
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def supports(kernel: str, variant: tuple) -> bool:
+    """Whether `kernel` computes `variant`: (x dtype, scales dtype, group size, bits) for
+    "quantized_matmul"; (dtype, head size D, mask: None, "causal" or "array") for "flash_attention"."""
+    if kernel == "quantized_matmul":
+        x_dtype, scales_dtype, group_size, bits = variant
+        return x_dtype in FLOATS and scales_dtype in FLOATS and group_size in (32, 64, 128) and bits in (4, 8)
+    dtype, D, mask = variant
+    return dtype in FLOATS and 0 < D <= 256 and (mask is None or isinstance(mask, str) and mask in MASK_MODES)
+
+
+def first_use_check(kernel: str, variant: tuple) -> str | None:
+    """Run `kernel` once in `variant` (one it `supports`) on a small input on this GPU and compare it
+    with numpy: None when it compiles, runs and agrees, else what went wrong, in one line."""
+    run = {"quantized_matmul": _check_quantized_matmul, "flash_attention": _check_flash_attention}[kernel]
+    try:
+        got, want = run(np.random.default_rng(0), *variant)
+        got = np.array(got.astype(mx.float32), np.float64)  # evaluates: a compile error raises here
+    except Exception as e:  # noqa: BLE001  (whatever the GPU stack raises, the answer is "not usable")
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    err, limit = np.abs(got - want).max(), CHECK_TOL[str(variant[0]).removeprefix("mlx.core.")] * np.abs(want).max()
+    return None if err <= limit else f"off by {err:.3g} from numpy (allowed {limit:.3g})"
 
 
 # --- for tools/nvrtc_check.py: instances that cover every template combination ----------
