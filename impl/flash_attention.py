@@ -64,7 +64,8 @@ def flash_attention_mlx(
         acc = acc * alpha + p @ v
         m = m_new
     # l = 0: the row saw no key (causal with L > S, an all -inf mask row): 0, as torch gives.
-    out = mx.where(l > 0, acc / mx.where(l > 0, l, 1.0), 0.0)
+    # (A NaN score makes l NaN, and the row NaN, as softmax would.)
+    out = mx.where(l == 0, 0.0, acc / mx.where(l == 0, 1.0, l))
     return out.reshape(*batch, H, L, D).astype(query.dtype)
 
 

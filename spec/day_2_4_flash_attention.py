@@ -293,6 +293,40 @@ def test_unknown_mask_string_is_an_error(fa):
             getattr(fa, name)(q, q, q, mask="upper")
 
 
+# Where a score is NaN (a NaN in q, k, the mask or the scale; inf - inf from an inf key),
+# softmax makes the row NaN. A kernel whose max or exp skips NaN hands finite numbers on, and
+# the fault surfaces layers later, if at all. The reference is softmax as written, in float64
+# numpy: torch's fused CPU SDPA returns finite rows for a NaN query, so it is not one here.
+NAN_CASES = ["a NaN key", "a NaN query", "a NaN mask entry", "an inf key", "a NaN scale"]
+
+
+@pytest.mark.parametrize("L, S", [(3, 70), (1, 3000)])  # several key tiles; decode split across threads
+@pytest.mark.parametrize("case", NAN_CASES)
+def test_nan_in_nan_out(fa, case, L, S):
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((1, 2, n, 16)).astype(np.float32) for n in (L, S, S))
+    mask, scale = np.zeros((L, S), np.float32), 0.25
+    if case == "a NaN key":
+        k[0, 1, 5, 3] = np.nan
+    elif case == "a NaN query":
+        q[0, 0, L - 1, 2] = np.nan
+    elif case == "a NaN mask entry":
+        mask[0, 7] = np.nan
+    elif case == "an inf key":
+        k[0, 0, 5, 3], q[0, 0, -1, 3] = np.inf, 1.0  # the last query row scores it +inf: inf - inf
+    else:
+        scale = float("nan")
+    scores = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) * scale + mask  # (1, 2, L, S)
+    with np.errstate(invalid="ignore"):  # the NaN is the point
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        want = p / p.sum(-1, keepdims=True) @ v.astype(np.float64)
+    assert np.isnan(want).any(), f"{case}: the reference has no NaN row; the case is wrong"
+    for name in NAMES:
+        got = getattr(fa, name)(mx.array(q), mx.array(k), mx.array(v), scale=scale,
+                                mask=mx.array(mask) if case == "a NaN mask entry" else None)
+        assert_close(got, want, ONLINE_FP32, f"{name} with {case}, L={L} S={S}: NaN rows as softmax's")
+
+
 # -- the decode step's attention as one node: RoPE, KV-cache append, flash attention ----------
 #
 # impl.layer_kernels.cached_attention(qkv, cache, rope, H, H_kv) takes the stacked q/k/v
@@ -389,19 +423,21 @@ def test_cached_attention_is_one_node_and_writes_the_cache_in_place(impl):
     assert cache.offset == 501
 
 
-def test_cached_attention_leaves_a_held_view_of_the_cache_alone(impl):
-    # A slice of the old cache (here: its state, kept across a rewind) shares its buffer: the
-    # kernel must then write a copy, so the slice still shows what it showed.
+@pytest.mark.parametrize("held", ["a slice", "the arrays"])
+def test_cached_attention_leaves_a_held_view_of_the_cache_alone(impl, held):
+    # A slice of the old cache (here: its state, kept across a rewind) shares its buffer, and
+    # the caller may hold the cache's arrays themselves: the kernel must then write a copy, so
+    # what is held still shows what it showed (MLX arrays never change under their holder).
     lk = impl.layer_kernels
     cache, kernel_rope, rng = _prefilled(impl, 6, 10, 2, 1, 32)
-    keys_before, values_before = cache.state
+    keys_before, values_before = cache.state if held == "a slice" else (cache.keys, cache.values)
     mx.eval(keys_before, values_before)
     snapshot = np.array(keys_before), np.array(values_before)
     cache.trim(4)  # rewind: the next step overwrites positions 6..
     out = lk.cached_attention(uniform(rng, (1, 2, 4 * 32), "float32")[0], cache, kernel_rope, 2, 1)
     mx.eval(out, cache.keys)
-    assert np.array_equal(np.array(keys_before), snapshot[0]), "a held slice of the old keys changed"
-    assert np.array_equal(np.array(values_before), snapshot[1]), "a held slice of the old values changed"
+    assert np.array_equal(np.array(keys_before), snapshot[0]), f"{held} of the old keys changed"
+    assert np.array_equal(np.array(values_before), snapshot[1]), f"{held} of the old values changed"
     assert cache.offset == 8
 
 

@@ -91,6 +91,20 @@ def test_flash_attention_body_matches_twin(shape, dtype, mask_kind):
     assert_close(got, twin, attention_tol(dtype), f"emulated GPU flash attention vs twin, {shape} {dtype} {mask_kind}")
 
 
+@pytest.mark.parametrize("where", ["key", "query"])
+def test_flash_attention_body_nan_in_nan_out(where):
+    """A NaN score makes its row NaN, as in the twin (spec 2.4's test_nan_in_nan_out), not 0."""
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.standard_normal((1, 2, n, 32)).astype(np.float32) for n in (3, 40, 40))
+    (q if where == "query" else k)[0, 0, 1, 5] = np.nan
+    q, k, v = mx.array(q), mx.array(k), mx.array(v)
+    inputs, mode = gpu.attention_inputs(q, k, v, None, None)
+    (got,) = emulate("flash_attention", inputs, [q.shape], [q.dtype], **gpu.attention_launch(q, mode))
+    twin = flash_attention_mlx(q, k, v)
+    assert np.isnan(np.array(twin)).any(), "the case has no NaN row"
+    assert_close(got, twin, attention_tol("float32"), f"emulated GPU flash attention vs twin, a NaN {where}")
+
+
 def test_public_functions_end_to_end(monkeypatch):
     """gpu.quantized_matmul on (B, L, K) x and gpu.flash_attention with a broadcast boolean mask,
     their launches run by the emulator instead of a GPU."""

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -25,12 +26,22 @@ fa::DType fa_dtype(const mx::Dtype& t) {
   return t == mx::float16 ? fa::DType::f16 : t == mx::bfloat16 ? fa::DType::bf16 : fa::DType::f32;
 }
 
-// The cache is written in place, as vLLM's cache write is: `out` shares `in`'s buffer when
-// no other array views that buffer (MLX's own donation test cannot pass here, since every
-// output of a multi-output node holds its inputs). Else (say, a slice of the old cache is
-// still held) `out` gets a new buffer and the task copies `in` into it first; returns whether.
-bool take_buffer(const mx::array& in, mx::array& out) {
-  if (in.data_shared_ptr().use_count() == 1 && in.data_shared_ptr()->is_owned() && in.flags().row_contiguous) {
+// How many arrays hold `a` (its descriptor): MLX has no accessor for the count, and an
+// mx::array is that one shared pointer, nothing else.
+long holders(const mx::array& a) {
+  static_assert(sizeof(mx::array) == sizeof(std::shared_ptr<void>), "mx::array is one shared_ptr");
+  return reinterpret_cast<const std::shared_ptr<void>&>(a).use_count();
+}
+
+// The cache is written in place, as vLLM's cache write is: `out` takes `in`'s buffer when
+// nothing else can see it. MLX's own test (is_donatable: one holder) cannot pass on a node
+// with several outputs, since each output holds the inputs; so: held only by this node's
+// outputs (not by the caller's Python variable, not by another node of the graph), and no
+// other array views the buffer (say, a slice of the old cache kept across a rewind). Else
+// `out` gets a new buffer and the task copies `in` into it first; returns whether.
+bool take_buffer(const mx::array& in, mx::array& out, size_t n_outputs) {
+  if (holders(in) == long(n_outputs) && in.data_shared_ptr().use_count() == 1 && in.data_shared_ptr()->is_owned() &&
+      in.flags().row_contiguous) {
     out.copy_shared_buffer(in);
     return false;
   }
@@ -92,11 +103,11 @@ std::tuple<mx::array, mx::array, mx::array> cached_attention(const mx::array& qk
          ", C, " + std::to_string(D) + "), got " + shape_str(keys) + " and " + shape_str(values));
   if (keys.dtype() != values.dtype() || !is_float(keys.dtype()))
     fail("keys and values must share one dtype: float32, float16 or bfloat16");
-  if (offset < 0 || offset + L > keys.shape(2))
-    fail("positions " + std::to_string(offset) + ".." + std::to_string(offset + L - 1) + " do not fit a cache of " +
-         std::to_string(keys.shape(2)));
+  if (offset < 0 || int64_t(offset) + L > keys.shape(2))
+    fail("positions " + std::to_string(offset) + ".." + std::to_string(int64_t(offset) + L - 1) +
+         " do not fit a cache of " + std::to_string(keys.shape(2)));
   if (cos.ndim() != 2 || cos.shape() != sin.shape() || cos.shape(1) != D / 2 || cos.dtype() != mx::float32 ||
-      sin.dtype() != mx::float32 || offset + L > cos.shape(0))
+      sin.dtype() != mx::float32 || int64_t(offset) + L > cos.shape(0))
     fail("cos and sin must be float32 (P, D/2) with P >= offset + L, got " + shape_str(cos) + " and " +
          shape_str(sin));
   const mx::Stream stream = cpu_stream(s, "cached_attention");
@@ -112,7 +123,8 @@ void CachedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   const auto &qkv = inputs[0], &keys = inputs[1], &values = inputs[2];
   auto &out = outputs[0], &k_out = outputs[1], &v_out = outputs[2];
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  const bool copy_k = take_buffer(keys, k_out), copy_v = take_buffer(values, v_out);
+  const bool copy_k = take_buffer(keys, k_out, outputs.size());
+  const bool copy_v = take_buffer(values, v_out, outputs.size());
   const Shapes sh{qkv.shape(0), qkv.shape(1), n_heads_, n_kv_heads_, keys.shape(3), keys.shape(2)};
 
   fa::Problem p;

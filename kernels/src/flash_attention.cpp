@@ -66,6 +66,7 @@ mx::array flash_attention(const mx::array& q, const mx::array& k, const mx::arra
 void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
   out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (out.size() == 0) return;  // B, H, L or D of 0: nothing to compute (and no heads to group)
 
   fa::Problem p;
   p.q = view(q), p.k = view(k), p.v = view(v);

@@ -71,7 +71,8 @@ uint16_t float_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT 
 namespace {
 
 V V::exp2(V a) {
-  const __m256 x = _mm256_min_ps(_mm256_max_ps(a.v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+  // Constants first: max/min return their second operand when either is NaN, so NaN stays NaN.
+  const __m256 x = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), a.v));
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(x, n);
   __m256 r = _mm256_set1_ps(kExp2Poly[7]);

@@ -80,7 +80,8 @@ uint16_t float_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT 
 namespace {
 
 V V::exp2(V a) {
-  const __m512 x = _mm512_min_ps(_mm512_max_ps(a.v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+  // Constants first: max/min return their second operand when either is NaN, so NaN stays NaN.
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), a.v));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 r = _mm512_set1_ps(kExp2Poly[7]);

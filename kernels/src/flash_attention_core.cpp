@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <stdexcept>
 
 #include "flash_attention_kernels.h"
 #include "quantized_matmul_threads.h"
@@ -100,12 +101,15 @@ const char* isa_name() { return current().load()->name; }
 
 const char* configure(const std::string& isa) {
   const Isa* want = isa.empty() || isa == "auto" ? best_isa() : isa == "portable" ? &isa_portable() : nullptr;
+  if (!want && isa != "avx2" && isa != "avx512")
+    throw std::invalid_argument("unknown isa '" + isa + "' (portable, avx2, avx512 or auto)");
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   if (isa == "avx2" && isa_avx2() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) want = isa_avx2();
   if (isa == "avx512" && isa_avx512() && __builtin_cpu_supports("avx512f")) want = isa_avx512();
 #endif
-  if (want) current().store(want);
+  if (!want) throw std::invalid_argument("this CPU (or build) lacks " + isa);
+  current().store(want);
   return isa_name();
 }
 

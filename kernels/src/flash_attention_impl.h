@@ -252,6 +252,8 @@ inline void online_softmax(float* s, float& m, float& l, float* o, int Dp) {
   for (int c = 0; c < BC; c += V::L) mx = V::max(mx, V::load(s + c));
   const float m_new = std::max(m, V::hmax(mx));
   if (m_new == -kInf) {  // no key visible to this row yet: weights 0, o and l stay 0
+    // ... unless the max skipped NaN scores: then the row is NaN, as softmax makes it.
+    if (std::any_of(s, s + BC, [](float x) { return std::isnan(x); })) m = l = std::nanf("");
     std::fill(s, s + BC, 0.0f);
     return;
   }
@@ -347,8 +349,8 @@ void attend(const Problem& p, const Plan& plan, int b, int g, int qt, int split,
     return;
   }
   for (int row = 0; row < rows; ++row) {
-    // l = 0: the row saw no key; its output is 0 (torch's convention), not 0/0.
-    const V inv = V::set1(l[row] > 0.0f ? 1.0f / l[row] : 0.0f);
+    // l = 0: the row saw no key; its output is 0 (torch's convention), not 0/0. A NaN l stays.
+    const V inv = V::set1(l[row] == 0.0f ? 0.0f : 1.0f / l[row]);
     float* o = O + row * Dp;
     for (int d = 0; d < Dp; d += V::L) V::store(o + d, V::mul(V::load(o + d), inv));
     const int h = g * n_rep + row / nl, pos = l0 + row % nl;
@@ -365,7 +367,10 @@ void merge(const Problem& p, const Plan& plan, int b, int g, int qt, const float
   float* o = scratch(kRowSlot, Dp);
   for (int row = 0; row < n_rep * nl; ++row) {
     float M = -kInf;
-    for (int i = 0; i < plan.n_splits; ++i) M = std::max(M, partials[i * block + size_t(R) * Dp + row]);
+    for (int i = 0; i < plan.n_splits; ++i) {  // a NaN m_i (a split that saw NaN scores) wins
+      const float m_i = partials[i * block + size_t(R) * Dp + row];
+      M = std::isnan(m_i) || m_i > M ? m_i : M;
+    }
     std::fill(o, o + Dp, 0.0f);
     float lsum = 0.0f;
     if (M != -kInf) {
@@ -377,7 +382,7 @@ void merge(const Problem& p, const Plan& plan, int b, int g, int qt, const float
         for (int d = 0; d < Dp; d += V::L) V::store(o + d, V::fma(wv, V::load(part + row * Dp + d), V::load(o + d)));
       }
     }
-    const V inv = V::set1(lsum > 0.0f ? 1.0f / lsum : 0.0f);
+    const V inv = V::set1(lsum == 0.0f ? 0.0f : 1.0f / lsum);
     for (int d = 0; d < Dp; d += V::L) V::store(o + d, V::mul(V::load(o + d), inv));
     const int h = g * n_rep + row / nl, pos = l0 + row % nl;
     store_row(o, p.q.dtype, p.out, p.out_offset(b, h, pos), p.D);

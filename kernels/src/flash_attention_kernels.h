@@ -74,7 +74,8 @@ size_t workspace_bytes(const Problem& p);
 void run(const Problem& p, void* workspace);
 
 // The instruction set in use; configure("portable" | "avx2" | "avx512" | "auto" or "" = best) forces
-// one (for tests) and returns the name now in use. Unknown or unsupported: unchanged.
+// one (for tests) and returns the name now in use; an unknown name, or one this CPU or build
+// lacks, throws std::invalid_argument.
 const char* isa_name();
 const char* configure(const std::string& isa);
 

@@ -116,6 +116,10 @@ namespace {
 V V::exp2(V a) {
   V r;
   for (int i = 0; i < L; ++i) {
+    if (std::isnan(a.v[i])) {  // NaN in, NaN out (fmax would drop it; int(NaN) is undefined)
+      r.v[i] = a.v[i];
+      continue;
+    }
     const float xi = std::fmin(std::fmax(a.v[i], -127.0f), 127.0f);
     const float n = std::nearbyint(xi), f = xi - n;
     float p = kExp2Poly[7];

@@ -44,9 +44,9 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, i
       sin.dtype() != mx::float32)
     fail("cos and sin must be float32 (S, D/2) = (S, " + std::to_string(half) + "), got " + shape_str(cos) +
          " and " + shape_str(sin));
-  if (offset < 0 || offset + L > cos.shape(0))
-    fail("positions " + std::to_string(offset) + ".." + std::to_string(offset + L - 1) + " are past the table of " +
-         std::to_string(cos.shape(0)));
+  if (offset < 0 || int64_t(offset) + L > cos.shape(0))
+    fail("positions " + std::to_string(offset) + ".." + std::to_string(int64_t(offset) + L - 1) +
+         " are past the table of " + std::to_string(cos.shape(0)));
   const mx::Stream stream = cpu_stream(s, "rope");
   return mx::array(x.shape(), x.dtype(), std::make_shared<RoPEPrimitive>(stream, offset, traditional), {x, cos, sin});
 }
