@@ -70,13 +70,20 @@ def _env(session: nox.Session, name: str, groups: tuple[str, ...]) -> Path:
     return python
 
 
-def _impl_name(posargs: list[str]) -> str:
+def _impl_name(posargs: list[str]) -> str | None:
+    """The package `--impl=NAME` (or `--impl NAME`) names, if any."""
     for i, arg in enumerate(posargs):
         if arg.startswith("--impl="):
             return arg.split("=", 1)[1]
         if arg == "--impl" and i + 1 < len(posargs):
             return posargs[i + 1]
-    return "impl"
+    return None
+
+
+def _named_paths(posargs: list[str]) -> list[str]:
+    """The files or tests the user named (`-- spec/day_1_3_gqa.py::test_x`), not options or their values."""
+    return [a for i, a in enumerate(posargs)
+            if not a.startswith("-") and not (i and posargs[i - 1] == "--impl") and (ROOT / a.split("::")[0]).exists()]
 
 
 def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
@@ -84,19 +91,23 @@ def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
     python = _env(session, "spec", ("runtime", "reference", "test"))
     BUILD.mkdir(exist_ok=True)
     junit = BUILD / f"junit-{label}.xml"
-    if any((ROOT / a.split("::")[0]).exists() for a in session.posargs if not a.startswith("-")):
-        paths = []  # the user named files or tests (`-- spec/day_1_3_gqa.py`): run just those
-    elif not paths:  # pytest with no paths would run its testpaths: the whole suite
-        session.log(f"{label}: no spec files yet")
-        return
-    cmd = [str(python), "-m", "pytest", *paths, f"--junitxml={junit}", "-o", "junit_family=xunit2", *session.posargs]
+    args, named = list(session.posargs), _named_paths(session.posargs)
+    ours = {(ROOT / p).resolve() for p in paths}
+    if named and (label == "all" or any((ROOT / a.split("::")[0]).resolve() in ours for a in named)):
+        paths = []  # the user named files or tests of this week (`-- spec/day_1_3_gqa.py`): run just those
+    else:  # none, or a later week's (this session is that week's gate): this week's files, the options only
+        args = [a for a in args if a not in named]
+        if not paths:  # pytest with no paths would run its testpaths: the whole suite
+            session.log(f"{label}: no spec files yet")
+            return
+    cmd = [str(python), "-m", "pytest", *paths, f"--junitxml={junit}", "-o", "junit_family=xunit2", *args]
     session.log(" ".join(cmd))
     rc = subprocess.call(cmd, cwd=ROOT)
     if rc == 5:
         session.log(f"{label}: pytest collected no tests")
     elif junit.exists():
         session.run(str(python), "-m", "tools.progress", "--junit", str(junit), "--impl",
-                    _impl_name(session.posargs), "--out", str(ROOT / "PROGRESS.md"), external=True)
+                    _impl_name(session.posargs) or "impl", "--out", str(ROOT / "PROGRESS.md"), external=True)
     if rc not in (0, 5):
         session.error(f"{label}: the specification failed (pytest exit code {rc}); see above and PROGRESS.md")
 
@@ -127,12 +138,13 @@ def week3(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def progress(session: nox.Session) -> None:
-    """Regenerate PROGRESS.md from the spec results already in build/ (no tests run)."""
+    """Regenerate PROGRESS.md from the spec results already in build/ (no tests run); the package is the last run's."""
     reports = sorted(BUILD.glob("junit-*.xml"), key=lambda p: p.stat().st_mtime)
     if not reports:
         session.error("no spec results in build/ yet: run nox -s week1 (or nox -s tests) first")
     args = [a for r in reports for a in ("--junit", str(r))]
-    session.run(sys.executable, "-m", "tools.progress", *args, "--impl", _impl_name(session.posargs),
+    impl = _impl_name(session.posargs)
+    session.run(sys.executable, "-m", "tools.progress", *args, *(["--impl", impl] if impl else []),
                 "--out", str(ROOT / "PROGRESS.md"), external=True)
 
 

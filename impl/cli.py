@@ -69,7 +69,9 @@ def _prompt_ids(loaded, messages: list[dict]) -> list[int]:
 
 def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str:
     """Stream one assistant reply to stdout; return its text. prompt_cache: a PromptCache kept
-    across a chat's turns, so each turn prefills only what the conversation added."""
+    across a chat's turns, so each turn prefills only what the conversation added. Then one line
+    to stderr: `[prefill N tokens (M more from the cache) at X tok/s, decode N tokens at X tok/s,
+    finish: REASON, KV cache DTYPE SIZE MB]` (the parenthesis only when the cache served some)."""
     from impl.generate import PromptCache, stream_generate
 
     ids = _prompt_ids(loaded, messages)
@@ -83,9 +85,12 @@ def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str
     print()
     new = stats.prompt_tokens - prompt_cache.reused
     reused = f" ({prompt_cache.reused} more from the cache)" if prompt_cache.reused else ""
+    keys = prompt_cache.cache[0].state[0]  # (N, H_kv, S, D), in the dtype the cache stores
+    held = sum(c.nbytes for c in prompt_cache.cache) / 2**20
     print(f"[prefill {new} tokens{reused} at {new / stats.prefill_seconds:.1f} tok/s,"
           f" decode {stats.generated_tokens} tokens at {stats.decode_tps:.1f} tok/s,"
-          f" finish: {stats.finish_reason}]", file=sys.stderr)
+          f" finish: {stats.finish_reason}, KV cache {str(keys.dtype).removeprefix('mlx.core.')}"
+          f" {held:.1f} MB]", file=sys.stderr)
     return "".join(text)
 
 

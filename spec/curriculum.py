@@ -1,7 +1,7 @@
 """The course's topics: ids, titles, prerequisites and what each is checked against.
 
 One table, read by the specification (to tag results) and by tools/progress.py
-(to render PROGRESS.md). Topic ids are stable; see DESIGN.md.
+(to render PROGRESS.md). Topic ids are stable: learners' trackers and PROGRESS.md key on them.
 """
 
 from __future__ import annotations

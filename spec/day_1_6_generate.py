@@ -358,9 +358,11 @@ def test_generation_stops_at_the_context_length(impl, tokenizer):
 # --- the whole pipeline on the real model, against transformers ---
 
 
-def transformers_answer(default_model, messages: list[dict], max_tokens: int = 24) -> tuple[str, bool]:
+def transformers_answer(default_model, messages: list[dict], max_tokens: int = 24,
+                        margin: float | None = None) -> tuple[str, bool]:
     """transformers' greedy answer to `messages` (prompt from its apply_chat_template), as text, up
-    to the first step whose top-2 logit gap is under GREEDY_MARGIN; and whether that is all of it."""
+    to the first step whose top-2 logit gap is under `margin` (default GREEDY_MARGIN); and whether
+    that is all of it."""
     import torch
 
     from reference.models import hf_folder_from_gguf, transformers_model
@@ -374,7 +376,8 @@ def transformers_answer(default_model, messages: list[dict], max_tokens: int = 2
         return_dict_in_generate=True, pad_token_id=hf.eos_token_id, eos_token_id=hf.eos_token_id)
     new = out.sequences[0, len(ids):].tolist()
     gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
-    clear = next((i for i, g in enumerate(gaps) if g < GREEDY_MARGIN), len(gaps))
+    margin = GREEDY_MARGIN if margin is None else margin
+    clear = next((i for i, g in enumerate(gaps) if g < margin), len(gaps))
     assert clear >= MIN_GREEDY_TOKENS, f"only {clear} steps had a clear top-2 gap: a vacuous check"
     print(f"transformers: {clear} of {len(gaps)} steps had a clear top-2 gap")
     return hf.decode([t for t in new[:clear] if t != hf.eos_token_id]), clear == len(gaps)

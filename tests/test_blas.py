@@ -1,4 +1,4 @@
-"""The BLAS fix (DESIGN.md, "Facts measured"): on Linux, MLX's fp32 matmul must run on
+"""The BLAS fix (tiny_llm_kernels/__init__.py): on Linux, MLX's fp32 matmul must run on
 OpenBLAS through tiny_llm_kernels' shim, not on the reference BLAS the wheel links."""
 
 import sys

@@ -32,9 +32,12 @@ def case(topic: str, outcome: str = "passed", *, prop: bool = True, message: str
 case.n = 0
 
 
-def junit(path: Path, cases: list[str], stamp: str = "2025-03-04T05:06:07.123456+00:00") -> Path:
+def junit(path: Path, cases: list[str], stamp: str = "2025-03-04T05:06:07.123456+00:00",
+          impl: str | None = None) -> Path:
+    """A pytest JUnit file; impl: the package it records having checked (spec/conftest.py does)."""
+    props = f'<properties><property name="impl" value="{impl}"/></properties>' if impl else ""
     path.write_text('<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests">'
-                    f'<testsuite name="pytest" timestamp="{stamp}">{"".join(cases)}</testsuite>'
+                    f'<testsuite name="pytest" timestamp="{stamp}">{props}{"".join(cases)}</testsuite>'
                     "</testsuites>", encoding="utf-8")
     return path
 
@@ -128,6 +131,17 @@ def test_results_of_another_package_are_dropped(tmp_path, week1):
     other = junit(tmp_path / "mine.xml", [case("1.2")])
     r = rows(run(tmp_path, other, impl="mine"))
     assert r["1.1"][2] == "not started" and r["1.2"][2] == "complete"
+
+
+def test_the_package_is_the_one_the_last_run_recorded(tmp_path):
+    """`nox -s progress` passes no --impl: a learner's run credits their package, not impl."""
+    theirs = junit(tmp_path / "impl.xml", [case("1.1"), case("1.2")], impl="impl")
+    mine = junit(tmp_path / "mine.xml", [case("1.2")], impl="mine")
+    text = run(tmp_path, theirs, mine)
+    assert "Implementation checked: `mine`" in text, text.splitlines()[:8]
+    r = rows(text)  # impl's file is left out, so its 1.1 result is not merged in
+    assert r["1.1"][2] == "not started" and r["1.2"][2] == "complete"
+    assert "Implementation checked: `impl`" in run(tmp_path, theirs, impl="impl")
 
 
 def test_learner_columns_and_notes_survive(tmp_path, week1):

@@ -313,6 +313,23 @@ def _call_with_nones(fn):
         result.send(None)
 
 
+def test_topics_follow_aliases_and_name_tables(tmp_path):
+    """A function's topic is the first spec that uses it, however it reaches it: directly, through a
+    module alias or fixture, or by name in a has-the-names table; a later direct use does not win."""
+    spec = tmp_path / "spec"
+    spec.mkdir()
+    (spec / "day_1_2_rope.py").write_text(
+        "import pytest\n\n@pytest.fixture\ndef rope(impl):\n    return impl.rope\n\n"
+        "def test_rope(rope):\n    rope.RoPE(8)\n")
+    (spec / "day_1_4_norm_mlp.py").write_text("def test_norm(impl):\n    norm = impl.norm\n    norm.RMSNorm(8)\n")
+    (spec / "day_1_5_model.py").write_text('NAMES = {"model": ["Model", "TransformerBlock"]}\n')
+    (spec / "day_2_2_quantized_matmul.py").write_text(
+        "def test_all(impl):\n    impl.rope.RoPE(8), impl.norm.RMSNorm(8), impl.model.TransformerBlock()\n")
+    topics = scaffold.spec_topics(spec)
+    assert {k: topics[k] for k in ("rope.RoPE", "norm.RMSNorm", "model.TransformerBlock", "model.Model")} == {
+        "rope.RoPE": "1.2", "norm.RMSNorm": "1.4", "model.TransformerBlock": "1.5", "model.Model": "1.5"}
+
+
 def test_format_is_ast_unparse():
     import ast
 

@@ -13,7 +13,8 @@ comment block (invisible when rendered) with one JSON object per topic:
     -->
 
 Results recorded for another --impl package are dropped, not merged: a table
-mixing two implementations would describe neither.
+mixing two implementations would describe neither. The spec records the package
+it checked in its JUnit file; without --impl, the newest file's package is the one.
 
 The learner owns the Hours, Mastery and Notes cells of each topic row and all
 text below NOTES_MARKER; both are read back and written again unchanged.
@@ -100,6 +101,14 @@ def read_junit(path: Path, impl: str) -> dict[str, Result]:
         setattr(r, outcome, getattr(r, outcome) + 1)
         r.when = max(r.when, when)
     return results
+
+
+def recorded_impl(path: Path) -> str | None:
+    """The package a JUnit file's run checked (spec/conftest.py records it), if it says."""
+    for prop in _parse_xml(path).iter("property"):
+        if prop.get("name") == "impl":
+            return prop.get("value")
+    return None
 
 
 def _parse_xml(path: Path) -> ET.Element:
@@ -311,17 +320,23 @@ def _order(topic_id: str) -> tuple[int, ...]:
 # -------------------------------------------------------------------- main
 
 
-def update(junit: list[Path], impl: str, out: Path) -> dict[str, Result]:
-    """Merge the given runs into `out`'s results and rewrite it; returns the results."""
+def update(junit: list[Path], impl: str | None, out: Path) -> tuple[dict[str, Result], str]:
+    """Merge the given runs into `out`'s results and rewrite it; returns the results and the package.
+    impl None: the package the last file recorded (else "impl")."""
+    recorded = {path: recorded_impl(path) for path in junit}
+    impl = impl or recorded[junit[-1]] or "impl"
     prev = read_previous(out)
     results = {t: r for t, r in prev.results.items() if r.impl == impl}
     if len(results) < len(prev.results):
         print(f"progress: results recorded for another package than {impl!r} were dropped",
               file=sys.stderr)
     for path in junit:  # a later file replaces the topics it contains
+        if recorded[path] not in (None, impl):
+            print(f"progress: {path} checked {recorded[path]!r}, not {impl!r}; left out", file=sys.stderr)
+            continue
         results.update(read_junit(path, impl))
     _write_atomically(out, render(results, prev, impl, junit))
-    return results
+    return results, impl
 
 
 def _write_atomically(out: Path, text: str) -> None:
@@ -340,11 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.progress", description=__doc__.split("\n")[0])
     parser.add_argument("--junit", action="append", required=True, type=Path,
                         help="JUnit XML written by pytest --junitxml (repeatable; later files win)")
-    parser.add_argument("--impl", default="impl", help="the package the spec checked (default: impl)")
+    parser.add_argument("--impl", help="the package the spec checked (default: the one the last --junit file"
+                        " recorded, else impl)")
     parser.add_argument("--out", default=Path("PROGRESS.md"), type=Path, help="default: PROGRESS.md")
     args = parser.parse_args(argv)
     try:
-        results = update(args.junit, args.impl, args.out)
+        results, impl = update(args.junit, args.impl, args.out)
     except ProgressError as e:
         print(f"progress: error: {e}", file=sys.stderr)
         return 1
@@ -352,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"progress: error: cannot write {args.out}: {e.strerror}", file=sys.stderr)
         return 1
     done, passed = _totals(TOPICS, results)
-    print(f"wrote {args.out}: {done} topics complete, {passed} tests passed ({args.impl})")
+    print(f"wrote {args.out}: {done} topics complete, {passed} tests passed ({impl})")
     return 0
 
 

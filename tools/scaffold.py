@@ -371,13 +371,34 @@ def spec_topics(spec_dir: Path | None) -> dict[str, str]:
 
 
 def _impl_uses(tree: ast.AST) -> set[str]:
+    """'mod' and 'mod.name' for each impl.mod.name the spec file uses, directly, through an alias
+    of a module (`lk = impl.layer_kernels`, or a fixture `def norm(impl): return impl.norm`), or
+    by name in a has-the-names table (`{"model": ["Embedding", "TransformerBlock"]}`)."""
+    def impl_module(node) -> str | None:  # "mod" for the expression impl.mod
+        is_impl = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "impl"
+        return node.attr if is_impl else None
+
+    aliases = {}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Assign) and (mod := impl_module(n.value)):
+            aliases.update((t.id, mod) for t in n.targets if isinstance(t, ast.Name))
+        elif isinstance(n, ast.FunctionDef) and len(n.body) == 1 and isinstance(n.body[0], ast.Return) \
+                and (mod := impl_module(n.body[0].value)):
+            aliases[n.name] = mod  # a fixture: its tests take it as a parameter of this name
     uses = set()
     for n in ast.walk(tree):
-        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "impl":
-            uses.add(n.attr)
-        elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) \
-                and isinstance(n.value.value, ast.Name) and n.value.value.id == "impl":
-            uses.add(f"{n.value.attr}.{n.attr}")
+        if mod := impl_module(n):
+            uses.add(mod)
+        elif isinstance(n, ast.Attribute) and (mod := impl_module(n.value)):
+            uses.add(f"{mod}.{n.attr}")
+        elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases:
+            uses.add(f"{aliases[n.value.id]}.{n.attr}")
+        elif isinstance(n, ast.Dict):
+            for key, value in zip(n.keys, n.values, strict=True):
+                if isinstance(key, ast.Constant) and isinstance(key.value, str) \
+                        and isinstance(value, (ast.List, ast.Tuple)):
+                    uses.update(f"{key.value}.{e.value}" for e in value.elts
+                                if isinstance(e, ast.Constant) and isinstance(e.value, str))
     return uses
 
 
