@@ -80,10 +80,15 @@ def _impl_name(posargs: list[str]) -> str | None:
     return None
 
 
+def _file_of(arg: str) -> Path:
+    """The file a pytest argument `spec/day_1_3_gqa.py::test_x` names."""
+    return (ROOT / arg.split("::")[0]).resolve()
+
+
 def _named_paths(posargs: list[str]) -> list[str]:
     """The files or tests the user named (`-- spec/day_1_3_gqa.py::test_x`), not options or their values."""
     return [a for i, a in enumerate(posargs)
-            if not a.startswith("-") and not (i and posargs[i - 1] == "--impl") and (ROOT / a.split("::")[0]).exists()]
+            if not a.startswith("-") and not (i and posargs[i - 1] == "--impl") and _file_of(a).exists()]
 
 
 def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
@@ -92,8 +97,8 @@ def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
     BUILD.mkdir(exist_ok=True)
     junit = BUILD / f"junit-{label}.xml"
     args, named = list(session.posargs), _named_paths(session.posargs)
-    ours = {(ROOT / p).resolve() for p in paths}
-    if named and (label == "all" or any((ROOT / a.split("::")[0]).resolve() in ours for a in named)):
+    ours = {_file_of(p) for p in paths}
+    if named and (label == "all" or any(_file_of(a) in ours for a in named)):
         paths = []  # the user named files or tests of this week (`-- spec/day_1_3_gqa.py`): run just those
     else:  # none, or a later week's (this session is that week's gate): this week's files, the options only
         args = [a for a in args if a not in named]

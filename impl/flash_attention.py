@@ -78,7 +78,8 @@ def flash_attention(
     if mx.default_device() == mx.cpu and hasattr(kernels, "flash_attention"):
         return kernels.flash_attention(query, key, value, scale=scale, mask=mask)
     gpu = gpu_kernel("flash_attention")
-    variant = (query.dtype, query.shape[-1], "array" if isinstance(mask, mx.array) else mask)
-    if gpu is not None and query.ndim == 4 and gpu_works("flash_attention", variant):
-        return gpu(query, key, value, scale=scale, mask=mask)
+    if gpu is not None and query.ndim == 4:
+        variant = (query.dtype, query.shape[-1], "array" if isinstance(mask, mx.array) else mask)
+        if gpu_works("flash_attention", variant):
+            return gpu(query, key, value, scale=scale, mask=mask)
     return flash_attention_mlx(query, key, value, scale=scale, mask=mask)

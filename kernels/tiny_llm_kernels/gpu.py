@@ -26,6 +26,9 @@ import numpy as np
 
 SRC = Path(__file__).resolve().parent / "gpu_src"
 WARP = 32
+# What the kernels compute: x/q/k/v dtypes; the matmul's bits and group sizes; attention's head sizes.
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+BITS, GROUP_SIZES, MAX_D = (4, 8), (32, 64, 128), 256
 
 PROLOGUE = {
     "cuda": "const int tl_thread = threadIdx.x;\n"
@@ -108,7 +111,7 @@ def qmm_launch(M: int, N: int, x_dtype: mx.Dtype, group_size: int, bits: int) ->
 def check_quantized(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
                     group_size: int, bits: int) -> None:
     """One-line ValueErrors for what the kernel cannot compute."""
-    if bits not in (4, 8) or group_size not in (32, 64, 128):
+    if bits not in BITS or group_size not in GROUP_SIZES:
         raise ValueError(f"bits must be 4 or 8 and group_size 32, 64 or 128, not {bits} and {group_size}")
     if w_q.ndim != 2 or w_q.dtype != mx.uint32:
         raise ValueError(f"w_q must be (N, K * bits / 32) uint32, not {w_q.shape} {w_q.dtype}")
@@ -117,7 +120,7 @@ def check_quantized(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.arr
         raise ValueError(f"x has K = {x.shape[-1]} but the {bits}-bit weights have K = {K}")
     if scales.shape != (N, K // group_size) or biases.shape != scales.shape:
         raise ValueError(f"scales and biases must be {(N, K // group_size)}, not {scales.shape} and {biases.shape}")
-    if x.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+    if x.dtype not in FLOATS:
         raise ValueError(f"x must be float32, float16 or bfloat16, not {x.dtype}")
 
 
@@ -147,8 +150,8 @@ def attention_inputs(q: mx.array, k: mx.array, v: mx.array, scale: float | None,
     (B, H, L, D), H_kv, S = q.shape, k.shape[1], k.shape[2]
     if k.shape[0] != B or k.shape[3] != D or H % H_kv:
         raise ValueError(f"k and v {k.shape} do not fit q {q.shape} (same B and D; H a multiple of H_kv)")
-    if D > 256:
-        raise ValueError(f"head size {D} is over the kernel's 256")
+    if D > MAX_D:
+        raise ValueError(f"head size {D} is over the kernel's {MAX_D}")
     if isinstance(mask, str) and mask != "causal":
         raise ValueError(f"mask must be None, 'causal' or an array, not {mask!r}")
     mode = MASK_MODES["array" if isinstance(mask, mx.array) else mask]
@@ -217,17 +220,14 @@ def _check_flash_attention(rng, dtype: mx.Dtype, D: int, mask: str | None):
     return flash_attention(q, k, v, mask=mask), p / p.sum(-1, keepdims=True) @ v64
 
 
-FLOATS = (mx.float32, mx.float16, mx.bfloat16)
-
-
 def supports(kernel: str, variant: tuple) -> bool:
     """Whether `kernel` computes `variant`: (x dtype, scales dtype, group size, bits) for
     "quantized_matmul"; (dtype, head size D, mask: None, "causal" or "array") for "flash_attention"."""
     if kernel == "quantized_matmul":
         x_dtype, scales_dtype, group_size, bits = variant
-        return x_dtype in FLOATS and scales_dtype in FLOATS and group_size in (32, 64, 128) and bits in (4, 8)
+        return x_dtype in FLOATS and scales_dtype in FLOATS and group_size in GROUP_SIZES and bits in BITS
     dtype, D, mask = variant
-    return dtype in FLOATS and 0 < D <= 256 and (mask is None or isinstance(mask, str) and mask in MASK_MODES)
+    return dtype in FLOATS and 0 < D <= MAX_D and (mask is None or isinstance(mask, str) and mask in MASK_MODES)
 
 
 def first_use_check(kernel: str, variant: tuple) -> str | None:
