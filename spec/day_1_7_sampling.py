@@ -10,7 +10,9 @@
 - the sampled distribution against the expected one by a chi-squared test at a
   fixed seed; tokens outside the kept set must never be drawn (exact);
 - determinism under a seed, independence from mx.random's global state, and
-  ValueError for every out-of-range parameter.
+  ValueError for every out-of-range parameter;
+- the chat command: a sampling flag out of range is a one-line error before the
+  model loads, and a seeded sampled reply is the same twice.
 
 Ties: tokens tied with the last kept one are kept (the filters are thresholds
 on values), so top-k may keep more than k tokens. Greedy picks the lowest index
@@ -29,6 +31,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.stats import chisquare
+
+from spec.chat_command import WEEK1, assert_one_line_error, run_chat
 
 NAMES = ("validate_sampling", "apply_top_k", "apply_top_p", "apply_min_p", "make_sampler")
 
@@ -342,3 +346,28 @@ def test_validation_rejects(sampler, name, value):
                          ids=["defaults", "edges"])
 def test_validation_accepts(sampler, kwargs):
     sampler.validate_sampling(**kwargs)
+
+
+# --- the chat command's sampling flags (on week 1's model and decode loop) ---
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "1.5"], "top_p"),
+    (["--top-p", "0"], "top_p"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-k", "-1"], "top_k"),
+    (["--temperature", "inf"], "temperature"),
+    (["--min-p", "2"], "min_p"),
+    (["--temperature", "1", "--seed", "-1"], "seed"),
+])
+def test_cli_bad_sampling_flag_is_one_line_and_nonzero(impl, flags, message):
+    r = run_chat(impl, *WEEK1, "hi", *flags)
+    assert_one_line_error(r, message)
+    assert "[loaded " not in r.stderr, "the flags are checked before the model loads"
+
+
+def test_cli_seeded_sampling_repeats(impl):
+    flags = ("Name a color.", "--max-tokens", "8", "--temperature", "1.5", "--top-k", "50", "--seed", "7")
+    first, again = (run_chat(impl, *WEEK1, *flags) for _ in range(2))
+    assert first.returncode == 0 and again.returncode == 0, first.stderr[-2000:] + again.stderr[-2000:]
+    assert first.stdout == again.stdout and first.stdout.strip(), (first.stdout, again.stdout)

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spec.chat_command import run_chat, stats_lines
 from spec.ladder import (
     FP16_KV_GREEDY_MARGIN,
     FP32,
@@ -185,31 +186,25 @@ def test_prompt_cache_after_an_interrupted_prefill(impl):
     assert pc.reused == 0 and new == ids + [5] and all(c.offset == 0 for c in pc.cache)
 
 
-def test_chat_second_turn_prefills_only_what_it_adds(impl):
-    import subprocess
-    import sys
+# The chat command with the KV cache on week 1's model (--dequantize): the kernels are 2.2's and 2.4's.
 
+
+def test_chat_second_turn_prefills_only_what_it_adds(impl):
     turns = "What is the capital of France?\nAnd of Germany?\n"
-    r = subprocess.run([sys.executable, "-m", f"{impl.name}.cli", "--max-tokens", "24"], input=turns,
-                       capture_output=True, text=True, timeout=300)
+    r = run_chat(impl, "--dequantize", "--max-tokens", "24", input=turns)
     assert r.returncode == 0, r.stderr[-2000:]
-    reports = [ln for ln in r.stderr.splitlines() if ln.startswith("[prefill")]
+    reports = stats_lines(r.stderr)
     assert len(reports) == 2, f"expected two replies, got: {r.stderr[-2000:]}"
     assert "from the cache" not in reports[0] and "from the cache" in reports[1], reports
 
 
 def test_chat_with_a_float16_cache(impl, default_model):
-    import subprocess
-    import sys
-
     from spec.day_1_6_generate import CONVERSATIONS, assert_answer, transformers_answer
 
     messages = CONVERSATIONS["one_user"]
-    r = subprocess.run([sys.executable, "-m", f"{impl.name}.cli", messages[0]["content"],
-                        "--max-tokens", "24", "--kv-cache-dtype", "float16"], capture_output=True, text=True,
-                       timeout=300)
+    r = run_chat(impl, "--dequantize", messages[0]["content"], "--max-tokens", "24", "--kv-cache-dtype", "float16")
     assert r.returncode == 0, r.stderr[-2000:]
-    stats = [line for line in r.stderr.splitlines() if line.startswith("[prefill")]
+    stats = stats_lines(r.stderr)
     assert stats and "KV cache float16" in stats[-1], f"the reply's stats line names another cache: {stats}"
     # fp16 keys and values move each logit by up to MODEL_FP16_KV.atol: compared while the gaps clear twice that.
     assert_answer(r.stdout.removesuffix("\n"), *transformers_answer(default_model, messages,
@@ -250,18 +245,21 @@ def test_real_cached_decode_logits_equal_uncached(impl, real, prompt):
     assert_close(got, want, MODEL_FP32, "decode-step logits with vs without cache")
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "quantized engine"])
-def test_real_prefill_computes_only_the_logits_it_keeps(impl, real, default_model, prompt, quantized):
+def test_real_prefill_computes_only_the_logits_it_keeps(impl, real, prompt):
+    check_prefill_keeps_only_the_last_logits(impl, real.model, prompt)  # 2.4 runs it on the quantized engine
+
+
+def check_prefill_keeps_only_the_last_logits(impl, model, prompt: list[int]) -> None:
     # A prefill needs the last position's logits only: logits_to_keep=k runs the final norm and
     # the head on the last k positions (a 512-token prompt spent a quarter of its time in the
     # head over all 512). The kept rows are the full logits' last rows; the caches are the same.
-    model = impl.loader.load_model(default_model, quantized=True).model if quantized else real.model
     caches = [impl.kv_cache.make_cache(model) for _ in range(3)]
+    vocab = model.args.vocab_size
     full = model(mx.array([prompt]), cache=caches[0])
-    assert full.shape == (1, len(prompt), real.args.vocab_size), f"logits_to_keep=0 keeps all: {full.shape}"
+    assert full.shape == (1, len(prompt), vocab), f"logits_to_keep=0 keeps all: {full.shape}"
     for k, cache in zip((1, 3), caches[1:], strict=True):
         kept = model(mx.array([prompt]), cache=cache, logits_to_keep=k)
-        assert kept.shape == (1, k, real.args.vocab_size), f"logits_to_keep={k}: {kept.shape}"
+        assert kept.shape == (1, k, vocab), f"logits_to_keep={k}: {kept.shape}"
         # The head over k rows instead of all: one fp32 matmul's summation order at most.
         assert_close(kept, full[:, -k:], FP32, f"logits_to_keep={k} vs the full logits' last {k} rows")
         assert np.array_equal(np.array(cache[0].state[0]), np.array(caches[0][0].state[0])), "the caches differ"

@@ -23,8 +23,10 @@ Checked:
   the separate ones, bit for bit.
 - kernel fusion (impl.fusion): the matmul with an RMSNorm or SwiGLU prologue and a
   residual epilogue in one node == the separate kernels, bit for bit, and == the
-  twin (fused_linear_mlx); the engine's decoder layer is 5 nodes with a KV cache, and
-  its cached decode matches the week-1 model recomputing the whole sequence.
+  twin (fused_linear_mlx).
+- the loader keeps the model's weights quantized (no dense copy). The model running on
+  all of week 2's kernels together (flash attention and the KV cache too) is checked
+  in day_2_4_flash_attention.py, the last of the topics it needs.
 fp32 tolerances are derived from the fp32 summation error over K (fp32_sum_bound);
 fp16/bf16 ones are the ladder's rungs, each with its reason.
 """
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 
 import mlx.core as mx
 import numpy as np
@@ -47,7 +48,6 @@ from spec.draw import DTYPES
 from spec.ladder import (
     BY_DTYPE,
     FP32,
-    MODEL_FP32,
     Tol,
     assert_close,
     assert_greedy_tokens,
@@ -288,11 +288,6 @@ def quantized_model(impl, default_model):
     return impl.loader.load_model(default_model, quantized=True)
 
 
-@pytest.fixture(scope="module")
-def dense_model(impl, default_model):
-    return impl.loader.load_model(default_model, quantized=False)
-
-
 def _linear_weights(model):
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
@@ -316,20 +311,6 @@ def check_model_keeps_weights_quantized(impl, quantized_model, default_model):
     # copy would be 5x the file.
     limit = 1.06 * default_model.stat().st_size
     assert total <= limit, f"quantized weights take {total / 1e6:.1f} MB, the GGUF file {limit / 1.06e6:.1f} MB"
-
-
-@pytest.mark.parametrize("text", MODEL_PROMPTS)
-def test_model_logits_match_the_dequantized_path(quantized_model, dense_model, text):
-    ids = mx.array([quantized_model.tokenizer.encode(text)])
-    # The same weight values (scale * q + bias in fp32) and fp32 accumulation on both paths;
-    # only summation order differs (and flash attention's online softmax), so the week-1
-    # model rung applies unchanged.
-    assert_close(quantized_model.model(ids), dense_model.model(ids), MODEL_FP32,
-                 f"quantized-kernel logits vs dequantized logits for {text!r}")
-
-
-def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_model):
-    check_greedy_tokens(impl, quantized_model, default_model)
 
 
 def check_greedy_tokens(impl, quantized_model, default_model):
@@ -497,29 +478,6 @@ def test_stacked_projections_match_separate_ones(impl):
     assert_close(a, b, tol, "MLP on stacked gate/up vs separate")
 
 
-def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):
-    model = quantized_model.model
-    layer = model.layers[0]
-    kinds = {type(layer.input_layernorm).__name__, type(model.norm).__name__, type(layer.self_attn.rope).__name__,
-             type(layer).__name__}
-    assert kinds == {"KernelRMSNorm", "KernelRoPE", "KernelTransformerBlock"}, f"the week-2 engine's classes: {kinds}"
-    assert layer.self_attn.wqkv is not None and layer.mlp.w_gate_up is not None, "projections are not stacked"
-    ops = _ops(model(mx.array([[1, 2, 3]])))
-    for kernel in ("TinyLLMRMSNorm", "TinyLLMRoPE", "TinyLLMSwiGLU", "TinyLLMQuantizedMatmul", "TinyLLMFlashAttention"):
-        assert kernel in ops, f"{kernel} is not in the model's graph"
-    assert ops.count("TinyLLMQuantizedMatmul") == 4 * len(model.layers) + 1, (
-        "expected 4 quantized matmuls a layer (qkv, o, gate_up, down) and the head")
-    # With a KV cache, RoPE, the cache append and the attention are one node a layer.
-    cache = impl.kv_cache.make_cache(model)
-    ops = _ops(model(mx.array([[1, 2, 3]]), cache=cache))
-    assert ops.count("TinyLLMCachedAttention") == len(model.layers), "the cached attention kernel is not used"
-    assert "TinyLLMRoPE" not in ops and "SliceUpdate" not in ops, f"RoPE or a cache update outside it: {ops}"
-    # ... and the norms, SwiGLU and residual adds ride in the matmuls (impl.fusion): 5 nodes a layer.
-    per_layer = ops.count("TinyLLMQuantizedMatmul") + ops.count("TinyLLMCachedAttention") - 1  # - the head
-    assert per_layer == 5 * len(model.layers), f"{per_layer / len(model.layers):.1f} kernel nodes a layer"
-    assert ops.count("TinyLLMRMSNorm") == 1 and "TinyLLMSwiGLU" not in ops, f"unfused norms or SwiGLU: {ops}"
-
-
 # --- kernel fusion: the quantized matmul with its neighbours in the same node --------------
 #
 # impl.fusion.fused_linear(x, w, norm=..., swiglu=..., residual=...): RMSNorm or SwiGLU on x
@@ -570,41 +528,6 @@ def test_fused_matmul_equals_the_separate_kernels(impl, x_dtype, M):
         assert_close(fused, twin, tol_for(x_dtype, K, A, 2), f"fused kernel vs twin, {what}")
 
 
-NO_KERNELS = """
-import sys
-sys.modules["tiny_llm_kernels"] = None  # as if the kernels had not built
-from {pkg}.generate import generate_step_cached
-from {pkg}.loader import load_model
-loaded = load_model(quantized=True)  # the week-2 engine's classes, on their pure-MLX twins
-ids = loaded.tokenizer.encode("The capital of France is")
-steps = generate_step_cached(loaded.model, ids)
-print(type(loaded.model.layers[0]).__name__, [next(steps) for _ in range(6)])
-"""
-
-
-def test_the_engine_without_kernels_runs_the_twins(impl, quantized_model):
-    # Without the compiled kernels the same engine (stacked quantized weights, the kernel-backed
-    # layer classes) falls back to every twin: fused_linear_mlx, cached_attention_mlx, ... and
-    # still gives the kernels' greedy tokens wherever the top-2 logit gap is clear (the two paths'
-    # logits differ by about 1e-4, MODEL_FP32).
-    import subprocess
-    import sys
-
-    run = subprocess.run([sys.executable, "-c", NO_KERNELS.format(pkg=impl.name)], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, f"the engine failed without kernels:\n{run.stderr[-2000:]}"
-    assert "kernels not built" in run.stderr, "impl did not say that the kernels are missing"
-    block, _, twin_tokens = run.stdout.strip().splitlines()[-1].partition(" ")
-    assert block == "KernelTransformerBlock", f"without kernels the model's layers are {block}"
-    ids = quantized_model.tokenizer.encode("The capital of France is")
-    steps = impl.generate.generate_step_cached(quantized_model.model, ids)
-    want = [next(steps) for _ in range(6)]
-    logits = np.array(quantized_model.model(mx.array([ids + want[:-1]]))[0, len(ids) - 1:])  # (6, V)
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    assert_greedy_tokens(iter(json.loads(twin_tokens)), want, (top2[:, 1] - top2[:, 0]).tolist(),
-                         "the engine without kernels vs with")
-
-
 def test_fused_matmul_rejects_bad_pieces(impl):
     kernels = impl.native.kernels
     w_q, scales, biases = make_weights(8, 64, 32, 4, mx.float16, seed=0)
@@ -621,18 +544,3 @@ def test_fused_matmul_rejects_bad_pieces(impl):
         with pytest.raises(ValueError, match="quantized_matmul: ") as e:
             kernels.quantized_matmul(x_, w_q, scales, biases, 32, 4, **kw)
         assert "\n" not in str(e.value), f"{what}: the error is not one line"
-
-
-@pytest.mark.parametrize("text", MODEL_PROMPTS)
-def test_cached_decode_on_the_kernels_matches_the_dequantized_path(impl, quantized_model, dense_model, text):
-    # Prefill, then decode token by token through the KV cache: the fused cached-attention
-    # kernel at every layer, against the week-1 model recomputing the whole sequence.
-
-    ids = quantized_model.tokenizer.encode(text)
-    extra = [28, 1024, 14, 2583, 30]  # any ids: teacher-forced decode steps
-    cache = impl.kv_cache.make_cache(quantized_model.model)
-    quantized_model.model(mx.array([ids]), cache=cache)
-    for i, token in enumerate(extra):
-        got = quantized_model.model(mx.array([[token]]), cache=cache)[:, -1]
-        want = dense_model.model(mx.array([ids + extra[:i + 1]]))[:, -1]
-        assert_close(got, want, MODEL_FP32, f"decode step {i} after {text!r}: cached kernels vs dense recompute")

@@ -30,6 +30,14 @@ cache), the cache bit-identical to the twin's, torch over the whole sequence; a
 decode step writes the cache in place (its peak memory stays far below the cache's
 size) but never into a buffer that a held slice views.
 
+The engine, all of week 2's CPU kernels in the real model (quantized weights, fused
+matmuls, flash attention, cached attention on 2.1's KV cache): its layers are 5 graph
+nodes; its logits match the dequantized week-1 model's, without a cache and decoding
+through one; its greedy tokens are transformers' where the top-2 gap is clear, and
+the pure-MLX twins' without the compiled kernels; a prefill computes only the logits
+it keeps; the chat command runs it by default (fp32 or fp16 cache) and answers as
+transformers does.
+
 Low-precision inputs are compared with a float32 reference computed from the same
 rounded values.
 """
@@ -37,6 +45,7 @@ rounded values.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import subprocess
 import sys
@@ -50,8 +59,19 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spec.chat_command import run_chat, stats_lines
+from spec.day_2_1_kv_cache import check_prefill_keeps_only_the_last_logits
+from spec.day_2_2_quantized_matmul import MODEL_PROMPTS, _ops, check_greedy_tokens
 from spec.draw import DTYPES
-from spec.ladder import BY_DTYPE, FP32, Tol, assert_close
+from spec.ladder import (
+    BY_DTYPE,
+    FP16_KV_GREEDY_MARGIN,
+    FP32,
+    MODEL_FP32,
+    Tol,
+    assert_close,
+    assert_greedy_tokens,
+)
 
 NAMES = ("flash_attention_mlx", "flash_attention")
 HEADS = [(4, 4), (4, 2), (6, 1), (9, 3)]  # (H, H_kv): MHA, GQA, MQA, the default model's
@@ -539,3 +559,133 @@ def test_resident_memory_growth_is_far_below_the_scores(impl):
     assert kernel < SCORES / 8, (
         f"flash attention at L = S = {N}: resident set grew {kernel / 2**20:.1f} MiB over one call, not far"
         f" below one (L, S) score matrix ({SCORES / 2**20:.0f} MiB; the week-1 attention: +{week1 / 2**20:.0f} MiB)")
+
+
+# --- the engine: the model on week 2's CPU kernels ---------------------------------------
+#
+# The loader's quantized engine (load_model(quantized=True)) runs the week-2 kernels together:
+# 2.2's quantized matmul (weights kept quantized, RMSNorm/SwiGLU/residual fused into it) and its
+# RMSNorm, RoPE and SwiGLU kernels, this topic's flash attention, and the decode step's
+# cached_attention on 2.1's KV cache. Its checks are here, in the last of those topics.
+
+
+@pytest.fixture(scope="module")
+def quantized_model(impl, default_model):
+    return impl.loader.load_model(default_model, quantized=True)
+
+
+@pytest.fixture(scope="module")
+def dense_model(impl, default_model):
+    return impl.loader.load_model(default_model, quantized=False)
+
+
+@pytest.mark.parametrize("text", MODEL_PROMPTS)
+def test_model_logits_match_the_dequantized_path(quantized_model, dense_model, text):
+    ids = mx.array([quantized_model.tokenizer.encode(text)])
+    # The same weight values (scale * q + bias in fp32) and fp32 accumulation on both paths;
+    # only summation order differs (and flash attention's online softmax), so the week-1
+    # model rung applies unchanged.
+    assert_close(quantized_model.model(ids), dense_model.model(ids), MODEL_FP32,
+                 f"quantized-kernel logits vs dequantized logits for {text!r}")
+
+
+def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_model):
+    check_greedy_tokens(impl, quantized_model, default_model)
+
+
+
+def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):
+    model = quantized_model.model
+    layer = model.layers[0]
+    kinds = {type(layer.input_layernorm).__name__, type(model.norm).__name__, type(layer.self_attn.rope).__name__,
+             type(layer).__name__}
+    assert kinds == {"KernelRMSNorm", "KernelRoPE", "KernelTransformerBlock"}, f"the week-2 engine's classes: {kinds}"
+    assert layer.self_attn.wqkv is not None and layer.mlp.w_gate_up is not None, "projections are not stacked"
+    ops = _ops(model(mx.array([[1, 2, 3]])))
+    for kernel in ("TinyLLMRMSNorm", "TinyLLMRoPE", "TinyLLMSwiGLU", "TinyLLMQuantizedMatmul", "TinyLLMFlashAttention"):
+        assert kernel in ops, f"{kernel} is not in the model's graph"
+    assert ops.count("TinyLLMQuantizedMatmul") == 4 * len(model.layers) + 1, (
+        "expected 4 quantized matmuls a layer (qkv, o, gate_up, down) and the head")
+    # With a KV cache, RoPE, the cache append and the attention are one node a layer.
+    cache = impl.kv_cache.make_cache(model)
+    ops = _ops(model(mx.array([[1, 2, 3]]), cache=cache))
+    assert ops.count("TinyLLMCachedAttention") == len(model.layers), "the cached attention kernel is not used"
+    assert "TinyLLMRoPE" not in ops and "SliceUpdate" not in ops, f"RoPE or a cache update outside it: {ops}"
+    # ... and the norms, SwiGLU and residual adds ride in the matmuls (impl.fusion): 5 nodes a layer.
+    per_layer = ops.count("TinyLLMQuantizedMatmul") + ops.count("TinyLLMCachedAttention") - 1  # - the head
+    assert per_layer == 5 * len(model.layers), f"{per_layer / len(model.layers):.1f} kernel nodes a layer"
+    assert ops.count("TinyLLMRMSNorm") == 1 and "TinyLLMSwiGLU" not in ops, f"unfused norms or SwiGLU: {ops}"
+
+
+
+NO_KERNELS = """
+import sys
+sys.modules["tiny_llm_kernels"] = None  # as if the kernels had not built
+from {pkg}.generate import generate_step_cached
+from {pkg}.loader import load_model
+loaded = load_model(quantized=True)  # the week-2 engine's classes, on their pure-MLX twins
+ids = loaded.tokenizer.encode("The capital of France is")
+steps = generate_step_cached(loaded.model, ids)
+print(type(loaded.model.layers[0]).__name__, [next(steps) for _ in range(6)])
+"""
+
+
+def test_the_engine_without_kernels_runs_the_twins(impl, quantized_model):
+    # Without the compiled kernels the same engine (stacked quantized weights, the kernel-backed
+    # layer classes) falls back to every twin: fused_linear_mlx, cached_attention_mlx, ... and
+    # still gives the kernels' greedy tokens wherever the top-2 logit gap is clear (the two paths'
+    # logits differ by about 1e-4, MODEL_FP32).
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", NO_KERNELS.format(pkg=impl.name)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, f"the engine failed without kernels:\n{run.stderr[-2000:]}"
+    assert "kernels not built" in run.stderr, "impl did not say that the kernels are missing"
+    block, _, twin_tokens = run.stdout.strip().splitlines()[-1].partition(" ")
+    assert block == "KernelTransformerBlock", f"without kernels the model's layers are {block}"
+    ids = quantized_model.tokenizer.encode("The capital of France is")
+    steps = impl.generate.generate_step_cached(quantized_model.model, ids)
+    want = [next(steps) for _ in range(6)]
+    logits = np.array(quantized_model.model(mx.array([ids + want[:-1]]))[0, len(ids) - 1:])  # (6, V)
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    assert_greedy_tokens(iter(json.loads(twin_tokens)), want, (top2[:, 1] - top2[:, 0]).tolist(),
+                         "the engine without kernels vs with")
+
+
+
+@pytest.mark.parametrize("text", MODEL_PROMPTS)
+def test_cached_decode_on_the_kernels_matches_the_dequantized_path(impl, quantized_model, dense_model, text):
+    # Prefill, then decode token by token through the KV cache: the fused cached-attention
+    # kernel at every layer, against the week-1 model recomputing the whole sequence.
+
+    ids = quantized_model.tokenizer.encode(text)
+    extra = [28, 1024, 14, 2583, 30]  # any ids: teacher-forced decode steps
+    cache = impl.kv_cache.make_cache(quantized_model.model)
+    quantized_model.model(mx.array([ids]), cache=cache)
+    for i, token in enumerate(extra):
+        got = quantized_model.model(mx.array([[token]]), cache=cache)[:, -1]
+        want = dense_model.model(mx.array([ids + extra[:i + 1]]))[:, -1]
+        assert_close(got, want, MODEL_FP32, f"decode step {i} after {text!r}: cached kernels vs dense recompute")
+
+
+def test_the_engine_prefill_computes_only_the_logits_it_keeps(impl, quantized_model):
+    prompt = quantized_model.tokenizer.encode("The capital of France is")
+    check_prefill_keeps_only_the_last_logits(impl, quantized_model.model, prompt)
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "float16"])
+def test_the_chat_command_runs_the_engine(impl, default_model, kv_dtype):
+    # No flags: quantized weights on the kernels and a KV cache, what a user's chat runs.
+    from spec.day_1_6_generate import CONVERSATIONS, assert_answer, transformers_answer
+
+    messages = CONVERSATIONS["one_user"]
+    r = run_chat(impl, messages[0]["content"], "--max-tokens", "24", "--kv-cache-dtype", kv_dtype)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = stats_lines(r.stderr)
+    stored = "float32" if kv_dtype == "auto" else kv_dtype
+    assert stats and f"KV cache {stored}" in stats[-1], f"the reply's stats line names another cache: {stats}"
+    # An fp16 cache moves each logit by up to MODEL_FP16_KV.atol: compared while the gaps clear twice that.
+    margin = {} if kv_dtype == "auto" else {"margin": FP16_KV_GREEDY_MARGIN}
+    assert_answer(r.stdout.removesuffix("\n"), *transformers_answer(default_model, messages, **margin),
+                  f"the chat command on the engine, KV cache {kv_dtype}")

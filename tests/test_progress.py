@@ -75,7 +75,7 @@ def test_statuses(tmp_path, week1):
     status = {t: cells[2] for t, cells in r.items()}
     assert status["1.1"] == "complete", r["1.1"]
     assert status["1.2"] == "in progress (1 of 2)", r["1.2"]
-    assert status["1.3"] == "not started", r["1.3"]  # its prerequisite 1.1 is complete
+    assert status["1.3"] == "blocked by 1.2", r["1.3"]  # 1.1 is complete, 1.2 (its RoPE) in progress
     assert status["1.4"] == "complete", r["1.4"]
     assert status["1.5"] == "blocked by 1.2, 1.3", r["1.5"]
     assert status["1.6"] == "blocked by 1.5", r["1.6"]

@@ -175,6 +175,22 @@ def test_stubs_keep_the_interface(importable, names, capsys):
     assert "util.py" in out and "next: nox -s week1 -- --impl=" + names[1] in out
 
 
+def test_through_keeps_the_solved_topics_bodies(importable, names, capsys):
+    # util.add is topic 1.3 (the spec uses it), the rest of util 1.4 (its docstring): --through
+    # 1.3 keeps add's body and stubs 1.4's; private helpers come along, stubbed or not likewise.
+    src_name, name = names
+    src = make_package(importable / "src", src_name)
+    (importable / "src" / "spec").mkdir()
+    (importable / "src" / "spec" / "day_1_3_gqa.py").write_text("def test_add(impl):\n    impl.util.add(1)\n")
+    assert main([name, "--from", str(src), "--into", str(importable), "--through", "1.3"]) == 0
+    out = capsys.readouterr().out
+    source = (importable / name / "util.py").read_text()
+    assert "implement util.add" not in source and "implement util.Cache.__init__ (topic 1.4)" in source, source
+    assert "def _unused(" in source and "next: nox -s week1" in out and "topics up to 1.3" in out, out
+    assert main([name + "x", "--from", str(src), "--into", str(importable), "--through", "1.9"]) == 2
+    assert "'1.9' is not a topic id" in capsys.readouterr().err
+
+
 def test_what_runs_at_import_is_kept(importable, names, capsys):
     _, out = scaffold_synthetic(importable, names, capsys)
     mine = importlib.import_module(f"{names[1]}.util")

@@ -1,6 +1,6 @@
 """Write a learner's package: every public signature and docstring of impl/, no bodies.
 
-    python -m tools.scaffold NAME [--from impl] [--into DIR] [--spec DIR] [--force]
+    python -m tools.scaffold NAME [--from impl] [--into DIR] [--spec DIR] [--through X.Y] [--force]
 
 For each module of the source package (default impl/) NAME/ gets a module with
 the same docstring, imports, constants, classes (decorators, bases, fields,
@@ -13,6 +13,10 @@ tells, the topic. Private helpers (`_name`) are dropped, except:
 - one the module runs while it is imported (`TABLE = _build_table()`, a
   decorator, a class built at import): kept verbatim with what it calls, since
   a stub would make the import fail. The tool prints these.
+
+--through X.Y starts later in the course: what belongs to the topics up to X.Y
+(in course order) keeps the source's bodies, private helpers included, and only
+the later topics' functions are stubbed.
 
 INFRASTRUCTURE modules are copied verbatim, only the package renamed. Imports of
 the source package are renamed to NAME; relative imports stay. Everything is
@@ -32,7 +36,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spec.curriculum import topic_of_file
+from spec.curriculum import BY_ID, TOPICS, topic_of_file, week_of
 
 INFRASTRUCTURE = ("__init__.py", "native.py")  # copied verbatim: plumbing, not exercises
 RESERVED = ("impl", "spec", "reference", "tools", "kernels")
@@ -208,11 +212,12 @@ class Plan:
     built: dict[str, set[str]]  # classes instantiated at import -> methods kept verbatim
 
 
-def plan(tree: ast.Module, required: set[str]) -> Plan:
-    """Which top-level definitions to keep, and which must keep their bodies to import."""
+def plan(tree: ast.Module, required: set[str], privates: bool = False) -> Plan:
+    """Which top-level definitions to keep, and which must keep their bodies to import.
+    privates: keep private definitions too (a scaffold --through a topic)."""
     defs = {s.name: s for s in tree.body if isinstance(s, DEFS)}
     annotations = not _has_future_annotations(tree)
-    p = Plan({n for n in defs if not is_private(n)} | (required & defs.keys()), set(), {})
+    p = Plan({n for n in defs if privates or not is_private(n)} | (required & defs.keys()), set(), {})
     while True:
         evaluated, calls = _evaluated(tree, p.keep, annotations)
         runs = _verbatim_bodies(p, defs)  # everything a verbatim body names may be called
@@ -300,8 +305,12 @@ def _is_trivial(fn) -> bool:
 class _Stubber:
     """Rewrites one module's tree into its scaffold."""
 
-    def __init__(self, package: str, module: str, topic_of, p: Plan):
+    def __init__(self, package: str, module: str, topic_of, p: Plan, solved=lambda topic: False,
+                 privates: bool = False):
+        """solved(topic): whether that topic's bodies are kept; privates: keep private methods too
+        (both for a scaffold --through a topic)."""
         self.package, self.module, self.topic_of, self.plan = package, module, topic_of, p
+        self.solved, self.privates = solved, privates
         self.stubs = 0
 
     def module_body(self, tree: ast.Module) -> list[ast.stmt]:
@@ -327,21 +336,25 @@ class _Stubber:
             if isinstance(stmt, FUNCTIONS):
                 if stmt.name in verbatim:
                     body.append(stmt)
-                elif not is_private(stmt.name) or stmt.name in needed:
+                elif self.keeps(stmt.name) or stmt.name in needed:
                     body.append(self.stub(stmt, f"{qualname}.{stmt.name}"))
             elif isinstance(stmt, ast.ClassDef):
-                if not is_private(stmt.name) or stmt.name in needed:
+                if self.keeps(stmt.name) or stmt.name in needed:
                     body.append(self.klass(stmt, f"{qualname}.{stmt.name}", set()))
             else:
                 body.append(stmt)
         cls.body = body or [ast.Pass()]
         return cls
 
+    def keeps(self, name: str) -> bool:
+        """Whether a class member appears in the scaffold: public ones, and private ones --through a topic."""
+        return self.privates or not is_private(name)
+
     def stub(self, fn, qualname: str):
-        if _is_trivial(fn):
+        topic = self.topic_of(self.module, qualname)
+        if _is_trivial(fn) or self.solved(topic):
             return fn
         self.stubs += 1
-        topic = self.topic_of(self.module, qualname)
         where = f" (topic {topic})" if topic else ""
         prefix = f"{self.module}." if self.module else ""
         message = f"{self.package}: implement {prefix}{qualname}{where}"
@@ -461,8 +474,11 @@ def _resolve(node: ast.ImportFrom, base: str, package: str) -> str | None:
     return ".".join([*parts, *([node.module] if node.module else [])])
 
 
-def build(src: Path, name: str, spec_dir: Path | None = None) -> list[Module]:
-    """The scaffold of package `src` renamed `name`, as Module texts (nothing written)."""
+def build(src: Path, name: str, spec_dir: Path | None = None, solved: frozenset[str] | None = None) -> list[Module]:
+    """The scaffold of package `src` renamed `name`, as Module texts (nothing written).
+
+    solved: topic ids whose bodies are kept (with every private helper, and what no topic
+    claims); None stubs every topic."""
     old, trees = src.resolve().name, _sources(src)
     wanted, topics = _imported_privates(trees, old), spec_topics(spec_dir)
     modules = []
@@ -472,23 +488,34 @@ def build(src: Path, name: str, spec_dir: Path | None = None) -> list[Module]:
             modules.append(Module(rel, f"# Copied by tools/scaffold.py from {old}/{rel.as_posix()}:"
                                        f" infrastructure, not an exercise.\n{text}", copied=True))
         else:
-            modules.append(_stub_module(tree, rel, old, name, wanted, topics))
+            modules.append(_stub_module(tree, rel, old, name, wanted, topics, solved))
     return modules
 
 
-def _stub_module(tree, rel: Path, old: str, name: str, wanted, topics) -> Module:
+def topics_through(last: str) -> frozenset[str]:
+    """The ids of the topics up to `last`, in course order ('1.7': week 1)."""
+    if last not in BY_ID:
+        raise ScaffoldError(f"{last!r} is not a topic id; they run {TOPICS[0].id} to {TOPICS[-1].id}")
+    return frozenset(t.id for t in TOPICS if _order(t.id) <= _order(last))
+
+
+def _stub_module(tree, rel: Path, old: str, name: str, wanted, topics, solved: frozenset[str] | None) -> Module:
     mod = module_name(rel)
-    p = plan(tree, wanted.get(mod, set()))
+    p = plan(tree, wanted.get(mod, set()), privates=solved is not None)
     fallback = _module_topic(tree) or topics.get(mod)
 
     def topic_of(module: str, qualname: str) -> str | None:
         return topics.get(f"{module}.{qualname.split('.')[0]}") or fallback
 
-    stubber = _Stubber(name, mod, topic_of, p)
+    def is_solved(topic: str | None) -> bool:  # None: what no topic claims, kept in a partial scaffold
+        return solved is not None and (topic is None or topic in solved)
+
+    stubber = _Stubber(name, mod, topic_of, p, is_solved, privates=solved is not None)
     tree.body = stubber.module_body(tree)
     tree = ast.fix_missing_locations(rename_package(tree, old, name))
-    header = (f"# Scaffolded by tools/scaffold.py from {old}/{rel.as_posix()}: the signatures and"
-              f" docstrings, bodies raising NotImplementedError.\n")
+    bodies = "bodies raising NotImplementedError" if solved is None else \
+        f"{old}'s bodies for topics {', '.join(sorted(solved, key=_order))}, the rest raising NotImplementedError"
+    header = f"# Scaffolded by tools/scaffold.py from {old}/{rel.as_posix()}: the signatures and docstrings, {bodies}.\n"
     kept = sorted(p.verbatim | {f"{c}.{m}" for c, ms in p.built.items() for m in ms})
     return Module(rel, header + format_module(tree), stubber.stubs, kept=kept)
 
@@ -551,27 +578,31 @@ def check_name(name: str, src: Path, target: Path) -> None:
         raise ScaffoldError(f"{name!r} is the source package itself")
 
 
-def report(modules: list[Module], src: Path, target: Path) -> str:
+def report(modules: list[Module], src: Path, target: Path, through: str | None = None) -> str:
     """What was written and what to do next, for the terminal."""
     stubs = sum(m.stubs for m in modules)
-    lines = [f"wrote {target}/ from {src}/: {len(modules)} modules, {stubs} functions to implement"]
+    solved = f"; {src}/'s code kept for the topics up to {through}" if through else ""
+    lines = [f"wrote {target}/ from {src}/: {len(modules)} modules, {stubs} functions to implement{solved}"]
     for m in modules:
         what = "copied (infrastructure)" if m.copied else f"{m.stubs} function{'s' * (m.stubs != 1)}"
         if m.kept:
             what += "; kept verbatim, needed at import: " + ", ".join(m.kept)
         lines.append(f"  {(target / m.path).as_posix():<32} {what}")
-    lines.append(f"next: nox -s week1 -- --impl={target.name}")
+    later = [t for t in TOPICS if through is None or _order(t.id) > _order(through)]
+    lines.append(f"next: nox -s week{week_of(later[0].id) if later else 1} -- --impl={target.name}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: python -m tools.scaffold NAME [--from impl] [--into DIR] [--force]."""
+    """Command line: python -m tools.scaffold NAME [--from impl] [--into DIR] [--through X.Y] [--force]."""
     parser = argparse.ArgumentParser(prog="python -m tools.scaffold", description=__doc__.split("\n")[0])
     parser.add_argument("name", help="the package to write, e.g. mine")
     parser.add_argument("--from", dest="src", default=Path("impl"), type=Path,
                         help="the package to take signatures from (default: impl)")
     parser.add_argument("--into", type=Path, help="where NAME/ goes (default: beside the source)")
     parser.add_argument("--spec", type=Path, help="spec dir naming topics (default: beside the source)")
+    parser.add_argument("--through", metavar="X.Y", help="keep the source's code for the topics up to X.Y"
+                        " (e.g. 1.7: start at week 2 with impl's week 1); stub only the later ones")
     parser.add_argument("--force", action="store_true", help="replace an existing NAME/")
     args = parser.parse_args(argv)
     src = args.src
@@ -580,12 +611,13 @@ def main(argv: list[str] | None = None) -> int:
         check_name(args.name, src, target)
         if target.exists() and not args.force:
             raise ScaffoldError(f"{target}/ exists; pass --force to replace it")
-        modules = build(src, args.name, args.spec or src.resolve().parent / "spec")
+        solved = topics_through(args.through) if args.through else None
+        modules = build(src, args.name, args.spec or src.resolve().parent / "spec", solved)
         write(modules, target, args.force)
     except ScaffoldError as e:
         print(f"scaffold: error: {e}", file=sys.stderr)
         return 2
-    print(report(modules, src, target))
+    print(report(modules, src, target, args.through))
     return 0
 
 
