@@ -34,7 +34,8 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class LoadedModel:
     """What `load_model` returns: the model and everything needed to talk to it.
 
-    The tokenizer and chat template (topic 1.6) are built from the model's files when first used,
+    `tokenizer` and `chat_template` build topic 1.6's Tokenizer and ChatTemplate from the model's
+    files when first used (from `metadata`, a GGUF's key -> value table, or the folder at `path`),
     so that loading a model (topic 1.5) needs no tokenizer yet.
     """
 

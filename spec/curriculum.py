@@ -10,7 +10,9 @@ beyond the course outline's table, because the code does:
 - 1.4 needs 1.1: the MLP's projections are 1.1's `linear`;
 - 2.4 needs 2.1 and 2.2: the decode step's attention (cached_attention) appends to the KV
   cache and applies 2.2's RoPE kernel, and the engine's checks (all of week 2's kernels in
-  the model) are this topic's, the last of the CPU kernels.
+  the model) are this topic's, the last of the CPU kernels;
+- 2.5 needs 2.3 as well: the model on the GPU kernels is checked there, as 2.4 checks the
+  CPU engine (test_topic_order checks the CPU topics; the GPU ones follow the same rule).
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ TOPICS: tuple[Topic, ...] = (
     Topic("1.7", "sampling: greedy, temperature, top-k, top-p, min-p", ("1.6",), "exact masks, chi-squared test", "day_1_7_sampling.py"),
     Topic("2.1", "KV cache", ("1.6",), "invariances: cached == uncached (an fp16 cache within fp16), rewind", "day_2_1_kv_cache.py"),
     Topic("2.2", "quantized matmul, CPU kernel (C++)", ("1.5",), "mx.quantized_matmul, torch, pure-MLX twin", "day_2_2_quantized_matmul.py"),
-    Topic("2.3", "quantized matmul, GPU kernels (Metal, CUDA)", ("2.2",), "mx.quantized_matmul, torch, pure-MLX twin; transformers on the model", "day_2_3_quantized_matmul_gpu.py", needs_gpu=True),
+    Topic("2.3", "quantized matmul, GPU kernels (Metal, CUDA)", ("2.2",), "mx.quantized_matmul, torch, pure-MLX twin", "day_2_3_quantized_matmul_gpu.py", needs_gpu=True),
     Topic("2.4", "flash attention, CPU kernel (C++)", ("1.3", "2.1", "2.2"), "mx.fast SDPA, torch SDPA, pure-MLX twin; transformers on the engine", "day_2_4_flash_attention.py"),
-    Topic("2.5", "flash attention, GPU kernels (Metal, CUDA)", ("2.4",), "mx.fast SDPA, torch SDPA, pure-MLX twin", "day_2_5_flash_attention_gpu.py", needs_gpu=True),
+    Topic("2.5", "flash attention, GPU kernels (Metal, CUDA)", ("2.3", "2.4"), "mx.fast SDPA, torch SDPA, pure-MLX twin; transformers on the model", "day_2_5_flash_attention_gpu.py", needs_gpu=True),
     Topic("2.6", "continuous batching", ("2.1",), ""),
     Topic("2.7", "chunked prefill", ("2.6",), ""),
     Topic("3.1", "paged KV cache and block manager", ("2.6",), ""),

@@ -217,20 +217,13 @@ def test_real_greedy_tokens_match_transformers(real, hf_folder, prompt_ids, prom
 # --- bad model files: one-line errors ---------------------------------------------------
 
 
-def _gguf(path, arch="llama", file_type=3, tokenizer=None):
-    """A GGUF with one tensor; only its block count, unless `tokenizer` (a tokenizer.ggml.model)
-    asks for the rest of the metadata a model needs."""
+def _gguf(path, arch="llama", file_type=3):
+    """A GGUF with one tensor and, of a model's metadata, only its block count."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_file_type(file_type)
     w.add_block_count(1)
-    if tokenizer is not None:
-        w.add_embedding_length(8)
-        w.add_feed_forward_length(16)
-        w.add_head_count(2)
-        w.add_tokenizer_model(tokenizer)
-        w.add_token_list(["<s>", "</s>", "a", "b"])
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -593,7 +593,6 @@ def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_m
     check_greedy_tokens(impl, quantized_model, default_model)
 
 
-
 def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):
     model = quantized_model.model
     layer = model.layers[0]
@@ -617,7 +616,6 @@ def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):
     assert ops.count("TinyLLMRMSNorm") == 1 and "TinyLLMSwiGLU" not in ops, f"unfused norms or SwiGLU: {ops}"
 
 
-
 NO_KERNELS = """
 import sys
 sys.modules["tiny_llm_kernels"] = None  # as if the kernels had not built
@@ -635,9 +633,6 @@ def test_the_engine_without_kernels_runs_the_twins(impl, quantized_model):
     # layer classes) falls back to every twin: fused_linear_mlx, cached_attention_mlx, ... and
     # still gives the kernels' greedy tokens wherever the top-2 logit gap is clear (the two paths'
     # logits differ by about 1e-4, MODEL_FP32).
-    import subprocess
-    import sys
-
     run = subprocess.run([sys.executable, "-c", NO_KERNELS.format(pkg=impl.name)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, f"the engine failed without kernels:\n{run.stderr[-2000:]}"
@@ -651,7 +646,6 @@ def test_the_engine_without_kernels_runs_the_twins(impl, quantized_model):
     top2 = np.sort(logits, axis=-1)[:, -2:]
     assert_greedy_tokens(iter(json.loads(twin_tokens)), want, (top2[:, 1] - top2[:, 0]).tolist(),
                          "the engine without kernels vs with")
-
 
 
 @pytest.mark.parametrize("text", MODEL_PROMPTS)

@@ -10,7 +10,9 @@ Every test here runs on the GPU and is marked `gpu`: machines without one skip t
 and PROGRESS.md shows "needs a GPU". Checked, with 2.4's checks and tolerances: kernel ==
 twin (flash_attention_mlx) == torch SDPA == the week-1 attention == mx.fast (where its
 semantics agree) over Hypothesis-drawn shapes, masks and dtypes; a long context (S > 4096);
-a boolean mask; peak memory at L = S = 4096 far below one score matrix.
+a boolean mask; peak memory at L = S = 4096 far below one score matrix. The model on the
+GPU kernels (2.3's quantized matmul, this flash attention): its logits match the dequantized
+path's and it generates transformers' greedy tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spec.day_2_2_quantized_matmul import _ops
+from spec.day_2_2_quantized_matmul import MODEL_PROMPTS, _ops, check_greedy_tokens
 from spec.day_2_4_flash_attention import (
     ONLINE_FP32,
     check_boolean_mask,
@@ -32,7 +34,7 @@ from spec.day_2_4_flash_attention import (
     tol_for,
     uniform,
 )
-from spec.ladder import assert_close
+from spec.ladder import MODEL_FP32, assert_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("on_the_gpu")]  # see conftest.py
 
@@ -114,3 +116,24 @@ def test_cached_attention_runs_on_the_gpu_kernel(impl, dtype, stored):
         assert_close(got, want, tol_for(dtype), f"cached attention on the GPU kernel vs the twin, {dtype}"
                      f" ({stored or dtype} cache), chunk L={L} at offset {caches[0].offset - L}")
     assert caches[0].offset == caches[1].offset == 46
+
+
+# --- the model on the GPU kernels (2.3's quantized matmul and this topic's attention) ----
+
+
+@pytest.fixture(scope="module")
+def quantized_model(impl, default_model):
+    return impl.loader.load_model(default_model, quantized=True)
+
+
+@pytest.mark.parametrize("text", MODEL_PROMPTS)
+def test_model_logits_match_the_dequantized_path(impl, quantized_model, default_model, text):
+    dense = impl.loader.load_model(default_model, quantized=False)
+    ids = mx.array([quantized_model.tokenizer.encode(text)])
+    # As in 2.4: the same weight values and fp32 accumulation, another summation order.
+    assert_close(quantized_model.model(ids), dense.model(ids), MODEL_FP32,
+                 f"GPU quantized-kernel logits vs dequantized logits for {text!r}")
+
+
+def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_model):
+    check_greedy_tokens(impl, quantized_model, default_model)

@@ -588,8 +588,11 @@ def report(modules: list[Module], src: Path, target: Path, through: str | None =
         if m.kept:
             what += "; kept verbatim, needed at import: " + ", ".join(m.kept)
         lines.append(f"  {(target / m.path).as_posix():<32} {what}")
-    later = [t for t in TOPICS if through is None or _order(t.id) > _order(through)]
-    lines.append(f"next: nox -s week{week_of(later[0].id) if later else 1} -- --impl={target.name}")
+    later = [t for t in TOPICS if t.spec_file and (through is None or _order(t.id) > _order(through))]
+    if later:
+        lines.append(f"next: nox -s week{week_of(later[0].id)} -- --impl={target.name}")
+    else:
+        lines.append(f"every specified topic up to {through} is kept from {src}/: nothing left to check yet")
     return "\n".join(lines)
 
 
