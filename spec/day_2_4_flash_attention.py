@@ -61,7 +61,7 @@ from hypothesis import strategies as st
 
 from spec.chat_command import run_chat, stats_lines
 from spec.day_2_1_kv_cache import check_prefill_keeps_only_the_last_logits
-from spec.day_2_2_quantized_matmul import MODEL_PROMPTS, _ops, check_greedy_tokens
+from spec.day_2_2_quantized_matmul import _ops
 from spec.draw import DTYPES
 from spec.ladder import (
     BY_DTYPE,
@@ -569,6 +569,9 @@ def test_resident_memory_growth_is_far_below_the_scores(impl):
 # cached_attention on 2.1's KV cache. Its checks are here, in the last of those topics.
 
 
+MODEL_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:"]
+
+
 @pytest.fixture(scope="module")
 def quantized_model(impl, default_model):
     return impl.loader.load_model(default_model, quantized=True)
@@ -591,6 +594,22 @@ def test_model_logits_match_the_dequantized_path(quantized_model, dense_model, t
 
 def test_model_greedy_tokens_match_transformers(impl, quantized_model, default_model):
     check_greedy_tokens(impl, quantized_model, default_model)
+
+
+def check_greedy_tokens(impl, quantized_model, default_model):
+    """The engine (KV cache, kernels) generates transformers' greedy tokens where the top-2 gap is clear."""
+    from reference.models import hf_folder_from_gguf, transformers_model
+
+    loaded, steps = quantized_model, 16
+    ids = loaded.tokenizer.encode(loaded.chat_template.render([{"role": "user", "content": "Name three colors."}]))
+    x = torch.tensor([ids])
+    out = transformers_model(str(hf_folder_from_gguf(default_model))).generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=steps, do_sample=False, output_scores=True,
+        return_dict_in_generate=True, pad_token_id=2, eos_token_id=None)
+    want = out.sequences[0, len(ids):].tolist()
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    got = impl.generate.generate_step_cached(loaded.model, ids)  # KV cache + the kernels
+    assert_greedy_tokens(got, want, gaps, "the engine on the kernels vs transformers")
 
 
 def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):

@@ -23,11 +23,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spec.day_2_2_quantized_matmul import MODEL_PROMPTS, _ops, check_greedy_tokens
+from spec.day_2_2_quantized_matmul import _ops
 from spec.day_2_4_flash_attention import (
+    MODEL_PROMPTS,
     ONLINE_FP32,
     check_boolean_mask,
     check_drawn_case,
+    check_greedy_tokens,
     check_long_context,
     check_peak_memory,
     check_strided_inputs,

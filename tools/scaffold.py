@@ -305,12 +305,9 @@ def _is_trivial(fn) -> bool:
 class _Stubber:
     """Rewrites one module's tree into its scaffold."""
 
-    def __init__(self, package: str, module: str, topic_of, p: Plan, solved=lambda topic: False,
-                 privates: bool = False):
-        """solved(topic): whether that topic's bodies are kept; privates: keep private methods too
-        (both for a scaffold --through a topic)."""
-        self.package, self.module, self.topic_of, self.plan = package, module, topic_of, p
-        self.solved, self.privates = solved, privates
+    def __init__(self, package: str, module: str, topic_of, p: Plan, solved: frozenset[str] | None = None):
+        """solved: the topics whose bodies are kept (a scaffold --through them); None stubs every one."""
+        self.package, self.module, self.topic_of, self.plan, self.solved = package, module, topic_of, p, solved
         self.stubs = 0
 
     def module_body(self, tree: ast.Module) -> list[ast.stmt]:
@@ -348,11 +345,15 @@ class _Stubber:
 
     def keeps(self, name: str) -> bool:
         """Whether a class member appears in the scaffold: public ones, and private ones --through a topic."""
-        return self.privates or not is_private(name)
+        return self.solved is not None or not is_private(name)
+
+    def is_solved(self, topic: str | None) -> bool:
+        """Whether a body is kept: its topic is solved, or no topic claims it in a partial scaffold."""
+        return self.solved is not None and (topic is None or topic in self.solved)
 
     def stub(self, fn, qualname: str):
         topic = self.topic_of(self.module, qualname)
-        if _is_trivial(fn) or self.solved(topic):
+        if _is_trivial(fn) or self.is_solved(topic):
             return fn
         self.stubs += 1
         where = f" (topic {topic})" if topic else ""
@@ -507,10 +508,7 @@ def _stub_module(tree, rel: Path, old: str, name: str, wanted, topics, solved: f
     def topic_of(module: str, qualname: str) -> str | None:
         return topics.get(f"{module}.{qualname.split('.')[0]}") or fallback
 
-    def is_solved(topic: str | None) -> bool:  # None: what no topic claims, kept in a partial scaffold
-        return solved is not None and (topic is None or topic in solved)
-
-    stubber = _Stubber(name, mod, topic_of, p, is_solved, privates=solved is not None)
+    stubber = _Stubber(name, mod, topic_of, p, solved)
     tree.body = stubber.module_body(tree)
     tree = ast.fix_missing_locations(rename_package(tree, old, name))
     bodies = "bodies raising NotImplementedError" if solved is None else \
