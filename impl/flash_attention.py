@@ -10,6 +10,8 @@ Semantics are those of attention.scaled_dot_product_attention_grouped (1.3): que
 head h reads kv head h // (H / H_kv); mask is None, "causal" (lower-right aligned),
 or an array broadcastable to (B, H, L, S), additive or boolean (True = may attend);
 a query row that sees no key outputs 0. fp32 inside; the output has query's dtype.
+Twin and kernels take the same inputs (`check_inputs`): any other is a one-line ValueError,
+whichever of them runs.
 """
 
 from __future__ import annotations
@@ -21,17 +23,34 @@ import mlx.core as mx
 from impl.native import gpu_kernel, gpu_works, kernels
 
 
+def check_inputs(query: mx.array, key: mx.array, value: mx.array, mask: mx.array | str | None) -> None:
+    """One-line ValueErrors for what neither the twin nor the kernels compute: q (..., H, L, D),
+    k and v (..., H_kv, S, D) of one shape, the same leading axes, H a multiple of H_kv, D >= 1,
+    one float dtype."""
+    shapes = f"q {query.shape}, k {key.shape}, v {value.shape}"
+    if query.ndim < 3 or key.ndim != query.ndim or value.shape != key.shape:
+        raise ValueError(f"flash_attention: {shapes}: need q (..., H, L, D) and k, v (..., H_kv, S, D) of one shape")
+    *batch, H, _, D = query.shape
+    *kv_batch, H_kv, _, kv_D = key.shape
+    if kv_batch != batch or kv_D != D or D == 0 or H_kv == 0 or H % H_kv:
+        raise ValueError(f"flash_attention: {shapes}: need the same leading axes and D >= 1,"
+                         " and H a multiple of H_kv")
+    if not query.dtype == key.dtype == value.dtype or query.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        dtypes = ", ".join(str(a.dtype).removeprefix("mlx.core.") for a in (query, key, value))
+        raise ValueError(f"flash_attention: q, k, v must share one dtype, float32, float16 or bfloat16; got {dtypes}")
+    if isinstance(mask, str) and mask != "causal":
+        raise ValueError(f"mask must be None, 'causal' or an array, not {mask!r}")
+
+
 def flash_attention_mlx(
     query: mx.array, key: mx.array, value: mx.array,
     scale: float | None = None, mask: mx.array | str | None = None, block_size: int = 64,
 ) -> mx.array:
     """Grouped-query attention one key block at a time (online softmax); q (B, H, L, D), k/v (B, H_kv, S, D)."""
+    check_inputs(query, key, value, mask)
     *batch, H, L, D = query.shape
     H_kv, S = key.shape[-3], key.shape[-2]
-    assert H % H_kv == 0, f"{H} query heads are not a multiple of {H_kv} key/value heads"
-    causal = isinstance(mask, str)
-    if causal and mask != "causal":
-        raise ValueError(f"mask must be None, 'causal' or an array, not {mask!r}")
+    causal = isinstance(mask, str)  # "causal": check_inputs allows no other string
     n_rep = H // H_kv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     # The n_rep query heads that read one kv head become one axis, as in 1.3; fp32 throughout.
@@ -74,12 +93,22 @@ def flash_attention(
     scale: float | None = None, mask: mx.array | str | None = None,
 ) -> mx.array:
     """The C++ (CPU) or Metal/CUDA (GPU) flash attention kernel when built, else the twin;
-    q (B, H, L, D), k/v (B, H_kv, S, D)."""
-    if mx.default_device() == mx.cpu and hasattr(kernels, "flash_attention"):
-        return kernels.flash_attention(query, key, value, scale=scale, mask=mask)
-    gpu = gpu_kernel("flash_attention")
-    if gpu is not None and query.ndim == 4:
+    q (..., H, L, D), k/v (..., H_kv, S, D)."""
+    check_inputs(query, key, value, mask)
+    cpu = mx.default_device() == mx.cpu and hasattr(kernels, "flash_attention")
+    gpu = None if cpu else gpu_kernel("flash_attention")
+    if gpu is not None:
         variant = (query.dtype, query.shape[-1], "array" if isinstance(mask, mx.array) else mask)
-        if gpu_works("flash_attention", variant):
-            return gpu(query, key, value, scale=scale, mask=mask)
-    return flash_attention_mlx(query, key, value, scale=scale, mask=mask)
+        gpu = gpu if gpu_works("flash_attention", variant) else None
+    if not (cpu or gpu):
+        return flash_attention_mlx(query, key, value, scale=scale, mask=mask)
+    kernel = kernels.flash_attention if cpu else gpu
+    if query.ndim == 4:
+        return kernel(query, key, value, scale=scale, mask=mask)
+    # The kernels take one batch axis: (..., H, L, D) -> (B, H, L, D), and back.
+    *batch, H, L, D = query.shape
+    S, B = key.shape[-2], math.prod(batch)
+    if isinstance(mask, mx.array) and mask.ndim > 2:  # broadcastable to (..., H, L, S)
+        mask = mx.broadcast_to(mask, (*batch, H, L, S)).reshape(B, H, L, S)
+    q, k, v = (a.reshape(B, *a.shape[-3:]) for a in (query, key, value))
+    return kernel(q, k, v, scale=scale, mask=mask).reshape(*batch, H, L, D)

@@ -16,14 +16,49 @@ def dequantize(w_q: mx.array, scales: mx.array, biases: mx.array, group_size: in
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)  # (per_word,)
     # Value i of a word sits at bits [i*bits, (i+1)*bits): the first value is the low bits.
     q = (w_q[..., None] >> shifts) & ((1 << bits) - 1)  # (N, K/per_word, per_word)
-    q = q.reshape(N, -1, group_size).astype(mx.float32)  # (N, K/group_size, group_size)
+    K = w_q.shape[1] * per_word
+    q = q.reshape(N, K // group_size, group_size).astype(mx.float32)  # (N, K/group_size, group_size)
     w = q * scales[..., None].astype(mx.float32) + biases[..., None].astype(mx.float32)
-    return w.reshape(N, w_q.shape[1] * per_word).astype(dtype)
+    return w.reshape(N, K).astype(dtype)
+
+
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def check_quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                           group_size: int, bits: int) -> None:
+    """One-line ValueErrors for what neither the twin nor the kernels compute: 4 or 8 bits, groups of
+    32, 64 or 128, w_q (N, K * bits / 32) uint32, x (..., K) and scales/biases (N, K / group_size), float."""
+    def fail(what: str):
+        raise ValueError(f"quantized_matmul: {what}")
+
+    if bits not in (4, 8):
+        fail(f"bits must be 4 or 8, got {bits}")
+    if group_size not in (32, 64, 128):
+        fail(f"group_size must be 32, 64 or 128, got {group_size}")
+    if w_q.ndim != 2 or w_q.dtype != mx.uint32:
+        fail(f"w_q must be a 2-D uint32 array (N, K * bits / 32), got {w_q.shape} {_name(w_q.dtype)}")
+    if x.ndim < 1 or x.dtype not in FLOATS:
+        fail(f"x must be float32, float16 or bfloat16 with shape (..., K), got {x.shape} {_name(x.dtype)}")
+    N, K = w_q.shape[0], w_q.shape[1] * 32 // bits
+    if x.shape[-1] != K:
+        fail(f"x has K = {x.shape[-1]} but w_q {w_q.shape} holds {K} {bits}-bit values per row")
+    if K == 0 or K % group_size:
+        fail(f"K = {K} must be a positive multiple of group_size = {group_size}")
+    if scales.shape != (N, K // group_size) or biases.shape != scales.shape:
+        fail(f"scales and biases must be {(N, K // group_size)}, got {scales.shape} and {biases.shape}")
+    if scales.dtype not in FLOATS or biases.dtype not in FLOATS:
+        fail("scales and biases must be float32, float16 or bfloat16")
+
+
+def _name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def quantized_matmul_mlx(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
                          group_size: int = 64, bits: int = 4) -> mx.array:
     """x (..., K) @ dequantize(w_q, scales, biases).T -> (..., N) in x's dtype; the pure-MLX twin."""
+    check_quantized_matmul(x, w_q, scales, biases, group_size, bits)
     w = dequantize(w_q, scales, biases, group_size, bits, mx.float32)  # (N, K)
     return (x.astype(mx.float32) @ w.T).astype(x.dtype)  # (..., N), accumulated in fp32
 

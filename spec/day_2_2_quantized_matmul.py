@@ -271,10 +271,50 @@ def check_batch_invariance(impl):
             f" max abs diff {np.abs(part - whole[lo:hi]).max():.3g}")
 
 
-def test_rejects_mismatched_k(impl):
-    w_q, scales, biases = make_weights(4, 64, 32, 4, mx.float16, seed=0)
-    with pytest.raises(ValueError):
-        mx.eval(impl.quantize.quantized_matmul(mx.zeros((2, 96)), w_q, scales, biases, 32, 4))
+# Twin and kernel take the same inputs: whether the kernels built, or a GPU runs, must not
+# change what a call accepts. Each case: (x, w_q, scales, biases, group_size, bits) from
+# 4 rows of 64 4-bit values in groups of 32, fp16 scales.
+def _bad_qmm_case(name: str):
+    w_q, s, b = make_weights(4, 64, 32, 4, mx.float16, seed=0)
+    x = mx.zeros((2, 64))
+    return {
+        "x of another K": (mx.zeros((2, 96)), w_q, s, b, 32, 4),
+        "a 0-d x": (mx.array(1.0), w_q, s, b, 32, 4),
+        "an int32 x": (x.astype(mx.int32), w_q, s, b, 32, 4),
+        "2 bits": (x, *make_weights(4, 64, 32, 2, mx.float16, seed=0), 32, 2),
+        "group size 16": (x, w_q, s, b, 16, 4),
+        "group size 64 on groups of 32": (x, w_q, s, b, 64, 4),
+        "int32 w_q": (x, w_q.astype(mx.int32), s, b, 32, 4),
+        "int32 scales": (x, w_q, s.astype(mx.int32), b.astype(mx.int32), 32, 4),
+        "scales of another shape": (x, w_q, s[:, :1], b[:, :1], 32, 4),
+    }[name]
+
+
+BAD_QMM = ["x of another K", "a 0-d x", "an int32 x", "2 bits", "group size 16", "group size 64 on groups of 32",
+           "int32 w_q", "int32 scales", "scales of another shape"]
+
+
+@pytest.mark.parametrize("case", BAD_QMM)
+def test_twin_and_kernel_reject_the_same_inputs(quantize, case):
+    # check_quantized_matmul states the contract; the twin calls it, the kernel checks the same in C++.
+    calls = {"check_quantized_matmul": quantize.check_quantized_matmul,
+             "quantized_matmul": quantize.quantized_matmul, "quantized_matmul_mlx": quantize.quantized_matmul_mlx}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="^quantized_matmul: ") as e:
+            mx.eval(call(*_bad_qmm_case(case)))
+        assert "\n" not in str(e.value), f"{name}, {case}: the error is not one line: {e.value}"
+
+
+@pytest.mark.parametrize("x_shape", [(64,), (2, 3, 64), (0, 64)])
+def test_twin_and_kernel_take_any_leading_axes(quantize, x_shape):
+    w_q, s, b = make_weights(4, 64, 32, 4, mx.float16, seed=0)
+    x = mx.array(np.random.default_rng(1).uniform(-1, 1, x_shape).astype(np.float32))
+    got = quantize.quantized_matmul(x, w_q, s, b, 32, 4)
+    twin = quantize.quantized_matmul_mlx(x, w_q, s, b, 32, 4)
+    assert got.shape == twin.shape == (*x_shape[:-1], 4), f"x {x_shape}: kernel {got.shape}, twin {twin.shape}"
+    if x.size:  # (0, 64): the shapes are the check
+        A = np.abs(to_numpy(x)) @ numpy_dequantize(w_q, s, b, 32, 4)[1].T
+        assert_close(got, twin, fp32_tol(64, A, 2), f"x {x_shape}: kernel vs twin")
 
 
 # --- the model on the kernels: weights kept quantized ------------------------------------

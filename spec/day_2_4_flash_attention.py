@@ -306,11 +306,54 @@ def check_instruction_set(fa, now):
         assert_close(got, want, tol_for(dtype), f"{now} kernels, {dtype}, L={L} D={D}, vs torch")
 
 
-def test_unknown_mask_string_is_an_error(fa):
-    q = mx.zeros((1, 2, 3, 4))
-    for name in NAMES:
-        with pytest.raises(ValueError):
-            getattr(fa, name)(q, q, q, mask="upper")
+# Twin and kernel take the same inputs: whether the kernels built, or a GPU runs, must not
+# change what a call accepts. Each case: (q, k, v, mask); q has 4 heads, k and v 2.
+def _bad_attention_case(name: str):
+    q, kv = mx.zeros((1, 4, 3, 8)), mx.zeros((1, 2, 5, 8))
+    return {
+        "an unknown mask string": (q, kv, kv, "upper"),
+        "3 kv heads for 4 query heads": (q, mx.zeros((1, 3, 5, 8)), mx.zeros((1, 3, 5, 8)), None),
+        "k and v of different lengths": (q, kv, mx.zeros((1, 2, 6, 8)), None),
+        "k of another head size": (q, mx.zeros((1, 2, 5, 16)), mx.zeros((1, 2, 5, 16)), None),
+        "k of another batch": (q, mx.zeros((2, 2, 5, 8)), mx.zeros((2, 2, 5, 8)), None),
+        "head size 0": (mx.zeros((1, 4, 3, 0)), mx.zeros((1, 2, 5, 0)), mx.zeros((1, 2, 5, 0)), None),
+        "fp16 q with fp32 k, v": (q.astype(mx.float16), kv, kv, None),
+        "int32 inputs": (q.astype(mx.int32), kv.astype(mx.int32), kv.astype(mx.int32), None),
+        "2-d inputs": (q[0, 0], kv[0, 0], kv[0, 0], None),
+    }[name]
+
+
+BAD_ATTENTION = ["an unknown mask string", "3 kv heads for 4 query heads", "k and v of different lengths",
+                 "k of another head size", "k of another batch", "head size 0", "fp16 q with fp32 k, v",
+                 "int32 inputs", "2-d inputs"]
+
+
+@pytest.mark.parametrize("case", BAD_ATTENTION)
+def test_twin_and_kernel_reject_the_same_inputs(fa, case):
+    # check_inputs states the contract; the twin and the public entry call it before any kernel.
+    q, k, v, mask = _bad_attention_case(case)
+    calls = {"check_inputs": fa.check_inputs, **{name: getattr(fa, name) for name in NAMES}}
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as e:
+            mx.eval(call(q, k, v, mask=mask))
+        assert "\n" not in str(e.value), f"{name}, {case}: the error is not one line: {e.value}"
+
+
+@pytest.mark.parametrize("lead", [(), (2, 3)], ids=["no batch axis", "two batch axes"])
+def test_twin_and_kernel_take_any_leading_axes(fa, lead):
+    # (..., H, L, D) as week 1's attention takes it: the same rows as with one batch axis.
+    rng = np.random.default_rng(len(lead))
+    q, k, v = (uniform(rng, (*lead, H, 6, 16), "float32")[0] for H in (4, 2, 2))
+    mask, _ = additive_mask(rng, (*lead, 1, 6, 6), "float32", blank_rows=False)
+    B = int(np.prod(lead))
+    flat = [a.reshape(B, *a.shape[-3:]) for a in (q, k, v)]
+    for m, flat_m in ((None, None), ("causal", "causal"), (mask, mask.reshape(B, 1, 6, 6))):
+        want = fa.flash_attention(*flat, mask=flat_m).reshape(*lead, 4, 6, 16)
+        for name in NAMES:
+            got = getattr(fa, name)(q, k, v, mask=m)
+            what = f"{name}, q {q.shape}, mask {m if m is None or isinstance(m, str) else m.shape}"
+            assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+            assert_close(got, want, ONLINE_FP32, f"{what} vs one batch axis")
 
 
 # Where a score is NaN (a NaN in q, k, the mask or the scale; inf - inf from an inf key),

@@ -396,8 +396,8 @@ def _impl_uses(tree: ast.AST) -> set[str]:
     for n in ast.walk(tree):
         if isinstance(n, ast.Assign) and (mod := impl_module(n.value)):
             aliases.update((t.id, mod) for t in n.targets if isinstance(t, ast.Name))
-        elif isinstance(n, ast.FunctionDef) and len(n.body) == 1 and isinstance(n.body[0], ast.Return) \
-                and (mod := impl_module(n.body[0].value)):
+        elif isinstance(n, ast.FunctionDef) and len(body := n.body[len(_docstring(n)):]) == 1 \
+                and isinstance(body[0], ast.Return) and (mod := impl_module(body[0].value)):
             aliases[n.name] = mod  # a fixture: its tests take it as a parameter of this name
     uses = set()
     for n in ast.walk(tree):

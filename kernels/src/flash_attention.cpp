@@ -40,9 +40,9 @@ mx::array flash_attention(const mx::array& q, const mx::array& k, const mx::arra
     throw std::invalid_argument("flash_attention: q, k, v must be (B, H, L, D), (B, H_kv, S, D), (B, H_kv, S, D); got " +
                                 shape_str(q) + ", " + shape_str(k) + ", " + shape_str(v));
   const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3), H_kv = k.shape(1), S = k.shape(2);
-  if (k.shape() != v.shape() || k.shape(0) != B || k.shape(3) != D || H_kv == 0 || H % H_kv != 0)
+  if (k.shape() != v.shape() || k.shape(0) != B || k.shape(3) != D || D == 0 || H_kv == 0 || H % H_kv != 0)
     throw std::invalid_argument("flash_attention: q " + shape_str(q) + ", k " + shape_str(k) + ", v " + shape_str(v) +
-                                ": need k == v shapes, equal B and D, and H a multiple of H_kv");
+                                ": need k == v shapes, equal B and D >= 1, and H a multiple of H_kv");
   if (k.dtype() != q.dtype() || v.dtype() != q.dtype())
     throw std::invalid_argument("flash_attention: q, k, v must share one dtype");
   to_fa(q.dtype());

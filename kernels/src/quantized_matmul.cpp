@@ -269,7 +269,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
     fail("w_q must be a 2-D uint32 array (N, K * bits / 32), got " + shape_str(w_q.shape()) + " " +
          dtype_name(w_q.dtype()));
   if (x.ndim() < 1 || !is_float(x.dtype()))
-    fail("x must be float32, float16 or bfloat16 with shape (..., K), got " + dtype_name(x.dtype()));
+    fail("x must be float32, float16 or bfloat16 with shape (..., K), got " + shape_str(x) + " " + dtype_name(x.dtype()));
   if (norm_weight && swiglu) fail("one prologue at a time: norm_weight or swiglu, not both");
   const int N = w_q.shape(0), K = swiglu ? x.shape(-1) / 2 : x.shape(-1);
   if (swiglu && x.shape(-1) % 2 != 0)
