@@ -16,17 +16,20 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_SKIP = "needs a GPU (Metal or CUDA); this machine has none"
 
 
-def case(topic: str, outcome: str = "passed", *, prop: bool = True, message: str = "") -> str:
-    """One <testcase>; the class name follows the topic's spec file, as pytest writes it."""
-    module = {"1.1": "day_1_1_attention", "1.2": "day_1_2_rope", "1.3": "day_1_3_gqa",
-              "1.4": "day_1_4_norm_mlp", "1.5": "day_1_5_model", "1.6": "day_1_6_generate",
-              "1.7": "day_1_7_sampling"}[topic]
+MODULES = {"1.1": "day_1_1_attention", "1.2": "day_1_2_rope", "1.3": "day_1_3_gqa", "1.4": "day_1_4_norm_mlp",
+           "1.5": "day_1_5_model", "1.6": "day_1_6_generate", "1.7": "day_1_7_sampling"}
+
+
+def case(topic: str, outcome: str = "passed", *, prop: bool = True, message: str = "", name: str = "") -> str:
+    """One <testcase> (a new test's name unless `name` is given); the class name follows the
+    topic's spec file, as pytest writes it."""
+    module = MODULES[topic]
     props = f'<properties><property name="topic" value="{topic}"/></properties>' if prop else ""
     body = {"passed": "", "failed": '<failure message="assert 0">E assert 0</failure>',
             "error": '<error message="failed on setup">E boom</error>',
             "skipped": f'<skipped type="pytest.skip" message={quoteattr(message)}>skip</skipped>'}[outcome]
     case.n += 1
-    return f'<testcase classname="spec.{module}" name="test_{case.n}" time="0.01">{props}{body}</testcase>'
+    return f'<testcase classname="spec.{module}" name="{name or f"test_{case.n}"}" time="0.01">{props}{body}</testcase>'
 
 
 case.n = 0
@@ -52,18 +55,31 @@ def rows(text: str) -> dict[str, list[str]]:
     return out
 
 
-def run(tmp_path: Path, *files: Path, impl: str | None = None) -> str:
+def run(tmp_path: Path, *files: Path, impl: str | None = None, collected: Path | None = None) -> str:
     out = tmp_path / "PROGRESS.md"
     args = [a for f in files for a in ("--junit", str(f))] + ["--out", str(out)]
-    assert main(args + (["--impl", impl] if impl else [])) == 0
+    args += ["--impl", impl] if impl else []
+    assert main(args + (["--collected", str(collected)] if collected else [])) == 0
     return out.read_text(encoding="utf-8")
+
+
+def listing(path: Path, tests: dict[str, list[str]]) -> Path:
+    """What `pytest --collect-only -q` prints for these tests (topic -> names)."""
+    lines = [f"spec/{MODULES[t]}.py::{name}" for t, names in tests.items() for name in names]
+    path.write_text("\n".join(lines) + f"\n\n{len(lines)} tests collected in 0.5s\n", encoding="utf-8")
+    return path
+
+
+def result(**outcomes: int) -> Result:
+    """A topic's Result with that many tests of each outcome (passed=2, gpu_skipped=1, ...)."""
+    return Result(tests={f"test_{o}_{i}": o for o, n in outcomes.items() for i in range(n)})
 
 
 @pytest.fixture
 def week1(tmp_path: Path) -> Path:
     return junit(tmp_path / "week1.xml", [
         case("1.1"), case("1.1"), case("1.1"),
-        case("1.2"), case("1.2", "failed"),
+        case("1.2", name="test_r"), case("1.2", "failed", name="test_s"),
         case("1.3", "failed"), case("1.3", "error"),
         case("1.4", prop=False),  # no topic property: the class name says 1.4
         case("1.7", "skipped", message=GPU_SKIP), case("1.7", "skipped", message=GPU_SKIP),
@@ -90,12 +106,19 @@ def test_status_rules_for_gpu_and_skips():
     gpu = Topic("9.1", "a GPU kernel", (), "x", "day_9_1_k.py", needs_gpu=True)
     cpu = Topic("9.2", "a CPU kernel", (), "x", "day_9_2_k.py")
     assert status_of(gpu, {}) == "needs a GPU"  # never run
-    assert status_of(gpu, {"9.1": Result(passed=3)}) == "complete"  # ran on a GPU
-    assert status_of(cpu, {"9.2": Result(passed=2, gpu_skipped=1)}) == "needs a GPU"
-    assert status_of(cpu, {"9.2": Result(passed=1, failed=1, gpu_skipped=1)}) == "in progress (1 of 3)"
-    # A test that did not run for another reason is not a pass.
-    assert status_of(cpu, {"9.2": Result(passed=2, skipped=1)}) == "in progress (2 of 3)"
+    assert status_of(gpu, {"9.1": result(passed=3)}) == "complete"  # ran on a GPU
+    assert status_of(cpu, {"9.2": result(passed=2, gpu_skipped=1)}) == "needs a GPU"
+    assert status_of(cpu, {"9.2": result(passed=1, failed=1, gpu_skipped=1)}) == "in progress (1 of 3)"
+    # A test that did not run, for another reason or at all, is not a pass.
+    assert status_of(cpu, {"9.2": result(passed=2, skipped=1)}) == "in progress (2 of 3)"
+    assert status_of(cpu, {"9.2": result(passed=2, not_run=1)}) == "in progress (2 of 3)"
     assert status_of(cpu, {}) == "not started"
+    # A fresh scaffold passes the names check (and, with the clone's kernels, the built-kernel
+    # check): not a start.
+    fresh = Result(tests={"test_has_names": "passed", "test_kernel_is_built": "passed", "test_x": "failed"})
+    assert status_of(cpu, {"9.2": fresh}) == "not started"
+    fresh.tests["test_x"] = "passed"
+    assert status_of(cpu, {"9.2": fresh}) == "complete"
 
 
 def test_header_and_totals(tmp_path, week1):
@@ -109,28 +132,61 @@ def test_header_and_totals(tmp_path, week1):
     assert "Ã" not in text and "â" not in text  # plain UTF-8, none of the tracker's mojibake
 
 
-def test_results_merge_across_runs(tmp_path, week1):
-    run(tmp_path, week1)
-    week1b = junit(tmp_path / "again.xml", [case("1.2"), case("1.2"), case("1.3")],
-                   stamp="2025-03-05T10:00:00+00:00")
-    r = rows(run(tmp_path, week1b))
-    assert r["1.1"][2:6] == ["complete", "3 of 3", "PyTorch SDPA, mx.fast", "2025-03-04 05:06 UTC"]
+def test_results_merge_across_runs_test_by_test(tmp_path):
+    first = junit(tmp_path / "first.xml", [case("1.1", name="test_a"), case("1.1", name="test_b"),
+                                           case("1.2", name="test_r"), case("1.2", "failed", name="test_s")])
+    run(tmp_path, first)
+    # A later run of one test (nox -s week1 -- spec/day_1_2_rope.py::test_s) fixes just that one.
+    again = junit(tmp_path / "again.xml", [case("1.2", name="test_s")], stamp="2025-03-05T10:00:00+00:00")
+    r = rows(run(tmp_path, again))
+    assert r["1.1"][2:6] == ["complete", "2 of 2", "PyTorch SDPA, mx.fast", "2025-03-04 05:06 UTC"]
     assert r["1.2"][2:4] == ["complete", "2 of 2"] and r["1.2"][5] == "2025-03-05 10:00 UTC"
-    assert r["1.3"][2:4] == ["complete", "1 of 1"]
-    assert r["1.7"][2] == "needs a GPU"  # kept from the first run
+    # And a failure in a later run undoes a pass.
+    broken = junit(tmp_path / "broken.xml", [case("1.1", "failed", name="test_b")])
+    assert rows(run(tmp_path, broken))["1.1"][2:4] == ["in progress (1 of 2)", "1 of 2"]
+
+
+def test_a_partial_run_counts_against_all_the_topics_tests(tmp_path):
+    """-k softmax, a test id or -x run a few tests: the rest of the topic is not run, not passed."""
+    every = listing(tmp_path / "collected.txt", {"1.1": ["test_has_names", "test_softmax", "test_linear"],
+                                                 "1.2": ["test_rope"]})
+    some = junit(tmp_path / "some.xml", [case("1.1", name="test_softmax")])
+    r = rows(run(tmp_path, some, collected=every))
+    assert r["1.1"][2:4] == ["in progress (1 of 3)", "1 of 3 (2 not run)"], r["1.1"]
+    assert r["1.2"][2:6] == ["not started", "0 of 1 (1 not run)", "transformers RoPE, mx.fast.rope", "-"], \
+        r["1.2"]  # -x stopped before it
+    rest = junit(tmp_path / "rest.xml", [case("1.1", name="test_has_names"), case("1.1", name="test_linear")])
+    assert rows(run(tmp_path, rest, collected=every))["1.1"][2:4] == ["complete", "3 of 3"]
+    # A test the spec no longer has drops out when the topic is collected again.
+    assert rows(run(tmp_path, rest, collected=listing(tmp_path / "fewer.txt", {"1.1": ["test_linear"]})))[
+        "1.1"][2:4] == ["complete", "1 of 1"]
 
 
 def test_later_file_wins_in_one_call(tmp_path, week1):
-    fixed = junit(tmp_path / "fixed.xml", [case("1.2"), case("1.2")])
+    fixed = junit(tmp_path / "fixed.xml", [case("1.2", name="test_r"), case("1.2", name="test_s")])
     assert rows(run(tmp_path, week1, fixed))["1.2"][2] == "complete"
+    (tmp_path / "PROGRESS.md").unlink()
     assert rows(run(tmp_path, fixed, week1))["1.2"][2] == "in progress (1 of 2)"
 
 
-def test_results_of_another_package_are_dropped(tmp_path, week1):
+def test_each_package_keeps_its_results(tmp_path, week1, capsys):
     run(tmp_path, week1, impl="impl")
     other = junit(tmp_path / "mine.xml", [case("1.2")])
     r = rows(run(tmp_path, other, impl="mine"))
     assert r["1.1"][2] == "not started" and r["1.2"][2] == "complete"
+    assert "the results of 'impl' are kept" in capsys.readouterr().err
+    # Checking impl again (with any of its topics) shows impl's results from before.
+    back = rows(run(tmp_path, junit(tmp_path / "impl.xml", [case("1.4")]), impl="impl"))
+    assert back["1.1"][2:4] == ["complete", "3 of 3"] and back["1.2"][2] == "in progress (1 of 2)"
+    assert rows(run(tmp_path, other, impl="mine"))["1.2"][2] == "complete"
+
+
+def test_an_older_state_block_is_replaced(tmp_path, week1, capsys):
+    old = ("# Progress\n\n<!-- spec-results v1 (read back by tools/progress.py; do not edit)\n"
+           '{"topic": "1.1", "impl": "impl", "passed": 12, "failed": 0}\n-->\n')
+    (tmp_path / "PROGRESS.md").write_text(old, encoding="utf-8")
+    r = rows(run(tmp_path, week1))
+    assert r["1.1"][3] == "3 of 3" and "older format (v1)" in capsys.readouterr().err
 
 
 def test_the_package_is_the_one_the_last_run_recorded(tmp_path):
@@ -139,7 +195,7 @@ def test_the_package_is_the_one_the_last_run_recorded(tmp_path):
     mine = junit(tmp_path / "mine.xml", [case("1.2")], impl="mine")
     text = run(tmp_path, theirs, mine)
     assert "Implementation checked: `mine`" in text, text.splitlines()[:8]
-    r = rows(text)  # impl's file is left out, so its 1.1 result is not merged in
+    r = rows(text)  # impl's file is left out, so its 1.1 result is not credited to mine
     assert r["1.1"][2] == "not started" and r["1.2"][2] == "complete"
     assert "Implementation checked: `impl`" in run(tmp_path, theirs, impl="impl")
 
@@ -154,7 +210,7 @@ def test_learner_columns_and_notes_survive(tmp_path, week1):
 
     later = junit(tmp_path / "later.xml", [case("1.1"), case("1.1", "failed")])
     again = run(tmp_path, later)
-    assert rows(again)["1.1"][2] == "in progress (1 of 2)"
+    assert rows(again)["1.1"][2] == "in progress (4 of 5)"  # the first run's 3 and this run's 2
     assert again.splitlines()[[ln.startswith("| 1.1 |") for ln in again.splitlines()].index(True)] \
         .endswith("| 3.5 | Learning | masks \\| offsets, see notes |")
     assert again.split(NOTES_MARKER, 1)[1] == notes

@@ -1,20 +1,24 @@
 """Render PROGRESS.md from the specification's JUnit XML results, never by hand.
 
     python -m tools.progress --junit build/week1.xml [--junit build/week2.xml ...]
-                             [--impl NAME] [--out PROGRESS.md]
+                             [--collected FILE] [--impl NAME] [--out PROGRESS.md]
 
-Results merge across runs. Each --junit file (in the order given) replaces the
-results of the topics it contains; every other topic keeps the result it had in
-the existing PROGRESS.md. That memory lives in PROGRESS.md itself, in an HTML
-comment block (invisible when rendered) with one JSON object per topic:
+Results merge across runs, test by test. Each test keeps the outcome of the
+last run that ran it, so running one test (`-- spec/day_1_1_attention.py::test_linear`,
+`-k softmax`, `-x`) updates that test and leaves the rest of its topic as it was.
+A topic is complete when every one of its tests has passed; a test never run
+counts as not passed. --collected (the output of `pytest --collect-only -q`, which
+the nox sessions write) names every test of the topics a run touched, so a partial
+run still counts against all of them. That memory lives in PROGRESS.md itself, in
+an HTML comment block (invisible when rendered), one JSON object per package and topic:
 
-    <!-- spec-results v1 (read back by tools/progress.py; do not edit)
-    {"topic": "1.1", "impl": "impl", "passed": 12, "failed": 0, ...}
+    <!-- spec-results v2 (read back by tools/progress.py; do not edit)
+    {"impl": "impl", "topic": "1.1", "when": "...", "passed": ["test_linear", ...], "failed": [...]}
     -->
 
-Results recorded for another --impl package are dropped, not merged: a table
-mixing two implementations would describe neither. The spec records the package
-it checked in its JUnit file; without --impl, the newest file's package is the one.
+The table shows one package (a table mixing two implementations would describe
+neither): --impl, else the one the newest JUnit file recorded (the spec records it).
+Other packages' results are kept in the block and shown again when they are checked.
 
 The learner owns the Hours, Mastery and Notes cells of each topic row and all
 text below NOTES_MARKER; both are read back and written again unchanged.
@@ -31,20 +35,25 @@ import re
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from spec.curriculum import BY_ID, TOPICS, Topic, topic_of_file, week_of
 
 NOTES_MARKER = "<!-- your notes below survive regeneration -->"
-STATE_BEGIN = "<!-- spec-results v1 (read back by tools/progress.py; do not edit)"
+STATE_BEGIN = "<!-- spec-results v2 (read back by tools/progress.py; do not edit)"
+STATE_ANY = re.compile(r"<!-- spec-results v(\d+)")
 STATE_END = "-->"
 WEEK_TITLES = {1: "From Matmul to Text", 2: "Tiny vLLM", 3: "Advanced Serving"}
 TOPIC_COLUMNS = ("Id", "Topic", "Status", "Tests passed", "Checked against", "When",
                  "Hours", "Mastery", "Notes")
 LEARNER_DEFAULT = ("0", "-", "")
 GPU_SKIP = re.compile(r"\bgpu\b", re.IGNORECASE)
+OUTCOMES = ("passed", "failed", "skipped", "gpu_skipped", "not_run")
+# Tests that pass on a fresh scaffold (the names exist; the clone's kernels are built): they do
+# not make a topic started.
+PRESENCE = re.compile(r"test_(has_names|kernel_is_built|layer_kernel_is_built)\b")
 
 
 class ProgressError(Exception):
@@ -53,25 +62,34 @@ class ProgressError(Exception):
 
 @dataclass
 class Result:
-    """One topic's test outcomes from one run."""
+    """One topic's tests, each with the outcome of the last run that ran it."""
 
     impl: str = "impl"
-    passed: int = 0
-    failed: int = 0  # failures and errors
-    skipped: int = 0  # skipped for any reason but a missing GPU
-    gpu_skipped: int = 0
-    when: str = ""  # YYYY-MM-DD HH:MM UTC of the run
+    # test name -> passed, failed (failures and errors), skipped (for any reason but a missing
+    # GPU), gpu_skipped, or not_run (collected, never run)
+    tests: dict[str, str] = field(default_factory=dict)
+    when: str = ""  # YYYY-MM-DD HH:MM UTC of the last run that ran one of them
 
-    @property
-    def total(self) -> int:
-        return self.passed + self.failed + self.skipped + self.gpu_skipped
+    def count(self, outcome: str) -> int:
+        return sum(o == outcome for o in self.tests.values())
+
+    passed = property(lambda self: self.count("passed"))
+    failed = property(lambda self: self.count("failed"))
+    skipped = property(lambda self: self.count("skipped"))
+    gpu_skipped = property(lambda self: self.count("gpu_skipped"))
+    not_run = property(lambda self: self.count("not_run"))
+    total = property(lambda self: len(self.tests))
+
+    def started(self) -> bool:
+        """Whether a test passed that a fresh scaffold would not pass."""
+        return any(o == "passed" and not PRESENCE.match(t) for t, o in self.tests.items())
 
 
 @dataclass
 class Previous:
     """What an existing PROGRESS.md carries over: results, learner cells, notes."""
 
-    results: dict[str, Result] = field(default_factory=dict)
+    results: dict[tuple[str, str], Result] = field(default_factory=dict)  # (package, topic) ->
     learner: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     notes: str = ""
 
@@ -96,11 +114,27 @@ def read_junit(path: Path, impl: str) -> dict[str, Result]:
                 continue  # a duplicate entry (e.g. a teardown error): the worst wins
             outcomes[key] = (topic, outcome, when)
     results: dict[str, Result] = {}
-    for topic, outcome, when in outcomes.values():
+    for (_, name), (topic, outcome, when) in outcomes.items():
         r = results.setdefault(topic, Result(impl=impl, when=when))
-        setattr(r, outcome, getattr(r, outcome) + 1)
+        r.tests[name] = outcome
         r.when = max(r.when, when)
     return results
+
+
+def read_collected(path: Path) -> dict[str, list[str]]:
+    """Topic -> the names of all its tests, from `pytest --collect-only -q` output
+    (`spec/day_1_1_attention.py::test_linear`, one a line)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ProgressError(f"{path}: cannot read ({e.strerror})") from None
+    collected: dict[str, list[str]] = {}
+    for line in lines:
+        file, sep, name = line.strip().partition("::")
+        topic = topic_of_file(Path(file).name) if sep else None
+        if topic:
+            collected.setdefault(topic, []).append(name.rpartition("::")[2])
+    return collected
 
 
 def recorded_impl(path: Path) -> str | None:
@@ -176,21 +210,25 @@ def read_previous(path: Path) -> Previous:
                     notes if marker else "")
 
 
-def _read_state(text: str, path: Path) -> dict[str, Result]:
-    start = text.find(STATE_BEGIN)
-    if start < 0:
+def _read_state(text: str, path: Path) -> dict[tuple[str, str], Result]:
+    found = STATE_ANY.search(text)
+    if found is None:
         return {}
-    body = text[start + len(STATE_BEGIN):].split(STATE_END, 1)[0]
+    if not text.startswith(STATE_BEGIN, found.start()):  # v1 kept counts, not tests: nothing to merge into
+        print(f"progress: {path}: results in an older format (v{found.group(1)}) are replaced by this run's",
+              file=sys.stderr)
+        return {}
+    body = text[found.start() + len(STATE_BEGIN):].split(STATE_END, 1)[0]
     results = {}
     for line in filter(None, (ln.strip() for ln in body.splitlines())):
         try:
             row = json.loads(line)
-            topic = row.pop("topic")
-            results[topic] = Result(**row)
-        except (ValueError, TypeError, KeyError):
+            tests = {name: outcome for outcome in OUTCOMES for name in row.get(outcome, [])}
+            results[row["impl"], row["topic"]] = Result(row["impl"], tests, row.get("when", ""))
+        except (ValueError, TypeError, KeyError, AttributeError):
             print(f"progress: warning: {path}: unreadable results line ignored: {line[:60]}",
                   file=sys.stderr)
-    return {t: r for t, r in results.items() if t in BY_ID}
+    return {k: r for k, r in results.items() if k[1] in BY_ID}
 
 
 def _read_learner(text: str) -> dict[str, tuple[str, str, str]]:
@@ -230,7 +268,7 @@ def status_of(topic: Topic, results: dict[str, Result]) -> str:
     blockers = [p for p in topic.prerequisites if not _complete(BY_ID[p], results)]
     if blockers:
         return "blocked by " + ", ".join(blockers)
-    if r is None or r.passed == 0:
+    if r is None or not r.started():
         return "not started"
     return f"in progress ({r.passed} of {r.total})"
 
@@ -251,8 +289,9 @@ def _needs_gpu(topic: Topic, r: Result | None) -> bool:
 # ------------------------------------------------------------------ render
 
 
-def render(results: dict[str, Result], prev: Previous, impl: str, sources: list[Path]) -> str:
-    """The whole of PROGRESS.md."""
+def render(results: dict[str, Result], state: dict[tuple[str, str], Result], prev: Previous, impl: str,
+           sources: list[Path]) -> str:
+    """The whole of PROGRESS.md: `impl`'s results in the tables, every package's in the state block."""
     lines = ["# Progress", "",
              "Generated by `nox -s progress` from spec results; edit only Hours, Mastery, Notes"
              " and the notes section.", ""]
@@ -261,7 +300,7 @@ def render(results: dict[str, Result], prev: Previous, impl: str, sources: list[
     for week in sorted(WEEK_TITLES):
         lines += [f"## Week {week}: {WEEK_TITLES[week]}", ""]
         lines += _week_table(week, results, prev.learner) + [""]
-    lines += _state_block(results) + [""]
+    lines += _state_block(state) + [""]
     lines += ["## Notes", "", "Everything below the next line is yours: it survives regeneration.",
               "", NOTES_MARKER]
     return "\n".join(lines) + (prev.notes or "\n")  # the notes start after the marker
@@ -271,9 +310,10 @@ def _header(results: dict[str, Result], impl: str, sources: list[Path]) -> list[
     last = max((r.when for r in results.values()), default="never")
     return [f"- Implementation checked: `{impl}`",
             f"- Last run: {last} (this update read {', '.join(str(s) for s in sources)})",
-            "- Status: complete; in progress (k of n tests pass); not started; blocked by X.Y"
-            " (a prerequisite is not complete); needs a GPU (its tests skip on this machine);"
-            " not specified yet (no spec file)",
+            "- Status: complete (every test passed, in the last run that ran it); in progress (k of n"
+            " tests pass; a test not run yet is not a pass); not started (none passed but the names"
+            " check); blocked by X.Y (a prerequisite is not complete); needs a GPU (its tests skip on"
+            " this machine); not specified yet (no spec file)",
             ""]
 
 
@@ -301,15 +341,20 @@ def _week_table(week: int, results: dict[str, Result], learner) -> list[str]:
         if week_of(t.id) != week:
             continue
         r = results.get(t.id)
-        tests = f"{r.passed} of {r.total}" if r else "-"
+        tests = f"{r.passed} of {r.total}" + (f" ({r.not_run} not run)" if r.not_run else "") if r else "-"
         cells = [t.id, t.title, status_of(t, results), tests, t.checked_against or "-",
-                 r.when if r else "-", *learner.get(t.id, LEARNER_DEFAULT)]
+                 (r.when if r else "") or "-", *learner.get(t.id, LEARNER_DEFAULT)]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
-def _state_block(results: dict[str, Result]) -> list[str]:
-    lines = [json.dumps({"topic": t, **asdict(results[t])}) for t in sorted(results, key=_order)]
+def _state_block(results: dict[tuple[str, str], Result]) -> list[str]:
+    lines = []
+    for impl, topic in sorted(results, key=lambda k: (k[0], _order(k[1]))):
+        r = results[impl, topic]
+        by_outcome = {o: [t for t, got in r.tests.items() if got == o] for o in OUTCOMES}
+        lines.append(json.dumps({"impl": impl, "topic": topic, "when": r.when,
+                                 **{o: names for o, names in by_outcome.items() if names}}))
     return [STATE_BEGIN, *lines, STATE_END]
 
 
@@ -320,22 +365,39 @@ def _order(topic_id: str) -> tuple[int, ...]:
 # -------------------------------------------------------------------- main
 
 
-def update(junit: list[Path], impl: str | None, out: Path) -> tuple[dict[str, Result], str]:
-    """Merge the given runs into `out`'s results and rewrite it; returns the results and the package.
+def merge(before: Result | None, run: Result, names: list[str] | None) -> Result:
+    """`before` updated with a run's outcomes, test by test. names: all the topic's tests (from a
+    collection), or None (then the tests known before and those the run ran)."""
+    before = before or Result(impl=run.impl)
+    names = list(names if names is not None else before.tests)
+    names += [t for t in run.tests if t not in names]
+    tests = {t: run.tests.get(t) or before.tests.get(t) or "not_run" for t in names}
+    return Result(run.impl, tests, run.when if run.tests else before.when)
+
+
+def update(junit: list[Path], impl: str | None, out: Path,
+           collected: Path | None = None) -> tuple[dict[str, Result], str]:
+    """Merge the given runs into `out`'s results and rewrite it; returns the package's results and name.
     impl None: the package the last file recorded (else "impl")."""
     recorded = {path: recorded_impl(path) for path in junit}
     impl = impl or recorded[junit[-1]] or "impl"
+    every = read_collected(collected) if collected else {}
     prev = read_previous(out)
-    results = {t: r for t, r in prev.results.items() if r.impl == impl}
-    if len(results) < len(prev.results):
-        print(f"progress: results recorded for another package than {impl!r} were dropped",
-              file=sys.stderr)
-    for path in junit:  # a later file replaces the topics it contains
+    state = dict(prev.results)
+    for path in junit:  # in order: a later file's outcomes win
         if recorded[path] not in (None, impl):
             print(f"progress: {path} checked {recorded[path]!r}, not {impl!r}; left out", file=sys.stderr)
             continue
-        results.update(read_junit(path, impl))
-    _write_atomically(out, render(results, prev, impl, junit))
+        for topic, run in read_junit(path, impl).items():
+            state[impl, topic] = merge(state.get((impl, topic)), run, every.get(topic))
+    for topic, names in every.items():  # topics collected but not reached (-x): their test list
+        state[impl, topic] = merge(state.get((impl, topic)), Result(impl=impl), names)
+    others = sorted({i for i, _ in state} - {impl})
+    if others:
+        print(f"progress: PROGRESS.md shows {impl!r}; the results of {', '.join(map(repr, others))} are kept"
+              " and come back when it is checked again", file=sys.stderr)
+    results = {topic: r for (i, topic), r in state.items() if i == impl}
+    _write_atomically(out, render(results, state, prev, impl, junit))
     return results, impl
 
 
@@ -355,12 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.progress", description=__doc__.split("\n")[0])
     parser.add_argument("--junit", action="append", required=True, type=Path,
                         help="JUnit XML written by pytest --junitxml (repeatable; later files win)")
+    parser.add_argument("--collected", type=Path, help="`pytest --collect-only -q` output: every test of the"
+                        " topics run, so that a partial run counts against all of them")
     parser.add_argument("--impl", help="the package the spec checked (default: the one the last --junit file"
                         " recorded, else impl)")
     parser.add_argument("--out", default=Path("PROGRESS.md"), type=Path, help="default: PROGRESS.md")
     args = parser.parse_args(argv)
     try:
-        results, impl = update(args.junit, args.impl, args.out)
+        results, impl = update(args.junit, args.impl, args.out, args.collected)
     except ProgressError as e:
         print(f"progress: error: {e}", file=sys.stderr)
         return 1
