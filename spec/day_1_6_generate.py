@@ -19,7 +19,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spec.chat_command import WEEK1, assert_one_line_error, run_chat, stats_lines
+from spec.chat_command import (
+    GENERATED,
+    WEEK1,
+    assert_one_line_error,
+    interrupt_chat,
+    run_chat,
+    stats_lines,
+)
 
 # --- tokenizer ---
 
@@ -432,6 +439,35 @@ def test_cli_answers_and_reports_speed(impl, default_model):
     assert_answer(r.stdout.removesuffix("\n"), *transformers_answer(default_model, messages), "the chat command")
     stats = stats_lines(r.stderr)
     assert stats and "tok/s" in stats[-1] and stats[-1].endswith("no KV cache]"), r.stderr
+    generated = GENERATED.search(stats[-1])
+    assert generated and 1 < int(generated[1]) <= 24, f"the stats line should say what was generated: {stats[-1]}"
+    assert int(generated[2]) == int(generated[1]) - 1, f"decode makes all but the prefill's token: {stats[-1]}"
+
+
+def test_cli_one_token_reports_no_decode_rate(impl):
+    # The prefill makes the first token: with one, no decode step ran, so there is no rate to report.
+    r = run_chat(impl, *WEEK1, "Name a color.", "--max-tokens", "1")
+    assert r.returncode == 0, r.stderr
+    stats = stats_lines(r.stderr)
+    assert stats and stats[-1].count("tok/s") == 1, f"only the prefill's rate was measured: {r.stderr}"
+    generated = GENERATED.search(stats[-1])
+    assert generated and generated[1] == "1" and generated[2] is None, stats[-1]
+
+
+@pytest.mark.parametrize("prompt", ["", " \n"], ids=["empty", "blank"])
+def test_cli_empty_prompt_is_an_error(impl, prompt):
+    r = run_chat(impl, *WEEK1, prompt)
+    assert_one_line_error(r, "empty")
+    assert "interactive chat" in r.stderr and "[loaded " not in r.stderr, r.stderr  # before the model loads
+
+
+def test_cli_chat_stop_and_exit_end_their_lines(impl):
+    # Ctrl-C stops the reply and the chat goes on; Ctrl-D then exits. Each ends the line it leaves open on
+    # stdout (the reply, the `>>> ` prompt), so what comes next starts a line of its own wherever stderr goes.
+    r = interrupt_chat(impl, *WEEK1, "--max-tokens", "200", prompt="Count from 1 to 100.")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(">>> ") and r.stdout.endswith("\n>>> \n") and r.stdout.count(">>> ") == 2, r.stdout
+    assert "[stopped]" in r.stderr and not stats_lines(r.stderr), f"a stopped reply has no stats line: {r.stderr}"
 
 
 @pytest.mark.parametrize("flags, message", [

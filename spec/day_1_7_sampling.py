@@ -352,18 +352,32 @@ def test_validation_accepts(sampler, kwargs):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--top-p", "1.5"], "top_p"),
-    (["--top-p", "0"], "top_p"),
-    (["--temperature", "-1"], "temperature"),
-    (["--top-k", "-1"], "top_k"),
-    (["--temperature", "inf"], "temperature"),
-    (["--min-p", "2"], "min_p"),
-    (["--temperature", "1", "--seed", "-1"], "seed"),
+    (["--top-p", "1.5"], "--top-p must"),  # the flag as the user typed it, not make_sampler's top_p
+    (["--top-p", "0"], "--top-p must"),
+    (["--temperature", "-1"], "--temperature must"),
+    (["--top-k", "-1"], "--top-k must"),
+    (["--temperature", "inf"], "--temperature must"),
+    (["--min-p", "2"], "--min-p must"),
+    (["--seed", "-1"], "--seed must"),
 ])
 def test_cli_bad_sampling_flag_is_one_line_and_nonzero(impl, flags, message):
     r = run_chat(impl, *WEEK1, "hi", *flags)
     assert_one_line_error(r, message)
     assert "[loaded " not in r.stderr, "the flags are checked before the model loads"
+
+
+def test_cli_any_sampling_flag_samples(impl):
+    # Any sampling flag turns sampling on, at temperature 1 unless --temperature is given; an explicit
+    # --temperature 0 stays greedy whatever the filters.
+    ask = (*WEEK1, "Name a color.", "--max-tokens", "16")
+    runs = [run_chat(impl, *ask, *flags) for flags in (
+        (), ("--top-p", "0.95", "--seed", "3"), ("--top-p", "0.95", "--seed", "3", "--temperature", "1"),
+        ("--top-k", "5", "--seed", "3", "--temperature", "0"))]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-1000:] for r in runs]
+    greedy, alone, at_1, at_0 = (r.stdout for r in runs)
+    assert alone == at_1, f"--top-p alone should sample at temperature 1: {alone!r} vs {at_1!r}"
+    assert alone != greedy, f"--top-p 0.95 --seed 3 gave the greedy answer: {greedy!r}"
+    assert at_0 == greedy, f"--temperature 0 is greedy whatever the filters: {at_0!r} vs {greedy!r}"
 
 
 def test_cli_seeded_sampling_repeats(impl):

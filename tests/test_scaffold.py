@@ -219,6 +219,7 @@ def test_infrastructure_copied_with_the_package_renamed(importable, names, capsy
 
 
 def test_refuses_to_overwrite_unless_forced(importable, names, capsys):
+    # The scaffold is importable from where it is written: that is not another module, so --force works.
     src, _ = scaffold_synthetic(importable, names, capsys)
     target = importable / names[1]
     (target / "mine.py").write_text("x = 1\n")
@@ -230,6 +231,47 @@ def test_refuses_to_overwrite_unless_forced(importable, names, capsys):
     assert main(args + ["--force"]) == 0
     assert not (target / "mine.py").exists() and (target / "util.py").exists()
     assert sorted(p.name for p in importable.iterdir()) == [names[1], "src"]  # no temp dirs left
+
+
+def test_force_replaces_only_a_scaffold(tmp_path, capsys):
+    # A results folder, and a package the learner wrote by hand: --force leaves both as they were.
+    src = make_package(tmp_path, "srcpkg")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "junit.xml").write_text("<testsuites/>")
+    (tmp_path / "handmade").mkdir()
+    (tmp_path / "handmade" / "attention.py").write_text("def sdpa(q, k, v):\n    return q\n")
+    for name in ("results", "handmade"):
+        assert main([name, "--from", str(src), "--into", str(tmp_path), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert "is not a scaffold" in err and err.count("\n") == 1, err
+    assert (tmp_path / "results" / "junit.xml").read_text() == "<testsuites/>"
+    assert [p.name for p in (tmp_path / "handmade").iterdir()] == ["attention.py"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["handmade", "results", "srcpkg"]  # no temp dirs left
+
+
+@pytest.mark.parametrize("taken", ["numpy", "pytest", "json", "sys"])
+def test_refuses_names_importable_as_another_module(tmp_path, capsys, taken):
+    # `import numpy.linalg` in the spec would find the real numpy, or a half of each.
+    src = make_package(tmp_path, "srcpkg")
+    assert main([taken, "--from", str(src), "--into", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "already importable" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["srcpkg"]
+
+
+def test_refuses_a_module_the_spec_environment_has(tmp_path, capsys, monkeypatch):
+    # The tool may run in another Python than the spec (nox's): the spec's environment is asked too.
+    fake_env = tmp_path / "env"
+    (fake_env / "only_in_spec_env").mkdir(parents=True)
+    (fake_env / "only_in_spec_env" / "__init__.py").write_text("")
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={fake_env} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(scaffold, "SPEC_PYTHON", python)
+    src = make_package(tmp_path, "srcpkg")
+    assert main(["only_in_spec_env", "--from", str(src), "--into", str(tmp_path)]) == 2
+    assert "already importable" in capsys.readouterr().err
+    assert main(["elsewhere", "--from", str(src), "--into", str(tmp_path)]) == 0
 
 
 @pytest.mark.parametrize("bad", ["1x", "my-pkg", "class", "impl", "spec", "reference", "tools", "kernels"])

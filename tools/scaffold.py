@@ -21,6 +21,9 @@ the later topics' functions are stubbed.
 INFRASTRUCTURE modules are copied verbatim, only the package renamed. Imports of
 the source package are renamed to NAME; relative imports stay. Everything is
 written to a temporary directory and renamed into place at the end.
+
+NAME must not already import as another module (`torch`), in this Python or the
+spec's environment (.nox/_spec). --force replaces only a folder this tool wrote.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import keyword
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -40,6 +44,13 @@ from spec.curriculum import BY_ID, TOPICS, topic_of_file, week_of
 
 INFRASTRUCTURE = ("__init__.py", "native.py")  # copied verbatim: plumbing, not exercises
 RESERVED = ("impl", "spec", "reference", "tools", "kernels")
+HEADER = "# Scaffolded by tools/scaffold.py"  # the first line of each stubbed module: what --force may replace
+# The spec runs in this environment (noxfile.py), which may hold modules (torch) the tool's Python lacks.
+SPEC_ENV = Path(__file__).resolve().parents[1] / ".nox" / "_spec"
+SPEC_PYTHON = SPEC_ENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+# Where a module imports from: its package folder, or its file ('built-in' and the like for some).
+WHERE = ("import importlib.util, sys; s = importlib.util.find_spec(sys.argv[1]);"
+         " print(*(s.submodule_search_locations or [s.origin]) if s else [], sep='\\n')")
 CONSTRUCTORS = ("__new__", "__init__", "__post_init__")
 DOC_TOPICS = re.compile(r"\btopics? (\d+\.\d+(?:, \d+\.\d+)*)")
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -513,7 +524,7 @@ def _stub_module(tree, rel: Path, old: str, name: str, wanted, topics, solved: f
     tree = ast.fix_missing_locations(rename_package(tree, old, name))
     bodies = "bodies raising NotImplementedError" if solved is None else \
         f"{old}'s bodies for topics {', '.join(sorted(solved, key=_order))}, the rest raising NotImplementedError"
-    header = f"# Scaffolded by tools/scaffold.py from {old}/{rel.as_posix()}: the signatures and docstrings, {bodies}.\n"
+    header = f"{HEADER} from {old}/{rel.as_posix()}: the signatures and docstrings, {bodies}.\n"
     kept = sorted(p.verbatim | {f"{c}.{m}" for c, ms in p.built.items() for m in ms})
     return Module(rel, header + format_module(tree), stubber.stubs, kept=kept)
 
@@ -538,10 +549,27 @@ def _kind(stmt: ast.stmt, first: bool) -> str:
     return "import" if isinstance(stmt, (ast.Import, ast.ImportFrom)) else "other"
 
 
-def write(modules: list[Module], target: Path, force: bool) -> None:
-    """Write the package to `target` through a temporary directory renamed at the end."""
+def is_scaffold(folder: Path) -> bool:
+    """Whether `folder` is a package this tool wrote: one of its modules starts with HEADER."""
+    def first_line(path: Path) -> str:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return f.readline()
+
+    return folder.is_dir() and any(first_line(p).startswith(HEADER) for p in folder.glob("*.py") if p.is_file())
+
+
+def check_target(target: Path, force: bool) -> None:
+    """Refuse to replace anything but a scaffold, and a scaffold without --force."""
+    if target.exists() and not is_scaffold(target):
+        raise ScaffoldError(f"{target} exists and is not a scaffold (no module starts with {HEADER!r});"
+                            " --force replaces only a scaffold, so choose another name")
     if target.exists() and not force:
         raise ScaffoldError(f"{target}/ exists; pass --force to replace it")
+
+
+def write(modules: list[Module], target: Path, force: bool) -> None:
+    """Write the package to `target` through a temporary directory renamed at the end."""
+    check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.scaffold-", dir=target.parent))
     try:
@@ -565,7 +593,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 
 def check_name(name: str, src: Path, target: Path) -> None:
-    """Refuse names that cannot be a package, or that would shadow a project directory."""
+    """Refuse names that cannot be a package, or that would shadow a project directory or another module."""
     if not name.isidentifier() or keyword.iskeyword(name):
         raise ScaffoldError(f"{name!r} is not a Python identifier; choose a package name like 'mine'")
     if name in RESERVED:
@@ -574,6 +602,17 @@ def check_name(name: str, src: Path, target: Path) -> None:
         raise ScaffoldError(f"{src}/ is not a directory")
     if target.resolve() == src.resolve():
         raise ScaffoldError(f"{name!r} is the source package itself")
+    for python in dict.fromkeys([sys.executable, *([str(SPEC_PYTHON)] if SPEC_PYTHON.exists() else [])]):
+        other = [w for w in _found_at(name, python, target.parent) if Path(w).resolve() != target.resolve()]
+        if other:  # the spec would import that instead, or both: `import torch.nn` fails
+            raise ScaffoldError(f"{name!r} is already importable ({other[0]}); choose another name")
+
+
+def _found_at(name: str, python: str, cwd: Path) -> list[str]:
+    """Where `python`, started in `cwd` (as pytest is, in the project), finds the module `name`."""
+    r = subprocess.run([python, "-c", WHERE, name], cwd=cwd if cwd.is_dir() else None,
+                       capture_output=True, text=True, timeout=120)
+    return [line for line in r.stdout.splitlines() if line]
 
 
 def report(modules: list[Module], src: Path, target: Path, through: str | None = None) -> str:
@@ -604,14 +643,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, help="spec dir naming topics (default: beside the source)")
     parser.add_argument("--through", metavar="X.Y", help="keep the source's code for the topics up to X.Y"
                         " (e.g. 1.7: start at week 2 with impl's week 1); stub only the later ones")
-    parser.add_argument("--force", action="store_true", help="replace an existing NAME/")
+    parser.add_argument("--force", action="store_true", help="replace an existing NAME/ that this tool wrote")
     args = parser.parse_args(argv)
     src = args.src
     target = (args.into or src.parent) / args.name
     try:
         check_name(args.name, src, target)
-        if target.exists() and not args.force:
-            raise ScaffoldError(f"{target}/ exists; pass --force to replace it")
+        check_target(target, args.force)
         solved = topics_through(args.through) if args.through else None
         modules = build(src, args.name, args.spec or src.resolve().parent / "spec", solved)
         write(modules, target, args.force)
