@@ -13,6 +13,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -167,7 +168,17 @@ def progress(session: nox.Session) -> None:
 def chat(session: nox.Session) -> None:
     """Chat with the default model (or --model PATH): `nox -s chat -- "your prompt"`; no prompt opens a chat."""
     python = _env(session, "runtime", ("runtime",))
-    session.run(str(python), "-m", "impl.cli", *session.posargs, external=True)
+    cmd = [str(python), "-m", "impl.cli", *session.posargs]
+    session.log(" ".join(cmd))
+    # Ctrl-C is the chat's: it stops a reply and the chat goes on. nox would take it and end the
+    # session, so nox ignores it while the chat runs, and the chat gets the default back.
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        rc = subprocess.call(cmd, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    if rc not in (0, 130):  # 130: stopped with Ctrl-C at the prompt
+        session.error(f"the chat command exited with code {rc}")
 
 
 @nox.session(default=False)
