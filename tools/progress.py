@@ -74,8 +74,6 @@ class Result:
         return sum(o == outcome for o in self.tests.values())
 
     passed = property(lambda self: self.count("passed"))
-    failed = property(lambda self: self.count("failed"))
-    skipped = property(lambda self: self.count("skipped"))
     gpu_skipped = property(lambda self: self.count("gpu_skipped"))
     not_run = property(lambda self: self.count("not_run"))
     total = property(lambda self: len(self.tests))
@@ -311,8 +309,8 @@ def _header(results: dict[str, Result], impl: str, sources: list[Path]) -> list[
     return [f"- Implementation checked: `{impl}`",
             f"- Last run: {last} (this update read {', '.join(str(s) for s in sources)})",
             "- Status: complete (every test passed, in the last run that ran it); in progress (k of n"
-            " tests pass; a test not run yet is not a pass); not started (none passed but the names"
-            " check); blocked by X.Y (a prerequisite is not complete); needs a GPU (its tests skip on"
+            " tests pass; a test not run yet is not a pass); not started (none passed but the names and"
+            " built-kernel checks); blocked by X.Y (a prerequisite is not complete); needs a GPU (its tests skip on"
             " this machine); not specified yet (no spec file)",
             ""]
 
