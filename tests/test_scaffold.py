@@ -5,12 +5,15 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from spec.conftest import STUB
 from tools import scaffold
 from tools.scaffold import INFRASTRUCTURE, main
 
@@ -317,9 +320,22 @@ def test_scaffold_of_the_real_impl(importable, names):
             assert inspect.getdoc(a) == inspect.getdoc(b), f"{module}.{qual}"
             if "raise NotImplementedError(" in _source(b):
                 stubs += 1
-                with pytest.raises(NotImplementedError, match=rf"^{name}: implement {module}\.{qual}\b"):
+                with pytest.raises(NotImplementedError, match=rf"^{name}: implement {module}\.{qual}\b") as e:
                     _call_with_nones(b)
+                assert STUB.fullmatch(str(e.value)), f"spec/conftest.py would not know {e.value!r} for a stub"
     assert stubs > 0, "no function of impl/ was stubbed"
+
+
+def test_a_test_that_reaches_a_stub_fails_with_its_message_alone(importable, names):
+    # spec/conftest.py replaces the traceback (about 60 lines a test) by the stub's message.
+    name = names[1]
+    scaffold.write(scaffold.build(ROOT / "impl", name, ROOT / "spec"), importable / name, force=False)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--impl={name}",
+                          "spec/day_1_1_attention.py::test_linear"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(importable)}, timeout=300)
+    assert run.returncode == 1, run.stdout[-3000:]
+    assert f"\n{name}: implement basics.linear (topic 1.1)  (a stub: write it)\n" in run.stdout, run.stdout[-3000:]
+    assert "raise NotImplementedError" not in run.stdout, run.stdout[-3000:]
 
 
 def _lookup(module, qualname: str):
