@@ -86,10 +86,22 @@ def _file_of(arg: str) -> Path:
     return (ROOT / arg.split("::")[0]).resolve()
 
 
+# pytest options whose value follows as the next argument and may look like a path (`-k spec`).
+VALUE_OPTIONS = {"--impl", "-k", "-m", "-p", "-o", "-c", "--deselect", "--ignore", "--ignore-glob", "--rootdir",
+                 "--confcutdir", "--basetemp", "--junitxml", "--maxfail", "--tb", "-W"}
+
+
 def _named_paths(posargs: list[str]) -> list[str]:
     """The files or tests the user named (`-- spec/day_1_3_gqa.py::test_x`), not options or their values."""
     return [a for i, a in enumerate(posargs)
-            if not a.startswith("-") and not (i and posargs[i - 1] == "--impl") and _file_of(a).exists()]
+            if not a.startswith("-") and not (i and posargs[i - 1] in VALUE_OPTIONS) and _file_of(a).exists()]
+
+
+def _spec_files(args: list[str]) -> list[str]:
+    """The spec files (or folder) among pytest path arguments, relative to the repository root."""
+    spec = ROOT / "spec"
+    files = {_file_of(a) for a in args}
+    return sorted(str(f.relative_to(ROOT)) for f in files if f == spec or f.is_relative_to(spec))
 
 
 def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
@@ -109,10 +121,12 @@ def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
     # Every test of the spec files this run touches, so that running a few of them (a test id,
     # -k, -x) still counts each topic against all its tests in PROGRESS.md.
     collected = BUILD / f"collected-{label}.txt"
-    spec_files = sorted({a.split("::")[0] for a in (named if not paths else paths) if a.startswith("spec")})
+    spec_files = _spec_files(paths or named)
     listing = subprocess.run([str(python), "-m", "pytest", "--collect-only", "-q", *spec_files],
                              cwd=ROOT, capture_output=True, text=True) if spec_files else None
-    collected.write_text(listing.stdout if listing and listing.returncode == 0 else "", encoding="utf-8")
+    if listing and listing.returncode != 0:  # a spec file that does not import: the run below shows why
+        session.log(f"{label}: listing the tests failed (pytest exit code {listing.returncode})")
+    collected.write_text(listing.stdout if listing else "", encoding="utf-8")  # read_collected takes the "::" lines
     cmd = [str(python), "-m", "pytest", *paths, f"--junitxml={junit}", "-o", "junit_family=xunit2", *args]
     session.log(" ".join(cmd))
     # Wide enough that the summary's "FAILED ... - NotImplementedError: mine: implement basics.softmax
@@ -159,6 +173,8 @@ def progress(session: nox.Session) -> None:
     if not reports:
         session.error("no spec results in build/ yet: run nox -s week1 (or nox -s tests) first")
     args = [a for r in reports for a in ("--junit", str(r))]
+    listing = BUILD / reports[-1].name.replace("junit-", "collected-").replace(".xml", ".txt")
+    args += ["--collected", str(listing)] if listing.exists() else []  # the newest run's tests: none renamed back
     impl = _impl_name(session.posargs)
     session.run(sys.executable, "-m", "tools.progress", *args, *(["--impl", impl] if impl else []),
                 "--out", str(ROOT / "PROGRESS.md"), external=True)

@@ -39,7 +39,7 @@ def check_inputs(query: mx.array, key: mx.array, value: mx.array, mask: mx.array
         dtypes = ", ".join(str(a.dtype).removeprefix("mlx.core.") for a in (query, key, value))
         raise ValueError(f"flash_attention: q, k, v must share one dtype, float32, float16 or bfloat16; got {dtypes}")
     if isinstance(mask, str) and mask != "causal":
-        raise ValueError(f"mask must be None, 'causal' or an array, not {mask!r}")
+        raise ValueError(f"flash_attention: mask must be None, 'causal' or an array, not {mask!r}")
 
 
 def flash_attention_mlx(
@@ -107,8 +107,9 @@ def flash_attention(
         return kernel(query, key, value, scale=scale, mask=mask)
     # The kernels take one batch axis: (..., H, L, D) -> (B, H, L, D), and back.
     *batch, H, L, D = query.shape
-    S, B = key.shape[-2], math.prod(batch)
-    if isinstance(mask, mx.array) and mask.ndim > 2:  # broadcastable to (..., H, L, S)
-        mask = mx.broadcast_to(mask, (*batch, H, L, S)).reshape(B, H, L, S)
+    B = math.prod(batch)
+    if isinstance(mask, mx.array) and mask.ndim > 2:  # (..., H or 1, L or 1, S or 1): its leading axes to B
+        tail = mask.shape[-3:]
+        mask = mx.broadcast_to(mask, (*batch, *tail)).reshape(B, *tail)
     q, k, v = (a.reshape(B, *a.shape[-3:]) for a in (query, key, value))
     return kernel(q, k, v, scale=scale, mask=mask).reshape(*batch, H, L, D)

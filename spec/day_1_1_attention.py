@@ -40,6 +40,7 @@ NAMES = {
 }
 
 
+@pytest.mark.presence
 def test_has_names(impl):
     missing = [f"{m}.{n}" for m, names in NAMES.items() for n in names if not hasattr(getattr(impl, m), n)]
     assert not missing, f"impl lacks {missing}"

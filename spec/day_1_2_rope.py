@@ -49,6 +49,7 @@ def rope_tol(dtype: str, max_position: int) -> Tol:
                reason=f"{base.reason}; angles carry ~1.5e-7 rad of theta's rounding per position, p <= {max_position}")
 
 
+@pytest.mark.presence
 def test_has_names(impl):
     assert hasattr(impl.rope, "RoPE"), "impl.rope lacks RoPE"
 

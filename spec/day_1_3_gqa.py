@@ -54,6 +54,7 @@ NAMES = ("causal_mask", "scaled_dot_product_attention_grouped", "Attention")
 MASKS = [None, "causal", "L S", "per head", "full"]
 
 
+@pytest.mark.presence
 def test_has_names(impl):
     missing = [n for n in NAMES if not hasattr(impl.attention, n)]
     assert not missing, f"impl.attention lacks {missing}"

@@ -37,6 +37,7 @@ NAMES = {"norm": ("RMSNorm",), "basics": ("silu",), "mlp": ("MLP",)}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@pytest.mark.presence
 def test_has_names(impl):
     missing = [f"{m}.{n}" for m, names in NAMES.items() for n in names if not hasattr(getattr(impl, m), n)]
     assert not missing, f"impl lacks {missing}"

@@ -50,6 +50,7 @@ def prompt_ids(default_model):
     return {name: tok.encode(encode(p), add_special_tokens=False) for name, p in PROMPTS.items()}
 
 
+@pytest.mark.presence
 def test_has_names(impl):
     missing = [f"{m}.{n}" for m, names in NAMES.items() for n in names if not hasattr(getattr(impl, m), n)]
     assert not missing, f"missing: {missing}"

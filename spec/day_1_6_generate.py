@@ -129,6 +129,7 @@ def stream(impl, tokenizer, ids: list[int]) -> tuple[list[str], str]:
     return pieces, detok.text
 
 
+@pytest.mark.presence
 def test_has_names(impl):
     mod = impl.tokenizer
     for name in ("Tokenizer", "StreamingDetokenizer"):

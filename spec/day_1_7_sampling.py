@@ -46,6 +46,7 @@ LOGIT = st.floats(-20, 20, width=32)
 CUT_MARGIN = 1e-4
 
 
+@pytest.mark.presence
 def test_has_names(impl):
     missing = [n for n in NAMES if not hasattr(impl.sampler, n)]
     assert not missing, f"impl.sampler lacks {missing}"

@@ -132,11 +132,13 @@ def quantize(impl):
     return impl.quantize
 
 
+@pytest.mark.presence
 def test_has_names(impl):
     missing = [n for n in NAMES if not hasattr(impl.quantize, n)]
     assert not missing, f"impl.quantize lacks {missing}"
 
 
+@pytest.mark.presence
 def test_kernel_is_built(impl):
     kernels = impl.native.kernels
     assert kernels is not None, f"tiny_llm_kernels is not installed, so the C++ kernel never runs: {BUILD}"
@@ -272,36 +274,34 @@ def check_batch_invariance(impl):
 
 
 # Twin and kernel take the same inputs: whether the kernels built, or a GPU runs, must not
-# change what a call accepts. Each case: (x, w_q, scales, biases, group_size, bits) from
-# 4 rows of 64 4-bit values in groups of 32, fp16 scales.
-def _bad_qmm_case(name: str):
-    w_q, s, b = make_weights(4, 64, 32, 4, mx.float16, seed=0)
-    x = mx.zeros((2, 64))
-    return {
-        "x of another K": (mx.zeros((2, 96)), w_q, s, b, 32, 4),
-        "a 0-d x": (mx.array(1.0), w_q, s, b, 32, 4),
-        "an int32 x": (x.astype(mx.int32), w_q, s, b, 32, 4),
-        "2 bits": (x, *make_weights(4, 64, 32, 2, mx.float16, seed=0), 32, 2),
-        "group size 16": (x, w_q, s, b, 16, 4),
-        "group size 64 on groups of 32": (x, w_q, s, b, 64, 4),
-        "int32 w_q": (x, w_q.astype(mx.int32), s, b, 32, 4),
-        "int32 scales": (x, w_q, s.astype(mx.int32), b.astype(mx.int32), 32, 4),
-        "scales of another shape": (x, w_q, s[:, :1], b[:, :1], 32, 4),
-    }[name]
+# change what a call accepts. Each case makes (x, w_q, scales, biases, group_size, bits) from
+# x (2, 64) and 4 rows of 64 4-bit values in groups of 32 with fp16 scales.
+BAD_QMM = {
+    "x of another K": lambda x, w_q, s, b: (mx.zeros((2, 96)), w_q, s, b, 32, 4),
+    "a 0-d x": lambda x, w_q, s, b: (mx.array(1.0), w_q, s, b, 32, 4),
+    "an int32 x": lambda x, w_q, s, b: (x.astype(mx.int32), w_q, s, b, 32, 4),
+    "2 bits": lambda x, w_q, s, b: (x, *make_weights(4, 64, 32, 2, mx.float16, seed=0), 32, 2),
+    "group size 16": lambda x, w_q, s, b: (x, w_q, s, b, 16, 4),
+    "group size 64 on groups of 32": lambda x, w_q, s, b: (x, w_q, s, b, 64, 4),
+    "int32 w_q": lambda x, w_q, s, b: (x, w_q.astype(mx.int32), s, b, 32, 4),
+    "int32 scales": lambda x, w_q, s, b: (x, w_q, s.astype(mx.int32), b.astype(mx.int32), 32, 4),
+    "scales of another shape": lambda x, w_q, s, b: (x, w_q, s[:, :1], b[:, :1], 32, 4),
+}
 
 
-BAD_QMM = ["x of another K", "a 0-d x", "an int32 x", "2 bits", "group size 16", "group size 64 on groups of 32",
-           "int32 w_q", "int32 scales", "scales of another shape"]
+def bad_qmm_case(name: str) -> tuple:
+    """The arguments of BAD_QMM's case `name`."""
+    return BAD_QMM[name](mx.zeros((2, 64)), *make_weights(4, 64, 32, 4, mx.float16, seed=0))
 
 
-@pytest.mark.parametrize("case", BAD_QMM)
+@pytest.mark.parametrize("case", list(BAD_QMM))
 def test_twin_and_kernel_reject_the_same_inputs(quantize, case):
     # check_quantized_matmul states the contract; the twin calls it, the kernel checks the same in C++.
     calls = {"check_quantized_matmul": quantize.check_quantized_matmul,
              "quantized_matmul": quantize.quantized_matmul, "quantized_matmul_mlx": quantize.quantized_matmul_mlx}
     for name, call in calls.items():
         with pytest.raises(ValueError, match="^quantized_matmul: ") as e:
-            mx.eval(call(*_bad_qmm_case(case)))
+            mx.eval(call(*bad_qmm_case(case)))
         assert "\n" not in str(e.value), f"{name}, {case}: the error is not one line: {e.value}"
 
 
@@ -360,6 +360,7 @@ def _ops(y: mx.array) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "rope", "swiglu"])
+@pytest.mark.presence
 def test_layer_kernel_is_built(impl, name):
     kernels = impl.native.kernels
     assert kernels is not None and hasattr(kernels, name), (
@@ -548,6 +549,7 @@ def test_fused_matmul_equals_the_separate_kernels(impl, x_dtype, M):
         assert_close(fused, twin, tol_for(x_dtype, K, A, 2), f"fused kernel vs twin, {what}")
 
 
+@pytest.mark.presence
 def test_fused_matmul_rejects_bad_pieces(impl):
     kernels = impl.native.kernels
     w_q, scales, biases = make_weights(8, 64, 32, 4, mx.float16, seed=0)

@@ -89,6 +89,7 @@ def tol_for(dtype: str) -> Tol:
     return ONLINE_FP32 if dtype == "float32" else BY_DTYPE[dtype]
 
 
+@pytest.mark.presence
 def test_has_names(impl):
     missing = [n for n in NAMES if not hasattr(impl.flash_attention, n)]
     assert not missing, f"impl.flash_attention lacks {missing}"
@@ -112,6 +113,7 @@ def built_kernels(impl):
     return k
 
 
+@pytest.mark.presence
 def test_kernel_is_built(impl):
     info = built_kernels(impl).flash_attention_info()
     assert info["isa"] in ("avx512", "avx2", "portable"), f"flash_attention_info() = {info}"
@@ -307,34 +309,32 @@ def check_instruction_set(fa, now):
 
 
 # Twin and kernel take the same inputs: whether the kernels built, or a GPU runs, must not
-# change what a call accepts. Each case: (q, k, v, mask); q has 4 heads, k and v 2.
-def _bad_attention_case(name: str):
-    q, kv = mx.zeros((1, 4, 3, 8)), mx.zeros((1, 2, 5, 8))
-    return {
-        "an unknown mask string": (q, kv, kv, "upper"),
-        "3 kv heads for 4 query heads": (q, mx.zeros((1, 3, 5, 8)), mx.zeros((1, 3, 5, 8)), None),
-        "k and v of different lengths": (q, kv, mx.zeros((1, 2, 6, 8)), None),
-        "k of another head size": (q, mx.zeros((1, 2, 5, 16)), mx.zeros((1, 2, 5, 16)), None),
-        "k of another batch": (q, mx.zeros((2, 2, 5, 8)), mx.zeros((2, 2, 5, 8)), None),
-        "head size 0": (mx.zeros((1, 4, 3, 0)), mx.zeros((1, 2, 5, 0)), mx.zeros((1, 2, 5, 0)), None),
-        "fp16 q with fp32 k, v": (q.astype(mx.float16), kv, kv, None),
-        "int32 inputs": (q.astype(mx.int32), kv.astype(mx.int32), kv.astype(mx.int32), None),
-        "2-d inputs": (q[0, 0], kv[0, 0], kv[0, 0], None),
-    }[name]
+# change what a call accepts. Each case makes (q, k, v, mask) from q (1, 4, 3, 8) and k, v (1, 2, 5, 8).
+BAD_ATTENTION = {
+    "an unknown mask string": lambda q, kv: (q, kv, kv, "upper"),
+    "3 kv heads for 4 query heads": lambda q, kv: (q, mx.zeros((1, 3, 5, 8)), mx.zeros((1, 3, 5, 8)), None),
+    "k and v of different lengths": lambda q, kv: (q, kv, mx.zeros((1, 2, 6, 8)), None),
+    "k of another head size": lambda q, kv: (q, mx.zeros((1, 2, 5, 16)), mx.zeros((1, 2, 5, 16)), None),
+    "k of another batch": lambda q, kv: (q, mx.zeros((2, 2, 5, 8)), mx.zeros((2, 2, 5, 8)), None),
+    "head size 0": lambda q, kv: (mx.zeros((1, 4, 3, 0)), mx.zeros((1, 2, 5, 0)), mx.zeros((1, 2, 5, 0)), None),
+    "fp16 q with fp32 k, v": lambda q, kv: (q.astype(mx.float16), kv, kv, None),
+    "int32 inputs": lambda q, kv: (q.astype(mx.int32), kv.astype(mx.int32), kv.astype(mx.int32), None),
+    "2-d inputs": lambda q, kv: (q[0, 0], kv[0, 0], kv[0, 0], None),
+}
 
 
-BAD_ATTENTION = ["an unknown mask string", "3 kv heads for 4 query heads", "k and v of different lengths",
-                 "k of another head size", "k of another batch", "head size 0", "fp16 q with fp32 k, v",
-                 "int32 inputs", "2-d inputs"]
+def bad_attention_case(name: str) -> tuple:
+    """The (q, k, v, mask) of BAD_ATTENTION's case `name`."""
+    return BAD_ATTENTION[name](mx.zeros((1, 4, 3, 8)), mx.zeros((1, 2, 5, 8)))
 
 
-@pytest.mark.parametrize("case", BAD_ATTENTION)
+@pytest.mark.parametrize("case", list(BAD_ATTENTION))
 def test_twin_and_kernel_reject_the_same_inputs(fa, case):
     # check_inputs states the contract; the twin and the public entry call it before any kernel.
-    q, k, v, mask = _bad_attention_case(case)
+    q, k, v, mask = bad_attention_case(case)
     calls = {"check_inputs": fa.check_inputs, **{name: getattr(fa, name) for name in NAMES}}
     for name, call in calls.items():
-        with pytest.raises(ValueError) as e:
+        with pytest.raises(ValueError, match="^flash_attention: ") as e:
             mx.eval(call(q, k, v, mask=mask))
         assert "\n" not in str(e.value), f"{name}, {case}: the error is not one line: {e.value}"
 
@@ -344,10 +344,14 @@ def test_twin_and_kernel_take_any_leading_axes(fa, lead):
     # (..., H, L, D) as week 1's attention takes it: the same rows as with one batch axis.
     rng = np.random.default_rng(len(lead))
     q, k, v = (uniform(rng, (*lead, H, 6, 16), "float32")[0] for H in (4, 2, 2))
-    mask, _ = additive_mask(rng, (*lead, 1, 6, 6), "float32", blank_rows=False)
     B = int(np.prod(lead))
     flat = [a.reshape(B, *a.shape[-3:]) for a in (q, k, v)]
-    for m, flat_m in ((None, None), ("causal", "causal"), (mask, mask.reshape(B, 1, 6, 6))):
+    masks = [None, "causal"]
+    # A mask with every leading axis, one that broadcasts over them all, and (two batch axes) over one.
+    for shape in [(*lead, 1, 6, 6), (1, 6, 6), *([(3, 1, 6, 6)] if lead else [])]:
+        masks.append(additive_mask(rng, shape, "float32", blank_rows=False)[0])
+    for m in masks:
+        flat_m = mx.broadcast_to(m, (*lead, 1, 6, 6)).reshape(B, 1, 6, 6) if isinstance(m, mx.array) else m
         want = fa.flash_attention(*flat, mask=flat_m).reshape(*lead, 4, 6, 16)
         for name in NAMES:
             got = getattr(fa, name)(q, k, v, mask=m)
@@ -504,6 +508,7 @@ def test_cached_attention_leaves_a_held_view_of_the_cache_alone(impl, held):
     assert cache.offset == 8
 
 
+@pytest.mark.presence
 def test_cached_attention_rejects_mismatched_inputs(impl):
     kernels = built_kernels(impl)
     cos = sin = mx.zeros((16, 4))

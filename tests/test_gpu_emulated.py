@@ -21,8 +21,14 @@ import impl.quantize
 from impl import native
 from impl.flash_attention import flash_attention_mlx
 from impl.quantize import quantized_matmul_mlx
-from spec.day_2_2_quantized_matmul import make_weights, numpy_dequantize, tol_for
-from spec.day_2_4_flash_attention import additive_mask, uniform
+from spec.day_2_2_quantized_matmul import (
+    BAD_QMM,
+    bad_qmm_case,
+    make_weights,
+    numpy_dequantize,
+    tol_for,
+)
+from spec.day_2_4_flash_attention import BAD_ATTENTION, additive_mask, bad_attention_case, uniform
 from spec.day_2_4_flash_attention import tol_for as attention_tol
 from spec.draw import DTYPES
 from spec.ladder import assert_close, to_numpy
@@ -228,3 +234,22 @@ def test_impl_takes_the_twin_for_what_a_gpu_kernel_does_not_compute(monkeypatch,
     q = mx.random.normal((1, 1, 2, 512), key=mx.random.key(5))
     assert mx.array_equal(impl.flash_attention.flash_attention(q, q, q), flash_attention_mlx(q, q, q))
     assert capsys.readouterr().err == "" and native._gpu_checked == {}
+
+
+@pytest.mark.parametrize("case", [*(("quantized_matmul", c) for c in BAD_QMM), *(("flash_attention", c) for c in BAD_ATTENTION)],
+                         ids=lambda c: " ".join(c) if isinstance(c, tuple) else c)
+def test_a_gpu_rejects_what_the_cpu_rejects(monkeypatch, case):
+    """The inputs the specs (2.2, 2.4) reject on the CPU get the same one-line error on a GPU, before any kernel."""
+    monkeypatch.setattr(gpu, "_run", _no_compiler)  # would fail loudly if it were asked
+    monkeypatch.setattr(gpu, "backend", lambda: "cuda")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(native, "_gpu_checked", {})
+    kernel, name = case
+    if kernel == "quantized_matmul":
+        call, args, kwargs = impl.quantize.quantized_matmul, bad_qmm_case(name), {}
+    else:
+        q, k, v, mask = bad_attention_case(name)
+        call, args, kwargs = impl.flash_attention.flash_attention, (q, k, v), {"mask": mask}
+    with pytest.raises(ValueError, match=f"^{kernel}: ") as e:
+        mx.eval(call(*args, **kwargs))
+    assert "\n" not in str(e.value), f"{name}: the error is not one line: {e.value}"

@@ -20,16 +20,19 @@ MODULES = {"1.1": "day_1_1_attention", "1.2": "day_1_2_rope", "1.3": "day_1_3_gq
            "1.5": "day_1_5_model", "1.6": "day_1_6_generate", "1.7": "day_1_7_sampling"}
 
 
-def case(topic: str, outcome: str = "passed", *, prop: bool = True, message: str = "", name: str = "") -> str:
+def case(topic: str, outcome: str = "passed", *, prop: bool = True, message: str = "", name: str = "",
+         presence: bool = False) -> str:
     """One <testcase> (a new test's name unless `name` is given); the class name follows the
-    topic's spec file, as pytest writes it."""
+    topic's spec file, and the properties are spec/conftest.py's, as pytest writes them."""
     module = MODULES[topic]
-    props = f'<properties><property name="topic" value="{topic}"/></properties>' if prop else ""
+    props = "".join([f'<property name="topic" value="{topic}"/>'] * prop + ['<property name="presence" value="1"/>'] * presence)
+    props = f"<properties>{props}</properties>" if props else ""
     body = {"passed": "", "failed": '<failure message="assert 0">E assert 0</failure>',
             "error": '<error message="failed on setup">E boom</error>',
             "skipped": f'<skipped type="pytest.skip" message={quoteattr(message)}>skip</skipped>'}[outcome]
     case.n += 1
-    return f'<testcase classname="spec.{module}" name="{name or f"test_{case.n}"}" time="0.01">{props}{body}</testcase>'
+    name = quoteattr(name or f"test_{case.n}")
+    return f'<testcase classname="spec.{module}" name={name} time="0.01">{props}{body}</testcase>'
 
 
 case.n = 0
@@ -115,7 +118,8 @@ def test_status_rules_for_gpu_and_skips():
     assert status_of(cpu, {}) == "not started"
     # A fresh scaffold passes the names check (and, with the clone's kernels, the built-kernel
     # check): not a start.
-    fresh = Result(tests={"test_has_names": "passed", "test_kernel_is_built": "passed", "test_x": "failed"})
+    fresh = Result(tests={"test_has_names": "passed", "test_kernel_is_built": "passed", "test_x": "failed"},
+                   presence={"test_has_names", "test_kernel_is_built"})
     assert status_of(cpu, {"9.2": fresh}) == "not started"
     fresh.tests["test_x"] = "passed"
     assert status_of(cpu, {"9.2": fresh}) == "complete"
@@ -239,3 +243,33 @@ def test_command_line(tmp_path, week1):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "2 of 23 topics complete" in done.stdout and out.exists()
+
+
+def test_presence_checks_are_not_a_start(tmp_path):
+    """Tests marked `presence` (spec/conftest.py records it) pass on a fresh scaffold: still not started."""
+    fresh = junit(tmp_path / "fresh.xml", [case("1.1", name="test_has_names", presence=True),
+                                           case("1.1", "failed", name="test_softmax")])
+    assert rows(run(tmp_path, fresh))["1.1"][2:4] == ["not started", "1 of 2"]
+    later = junit(tmp_path / "later.xml", [case("1.1", name="test_softmax")])
+    assert rows(run(tmp_path, later))["1.1"][2:4] == ["complete", "2 of 2"]  # the mark was kept in between
+
+
+def test_a_spec_file_that_does_not_import_is_a_failure(tmp_path):
+    ok = junit(tmp_path / "ok.xml", [case("1.2", name="test_r")])
+    run(tmp_path, ok)
+    broken = tmp_path / "broken.xml"  # pytest's entry for a collection error: no class name, the module as name
+    broken.write_text('<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest"'
+                      ' timestamp="2025-03-05T10:00:00+00:00"><testcase classname="" name="spec.day_1_2_rope"'
+                      ' time="0"><error message="collection failure">ImportError</error></testcase>'
+                      "</testsuite></testsuites>", encoding="utf-8")
+    assert rows(run(tmp_path, broken))["1.2"][2:4] == ["in progress (1 of 2)", "1 of 2"]
+
+
+def test_odd_test_ids_survive_the_state_block(tmp_path):
+    odd = ["test_x[a-->b]", "test_y[a::b]", 'test_z["quoted"]']
+    every = listing(tmp_path / "collected.txt", {"1.1": odd})
+    first = junit(tmp_path / "first.xml", [case("1.1", name=n) for n in odd])
+    assert rows(run(tmp_path, first, collected=every))["1.1"][2:4] == ["complete", "3 of 3"]
+    other = junit(tmp_path / "other.xml", [case("1.2", name="test_r")])  # re-reads the block
+    text = run(tmp_path, other)
+    assert rows(text)["1.1"][2:4] == ["complete", "3 of 3"] and "-->" not in text.split("spec-results v2")[1].split("\n-->")[0]

@@ -51,9 +51,6 @@ TOPIC_COLUMNS = ("Id", "Topic", "Status", "Tests passed", "Checked against", "Wh
 LEARNER_DEFAULT = ("0", "-", "")
 GPU_SKIP = re.compile(r"\bgpu\b", re.IGNORECASE)
 OUTCOMES = ("passed", "failed", "skipped", "gpu_skipped", "not_run")
-# Tests that pass on a fresh scaffold (the names exist; the clone's kernels are built): they do
-# not make a topic started.
-PRESENCE = re.compile(r"test_(has_names|kernel_is_built|layer_kernel_is_built)\b")
 
 
 class ProgressError(Exception):
@@ -69,6 +66,9 @@ class Result:
     # GPU), gpu_skipped, or not_run (collected, never run)
     tests: dict[str, str] = field(default_factory=dict)
     when: str = ""  # YYYY-MM-DD HH:MM UTC of the last run that ran one of them
+    # Tests marked `presence` (the names exist, the clone's kernels are built): a fresh scaffold
+    # passes them, so they do not make a topic started.
+    presence: set[str] = field(default_factory=set)
 
     def count(self, outcome: str) -> int:
         return sum(o == outcome for o in self.tests.values())
@@ -80,7 +80,7 @@ class Result:
 
     def started(self) -> bool:
         """Whether a test passed that a fresh scaffold would not pass."""
-        return any(o == "passed" and not PRESENCE.match(t) for t, o in self.tests.items())
+        return any(o == "passed" and t not in self.presence for t, o in self.tests.items())
 
 
 @dataclass
@@ -100,6 +100,7 @@ def read_junit(path: Path, impl: str) -> dict[str, Result]:
     root = _parse_xml(path)
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     outcomes: dict[tuple[str, str], tuple[str, str, str]] = {}  # (class, name) -> (topic, outcome, when)
+    presence: set[tuple[str, str]] = set()
     for suite in suites:
         when = _suite_time(suite, path)
         for case in suite.iter("testcase"):
@@ -108,14 +109,18 @@ def read_junit(path: Path, impl: str) -> dict[str, Result]:
                 continue
             key = (case.get("classname", ""), case.get("name", ""))
             outcome = _outcome(case)
+            if any(p.get("name") == "presence" for p in case.iter("property")):
+                presence.add(key)
             if key in outcomes and _rank(outcomes[key][1]) > _rank(outcome):
                 continue  # a duplicate entry (e.g. a teardown error): the worst wins
             outcomes[key] = (topic, outcome, when)
     results: dict[str, Result] = {}
-    for (_, name), (topic, outcome, when) in outcomes.items():
+    for key, (topic, outcome, when) in outcomes.items():
         r = results.setdefault(topic, Result(impl=impl, when=when))
-        r.tests[name] = outcome
+        r.tests[key[1]] = outcome
         r.when = max(r.when, when)
+        if key in presence:
+            r.presence.add(key[1])
     return results
 
 
@@ -130,8 +135,9 @@ def read_collected(path: Path) -> dict[str, list[str]]:
     for line in lines:
         file, sep, name = line.strip().partition("::")
         topic = topic_of_file(Path(file).name) if sep else None
-        if topic:
-            collected.setdefault(topic, []).append(name.rpartition("::")[2])
+        if topic:  # the test's name as JUnit gives it: a class (Class::test) drops, a parameter id stays whole
+            function, bracket, params = name.partition("[")
+            collected.setdefault(topic, []).append(function.rpartition("::")[2] + bracket + params)
     return collected
 
 
@@ -172,7 +178,8 @@ def _topic_of_case(case: ET.Element) -> str | None:
     for prop in case.iter("property"):
         if prop.get("name") == "topic" and prop.get("value") in BY_ID:
             return prop.get("value")
-    for part in case.get("classname", "").split("."):
+    # A collection error (the spec file does not import) has no class name: its name is the module's.
+    for part in (case.get("classname") or case.get("name", "")).split("."):
         topic = topic_of_file(part + ".py")
         if topic:
             return topic
@@ -222,7 +229,8 @@ def _read_state(text: str, path: Path) -> dict[tuple[str, str], Result]:
         try:
             row = json.loads(line)
             tests = {name: outcome for outcome in OUTCOMES for name in row.get(outcome, [])}
-            results[row["impl"], row["topic"]] = Result(row["impl"], tests, row.get("when", ""))
+            results[row["impl"], row["topic"]] = Result(row["impl"], tests, row.get("when", ""),
+                                                        set(row.get("presence", [])))
         except (ValueError, TypeError, KeyError, AttributeError):
             print(f"progress: warning: {path}: unreadable results line ignored: {line[:60]}",
                   file=sys.stderr)
@@ -351,8 +359,9 @@ def _state_block(results: dict[tuple[str, str], Result]) -> list[str]:
     for impl, topic in sorted(results, key=lambda k: (k[0], _order(k[1]))):
         r = results[impl, topic]
         by_outcome = {o: [t for t, got in r.tests.items() if got == o] for o in OUTCOMES}
-        lines.append(json.dumps({"impl": impl, "topic": topic, "when": r.when,
-                                 **{o: names for o, names in by_outcome.items() if names}}))
+        row = {"impl": impl, "topic": topic, "when": r.when, **{o: names for o, names in by_outcome.items() if names},
+               **({"presence": sorted(r.presence)} if r.presence else {})}
+        lines.append(json.dumps(row).replace(">", "\\u003e"))  # a test id with "-->" must not end the comment
     return [STATE_BEGIN, *lines, STATE_END]
 
 
@@ -370,7 +379,7 @@ def merge(before: Result | None, run: Result, names: list[str] | None) -> Result
     names = list(names if names is not None else before.tests)
     names += [t for t in run.tests if t not in names]
     tests = {t: run.tests.get(t) or before.tests.get(t) or "not_run" for t in names}
-    return Result(run.impl, tests, run.when if run.tests else before.when)
+    return Result(run.impl, tests, run.when if run.tests else before.when, (run.presence | before.presence) & set(tests))
 
 
 def update(junit: list[Path], impl: str | None, out: Path,

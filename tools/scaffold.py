@@ -22,8 +22,8 @@ INFRASTRUCTURE modules are copied verbatim, only the package renamed. Imports of
 the source package are renamed to NAME; relative imports stay. Everything is
 written to a temporary directory and renamed into place at the end.
 
-NAME must not already import as another module (`torch`), in this Python or the
-spec's environment (.nox/_spec). --force replaces only a folder this tool wrote.
+NAME must not already import as another module (`torch`) in the spec's environment
+(.nox/_spec; this Python before nox has built it). --force replaces only a folder this tool wrote.
 """
 
 from __future__ import annotations
@@ -602,17 +602,25 @@ def check_name(name: str, src: Path, target: Path) -> None:
         raise ScaffoldError(f"{src}/ is not a directory")
     if target.resolve() == src.resolve():
         raise ScaffoldError(f"{name!r} is the source package itself")
-    for python in dict.fromkeys([sys.executable, *([str(SPEC_PYTHON)] if SPEC_PYTHON.exists() else [])]):
-        other = [w for w in _found_at(name, python, target.parent) if Path(w).resolve() != target.resolve()]
-        if other:  # the spec would import that instead, or both: `import torch.nn` fails
-            raise ScaffoldError(f"{name!r} is already importable ({other[0]}); choose another name")
+    # The spec's environment, once nox has built it (the tool itself may run in nox's own Python,
+    # whose packages the spec never sees); this Python before that.
+    found = _found_at(name, str(SPEC_PYTHON), target.parent) if SPEC_PYTHON.exists() else None
+    if found is None:
+        found = _found_at(name, sys.executable, target.parent) or []
+    other = [w for w in found if Path(w).resolve() != target.resolve()]
+    if other:  # the spec would import that instead, or both: `import torch.nn` fails
+        raise ScaffoldError(f"{name!r} is already importable ({other[0]}); choose another name")
 
 
-def _found_at(name: str, python: str, cwd: Path) -> list[str]:
-    """Where `python`, started in `cwd` (as pytest is, in the project), finds the module `name`."""
-    r = subprocess.run([python, "-c", WHERE, name], cwd=cwd if cwd.is_dir() else None,
-                       capture_output=True, text=True, timeout=120)
-    return [line for line in r.stdout.splitlines() if line]
+def _found_at(name: str, python: str, cwd: Path) -> list[str] | None:
+    """Where `python`, started in `cwd` (as pytest is, in the project), finds the module `name`;
+    None if that Python could not be asked."""
+    try:
+        r = subprocess.run([python, "-c", WHERE, name], cwd=cwd if cwd.is_dir() else None,
+                           capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return [line for line in r.stdout.splitlines() if line] if r.returncode == 0 else None
 
 
 def report(modules: list[Module], src: Path, target: Path, through: str | None = None) -> str:
