@@ -107,6 +107,12 @@ def _spec_files(args: list[str]) -> list[str]:
 def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
     """pytest on `paths` with a JUnit report, then PROGRESS.md from it; fails if pytest failed."""
     python = _env(session, "spec", ("runtime", "reference", "test"))
+    impl = _impl_name(session.posargs)
+    # A package that cannot be imported fails every test, and PROGRESS.md would keep its name for good.
+    if impl and subprocess.call([str(python), "-c", "import importlib.util as u, sys; sys.exit(u.find_spec(sys.argv[1])"
+                                 " is None)", impl], cwd=ROOT, stderr=subprocess.DEVNULL) != 0:
+        hint = f"write one with: nox -s scaffold -- {impl}" if impl.isidentifier() else "name it as Python does, like mine"
+        session.error(f"--impl={impl}: no such package beside impl/; {hint}")
     BUILD.mkdir(exist_ok=True)
     junit = BUILD / f"junit-{label}.xml"
     args, named = list(session.posargs), _named_paths(session.posargs)
@@ -136,7 +142,7 @@ def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
         session.log(f"{label}: no test ran (pytest exit code {rc}); PROGRESS.md left as it was")
     elif junit.exists():
         session.run(str(python), "-m", "tools.progress", "--junit", str(junit), "--collected", str(collected),
-                    "--impl", _impl_name(session.posargs) or "impl", "--out", str(ROOT / "PROGRESS.md"),
+                    "--impl", impl or "impl", "--out", str(ROOT / "PROGRESS.md"),
                     external=True)
     if rc not in (0, 5):
         session.error(f"{label}: the specification failed (pytest exit code {rc}); see above"
