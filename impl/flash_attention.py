@@ -94,14 +94,14 @@ def flash_attention(
 ) -> mx.array:
     """The C++ (CPU) or Metal/CUDA (GPU) flash attention kernel when built, else the twin;
     q (..., H, L, D), k/v (..., H_kv, S, D)."""
-    check_inputs(query, key, value, mask)
     cpu = mx.default_device() == mx.cpu and hasattr(kernels, "flash_attention")
     gpu = None if cpu else gpu_kernel("flash_attention")
     if gpu is not None:
         variant = (query.dtype, query.shape[-1], "array" if isinstance(mask, mx.array) else mask)
         gpu = gpu if gpu_works("flash_attention", variant) else None
     if not (cpu or gpu):
-        return flash_attention_mlx(query, key, value, scale=scale, mask=mask)
+        return flash_attention_mlx(query, key, value, scale=scale, mask=mask)  # it checks its inputs
+    check_inputs(query, key, value, mask)  # before the reshape below, which would garble the kernels' messages
     kernel = kernels.flash_attention if cpu else gpu
     if query.ndim == 4:
         return kernel(query, key, value, scale=scale, mask=mask)

@@ -69,8 +69,7 @@ def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.ar
     (topic 2.3) on a GPU, when built; else the twin."""
     if _kernel is not None and mx.default_device() == mx.cpu:
         return _kernel(x, w_q, scales, biases, group_size, bits)  # it checks the same in C++
-    check_quantized_matmul(x, w_q, scales, biases, group_size, bits)
-    gpu = gpu_kernel("quantized_matmul")
+    gpu = gpu_kernel("quantized_matmul")  # it checks the same too (tiny_llm_kernels.gpu.check_quantized)
     if gpu is not None and gpu_works("quantized_matmul", (x.dtype, scales.dtype, group_size, bits)):
         return gpu(x, w_q, scales, biases, group_size, bits)
     return quantized_matmul_mlx(x, w_q, scales, biases, group_size, bits)

@@ -31,6 +31,7 @@ from spec.ladder import (
     assert_close,
     assert_greedy_tokens,
 )
+from spec.memory import peak_extra
 
 NAMES = {"kv_cache": ["KVCache", "make_cache"], "generate": ["generate_step_cached", "PromptCache"]}
 
@@ -272,18 +273,12 @@ def check_prefill_never_makes_the_full_logits(impl, model, prompt: list[int]) ->
     # logits never exist. So: MLX's peak memory over a prefill that keeps 1 row is below the full
     # prefill's by at least half their size (measured on the default model at L = 256, logits
     # 48 MiB: 47 MiB below dense, 45 below on the quantized engine; slicing gives 0).
-    def peak_extra(**kw) -> tuple[int, int]:  # (peak memory over the call, its logits' bytes)
+    def prefill(**kw) -> tuple[int, mx.array]:  # (peak memory over the prefill, its logits)
         cache = impl.kv_cache.make_cache(model)
-        mx.synchronize()
-        mx.clear_cache()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        out = model(mx.array([prompt]), cache=cache, **kw)
-        mx.eval(out)
-        return mx.get_peak_memory() - base, out.nbytes
+        return peak_extra(lambda: model(mx.array([prompt]), cache=cache, **kw))
 
-    _, logits = peak_extra()  # in whatever dtype the model gives; first-call allocations are not the claim
-    (full, _), (kept, _) = peak_extra(), peak_extra(logits_to_keep=1)
+    logits = prefill()[1].nbytes  # in whatever dtype the model gives; first-call allocations are not the claim
+    full, kept = prefill()[0], prefill(logits_to_keep=1)[0]
     assert full - kept > logits / 2, (
         f"a {len(prompt)}-token prefill with logits_to_keep=1 peaked at +{kept / 2**20:.1f} MiB, the full one at"
         f" +{full / 2**20:.1f} MiB: not below it by half the (L, vocab) logits ({logits / 2**20:.0f} MiB),"

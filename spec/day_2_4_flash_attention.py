@@ -72,6 +72,7 @@ from spec.ladder import (
     assert_close,
     assert_greedy_tokens,
 )
+from spec.memory import peak_extra
 
 NAMES = ("flash_attention_mlx", "flash_attention")
 HEADS = [(4, 4), (4, 2), (6, 1), (9, 3)]  # (H, H_kv): MHA, GQA, MQA, the default model's
@@ -550,17 +551,8 @@ def check_peak_memory(impl, fa):
     k, v = (uniform(rng, (1, 1, N, D_MEM), "float32")[0] for _ in range(2))
     mx.eval(q, k, v)
 
-    def peak_extra(fn) -> int:
-        mx.synchronize()
-        mx.clear_cache()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        out = fn(q, k, v, mask="causal")
-        mx.eval(out)
-        return mx.get_peak_memory() - base
-
-    kernel = peak_extra(fa.flash_attention)
-    week1 = peak_extra(impl.attention.scaled_dot_product_attention_grouped)
+    kernel = peak_extra(lambda: fa.flash_attention(q, k, v, mask="causal"))[0]
+    week1 = peak_extra(lambda: impl.attention.scaled_dot_product_attention_grouped(q, k, v, mask="causal"))[0]
     assert week1 > SCORES, f"the meter missed the week-1 attention's scores: peak +{week1 / 2**20:.0f} MiB"
     assert kernel < SCORES / 8, (
         f"flash attention at L = S = {N}: peak +{kernel / 2**20:.1f} MiB, not far below one (L, S)"

@@ -133,7 +133,7 @@ def test_public_functions_end_to_end(monkeypatch):
 
 def test_bad_inputs_get_one_line_errors():
     w_q, scales, biases = make_weights(4, 64, 32, 4, mx.float16, seed=0)
-    with pytest.raises(ValueError, match="K = 96"):
+    with pytest.raises(ValueError, match="x has K = 96"):
         gpu.check_quantized(mx.zeros((2, 96)), w_q, scales, biases, 32, 4)
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         gpu.check_quantized(mx.zeros((2, 64)), w_q, scales, biases, 32, 3)
@@ -142,6 +142,14 @@ def test_bad_inputs_get_one_line_errors():
         gpu.attention_inputs(q, mx.zeros((1, 2, 5, 64)), mx.zeros((1, 2, 5, 64)), None, None)
     with pytest.raises(ValueError, match="mask must be"):
         gpu.attention_inputs(q, mx.zeros((1, 1, 5, 64)), mx.zeros((1, 1, 5, 64)), None, "sliding")
+
+
+def on_a_gpu(monkeypatch, backend: str, run) -> None:
+    """impl's dispatchers see a `backend` GPU whose launches `run` takes; MLX itself stays on the CPU."""
+    monkeypatch.setattr(gpu, "_run", run)
+    monkeypatch.setattr(gpu, "backend", lambda: backend)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # what impl's dispatchers ask
+    monkeypatch.setattr(native, "_gpu_checked", {})  # no first-use check has run yet
 
 
 @pytest.mark.parametrize("stored", [None, "float16"])
@@ -153,10 +161,7 @@ def test_cached_attention_as_on_a_gpu(monkeypatch, stored):
     from impl.kv_cache import KVCache
     from impl.rope import RoPE
 
-    monkeypatch.setattr(gpu, "_run", emulate_run)
-    monkeypatch.setattr(gpu, "backend", lambda: "cuda")
-    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # what impl's dispatchers ask; MLX stays on the CPU
-    monkeypatch.setattr(native, "_gpu_checked", {})
+    on_a_gpu(monkeypatch, "cuda", emulate_run)
     assert native.gpu_works("flash_attention", (mx.float32, 64, "causal"))  # first use, before the count
     calls = []
     monkeypatch.setattr(gpu, "flash_attention", lambda *a, _f=gpu.flash_attention, **k: calls.append(1) or _f(*a, **k))
@@ -199,10 +204,7 @@ def _no_compiler(*args):
 def test_impl_falls_back_to_the_twin_once_a_gpu_kernel_fails(monkeypatch, capsys, broken):
     """On a GPU where a kernel does not compile or computes garbage, impl says so once per kernel
     variant and runs the twin: the chat still answers, slower."""
-    monkeypatch.setattr(gpu, "_run", broken)
-    monkeypatch.setattr(gpu, "backend", lambda: "metal")
-    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # what impl's dispatchers ask; MLX stays on the CPU
-    monkeypatch.setattr(native, "_gpu_checked", {})
+    on_a_gpu(monkeypatch, "metal", broken)
     w_q, scales, biases = make_weights(6, 64, 32, 4, mx.float16, seed=3)
     x = mx.random.normal((2, 64), key=mx.random.key(3))
     rng = np.random.default_rng(7)
@@ -223,10 +225,7 @@ def test_impl_falls_back_to_the_twin_once_a_gpu_kernel_fails(monkeypatch, capsys
 def test_impl_takes_the_twin_for_what_a_gpu_kernel_does_not_compute(monkeypatch, capsys):
     """A variant the GPU kernel lacks (a head of 512) goes to the twin with no warning; one no path
     computes (2-bit weights) is the twin's one-line error, as it is on the CPU."""
-    monkeypatch.setattr(gpu, "_run", _no_compiler)  # would fail loudly if it were asked
-    monkeypatch.setattr(gpu, "backend", lambda: "cuda")
-    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
-    monkeypatch.setattr(native, "_gpu_checked", {})
+    on_a_gpu(monkeypatch, "cuda", _no_compiler)  # which would fail loudly if it were asked
     w_q, scales, biases = make_weights(3, 64, 32, 2, mx.float16, seed=4)
     x = mx.random.normal((1, 64), key=mx.random.key(4))
     with pytest.raises(ValueError, match="quantized_matmul: bits must be 4 or 8, got 2"):
@@ -240,10 +239,7 @@ def test_impl_takes_the_twin_for_what_a_gpu_kernel_does_not_compute(monkeypatch,
                          ids=lambda c: " ".join(c) if isinstance(c, tuple) else c)
 def test_a_gpu_rejects_what_the_cpu_rejects(monkeypatch, case):
     """The inputs the specs (2.2, 2.4) reject on the CPU get the same one-line error on a GPU, before any kernel."""
-    monkeypatch.setattr(gpu, "_run", _no_compiler)  # would fail loudly if it were asked
-    monkeypatch.setattr(gpu, "backend", lambda: "cuda")
-    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
-    monkeypatch.setattr(native, "_gpu_checked", {})
+    on_a_gpu(monkeypatch, "cuda", _no_compiler)  # which would fail loudly if it were asked
     kernel, name = case
     if kernel == "quantized_matmul":
         call, args, kwargs = impl.quantize.quantized_matmul, bad_qmm_case(name), {}

@@ -51,6 +51,7 @@ TOPIC_COLUMNS = ("Id", "Topic", "Status", "Tests passed", "Checked against", "Wh
 LEARNER_DEFAULT = ("0", "-", "")
 GPU_SKIP = re.compile(r"\bgpu\b", re.IGNORECASE)
 OUTCOMES = ("passed", "failed", "skipped", "gpu_skipped", "not_run")
+COLLECTING = "collecting "  # + the module: the name of a spec file's collection error
 
 
 class ProgressError(Exception):
@@ -69,7 +70,6 @@ class Result:
     # Tests marked `presence` (the names exist, the clone's kernels are built): a fresh scaffold
     # passes them, so they do not make a topic started.
     presence: set[str] = field(default_factory=set)
-    unrunnable: bool = False  # (a run's result) the spec file did not import: no test of it ran
 
     def count(self, outcome: str) -> int:
         return sum(o == outcome for o in self.tests.values())
@@ -78,6 +78,8 @@ class Result:
     gpu_skipped = property(lambda self: self.count("gpu_skipped"))
     not_run = property(lambda self: self.count("not_run"))
     total = property(lambda self: len(self.tests))
+    # The spec file did not import (read_junit names its collection error so): none of its tests ran.
+    unrunnable = property(lambda self: any(t.startswith(COLLECTING) for t in self.tests))
 
     def started(self) -> bool:
         """Whether a test passed that a fresh scaffold would not pass."""
@@ -119,9 +121,7 @@ def read_junit(path: Path, impl: str) -> dict[str, Result]:
     results: dict[str, Result] = {}
     for key, (topic, outcome, when) in outcomes.items():
         r = results.setdefault(topic, Result(impl=impl, when=when))
-        if not key[0]:  # a collection error: the spec file did not import, so none of its tests ran
-            r.unrunnable = True
-        r.tests[key[1] if key[0] else f"collecting {key[1]}"] = outcome
+        r.tests[key[1] if key[0] else COLLECTING + key[1]] = outcome  # no class name: a collection error
         r.when = max(r.when, when)
         if key in presence:
             r.presence.add(key[1])

@@ -110,18 +110,32 @@ def qmm_launch(M: int, N: int, x_dtype: mx.Dtype, group_size: int, bits: int) ->
 
 def check_quantized(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
                     group_size: int, bits: int) -> None:
-    """One-line ValueErrors for what the kernel cannot compute."""
-    if bits not in BITS or group_size not in GROUP_SIZES:
-        raise ValueError(f"bits must be 4 or 8 and group_size 32, 64 or 128, not {bits} and {group_size}")
+    """One-line ValueErrors for what the kernel cannot compute: the contract and messages of the
+    C++ op and of impl.quantize.check_quantized_matmul (tests/test_gpu_emulated checks they agree)."""
+    def fail(what: str):
+        raise ValueError(f"quantized_matmul: {what}")
+
+    if bits not in BITS:
+        fail(f"bits must be 4 or 8, got {bits}")
+    if group_size not in GROUP_SIZES:
+        fail(f"group_size must be 32, 64 or 128, got {group_size}")
     if w_q.ndim != 2 or w_q.dtype != mx.uint32:
-        raise ValueError(f"w_q must be (N, K * bits / 32) uint32, not {w_q.shape} {w_q.dtype}")
+        fail(f"w_q must be a 2-D uint32 array (N, K * bits / 32), got {w_q.shape} {_name(w_q.dtype)}")
+    if x.ndim < 1 or x.dtype not in FLOATS:
+        fail(f"x must be float32, float16 or bfloat16 with shape (..., K), got {x.shape} {_name(x.dtype)}")
     N, K = w_q.shape[0], w_q.shape[1] * 32 // bits
     if x.shape[-1] != K:
-        raise ValueError(f"x has K = {x.shape[-1]} but the {bits}-bit weights have K = {K}")
+        fail(f"x has K = {x.shape[-1]} but w_q {w_q.shape} holds {K} {bits}-bit values per row")
+    if K == 0 or K % group_size:
+        fail(f"K = {K} must be a positive multiple of group_size = {group_size}")
     if scales.shape != (N, K // group_size) or biases.shape != scales.shape:
-        raise ValueError(f"scales and biases must be {(N, K // group_size)}, not {scales.shape} and {biases.shape}")
-    if x.dtype not in FLOATS:
-        raise ValueError(f"x must be float32, float16 or bfloat16, not {x.dtype}")
+        fail(f"scales and biases must be {(N, K // group_size)}, got {scales.shape} and {biases.shape}")
+    if scales.dtype not in FLOATS or biases.dtype not in FLOATS:
+        fail("scales and biases must be float32, float16 or bfloat16")
+
+
+def _name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
