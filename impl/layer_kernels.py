@@ -22,6 +22,7 @@ from impl.kv_cache import KVCache
 from impl.mlp import _swiglu
 from impl.native import kernels
 from impl.norm import RMSNorm
+from impl.quantize import FLOATS
 from impl.rope import RoPE
 
 
@@ -31,13 +32,43 @@ def _kernel(name: str):
     return fn if fn is not None and mx.default_device() == mx.cpu else None
 
 
+def check_rms_norm(x: mx.array, weight: mx.array) -> None:
+    """tiny_llm_kernels.rms_norm's checks: x (..., D) and weight (D,), float32, float16 or bfloat16."""
+    if x.ndim < 1 or x.dtype not in FLOATS:
+        raise ValueError("rms_norm: x must be float32, float16 or bfloat16 with shape (..., D)")
+    if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight must be (D,) with D = x.shape[-1] = {x.shape[-1]}")
+    if weight.dtype not in FLOATS:
+        raise ValueError("rms_norm: weight must be float32, float16 or bfloat16")
+
+
+def check_rope(x: mx.array, dims: int) -> None:
+    """tiny_llm_kernels.rope's checks on x: (N, L, H, D) float32, float16 or bfloat16, D even and
+    D = dims (the kernel words the last as a mismatch with its tables)."""
+    if x.ndim != 4 or x.dtype not in FLOATS or x.shape[3] % 2:
+        raise ValueError(f"rope: x must be (N, L, H, D) float32, float16 or bfloat16 with D even, got {x.shape}")
+    if x.shape[3] != dims:
+        raise ValueError(f"rope: x's last axis is {x.shape[3]}, this RoPE's dims are {dims}")
+
+
+def check_swiglu(gate_up: mx.array) -> None:
+    """tiny_llm_kernels.swiglu's checks: (..., 2I) float32, float16 or bfloat16."""
+    if gate_up.ndim < 1 or gate_up.dtype not in FLOATS:
+        raise ValueError("swiglu: x must be float32, float16 or bfloat16 with shape (..., 2I)")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu: the last axis holds gate then up: its size must be even, got {gate_up.shape[-1]}")
+
+
 class KernelRMSNorm(RMSNorm):
-    """RMSNorm on tiny_llm_kernels.rms_norm; same contract as the twin."""
+    """RMSNorm on tiny_llm_kernels.rms_norm; the twin (checked as the kernel checks) without it."""
 
     def __call__(self, x: mx.array) -> mx.array:
         """x: (..., dim) -> (..., dim) in x's dtype."""
         rms_norm = _kernel("rms_norm")
-        return rms_norm(x, self.weight, self.eps) if rms_norm else super().__call__(x)
+        if rms_norm:
+            return rms_norm(x, self.weight, self.eps)
+        check_rms_norm(x, self.weight)
+        return super().__call__(x)
 
 
 class KernelRoPE(RoPE):
@@ -45,16 +76,18 @@ class KernelRoPE(RoPE):
 
     def __call__(self, x: mx.array, offset: int | slice | list[int] | mx.array | None = None) -> mx.array:
         """x: (N, L, H, D) -> same shape, rotated by the positions `offset` names."""
+        check_rope(x, self.dims)  # on both paths: the kernel would word a dims mismatch as one of its tables
         rope = _kernel("rope")
         start = 0 if offset is None else offset
         if rope is None or not isinstance(start, numbers.Integral):  # slices, per-sequence offsets: the twin
             return super().__call__(x, offset)
-        self._check(int(start) + x.shape[1] - 1)
+        self._check(int(start) + x.shape[1] - 1, first=int(start))
         return rope(x, self.cos, self.sin, int(start), self.traditional)
 
 
 def swiglu_mlx(gate_up: mx.array) -> mx.array:
     """(..., 2I) = [gate | up] -> silu(gate) * up (..., I); the pure-MLX twin (week 1's, in impl.mlp)."""
+    check_swiglu(gate_up)
     return _swiglu(gate_up)
 
 

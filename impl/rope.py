@@ -33,14 +33,17 @@ class RoPE:
         if isinstance(offset, slice):
             start, stop = offset.start or 0, offset.stop
             assert stop - start == L, f"offset {offset} covers {stop - start} positions, input has {L}"
-            self._check(stop - 1)
+            self._check(stop - 1, first=start)
             return self.cos[start:stop], self.sin[start:stop]
         starts = offset if isinstance(offset, mx.array) else mx.array(offset)  # one start per sequence
-        self._check(int(starts.max().item()) + L - 1)
+        self._check(int(starts.max().item()) + L - 1, first=int(starts.min().item()))
         pos = starts[:, None] + mx.arange(L)[None, :]  # (N, L)
         return self.cos[pos], self.sin[pos]
 
-    def _check(self, last: int) -> None:
+    def _check(self, last: int, first: int = 0) -> None:
+        """Positions first..last must lie in the table [0, seq_len)."""
+        if first < 0:
+            raise ValueError(f"position {first} is before the RoPE table (positions start at 0)")
         if last >= self.seq_len:
             raise ValueError(f"position {last} is past the RoPE table of {self.seq_len}")
 

@@ -459,6 +459,50 @@ def test_rope_kernel_falls_back_to_the_twin_for_per_sequence_offsets(impl):
         kernel_rope(x, 62)  # positions 62..64 are past the table of 64
 
 
+# Inputs the layer kernels refuse. The entries reject them whichever path they take: the
+# kernel, or the twin after the check_* that words the kernel's checks (kernels not built,
+# or off the CPU). The week-1 twins on their own are not held to this (bad dtypes are no
+# part of week 1). Case names start with the op; "positions" are RoPE's own check, which
+# the entry runs on both paths.
+_X, _W = mx.ones((2, 8)), mx.ones((8,))
+BAD_LAYER = {
+    "rms_norm, an int32 x": (_X.astype(mx.int32), _W),
+    "rms_norm, a 0-d x": (mx.array(1.0), _W),
+    "rms_norm, a (1,) weight": (_X, mx.ones((1,))),  # the week-1 twin would broadcast it
+    "rms_norm, a weight of another D": (_X, mx.ones((9,))),
+    "rms_norm, a (1, D) weight": (_X, mx.ones((1, 8))),
+    "rms_norm, an int32 weight": (_X, _W.astype(mx.int32)),
+    "rope, an int32 x": (mx.ones((1, 2, 1, 8), mx.int32), 0),
+    "rope, a 3-D x": (mx.ones((2, 1, 8)), 0),
+    "rope, x of another D": (mx.ones((1, 2, 1, 16)), 0),
+    "rope positions, a negative offset": (mx.ones((1, 2, 1, 8)), -1),
+    "rope positions, a negative per-sequence offset": (mx.ones((2, 2, 1, 8)), [-1, 3]),
+    "swiglu, an int32 x": (_X.astype(mx.int32),),
+    "swiglu, a 0-d x": (mx.array(1.0),),
+    "swiglu, an odd last axis": (mx.ones((2, 5)),),
+}
+
+
+def layer_calls(lk, op: str) -> dict:
+    """The functions that must reject op's BAD_LAYER cases: on RMSNorm(D = 8), RoPE(8 dims, 16 positions)."""
+    return {
+        "rms_norm": {"KernelRMSNorm": lambda x, w: lk.KernelRMSNorm(8, w, 1e-5)(x), "check_rms_norm": lk.check_rms_norm},
+        "rope": {"KernelRoPE": lambda x, offset: lk.KernelRoPE(8, 16)(x, offset),
+                 "check_rope": lambda x, offset: lk.check_rope(x, 8)},
+        "rope positions": {"KernelRoPE": lambda x, offset: lk.KernelRoPE(8, 16)(x, offset)},
+        "swiglu": {"swiglu": lk.swiglu, "swiglu_mlx": lk.swiglu_mlx, "check_swiglu": lk.check_swiglu},
+    }[op]
+
+
+@pytest.mark.parametrize("case", list(BAD_LAYER))
+def test_layer_kernels_reject_what_they_cannot_compute(impl, case):
+    op = case.split(",")[0]
+    for name, call in layer_calls(impl.layer_kernels, op).items():
+        with pytest.raises(ValueError, match=f"(?i){op.split()[0]}") as e:
+            mx.eval(call(*BAD_LAYER[case]))
+        assert "\n" not in str(e.value), f"{name}, {case}: the error is not one line: {e.value}"
+
+
 def _quantized_weight(impl, rng, n: int, k: int):
     """A random (n, k) weight as a QuantizedWeight: 4 bits, group 32, fp16 scales, as in the GGUF."""
     w_q, scales, biases = mx.quantize(mx.array(rng.standard_normal((n, k)).astype(np.float32)), group_size=32, bits=4)

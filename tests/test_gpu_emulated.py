@@ -22,8 +22,10 @@ from impl import native
 from impl.flash_attention import flash_attention_mlx
 from impl.quantize import quantized_matmul_mlx
 from spec.day_2_2_quantized_matmul import (
+    BAD_LAYER,
     BAD_QMM,
     bad_qmm_case,
+    layer_calls,
     make_weights,
     numpy_dequantize,
     tol_for,
@@ -249,3 +251,20 @@ def test_a_gpu_rejects_what_the_cpu_rejects(monkeypatch, case):
     with pytest.raises(ValueError, match=f"^{kernel}: ") as e:
         mx.eval(call(*args, **kwargs))
     assert "\n" not in str(e.value), f"{name}: the error is not one line: {e.value}"
+
+
+@pytest.mark.parametrize("case", list(BAD_LAYER))
+def test_layer_kernels_twin_path_words_errors_as_the_kernels(monkeypatch, case):
+    """Off the CPU (or unbuilt), impl.layer_kernels' entries take their twins after a check_*:
+    each bad input of 2.2's table gets, word for word, the C++ kernel's error."""
+    import impl.layer_kernels as lk
+
+    op = case.split(",")[0]
+    for name, call in layer_calls(lk, op).items():
+        with pytest.raises(ValueError) as on_cpu:
+            mx.eval(call(*BAD_LAYER[case]))
+        with monkeypatch.context() as m:
+            m.setattr(mx, "default_device", lambda: mx.gpu)  # what _kernel asks: the twins run
+            with pytest.raises(ValueError) as on_gpu:
+                mx.eval(call(*BAD_LAYER[case]))
+        assert str(on_gpu.value) == str(on_cpu.value), f"{name}, {case}: twin path vs kernel"
