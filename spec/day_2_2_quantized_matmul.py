@@ -21,6 +21,9 @@ Checked:
   impl.layer_kernels.swiglu_mlx), kernel == twin == reference (torch; mx.fast.rope);
   and stacked projections (q/k/v, gate/up: one QuantizedWeight, one matmul) ==
   the separate ones, bit for bit.
+- that kernel and twin reject the same bad inputs with a one-line ValueError: the
+  matmul's (check_quantized_matmul) and the layer kernels' (check_rms_norm,
+  check_rope, check_swiglu, run by the entries where they take the twin).
 - kernel fusion (impl.fusion): the matmul with an RMSNorm or SwiGLU prologue and a
   residual epilogue in one node == the separate kernels, bit for bit, and == the
   twin (fused_linear_mlx).
