@@ -97,10 +97,29 @@ def swiglu(gate_up: mx.array) -> mx.array:
     return kernel(gate_up) if kernel else swiglu_mlx(gate_up)
 
 
+def check_cached_attention(qkv: mx.array, n_heads: int, n_kv_heads: int, rope: RoPE) -> None:
+    """tiny_llm_kernels.cached_attention's checks on qkv and the heads: qkv (N, L, (H + 2 H_kv) D)
+    float32, float16 or bfloat16, H a positive multiple of H_kv, D even and D = rope.dims (the
+    kernel words the last as a mismatch with its tables). About 0.3 us: cheap enough for every step."""
+    if qkv.ndim != 3 or qkv.dtype not in FLOATS:
+        raise ValueError(f"cached_attention: qkv must be (N, L, (H + 2 H_kv) D) float32, float16 or bfloat16,"
+                         f" got {qkv.shape}")
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ValueError(f"cached_attention: n_heads must be a positive multiple of n_kv_heads, got {n_heads}"
+                         f" and {n_kv_heads}")
+    heads, width = n_heads + 2 * n_kv_heads, qkv.shape[2]
+    if width % heads or (width // heads) % 2:
+        raise ValueError(f"cached_attention: qkv's last axis ({width}) must be (H + 2 H_kv) * D = {heads} * D"
+                         " with D even")
+    if width // heads != rope.dims:
+        raise ValueError(f"cached_attention: qkv's heads have D = {width // heads}, this RoPE's dims are {rope.dims}")
+
+
 def cached_attention_mlx(qkv: mx.array, cache: KVCache, rope: RoPE, n_heads: int, n_kv_heads: int,
                          scale: float | None = None, attend=flash_attention_mlx) -> mx.array:
     """The pure-MLX twin of `cached_attention`: qkv (N, L, (H + 2 H_kv) D) -> (N, L, H D);
     `attend` is the attention after the cache append (the flash twin by default)."""
+    check_cached_attention(qkv, n_heads, n_kv_heads, rope)
     N, L, width = qkv.shape
     H, H_kv = n_heads, n_kv_heads
     D = width // (H + 2 * H_kv)
@@ -122,6 +141,7 @@ def cached_attention(qkv: mx.array, cache: KVCache, rope: RoPE, n_heads: int, n_
     kernel = _kernel("cached_attention")
     if kernel is None:  # off the CPU: still the GPU's flash attention kernel when there is one
         return cached_attention_mlx(qkv, cache, rope, n_heads, n_kv_heads, scale, attend=flash_attention)
+    check_cached_attention(qkv, n_heads, n_kv_heads, rope)  # before the cache grows for it
     N, L, width = qkv.shape
     D = width // (n_heads + 2 * n_kv_heads)
     rope._check(cache.offset + L - 1)

@@ -28,7 +28,9 @@ the KV-cache append, causal flash attention): kernel == twin (cached_attention_m
 over prefill chunks and decode steps (with fp32 activations, also an fp16 or bf16
 cache), the cache bit-identical to the twin's, torch over the whole sequence; a
 decode step writes the cache in place (its peak memory stays far below the cache's
-size) but never into a buffer that a held slice views.
+size) but never into a buffer that a held slice views. Entry, twin and
+check_cached_attention reject the same bad inputs with a one-line ValueError and
+leave the cache as it was.
 
 The engine, all of week 2's CPU kernels in the real model (quantized weights, fused
 matmuls, flash attention, cached attention on 2.1's KV cache): its layers are 5 graph
@@ -525,6 +527,45 @@ def test_cached_attention_rejects_mismatched_inputs(impl):
         with pytest.raises(ValueError, match="cached_attention: ") as e:
             kernels.cached_attention(x, k, v, cos, sin, offset, 2, 1)
         assert "\n" not in str(e.value), f"{what}: the error is not one line: {e.value}"
+
+
+# Inputs cached_attention refuses, as (qkv, H, H_kv, the RoPE's dims); the RoPE holds 16
+# positions. The entry rejects them on either path (kernel, or the twin off the CPU) and
+# leaves the cache as it was; "positions" are RoPE's own check.
+BAD_CACHED = {
+    "qkv width not (H + 2 H_kv) D": (mx.zeros((1, 2, 30)), 2, 1, 8),
+    "an int32 qkv": (mx.zeros((1, 2, 32), mx.int32), 2, 1, 8),
+    "a 2-D qkv": (mx.zeros((2, 32)), 2, 1, 8),
+    "H not a multiple of H_kv": (mx.zeros((1, 2, 56)), 3, 2, 8),
+    "no kv heads": (mx.zeros((1, 2, 32)), 2, 0, 8),
+    "D not the RoPE's dims": (mx.zeros((1, 2, 64)), 2, 1, 8),
+    "positions past the RoPE table": (mx.zeros((1, 20, 32)), 2, 1, 8),
+}
+
+
+def bad_cached_calls(impl) -> dict:
+    """The functions that must reject BAD_CACHED's cases: each takes (cache, qkv, H, H_kv, dims)."""
+    lk = impl.layer_kernels
+    return {
+        "cached_attention": lambda cache, qkv, H, H_kv, dims: lk.cached_attention(
+            qkv, cache, lk.KernelRoPE(dims, 16), H, H_kv),
+        "cached_attention_mlx": lambda cache, qkv, H, H_kv, dims: lk.cached_attention_mlx(
+            qkv, cache, impl.rope.RoPE(dims, 16), H, H_kv),
+        "check_cached_attention": lambda cache, qkv, H, H_kv, dims: lk.check_cached_attention(
+            qkv, H, H_kv, impl.rope.RoPE(dims, 16)),
+    }
+
+
+@pytest.mark.parametrize("case", list(BAD_CACHED))
+def test_cached_attention_and_twin_reject_the_same_inputs(impl, case):
+    for name, call in bad_cached_calls(impl).items():
+        if name == "check_cached_attention" and case.startswith("positions"):
+            continue  # the positions are the RoPE's to check, not the heads' check
+        cache = impl.kv_cache.KVCache()
+        with pytest.raises(ValueError, match="(?i)cached_attention|rope") as e:
+            mx.eval(call(cache, *BAD_CACHED[case]))
+        assert "\n" not in str(e.value), f"{name}, {case}: the error is not one line: {e.value}"
+        assert cache.offset == 0 and cache.nbytes == 0, f"{name}, {case}: the cache grew before the error"
 
 
 # -- memory: O(L * D), never an (L, S) score matrix -------------------------------------
