@@ -47,7 +47,11 @@ def _load_blas_fix() -> None:
     # 16x576x576 sgemm then took 24-36 ms instead of 0.1 ms on a busy machine).
     if os.environ["OPENBLAS_NUM_THREADS"].isdigit():
         openblas.scipy_openblas_set_num_threads(max(1, int(os.environ["OPENBLAS_NUM_THREADS"])))
-    _shim = ctypes.CDLL(str(HERE / "libtiny_llm_blas_shim.so"), mode=ctypes.RTLD_GLOBAL)
+    shim = HERE / "libtiny_llm_blas_shim.so"
+    if not shim.exists():  # Python started in kernels/ finds the source folder before the installed package
+        raise ImportError(f"{HERE} is the source folder, which holds no compiled files: run Python from"
+                          " another folder (the repository root), or build with pip install --no-build-isolation ./kernels")
+    _shim = ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
     _shim.tiny_llm_blas_shim_sgemm_calls.restype = ctypes.c_long
     blas = "openblas"
 
