@@ -35,7 +35,13 @@ def fused_linear_mlx(x: mx.array, w, norm: RMSNorm | None = None, swiglu: bool =
     if swiglu:
         x = swiglu_mlx(x)  # (..., 2K) -> (..., K)
     y = linear(x, w)  # (..., N)
-    return y + residual if residual is not None else y
+    if residual is None:
+        return y
+    if residual.shape != y.shape or residual.dtype != y.dtype:  # the kernel adds in place: no broadcast, no promotion
+        dtype = lambda a: str(a.dtype).removeprefix("mlx.core.")  # noqa: E731
+        raise ValueError(f"quantized_matmul: residual must be {y.shape} {dtype(y)} (the output's),"
+                         f" got {residual.shape} {dtype(residual)}")
+    return y + residual
 
 
 def fused_linear(x: mx.array, w: QuantizedWeight, norm: RMSNorm | None = None, swiglu: bool = False,

@@ -596,6 +596,20 @@ def test_fused_matmul_equals_the_separate_kernels(impl, x_dtype, M):
         assert_close(fused, twin, tol_for(x_dtype, K, A, 2), f"fused kernel vs twin, {what}")
 
 
+@pytest.mark.parametrize("residual", ["(N,), broadcast", "(1, N), broadcast", "float16 under float32", "(M, N + 1)"])
+def test_fused_linear_and_twin_take_only_the_outputs_residual(impl, residual):
+    # The kernel adds the residual into its output as it writes it: exactly the output's shape
+    # and dtype. The twin holds the same line, so that a model runs alike with or without kernels.
+    w = impl.quantized_weight.QuantizedWeight(*make_weights(8, 64, 32, 4, mx.float16, seed=0), 32, 4)
+    x = mx.ones((2, 64))
+    r = {"(N,), broadcast": mx.zeros((8,)), "(1, N), broadcast": mx.zeros((1, 8)),
+         "float16 under float32": mx.zeros((2, 8), mx.float16), "(M, N + 1)": mx.zeros((2, 9))}[residual]
+    for name, fn in (("fused_linear", impl.fusion.fused_linear), ("fused_linear_mlx", impl.fusion.fused_linear_mlx)):
+        with pytest.raises(ValueError, match="quantized_matmul: residual") as e:
+            mx.eval(fn(x, w, residual=r))
+        assert "\n" not in str(e.value), f"{name}, {residual}: the error is not one line: {e.value}"
+
+
 @pytest.mark.presence
 def test_fused_matmul_rejects_bad_pieces(impl):
     kernels = impl.native.kernels
