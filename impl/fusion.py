@@ -29,7 +29,8 @@ from impl.rope import RoPE
 
 def fused_linear_mlx(x: mx.array, w, norm: RMSNorm | None = None, swiglu: bool = False,
                      residual: mx.array | None = None) -> mx.array:
-    """The pure-MLX twin of `fused_linear`: [norm(x) | swiglu(x) | x] @ w.T (+ residual)."""
+    """The pure-MLX twin of `fused_linear`: [norm(x) | swiglu(x) | x] @ w.T (+ residual, which has
+    the output's shape and dtype, as the kernel requires)."""
     if norm is not None:
         x = norm(x)  # (..., K)
     if swiglu:
