@@ -39,16 +39,17 @@ def fused_linear_mlx(x: mx.array, w, norm: RMSNorm | None = None, swiglu: bool =
     if residual is None:
         return y
     if residual.shape != y.shape or residual.dtype != y.dtype:  # the kernel adds in place: no broadcast, no promotion
-        dtype = lambda a: str(a.dtype).removeprefix("mlx.core.")  # noqa: E731
-        raise ValueError(f"quantized_matmul: residual must be {y.shape} {dtype(y)} (the output's),"
-                         f" got {residual.shape} {dtype(residual)}")
+        want, got = (str(a.dtype).removeprefix("mlx.core.") for a in (y, residual))
+        raise ValueError(f"quantized_matmul: residual must be {y.shape} {want} (the output's),"
+                         f" got {residual.shape} {got}")
     return y + residual
 
 
 def fused_linear(x: mx.array, w: QuantizedWeight, norm: RMSNorm | None = None, swiglu: bool = False,
                  residual: mx.array | None = None) -> mx.array:
     """x @ w.T with, in the same node, the RMSNorm `norm` or SwiGLU applied to x first and the
-    residual added after: the quantized-matmul kernel's fused prologue and epilogue; else the twin."""
+    residual (the output's shape and dtype) added after: the quantized-matmul kernel's fused
+    prologue and epilogue; else the twin."""
     kernel = _kernel("quantized_matmul")
     if kernel is None or not isinstance(w, QuantizedWeight) or (norm is not None and swiglu):
         return fused_linear_mlx(x, w, norm, swiglu, residual)

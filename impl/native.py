@@ -16,7 +16,7 @@ try:
     import tiny_llm_kernels as kernels
 except ImportError as e:  # not built: the pure-MLX twins still work, slower
     kernels = None
-    print(f"tiny-llm: kernels not built ({e}); using the pure-MLX paths. Build them with: pip install"
+    print(f"tiny-llm: kernels not loaded ({e}); using the pure-MLX paths. Build them with: pip install"
           ' scikit-build-core cmake ninja "nanobind>=3,<4" && pip install --no-build-isolation ./kernels',
           file=sys.stderr)
 

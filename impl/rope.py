@@ -36,7 +36,8 @@ class RoPE:
             self._check(stop - 1, first=start)
             return self.cos[start:stop], self.sin[start:stop]
         starts = offset if isinstance(offset, mx.array) else mx.array(offset)  # one start per sequence
-        self._check(int(starts.max().item()) + L - 1, first=int(starts.min().item()))
+        values = starts.tolist()  # one read of the N starts
+        self._check(max(values) + L - 1, first=min(values))
         pos = starts[:, None] + mx.arange(L)[None, :]  # (N, L)
         return self.cos[pos], self.sin[pos]
 

@@ -22,22 +22,13 @@ from impl import native
 from impl.flash_attention import flash_attention_mlx
 from impl.quantize import quantized_matmul_mlx
 from spec.day_2_2_quantized_matmul import (
-    BAD_LAYER,
     BAD_QMM,
     bad_qmm_case,
-    layer_calls,
     make_weights,
     numpy_dequantize,
     tol_for,
 )
-from spec.day_2_4_flash_attention import (
-    BAD_ATTENTION,
-    BAD_CACHED,
-    additive_mask,
-    bad_attention_case,
-    bad_cached_calls,
-    uniform,
-)
+from spec.day_2_4_flash_attention import BAD_ATTENTION, additive_mask, bad_attention_case, uniform
 from spec.day_2_4_flash_attention import tol_for as attention_tol
 from spec.draw import DTYPES
 from spec.ladder import assert_close, to_numpy
@@ -258,29 +249,3 @@ def test_a_gpu_rejects_what_the_cpu_rejects(monkeypatch, case):
     with pytest.raises(ValueError, match=f"^{kernel}: ") as e:
         mx.eval(call(*args, **kwargs))
     assert "\n" not in str(e.value), f"{name}: the error is not one line: {e.value}"
-
-
-@pytest.mark.parametrize("case", [*(("layer", c) for c in BAD_LAYER), *(("cached", c) for c in BAD_CACHED)],
-                         ids=lambda c: " ".join(c) if isinstance(c, tuple) else c)
-def test_layer_kernels_twin_path_words_errors_as_the_kernels(monkeypatch, case):
-    """Off the CPU (or unbuilt), impl.layer_kernels' entries take their twins after a check_*:
-    each bad input of 2.2's and 2.4's tables gets, word for word, the CPU path's error."""
-    import impl
-    import impl.layer_kernels as lk
-    from impl.kv_cache import KVCache
-
-    table, name = case
-    if table == "layer":
-        calls, args = layer_calls(lk, name.split(",")[0]), BAD_LAYER[name]
-    else:
-        calls = {"cached_attention": bad_cached_calls(impl)["cached_attention"]}
-        args = BAD_CACHED[name]
-    for what, call in calls.items():
-        fresh = (lambda: (KVCache(), *args)) if table == "cached" else (lambda: args)
-        with pytest.raises(ValueError) as on_cpu:
-            mx.eval(call(*fresh()))
-        with monkeypatch.context() as m:
-            m.setattr(mx, "default_device", lambda: mx.gpu)  # what _kernel asks: the twins run
-            with pytest.raises(ValueError) as on_gpu:
-                mx.eval(call(*fresh()))
-        assert str(on_gpu.value) == str(on_cpu.value), f"{what}, {name}: twin path vs kernel"

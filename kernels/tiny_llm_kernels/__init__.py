@@ -23,6 +23,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Python started in kernels/ finds this source folder before the installed package; it holds
+# the sources (CMakeLists.txt beside it) and no compiled files.
+if (HERE.parent / "CMakeLists.txt").exists() and not any(HERE.glob("_ext*")):
+    raise ImportError(f"tiny_llm_kernels was imported from its source folder {HERE}, which shadows the"
+                      " installed package: run Python from another folder, such as the repository root")
 
 blas = "platform default"  # what MLX's CPU matmul runs on; "openblas" once the fix is in
 _shim = None
@@ -47,11 +52,7 @@ def _load_blas_fix() -> None:
     # 16x576x576 sgemm then took 24-36 ms instead of 0.1 ms on a busy machine).
     if os.environ["OPENBLAS_NUM_THREADS"].isdigit():
         openblas.scipy_openblas_set_num_threads(max(1, int(os.environ["OPENBLAS_NUM_THREADS"])))
-    shim = HERE / "libtiny_llm_blas_shim.so"
-    if not shim.exists():  # Python started in kernels/ finds the source folder before the installed package
-        raise ImportError(f"{HERE} is the source folder, which holds no compiled files: run Python from"
-                          " another folder (the repository root), or build with pip install --no-build-isolation ./kernels")
-    _shim = ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+    _shim = ctypes.CDLL(str(HERE / "libtiny_llm_blas_shim.so"), mode=ctypes.RTLD_GLOBAL)
     _shim.tiny_llm_blas_shim_sgemm_calls.restype = ctypes.c_long
     blas = "openblas"
 

@@ -1,0 +1,20 @@
+"""How the specs check that a kernel and its twin refuse the same input: whichever path a call
+takes (the C++ kernel, a GPU kernel, the pure-MLX twin, or the check function the twin runs),
+the same one-line ValueError, word for word."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+
+def assert_rejected_alike(calls: dict, args, pattern: str, case: str) -> None:
+    """Each of calls (name -> function) raises a one-line ValueError matching `pattern` on the
+    arguments args() (a function: fresh arguments for each call), all in the same words."""
+    said = {}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=pattern) as e:
+            mx.eval(call(*args()))
+        said[name] = str(e.value)
+        assert "\n" not in said[name], f"{name}, {case}: the error is not one line: {said[name]}"
+    assert len(set(said.values())) == 1, f"{case}: the same input, different errors: {said}"
