@@ -39,8 +39,13 @@ class KVCache:
     def reserve(self, N: int, H_kv: int, L: int, D: int, dtype: mx.Dtype, D_v: int | None = None) -> None:
         """Make the buffers, keys (N, H_kv, capacity, D) and values (..., D_v, default D), hold at
         least offset + L positions; they store self.dtype, else `dtype` (the incoming keys')."""
-        if self.keys is not None and self.offset + L <= self.keys.shape[2]:
-            return
+        if self.keys is not None:
+            held = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3], self.values.shape[3])
+            if (N, H_kv, D, D if D_v is None else D_v) != held:  # another model's or batch's keys
+                raise ValueError(f"KVCache: keys and values of (N, H_kv, D, D_v) = {(N, H_kv, D, D_v or D)},"
+                                 f" but the cache holds {held}")
+            if self.offset + L <= self.keys.shape[2]:
+                return
         dtype = dtype if self.dtype is None else self.dtype
         capacity = (self.offset + L + self.step - 1) // self.step * self.step
         new_k = mx.zeros((N, H_kv, capacity, D), dtype)

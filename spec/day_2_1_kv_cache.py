@@ -2,7 +2,8 @@
 decode step runs the model on the new token only.
 
 Checked by invariances (cached == uncached, as mlx-lm tests its caches): the cache's
-bookkeeping exactly (offsets, contents, trim/rewind, nbytes growing linearly); cached
+bookkeeping exactly (offsets, contents, trim/rewind, nbytes growing linearly; keys of
+another batch size or head shape refused, the cache left as it was); cached
 logits == uncached logits (the same model, fp32); rewind then re-decode gives the same tokens; and greedy
 decoding with the cache == the week-1 loop that recomputes everything, on the
 real model. A cache may store another dtype than the activations' (KVCache(mx.float16),
@@ -78,6 +79,22 @@ def test_trim_rewinds_and_later_updates_overwrite(kv_cache):
     got_k, _ = cache.update_and_fetch(new, new)
     assert np.array(got_k).ravel().tolist() == [0, 1, 2, 3, 4, 5, -1, -1]
     assert cache.trim(100) == 8 and cache.offset == 0, "trim never goes below zero"
+
+
+@pytest.mark.parametrize("other", ["N", "H_kv", "D"])
+def test_keys_of_other_heads_are_refused_and_leave_the_cache_as_it_was(kv_cache, other):
+    # A cache holds one sequence batch of one model's layer: keys of another batch size, head
+    # count or head size are a ValueError (one line), and the cache goes on as before.
+    cache = kv_cache.KVCache()
+    k = mx.ones((1, 2, 3, 4))
+    cache.update_and_fetch(k, k)
+    bad = mx.ones({"N": (2, 2, 1, 4), "H_kv": (1, 3, 1, 4), "D": (1, 2, 1, 8)}[other])
+    with pytest.raises(ValueError) as e:
+        mx.eval(cache.update_and_fetch(bad, bad))
+    assert "\n" not in str(e.value), f"the error is not one line: {e.value}"
+    assert cache.offset == 3, f"the refused keys moved the offset to {cache.offset}"
+    got_k, _ = cache.update_and_fetch(2 * k[:, :, :1], 2 * k[:, :, :1])
+    assert np.array(got_k)[0, 0, :, 0].tolist() == [1, 1, 1, 2], "the cache after a refused update"
 
 
 def test_nbytes_grows_linearly(kv_cache):

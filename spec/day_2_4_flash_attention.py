@@ -566,7 +566,7 @@ def test_cached_attention_and_twin_reject_the_same_inputs(impl, case):
         caches.append(impl.kv_cache.KVCache())
         return (caches[-1], *BAD_CACHED[case])
 
-    pattern = "" if case.startswith("positions") else "^cached_attention: "  # "": week 1's RoPE words it
+    pattern = None if case.startswith("positions") else "^cached_attention: "  # None: week 1's RoPE words it
     assert_rejected_alike(calls, fresh, pattern, case)
     # The caches the calls refused are as they were: the next good step appends to each of them.
     good = mx.zeros((1, 2, 4 * 8))  # H 2, H_kv 1, D 8
@@ -576,6 +576,22 @@ def test_cached_attention_and_twin_reject_the_same_inputs(impl, case):
         assert cache.offset == 0, f"{name}, {case}: the refused call moved the cache's offset"
         mx.eval(calls[name](cache, good, 2, 1, 8))
         assert cache.offset == 2, f"{name}, {case}: a good step after the refused one did not append"
+
+
+def test_cached_attention_and_twin_refuse_a_cache_of_other_heads(impl):
+    # A cache filled with H_kv = 1, then a step of H_kv = 2: the KV cache's own error (2.1),
+    # the same on the kernel path and the twin's, and the cache as it was.
+    calls = bad_cached_calls(impl)
+    del calls["check_cached_attention"]  # it sees qkv and the heads, not the cache
+    caches = []
+
+    def filled():
+        caches.append(impl.kv_cache.KVCache())
+        mx.eval(calls["cached_attention_mlx"](caches[-1], mx.zeros((1, 2, 4 * 8)), 2, 1, 8))
+        return (caches[-1], mx.zeros((1, 1, 6 * 8)), 2, 2, 8)  # H 2, H_kv 2, D 8
+
+    assert_rejected_alike(calls, filled, None, "a cache of other heads")  # 2.1 words it
+    assert all(c.offset == 2 for c in caches), [c.offset for c in caches]
 
 
 # -- memory: O(L * D), never an (L, S) score matrix -------------------------------------
