@@ -52,8 +52,9 @@ class RoPE:
         """x: (N, L, H, D) -> same shape, rotated by the positions `offset` names."""
         N, L, H, D = x.shape
         cos, sin = self._tables(L, offset)
-        cos = cos.reshape(-1, L, 1, D // 2)  # (1 or N, L, 1, D/2), broadcast over heads
-        sin = sin.reshape(-1, L, 1, D // 2)
+        rows = cos.shape[0] if cos.ndim == 3 else 1  # per sequence, or one table for all
+        cos = cos.reshape(rows, L, 1, D // 2)  # (1 or N, L, 1, D/2), broadcast over heads
+        sin = sin.reshape(rows, L, 1, D // 2)
         if self.traditional:
             x = x.reshape(N, L, H, D // 2, 2)
             x1, x2 = x[..., 0], x[..., 1]
