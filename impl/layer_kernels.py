@@ -86,7 +86,8 @@ class KernelRoPE(RoPE):
 
 
 def swiglu_mlx(gate_up: mx.array) -> mx.array:
-    """(..., 2I) = [gate | up] -> silu(gate) * up (..., I); the pure-MLX twin (week 1's, in impl.mlp)."""
+    """(..., 2I) = [gate | up] -> silu(gate) * up (..., I); the pure-MLX twin (week 1's, in impl.mlp),
+    which first raises check_swiglu's errors, as the kernel does."""
     check_swiglu(gate_up)
     return _swiglu(gate_up)
 

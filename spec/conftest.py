@@ -68,17 +68,23 @@ def pytest_sessionstart(session):
 
 # What a scaffold's stub raises (tools/scaffold.py): "mine: implement basics.softmax (topic 1.1)".
 STUB = re.compile(r"\w+: implement [\w.]+ \(topic \d+\.\d+\)")
+# The same, as the last line of a child process's traceback that a test quotes in its assertion.
+CHILD_STUB = re.compile(rf"^ *NotImplementedError: ({STUB.pattern})$", re.MULTILINE)  # pytest indents its lines
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A test that reached a scaffold's stub reports the stub's message alone: it names the function
     and the topic, and the traceback (about 60 lines a test, 5,000 on a fresh scaffold's week 1) adds
-    nothing to it."""
+    nothing to it. So does a test whose child process (the chat command, a memory probe) died on one."""
     report = (yield).get_result()
     error = call.excinfo.value if call.excinfo else None
-    if report.failed and isinstance(error, NotImplementedError) and STUB.fullmatch(str(error)):
+    if not report.failed or error is None:
+        return
+    if isinstance(error, NotImplementedError) and STUB.fullmatch(str(error)):
         report.longrepr = f"{error}  (a stub: write it)"
+    elif isinstance(error, AssertionError) and (stubs := CHILD_STUB.findall(str(error))):
+        report.longrepr = f"{stubs[-1]}  (a stub, reached in a child process: write it)"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -463,7 +463,7 @@ def test_rope_kernel_falls_back_to_the_twin_for_per_sequence_offsets(impl):
 
 # Inputs the layer kernels refuse. The entries reject them whichever path they take: the
 # kernel, or the twin after the check_* that words the kernel's checks (kernels not built,
-# or off the CPU). The week-1 twins on their own are not held to this (bad dtypes are no
+# or off the CPU); the C++ ops themselves are checked for the same words. The week-1 twins on their own are not held to this (bad dtypes are no
 # part of week 1). Case names start with the op; "positions" are RoPE's own check, which
 # the entry runs on both paths.
 _X, _W = mx.ones((2, 8)), mx.ones((8,))
@@ -485,15 +485,24 @@ BAD_LAYER = {
 }
 
 
-def layer_calls(lk, op: str) -> dict:
-    """The functions that must reject op's BAD_LAYER cases: on RMSNorm(D = 8), RoPE(8 dims, 16 positions)."""
-    return {
+def layer_calls(lk, op: str, kernels=None) -> dict:
+    """The functions that must reject op's BAD_LAYER cases: on RMSNorm(D = 8), RoPE(8 dims, 16
+    positions); with `kernels` (tiny_llm_kernels), the C++ op itself too, whose words the checks give."""
+    tables = lk.KernelRoPE(8, 16)
+    calls = {
         "rms_norm": {"KernelRMSNorm": lambda x, w: lk.KernelRMSNorm(8, w, 1e-5)(x), "check_rms_norm": lk.check_rms_norm},
         "rope": {"KernelRoPE": lambda x, offset: lk.KernelRoPE(8, 16)(x, offset),
                  "check_rope": lambda x, offset: lk.check_rope(x, 8)},
         "rope positions": {"KernelRoPE": lambda x, offset: lk.KernelRoPE(8, 16)(x, offset)},
         "swiglu": {"swiglu": lk.swiglu, "swiglu_mlx": lk.swiglu_mlx, "check_swiglu": lk.check_swiglu},
     }[op]
+    if kernels is not None and op == "rms_norm":
+        calls["tiny_llm_kernels.rms_norm"] = lambda x, w: kernels.rms_norm(x, w, 1e-5)
+    if kernels is not None and op == "swiglu":
+        calls["tiny_llm_kernels.swiglu"] = kernels.swiglu
+    if kernels is not None and op == "rope":  # dtype and shape; a D that is not the dims it words by its tables
+        calls["tiny_llm_kernels.rope"] = lambda x, offset: kernels.rope(x, tables.cos, tables.sin, offset)
+    return calls
 
 
 # The errors: the kernel's prefix; for positions, whatever RoPE's own (week 1's) words are.
@@ -504,7 +513,9 @@ LAYER_ERRORS = {"rms_norm": "^rms_norm: ", "rope": "^rope: ", "swiglu": "^swiglu
 @pytest.mark.parametrize("case", list(BAD_LAYER))
 def test_layer_kernels_reject_what_they_cannot_compute(impl, case):
     op = case.split(",")[0]
-    assert_rejected_alike(layer_calls(impl.layer_kernels, op), lambda: BAD_LAYER[case], LAYER_ERRORS[op], case)
+    kernels = impl.native.kernels if case != "rope, x of another D" else None
+    calls = layer_calls(impl.layer_kernels, op, kernels if hasattr(kernels, "rms_norm") else None)
+    assert_rejected_alike(calls, lambda: BAD_LAYER[case], LAYER_ERRORS[op], case)
 
 
 def _quantized_weight(impl, rng, n: int, k: int):

@@ -131,9 +131,9 @@ def test_header_and_totals(tmp_path, week1):
                            " edit only Hours, Mastery, Notes and the notes section.")
     assert "- Implementation checked: `mine`" in text
     assert " (this update read week1.xml)" in text  # relative to PROGRESS.md: no machine's paths
-    assert "| Week 1: From Matmul to Text | 2 of 7 | 5 of 10 |" in text
+    assert "| Week 1: From Matmul to Text | 2 of 7 | 5 of 10 (2 need a GPU) |" in text
     assert "| Week 2: Tiny vLLM | 0 of 7 | 0 of 0 |" in text
-    assert "| **Total** | **2 of 23** | **5 of 10** |" in text
+    assert "| **Total** | **2 of 23** | **5 of 10 (2 need a GPU)** |" in text
     assert "Ã" not in text and "â" not in text  # plain UTF-8, none of the tracker's mojibake
 
 

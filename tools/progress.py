@@ -343,7 +343,8 @@ def _totals(topics, results: dict[str, Result]) -> tuple[str, str]:
     done = sum(_complete(t, results) for t in topics)
     ran = [results[t.id] for t in topics if t.id in results]
     passed, total = sum(r.passed for r in ran), sum(r.total for r in ran)
-    return f"{done} of {len(topics)}", f"{passed} of {total}"
+    gpu = sum(r.gpu_skipped for r in ran)  # what this machine cannot pass: say so, not just a shortfall
+    return f"{done} of {len(topics)}", f"{passed} of {total}" + (f" ({gpu} need a GPU)" if gpu else "")
 
 
 def _week_table(week: int, results: dict[str, Result], learner) -> list[str]:

@@ -526,7 +526,10 @@ def _stub_module(tree, rel: Path, old: str, name: str, wanted, topics, solved: f
         f"{old}'s bodies for topics {', '.join(sorted(solved, key=_order))}, the rest raising NotImplementedError"
     header = f"{HEADER} from {old}/{rel.as_posix()}: the signatures and docstrings, {bodies}.\n"
     kept = sorted(p.verbatim | {f"{c}.{m}" for c, ms in p.built.items() for m in ms})
-    return Module(rel, header + format_module(tree), stubber.stubs, kept=kept)
+    # Docstrings and messages that name the source package's modules (impl.norm.RMSNorm) name the
+    # learner's (mine.norm.RMSNorm): the package they are reading and writing.
+    text = re.sub(rf"\b{re.escape(old)}\.(?=[a-z_])", f"{name}.", format_module(tree))
+    return Module(rel, header + text, stubber.stubs, kept=kept)
 
 
 def format_module(tree: ast.Module) -> str:
