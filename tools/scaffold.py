@@ -526,10 +526,17 @@ def _stub_module(tree, rel: Path, old: str, name: str, wanted, topics, solved: f
         f"{old}'s bodies for topics {', '.join(sorted(solved, key=_order))}, the rest raising NotImplementedError"
     header = f"{HEADER} from {old}/{rel.as_posix()}: the signatures and docstrings, {bodies}.\n"
     kept = sorted(p.verbatim | {f"{c}.{m}" for c, ms in p.built.items() for m in ms})
-    # Docstrings and messages that name the source package's modules (impl.norm.RMSNorm) name the
-    # learner's (mine.norm.RMSNorm): the package they are reading and writing.
-    text = re.sub(rf"\b{re.escape(old)}\.(?=[a-z_])", f"{name}.", format_module(tree))
-    return Module(rel, header + text, stubber.stubs, kept=kept)
+    return Module(rel, header + format_module(rename_in_strings(tree, old, name)), stubber.stubs, kept=kept)
+
+
+def rename_in_strings(tree: ast.Module, old: str, new: str) -> ast.Module:
+    """Docstrings and messages that name the source package's modules (impl.norm.RMSNorm) name the
+    learner's (mine.norm.RMSNorm), the package they read and write; code is left to the import renaming."""
+    named = re.compile(rf"\b{re.escape(old)}\.(?=[a-z_])")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            node.value = named.sub(f"{new}.", node.value)
+    return tree
 
 
 def format_module(tree: ast.Module) -> str:
