@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="shorter workload: 128-token prompt, 32 decode tokens")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     p.add_argument("--out", default="build/bench", help="folder for bench.json, bench.md, bench.png")
-    p.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="run the peers N times, in turn, and report each one's median (a busy or noisy machine)")
+    p.add_argument("--repeat", type=int, metavar="N",
+                   help="run the peers N times, in turn, and report each one's median (default 3, 1 with --quick:"
+                        " on 2 shared cores one round's decode ratios swing by a third)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--prompt-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--decode-tokens", type=int, default=128, help=argparse.SUPPRESS)
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args.worker, args.prompt_file, args.decode_tokens)
         return 0
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
         p.error(f"--repeat must be at least 1, not {args.repeat}")
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
