@@ -39,17 +39,18 @@ class KVCache:
     def reserve(self, N: int, H_kv: int, L: int, D: int, dtype: mx.Dtype, D_v: int | None = None) -> None:
         """Make the buffers, keys (N, H_kv, capacity, D) and values (..., D_v, default D), hold at
         least offset + L positions; they store self.dtype, else `dtype` (the incoming keys')."""
-        if self.keys is not None:
-            held = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3], self.values.shape[3])
-            if (N, H_kv, D, D if D_v is None else D_v) != held:  # another model's or batch's keys
-                raise ValueError(f"KVCache: keys and values of (N, H_kv, D, D_v) = {(N, H_kv, D, D_v or D)},"
-                                 f" but the cache holds {held}")
-            if self.offset + L <= self.keys.shape[2]:
+        D_v = D if D_v is None else D_v
+        if self.keys is not None:  # every decode step of every layer comes here: one read of each shape
+            (n, h, capacity, d), d_v = self.keys.shape, self.values.shape[3]
+            if (N, H_kv, D, D_v) != (n, h, d, d_v):  # another model's or batch's keys
+                raise ValueError(f"KVCache: keys and values of (N, H_kv, D, D_v) = {(N, H_kv, D, D_v)},"
+                                 f" but the cache holds {(n, h, d, d_v)}")
+            if self.offset + L <= capacity:
                 return
         dtype = dtype if self.dtype is None else self.dtype
         capacity = (self.offset + L + self.step - 1) // self.step * self.step
         new_k = mx.zeros((N, H_kv, capacity, D), dtype)
-        new_v = mx.zeros((N, H_kv, capacity, D if D_v is None else D_v), dtype)
+        new_v = mx.zeros((N, H_kv, capacity, D_v), dtype)
         if self.keys is not None:
             new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
             new_v[..., : self.offset, :] = self.values[..., : self.offset, :]

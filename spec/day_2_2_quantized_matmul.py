@@ -488,7 +488,6 @@ BAD_LAYER = {
 def layer_calls(lk, op: str, kernels=None) -> dict:
     """The functions that must reject op's BAD_LAYER cases: on RMSNorm(D = 8), RoPE(8 dims, 16
     positions); with `kernels` (tiny_llm_kernels), the C++ op itself too, whose words the checks give."""
-    tables = lk.KernelRoPE(8, 16)
     calls = {
         "rms_norm": {"KernelRMSNorm": lambda x, w: lk.KernelRMSNorm(8, w, 1e-5)(x), "check_rms_norm": lk.check_rms_norm},
         "rope": {"KernelRoPE": lambda x, offset: lk.KernelRoPE(8, 16)(x, offset),
@@ -501,6 +500,7 @@ def layer_calls(lk, op: str, kernels=None) -> dict:
     if kernels is not None and op == "swiglu":
         calls["tiny_llm_kernels.swiglu"] = kernels.swiglu
     if kernels is not None and op == "rope":  # dtype and shape; a D that is not the dims it words by its tables
+        tables = lk.KernelRoPE(8, 16)
         calls["tiny_llm_kernels.rope"] = lambda x, offset: kernels.rope(x, tables.cos, tables.sin, offset)
     return calls
 
