@@ -9,6 +9,7 @@ change (a stamp file records what it was built from).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -44,6 +45,7 @@ def _mlx_requirement() -> str:
     return f"mlx[{'cpu' if cuda is None else 'cuda13' if cuda >= 13 else 'cuda12'}]{MLX_VERSION}"
 
 
+@functools.cache  # asked by every environment a session uses, twice each: nvidia-smi once is enough
 def _driver_cuda_major() -> int | None:
     """The newest CUDA major version the NVIDIA driver runs (nvidia-smi's header), None without one."""
     if not shutil.which("nvidia-smi"):
