@@ -14,6 +14,7 @@ at temperature 1 unless --temperature says otherwise).
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 import time
@@ -56,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto",
                    help="what the KV cache stores: auto keeps the activations' dtype (exact); float16"
                         " halves its memory and decode's attention reads (default auto)")
+    p.add_argument("--kv-cache-memory", type=_size, default=None, metavar="BYTES",
+                   help="the engine's KV cache budget, e.g. 512M or 2G (default 1G); its size in blocks is"
+                        " printed at start")
+    p.add_argument("--single-stream", action="store_true",
+                   help="run week 2's single-stream decode loop (one dense KV cache, no scheduler) instead of"
+                        " the batched engine")
     p.add_argument("--no-kv-cache", action="store_true",
-                   help="recompute the whole sequence at every step, as week 1's decode loop does")
+                   help="recompute the whole sequence at every step, as week 1's decode loop does"
+                        " (implies --single-stream)")
     p.add_argument("--dequantize", action="store_true",
                    help="dequantize a GGUF's weights to fp32 at load and run week 1's model, without week 2's"
                         " kernels (slower; 4 to 8 times the weights' memory)")
@@ -65,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "seed")
+
+
+def _size(text: str) -> int:
+    """'512M', '2G', '1.5GiB' or a byte count -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMG]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m or m[1].count(".") > 1:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (say 512M or 2G)")
+    return int(float(m[1]) * 1024 ** "_KMG".index(m[2].upper() or "_"))
 
 
 def _as_typed(message: str) -> str:
@@ -108,7 +124,61 @@ def _prompt_cache(loaded, args):
     return None if args.no_kv_cache else PromptCache(loaded.model, kv_dtype(args.kv_cache_dtype))
 
 
-def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str:
+def make_engine(loaded, args):
+    """The batched engine (topic 2.6) for one conversation: its prefix cache keeps each turn's
+    blocks, so the next turn prefills only what it adds; None with --single-stream or --no-kv-cache."""
+    if args.single_stream or args.no_kv_cache:
+        return None
+    from impl.engine import LLMEngine
+
+    try:
+        return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=1, kv_cache_memory=args.kv_cache_memory,
+                         kv_cache_dtype=kv_dtype(args.kv_cache_dtype))
+    except ValueError as e:
+        raise TinyLLMError(str(e)) from None
+
+
+def _params(args):
+    """The request's SamplingParams from the flags (already checked by _checked_sampler)."""
+    from impl.engine import SamplingParams
+
+    given = {f: getattr(args, f) for f in SAMPLING_FLAGS if getattr(args, f) is not None}
+    if given:
+        given.setdefault("temperature", 1.0)
+    return SamplingParams(max_tokens=args.max_tokens, **given)
+
+
+def engine_reply(engine, loaded, ids: list[int], args) -> str:
+    """Stream one reply from the batched engine (one request); then the stats line. Ctrl-C
+    aborts the request (its blocks are freed) and propagates."""
+    request_id = str(next(_REQUEST_IDS))
+    engine.add_request(request_id, ids, _params(args))
+    text, out = [], None
+    try:
+        while out is None or not out.finished:
+            for out in engine.step():
+                print(out.new_text, end="", flush=True)
+                text.append(out.new_text)
+    except BaseException:
+        engine.abort_request(request_id)
+        raise
+    print()
+    from impl.generate import GenerationStats
+
+    m, n, cached = out.metrics, len(out.token_ids), out.num_cached_tokens
+    decode = (m.finished_time - m.first_token_time) if n > 1 else 0.0
+    stats = GenerationStats(len(ids), m.ttft, n, decode, out.finish_reason)
+    blocks = -(-(len(ids) + n) // engine.kv_pool.block_size) if engine.kv_pool else 0
+    held = blocks * engine.kv_pool.nbytes / engine.kv_pool.num_blocks / 2**20 if engine.kv_pool else 0.0
+    dtype = str(engine.kv_pool.dtype).removeprefix("mlx.core.") if engine.kv_pool else "contiguous"
+    _print_stats(stats, cached, f"KV cache {dtype} {held:.1f} MB")
+    return "".join(text)
+
+
+_REQUEST_IDS = itertools.count()  # one engine per chat; each reply is a request
+
+
+def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None, engine=None) -> str:
     """Stream one assistant reply to stdout; return its text. prompt_cache: a PromptCache kept
     across a chat's turns, so each turn prefills only what the conversation added (a new one when
     None, none with --no-kv-cache). Then one line to stderr: `[prefill N tokens (M more from the
@@ -118,6 +188,8 @@ def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str
     from impl.generate import generate_step, stream_generate
 
     ids = _prompt_ids(loaded, messages)
+    if engine is not None:
+        return engine_reply(engine, loaded, ids, args)
     prompt_cache = prompt_cache or _prompt_cache(loaded, args)
     text, stats = [], None
     for g in stream_generate(loaded.model, loaded.tokenizer, ids, args.max_tokens, sampler,
@@ -127,15 +199,21 @@ def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None) -> str
         stats = g.stats
     print()
     reused = prompt_cache.reused if prompt_cache else 0
-    new, kv = stats.prompt_tokens - reused, "no KV cache"
+    kv = "no KV cache"
     if prompt_cache:
         keys = prompt_cache.cache[0].state[0]  # (N, H_kv, S, D), in the dtype the cache stores
         held = sum(c.nbytes for c in prompt_cache.cache) / 2**20
         kv = f"KV cache {str(keys.dtype).removeprefix('mlx.core.')} {held:.1f} MB"
+    _print_stats(stats, reused, kv)
+    return "".join(text)
+
+
+def _print_stats(stats, reused: int, kv: str) -> None:
+    """The reply's one stats line on stderr."""
+    new = stats.prompt_tokens - reused
     cached = f" ({reused} more from the cache)" if reused else ""
     print(f"[prefill {_tokens(new)}{cached} at {new / stats.prefill_seconds:.1f} tok/s,"
           f" {_generated(stats)}, finish: {stats.finish_reason}, {kv}]", file=sys.stderr)
-    return "".join(text)
 
 
 def _tokens(n: int) -> str:
@@ -153,7 +231,8 @@ def chat(loaded, args, sampler) -> None:
     """Interactive multi-turn chat until Ctrl-D."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     # Kept across the turns: each turn prefills only what the conversation added.
-    prompt_cache = _prompt_cache(loaded, args)
+    engine = make_engine(loaded, args)
+    prompt_cache = None if engine else _prompt_cache(loaded, args)
     print("Chatting with", loaded.path.name, "- Ctrl-D to exit, Ctrl-C to stop a reply.", file=sys.stderr)
     while True:
         try:
@@ -165,7 +244,8 @@ def chat(loaded, args, sampler) -> None:
             continue
         messages.append({"role": "user", "content": user})
         try:
-            messages.append({"role": "assistant", "content": reply(loaded, messages, args, sampler, prompt_cache)})
+            messages.append({"role": "assistant",
+                             "content": reply(loaded, messages, args, sampler, prompt_cache, engine)})
         except KeyboardInterrupt:
             _stopped()
             messages.pop()  # the turn is dropped: the next one does not see it
@@ -191,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             chat(loaded, args, sampler)
         else:
             messages = [{"role": "system", "content": args.system}] if args.system else []
-            reply(loaded, messages + [{"role": "user", "content": args.prompt}], args, sampler)
+            reply(loaded, messages + [{"role": "user", "content": args.prompt}], args, sampler,
+                  engine=make_engine(loaded, args))
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -76,12 +76,16 @@ class KernelTransformerBlock(TransformerBlock):
         attn, mlp = self.self_attn, self.mlp
         L = x.shape[1]
         causal = mask == "causal" if isinstance(mask, str) else (mask is None and L == 1)  # L = 1: the same
-        if not (self.fusable and causal and type(cache) is KVCache):
+        batched = hasattr(cache, "attend")  # the engine's batched caches (topic 2.6): positions are theirs
+        if not (self.fusable and (causal or batched) and (batched or type(cache) is KVCache)):
             return super().__call__(x, mask, offset, cache)
         qkv = fused_linear(x, attn.wqkv, norm=self.input_layernorm)  # (N, L, (H + 2 H_kv) D)
         if attn.bqkv is not None:  # Qwen2's q/k/v biases
             qkv = qkv + attn.bqkv
-        a = cached_attention(qkv, cache, attn.rope, attn.num_heads, attn.num_kv_heads)  # (N, L, H D)
+        if batched:
+            a = cache.attend(qkv, attn.rope, attn.num_heads, attn.num_kv_heads)  # (1, T, H D)
+        else:
+            a = cached_attention(qkv, cache, attn.rope, attn.num_heads, attn.num_kv_heads)  # (N, L, H D)
         h = fused_linear(a, attn.wo, residual=x)  # (N, L, E): x + attention
         gate_up = fused_linear(h, mlp.w_gate_up, norm=self.post_attention_layernorm)  # (N, L, 2I)
         return fused_linear(gate_up, mlp.w_down, swiglu=True, residual=h)  # (N, L, E): h + MLP

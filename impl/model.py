@@ -79,15 +79,18 @@ class Model:
         self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]
 
     def __call__(self, inputs: mx.array, offset: int = 0, cache: list | None = None,
-                 logits_to_keep: int = 0) -> mx.array:
+                 logits_to_keep: int | mx.array = 0) -> mx.array:
         """inputs: (N, L) token ids -> logits (N, L, V); with a KV cache (one per layer) only new tokens go in.
         logits_to_keep > 0: logits of the last that many positions only, (N, logits_to_keep, V), as a
-        prefill needs (the head over all 512 positions of a prompt is a quarter of its time)."""
+        prefill needs (the head over all 512 positions of a prompt is a quarter of its time); an
+        array of K positions (transformers' form): those, (N, K, V), as a batched step needs."""
         h = self.embed_tokens(inputs)  # (N, L, E)
         mask = "causal" if inputs.shape[1] > 1 else None  # one new token sees every cached one
         for layer, c in zip(self.layers, cache or [None] * len(self.layers), strict=True):
             h = layer(h, mask, offset, c)
-        if 0 < logits_to_keep < h.shape[1]:
+        if isinstance(logits_to_keep, mx.array):
+            h = h[:, logits_to_keep]  # (N, K, E)
+        elif 0 < logits_to_keep < h.shape[1]:
             h = h[:, -logits_to_keep:]  # (N, logits_to_keep, E): rows are independent from here on
         h = self.norm(h)
         return self.embed_tokens.as_linear(h) if self.lm_head is None else linear(h, self.lm_head)

@@ -1,8 +1,9 @@
 """The chat command (`python -m PKG.cli`) run in a subprocess, as a user runs it.
 
 Each topic runs it with only what that topic and its prerequisites provide: week 1's model
-and decode loop (WEEK1) for 1.6 and 1.7, the KV cache on week 1's model for 2.1, and the
-whole engine (no flags: quantized weights on the kernels, the KV cache) from 2.4 on.
+and decode loop (WEEK1) for 1.6 and 1.7, the single-stream KV cache on week 1's model for 2.1,
+week 2's single-stream engine (quantized weights on the kernels, the KV cache) for 2.4, and the
+batched engine (no flags) from 2.6 on.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ Qwen2 checkpoint ships offline.
 from __future__ import annotations
 
 import json
-import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -21,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reference.models import hf_folder_from_gguf, mlx_lm_model, transformers_model
+from reference.tiny_models import TINY, tiny_folder
 from spec.ladder import FP32, MODEL_FP32, assert_close, assert_greedy_tokens
 
 NAMES = {
@@ -98,40 +98,9 @@ def test_dequantize_matches_mx(impl, data):
 
 # --- tiny random-weight models: Llama and Qwen2 paths against transformers --------------
 
-TINY = {
-    "llama-tied": ("llama", dict(tie_word_embeddings=True)),
-    "llama-untied-bias": ("llama", dict(tie_word_embeddings=False, attention_bias=True)),
-    "llama-mqa": ("llama", dict(tie_word_embeddings=False, num_key_value_heads=1)),
-    "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False)),
-    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
-}
-
-
-def _tiny_folder(tmp_path, kind: str, seed: int):
-    """A random-weight transformers model saved as an HF folder (with the SmolLM2 tokenizer files)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    arch, extra = TINY[kind]
-    cfg = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0,
-               max_position_embeddings=128, rms_norm_eps=1e-6) | extra
-    torch.manual_seed(seed)
-    Config, Model = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    model = Model(Config(**cfg)).eval()
-    with torch.no_grad():  # default init leaves biases at 0; make them matter
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0, 0.5)
-    folder = tmp_path / kind
-    model.save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(hf_folder_from_gguf() / f, folder / f)
-    return model, folder
-
-
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_tiny_model_logits_match_transformers(impl, tmp_path, kind):
-    ref, folder = _tiny_folder(tmp_path, kind, seed=7)
+    ref, folder = tiny_folder(tmp_path, kind, seed=7)
     loaded = impl.loader.load_model(folder)
     ids = np.random.default_rng(0).integers(0, 320, size=(2, 11))
     got = loaded.model(mx.array(ids))

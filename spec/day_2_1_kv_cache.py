@@ -210,7 +210,7 @@ def test_prompt_cache_after_an_interrupted_prefill(impl):
 
 def test_chat_second_turn_prefills_only_what_it_adds(impl):
     turns = "What is the capital of France?\nAnd of Germany?\n"
-    r = run_chat(impl, "--dequantize", "--max-tokens", "24", input=turns)
+    r = run_chat(impl, "--single-stream", "--dequantize", "--max-tokens", "24", input=turns)
     assert r.returncode == 0, r.stderr[-2000:]
     reports = stats_lines(r.stderr)
     assert len(reports) == 2, f"expected two replies, got: {r.stderr[-2000:]}"
@@ -221,7 +221,7 @@ def test_chat_with_a_float16_cache(impl, default_model):
     from spec.day_1_6_generate import CONVERSATIONS, assert_answer, transformers_answer
 
     messages = CONVERSATIONS["one_user"]
-    r = run_chat(impl, "--dequantize", messages[0]["content"], "--max-tokens", "24", "--kv-cache-dtype", "float16")
+    r = run_chat(impl, "--single-stream", "--dequantize", messages[0]["content"], "--max-tokens", "24", "--kv-cache-dtype", "float16")
     assert r.returncode == 0, r.stderr[-2000:]
     stats = stats_lines(r.stderr)
     assert stats and "KV cache float16" in stats[-1], f"the reply's stats line names another cache: {stats}"

@@ -1,0 +1,205 @@
+"""The engine (topic 2.6): requests in, tokens out, many at a time. `step()` is three lines:
+schedule, run, postprocess (nano-vllm's loop). Requests join (`add_request`) and leave
+(finished, or `abort_request`) between steps; their KV cache is freed at once.
+
+The KV cache is paged by default (topic 3.1: KVPool and BlockManager, prefix caching 3.2);
+`paged=False` gives each sequence week 2.1's contiguous cache (topic 2.6's own).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import mlx.core as mx
+
+from impl.engine.contiguous_cache import ContiguousKVCache
+from impl.engine.model_runner import ModelRunner
+from impl.engine.outputs import IncrementalText, RequestMetrics, RequestOutput
+from impl.engine.sampling_params import SamplingParams
+from impl.engine.scheduler import ScheduledBatch, Scheduler
+from impl.engine.sequence import Sequence
+from impl.errors import TinyLLMError
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes for keys and values when the user sets no budget
+
+
+class LLMEngine:
+    """Continuous batching over one model. add_request, step, abort_request; `stats()` for metrics."""
+
+    def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 enable_chunked_prefill: bool = True, paged: bool = True, block_size: int = 16,
+                 kv_cache_memory: int | None = None, kv_cache_dtype: mx.Dtype | None = None,
+                 enable_prefix_caching: bool = True, use_kernels: bool = True, eos_token_ids=None,
+                 trace: str | None = None, log=None):
+        """model: an impl Model; tokenizer: for text and stop strings (None: token ids only).
+        kv_cache_memory: bytes for the KV cache (default 1 GiB), kv_cache_dtype: what it stores
+        (default the activations' dtype). log: where the start-up line goes (default stderr; False: nowhere)."""
+        self.model, self.tokenizer, self.args = model, tokenizer, model.args
+        self.max_model_len = self.args.max_position_embeddings
+        dtype = kv_cache_dtype or model.embed_tokens.as_linear(mx.zeros((1, 1, self.args.hidden_size))).dtype
+        budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
+        if paged:
+            from impl.engine.kv_pool import KVPool, num_blocks_for_budget
+
+            num_blocks = num_blocks_for_budget(self.args, block_size, dtype, budget)
+            self.kv_pool = KVPool(self.args, num_blocks, block_size, dtype, enable_prefix_caching, use_kernels)
+            self.kv = self.kv_pool.block_manager
+            self.kv_tokens = num_blocks * block_size
+            views = self.kv_pool
+        else:
+            per_token = 2 * self.args.num_hidden_layers * self.args.num_key_value_heads * self.args.head_dim * dtype.size
+            self.kv_tokens = budget // per_token
+            if self.kv_tokens < 1:
+                raise TinyLLMError(f"the KV cache budget of {budget} bytes holds no token ({per_token} bytes each)")
+            self.kv_pool = None
+            self.kv = views = ContiguousKVCache(self.args.num_hidden_layers, self.kv_tokens, kv_cache_dtype)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.runner = ModelRunner(model, views)
+        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(tokenizer, self.args))
+        self.requests: dict[str, tuple[Sequence, IncrementalText]] = {}
+        self.num_steps = self.num_preemptions = 0
+        self.trace = open(trace, "w", encoding="utf-8") if trace else None  # noqa: SIM115  (closed by close())
+        if log is not False:
+            kind = f"{self.kv.num_blocks} blocks of {block_size} positions" if paged else "contiguous"
+            print(f"[KV cache: {kind}, {self.kv_tokens} tokens, {budget / 2**20:.0f} MiB budget,"
+                  f" {str(dtype).removeprefix('mlx.core.')}]", file=log or sys.stderr)
+
+    # ---------------------------------------------------------------- requests
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    prompt: str | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request; a one-line TinyLLMError if it cannot be served (nothing else changes)."""
+        params = params or SamplingParams()
+        params.validate()
+        if request_id in self.requests:
+            raise TinyLLMError(f"request id {request_id!r} is already in use")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise TinyLLMError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise TinyLLMError(f"the prompt is {n} tokens; the model's context is {self.max_model_len} tokens")
+        if n + 1 > self.kv_tokens:
+            raise TinyLLMError(f"the prompt is {n} tokens; the whole KV cache holds {self.kv_tokens}")
+        if not self.scheduler.enable_chunked_prefill and n > self.scheduler.max_num_batched_tokens:
+            raise TinyLLMError(f"the prompt is {n} tokens; without chunked prefill a step computes at most"
+                               f" {self.scheduler.max_num_batched_tokens}")
+        vocab = self.args.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise TinyLLMError(f"prompt token ids must be integers in [0, {vocab})")
+        seq = Sequence(request_id, prompt_token_ids, params, arrival_time)
+        self.requests[request_id] = (seq, IncrementalText(self.tokenizer, params.stop))
+        seq.prompt = prompt
+        self.scheduler.add(seq)
+        self._trace(event="add", step=self.num_steps, request_id=request_id, prompt_tokens=n,
+                    max_tokens=params.max_tokens)
+
+    def abort_request(self, request_id: str) -> None:
+        """End a request between steps; its blocks are freed at once. Unknown ids are ignored."""
+        if request_id in self.requests:
+            seq, _ = self.requests.pop(request_id)
+            self.scheduler.finish(seq, "abort")
+            self._trace(event="finish", step=self.num_steps, request_id=request_id, reason="abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---------------------------------------------------------------- the loop
+
+    def step(self) -> list[RequestOutput]:
+        """One step: schedule, run, postprocess. Returns the requests that got tokens or finished."""
+        batch = self.scheduler.schedule()
+        sampled = self.runner.run(batch) if batch else {}
+        return self.postprocess(batch, sampled)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[RequestOutput]:
+        """Count the computed tokens, append the sampled ones, finish what stops."""
+        now, outputs = time.perf_counter(), []
+        for seq, n in batch.scheduled:
+            seq.num_computed_tokens += n
+            if self.kv.enable_prefix_caching:
+                self.kv.cache_full_blocks(seq)
+        self.num_preemptions += len(batch.preempted)
+        self._write_trace(batch)
+        for seq, _ in batch.scheduled:
+            token = sampled.get(seq.request_id)
+            if token is not None:
+                outputs.append(self._add_token(seq, token, now))
+        if not batch and self.scheduler.waiting and not self.scheduler.running:
+            outputs.append(self._stuck(now))
+        self.num_steps += 1
+        return outputs
+
+    def _add_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+        seq.append_token(token)
+        seq.first_token_time = seq.first_token_time or now
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            text, stopped, reason = "", False, "stop"  # the stop token's own text is not output
+        else:
+            text, stopped = self.requests[seq.request_id][1].add(token)
+            reason = "stop" if stopped else None
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason:
+            text += self._finish(seq, reason, now, stopped)
+        return self._output(seq, text, [token])
+
+    def _finish(self, seq: Sequence, reason: str, now: float, stopped: bool = False) -> str:
+        self.scheduler.finish(seq, reason)
+        self._trace(event="finish", step=self.num_steps, request_id=seq.request_id, reason=reason)
+        seq.finished_time = now
+        return "" if stopped else self.requests[seq.request_id][1].finish()
+
+    def _stuck(self, now: float) -> RequestOutput:
+        """A preempted sequence that outgrew the whole KV cache: it ends, as out of length."""
+        seq = self.scheduler.waiting[0]
+        text = self._finish(seq, "length", now)
+        return self._output(seq, text, [])
+
+    def _output(self, seq: Sequence, new_text: str, new_tokens: list[int]) -> RequestOutput:
+        full = self.requests[seq.request_id][1].text
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time, seq.num_output_tokens)
+        out = RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], text=full,
+                            token_ids=seq.output_token_ids, new_text=new_text, new_token_ids=new_tokens,
+                            finished=seq.is_finished, finish_reason=seq.finish_reason,
+                            num_cached_tokens=seq.num_cached_tokens, metrics=metrics,
+                            logprobs=seq.logprobs if seq.params.logprobs is not None else None)
+        if seq.is_finished:
+            self.requests.pop(seq.request_id)
+        return out
+
+    # ---------------------------------------------------------------- observing
+
+    def stats(self) -> dict:
+        """Requests running and waiting, KV blocks used and free, prefix-cache hit rate."""
+        free = self.kv.num_free_blocks
+        total = self.kv.num_blocks if self.kv_pool else self.kv_tokens
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "num_blocks": total, "blocks_free": free, "blocks_used": total - free,
+                "prefix_cache_hit_rate": getattr(self.kv, "prefix_cache_hit_rate", 0.0), "steps": self.num_steps}
+
+    def _write_trace(self, batch: ScheduledBatch) -> None:
+        if self.trace is not None:
+            self._trace(event="step", step=self.num_steps,
+                        scheduled=[[s.request_id, n, s.num_cached_tokens] for s, n in batch.scheduled],
+                        preempted=[s.request_id for s in batch.preempted], **self.stats(),
+                        max_num_seqs=self.scheduler.max_num_seqs,
+                        max_num_batched_tokens=self.scheduler.max_num_batched_tokens)
+
+    def _trace(self, **record) -> None:
+        if self.trace is not None:
+            self.trace.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.trace:
+            self.trace.close()
+            self.trace = None
+
+
+def _eos_ids(tokenizer, args) -> list[int]:
+    ids = [getattr(tokenizer, "eos_token_id", None)]
+    extra = args.eos_token_id
+    ids += extra if isinstance(extra, list) else [extra]
+    return [i for i in ids if i is not None]
