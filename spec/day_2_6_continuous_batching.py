@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,11 +32,11 @@ from spec.engine_cases import (
     DENSE_BATCH,
     Request,
     assert_same_logprobs,
+    assert_transformers_greedy,
     fake_step,
     random_prompts,
     run,
 )
-from spec.ladder import assert_greedy_tokens
 
 NAMES = {
     "engine": ["LLM", "LLMEngine", "SamplingParams", "RequestOutput"],
@@ -173,23 +172,15 @@ def test_seeded_sampling_is_the_same_in_any_batch(impl, tiny):
     assert other_seed.token_ids != alone.token_ids, "another seed drew the same 10 tokens: is the seed used?"
 
 
-def _reference_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
-    x = torch.tensor([ids])
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, do_sample=False,
-                         output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
-    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
-    return out.sequences[0, len(ids):].tolist(), gaps
-
-
 def test_greedy_tokens_match_transformers(impl, tiny):
     ref, loaded = tiny
     prompts = random_prompts(4, 5, 1, 30, 320)
     P = impl.engine.SamplingParams
     requests = [Request(str(i), ids, P(max_tokens=8, ignore_eos=True), join_step=i) for i, ids in enumerate(prompts)]
     got = run(contiguous(impl, loaded), requests)
-    for r in requests:
-        want, gaps = _reference_greedy(ref, r.prompt_token_ids, 8)
-        assert_greedy_tokens(iter(got[r.request_id].token_ids), want, gaps, f"request {r.request_id} vs transformers")
+    compared = sum(assert_transformers_greedy(ref, r.prompt_token_ids, got[r.request_id].token_ids,
+                                              f"request {r.request_id}") for r in requests)
+    assert compared >= 3 * len(requests), f"only {compared} tokens had a clear top-2 gap: a vacuous check"
 
 
 # --- requests joining, leaving, streaming, failing ----------------------------------------
@@ -294,13 +285,13 @@ def test_real_model_32_mixed_requests_match_transformers_and_alone(impl, real, d
     got = run(contiguous(impl, real, max_num_seqs=32), requests)
     compared = 0
     for r in requests:
-        want, gaps = _reference_greedy(ref, r.prompt_token_ids, steps)
-        compared += assert_greedy_tokens(iter(got[r.request_id].token_ids), want, gaps, f"request {r.request_id}")
+        compared += assert_transformers_greedy(ref, r.prompt_token_ids, got[r.request_id].token_ids,
+                                               f"request {r.request_id}")
         alone = _alone(impl, real, r)
         assert got[r.request_id].token_ids == alone.token_ids, f"request {r.request_id}: batched != alone"
         # Quantized weights on the kernels: every row computed the same way in any batch.
         assert_same_logprobs(got[r.request_id].logprobs, alone.logprobs, tol=None, what=f"request {r.request_id}")
-    assert compared >= 4 * len(requests)
+    assert compared >= 4 * len(requests), f"only {compared} tokens had a clear top-2 gap: a vacuous check"
 
 
 def test_llm_generate_takes_text_and_token_ids(impl, real):

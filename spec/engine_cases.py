@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spec.ladder import FP32, MODEL_FP32, Tol, assert_close
+from spec.ladder import FP32, GREEDY_MARGIN, MODEL_FP32, Tol, assert_close
 
 # Bitwise or not. The quantized-matmul kernel and the paged-attention kernel compute a row the
 # same way in any batch and chunk, so on quantized weights with the paged kernel every row's
@@ -82,3 +82,21 @@ def assert_same_logprobs(got, want, tol: Tol | None, what: str) -> None:
         else:
             assert set(g) == set(w), f"{what}: position {i}: top tokens {sorted(g)} vs {sorted(w)}"
             assert_close([g[k] for k in sorted(g)], [w[k] for k in sorted(w)], tol, f"{what}: position {i}")
+
+
+def assert_transformers_greedy(ref, prompt: list[int], tokens: list[int], what: str) -> int:
+    """`tokens` are transformers' greedy continuation of `prompt` for as long as its top-2 gap is
+    clear (GREEDY_MARGIN); returns how many were compared, which may be few for one request: a
+    caller checking many requests asserts on the total. One forward over prompt + tokens (teacher
+    forcing): while the tokens agree, its logits at each step are those generate() would compute."""
+    import torch
+
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]  # (n, V): each next token's
+    top2 = logits.topk(2)
+    gaps = (top2.values[:, 0] - top2.values[:, 1]).tolist()
+    for i, (token, want, gap) in enumerate(zip(tokens, top2.indices[:, 0].tolist(), gaps, strict=True)):
+        if gap < GREEDY_MARGIN:
+            return i
+        assert token == want, f"{what}: step {i}: got token {token}, transformers {want} (its top-2 gap {gap:.3g})"
+    return len(tokens)
