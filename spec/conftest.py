@@ -115,26 +115,88 @@ def on_the_gpu():
     mx.set_default_device(before)
 
 
-# The modules a package under test has to provide: those of impl/.
-MODULES = {p.stem for p in (Path(__file__).resolve().parent.parent / "impl").glob("*.py")} - {"__init__"}
+def _layout(folder: Path) -> dict[str, dict | None]:
+    """A package's modules: name -> None for a module, the same mapping for a sub-package."""
+    out: dict[str, dict | None] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".py" and path.stem != "__init__":
+            out[path.stem] = None
+        elif path.is_dir() and (path / "__init__.py").is_file():
+            out[path.name] = _layout(path)
+    return out
+
+
+# The modules a package under test has to provide: those of impl/, its sub-packages (engine/) included.
+LAYOUT = _layout(Path(__file__).resolve().parent.parent / "impl")
+MODULES = set(LAYOUT)  # the top level: modules and sub-packages
 
 
 class ImplPackage:
-    """`impl.attention` imports `<package>.attention` on first use."""
+    """`impl.attention` imports `<package>.attention` on first use. A sub-package works the same
+    way one level down: `impl.engine.scheduler` imports `<package>.engine.scheduler`, and
+    `impl.engine.LLM` is the name its `__init__.py` gives."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, layout: dict[str, dict | None] | None = None):
+        self.name = name  # the dotted package: mine, or mine.engine
+        self.layout = LAYOUT if layout is None else layout
 
-    def __getattr__(self, module: str):
-        if module not in MODULES:  # e.g. probes by hypothesis or pytest
-            raise AttributeError(module)
-        try:
-            return importlib.import_module(f"{self.name}.{module}")
-        except ModuleNotFoundError as e:
-            if e.name in (self.name, f"{self.name}.{module}"):
-                pytest.fail(f"{self.name}.{module} does not exist: create {self.name}/{module}.py"
-                            f" (nox -s scaffold -- {self.name} writes every module with stubs)")
-            raise
+    @property
+    def is_top(self) -> bool:
+        return "." not in self.name
+
+    def __getattr__(self, attr: str):
+        layout = self.__dict__.get("layout")
+        if layout is None:  # not yet initialised (copy, pickle)
+            raise AttributeError(attr)
+        if attr in layout:
+            module = _import(f"{self.name}.{attr}")
+            return module if layout[attr] is None else ImplPackage(module.__name__, layout[attr])
+        if self.is_top:  # e.g. probes by hypothesis or pytest
+            raise AttributeError(attr)
+        return getattr(_import(self.name), attr)  # a sub-package's own names: impl.engine.LLM
+
+
+def _import(dotted: str):
+    """Import `mine.x` (or `mine.engine.x`); a module or sub-package of impl's layout that the
+    package lacks fails the test with what to create."""
+    root = dotted.split(".")[0]
+    try:
+        module = importlib.import_module(dotted)
+    except ModuleNotFoundError as e:
+        # The module asked for, a package above it, or one that its package's __init__.py
+        # imports (mine/engine/__init__.py imports mine.engine.llm).
+        ours = bool(e.name) and e.name.split(".")[0] == root
+        missing = e.name if ours and (dotted == e.name or dotted.startswith(e.name + ".") or _in_layout(e.name)) \
+            else None
+        if missing == root:
+            missing = dotted  # the package itself: the fixture checked it imports, so name the module
+        if missing:
+            pytest.fail(f"{missing} does not exist: create {_path_of(missing)}"
+                        f" (nox -s scaffold -- {root} writes every module with stubs)")
+        raise
+    if getattr(module, "__file__", None) is None:  # a folder without __init__.py: a namespace package
+        pytest.fail(f"{dotted} has no __init__.py: create {dotted.replace('.', '/')}/__init__.py"
+                    f" (nox -s scaffold -- {root} writes it)")
+    return module
+
+
+def _in_layout(dotted: str) -> bool:
+    """Whether `mine.engine.llm` is a module (or sub-package) impl/ has: engine/llm.py."""
+    layout: dict | None = LAYOUT
+    for part in dotted.split(".")[1:]:
+        if not isinstance(layout, dict) or part not in layout:
+            return False
+        layout = layout[part]
+    return "." in dotted
+
+
+def _path_of(dotted: str) -> str:
+    """'mine.attention' -> 'mine/attention.py'; 'mine.engine' -> 'mine/engine/ with ...'."""
+    layout: dict | None = LAYOUT
+    for part in dotted.split(".")[1:]:
+        layout = layout.get(part) if isinstance(layout, dict) else None
+    path = dotted.replace(".", "/")
+    return f"{path}/ with its __init__.py and modules" if isinstance(layout, dict) else f"{path}.py"
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ One table, read by the specification (to tag results) and by tools/progress.py
 (to render PROGRESS.md). Topic ids are stable: learners' trackers and PROGRESS.md key on them.
 
 A topic's prerequisites are what its specification uses: tests/test_topic_order.py checks
-that each topic's spec passes with only the topic and its prerequisites written. Three go
+that each topic's spec passes with only the topic and its prerequisites written. Some go
 beyond the course outline's table, because the code does:
 - 1.3 needs 1.2: its attention layer (q/k/v/o projections) applies RoPE;
 - 1.4 needs 1.1: the MLP's projections are 1.1's `linear`;
@@ -12,7 +12,10 @@ beyond the course outline's table, because the code does:
   cache and applies 2.2's RoPE kernel, and the engine's checks (all of week 2's kernels in
   the model) are this topic's, the last of the CPU kernels;
 - 2.5 needs 2.3 as well: the model on the GPU kernels is checked there, as 2.4 checks the
-  CPU engine (test_topic_order checks the CPU topics; the GPU ones follow the same rule).
+  CPU engine (test_topic_order checks the CPU topics; the GPU ones follow the same rule);
+- 2.6 needs 1.7 and 2.4: a request's SamplingParams are checked and sampled by 1.7's sampler,
+  and the serving engine runs the week-2 model (2.4's kernels, 2.2's fused projections);
+- 3.1 needs 2.7: the engine prefills in chunks by default, and the paged specs run it so.
 """
 
 from __future__ import annotations
@@ -43,10 +46,10 @@ TOPICS: tuple[Topic, ...] = (
     Topic("2.3", "quantized matmul, GPU kernels (Metal, CUDA)", ("2.2",), "mx.quantized_matmul, torch, pure-MLX twin", "day_2_3_quantized_matmul_gpu.py", needs_gpu=True),
     Topic("2.4", "flash attention, CPU kernel (C++)", ("1.3", "2.1", "2.2"), "mx.fast SDPA, torch SDPA, pure-MLX twin; transformers on the engine", "day_2_4_flash_attention.py"),
     Topic("2.5", "flash attention, GPU kernels (Metal, CUDA)", ("2.3", "2.4"), "mx.fast SDPA, torch SDPA, pure-MLX twin; transformers on the model", "day_2_5_flash_attention_gpu.py", needs_gpu=True),
-    Topic("2.6", "continuous batching", ("2.1",), ""),
-    Topic("2.7", "chunked prefill", ("2.6",), ""),
-    Topic("3.1", "paged KV cache and block manager", ("2.6",), ""),
-    Topic("3.2", "paged attention kernel, prefix caching", ("3.1",), ""),
+    Topic("2.6", "continuous batching", ("1.7", "2.4"), "invariances: batched == alone (bitwise on the kernels), seeded sampling in any batch; transformers greedy on 32 mixed requests", "day_2_6_continuous_batching.py"),
+    Topic("2.7", "chunked prefill", ("2.6",), "invariances: chunked == whole prefill for every chunk size; decode never stalled by a long prompt", "day_2_7_chunked_prefill.py"),
+    Topic("3.1", "paged KV cache and block manager", ("2.7",), "invariances: paged == contiguous for every block size, preempted == never preempted; block manager by a Hypothesis state machine", "day_3_1_paged_kv_cache.py"),
+    Topic("3.2", "paged attention kernel, prefix caching", ("3.1",), "paged kernel == twin == torch SDPA; prefix-cache hit == miss", "day_3_2_paged_attention.py"),
     Topic("3.3", "mixture of experts", ("1.5",), ""),
     Topic("3.4", "speculative decoding (draft model, n-gram)", ("2.1",), ""),
     Topic("3.5", "prefill-decode separation", ("3.1",), ""),

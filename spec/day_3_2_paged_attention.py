@@ -314,6 +314,13 @@ def test_real_model_32_mixed_requests_on_the_default_engine(impl, real, default_
     assert engine.stats()["blocks_used"] == 0, "blocks held after every request ended"
 
 
+def test_the_chat_command_runs_on_the_batched_engine(impl):
+    r = run_chat(impl, "What is the capital of France?", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "[KV cache:" in r.stderr, f"the chat did not start the batched engine: {r.stderr}"
+    assert len(stats_lines(r.stderr)) == 1 and "Paris" in r.stdout, (r.stdout, r.stderr)
+
+
 def test_chat_second_turn_prefills_only_what_it_adds(impl):
     turns = "What is the capital of France?\nAnd of Germany?\n"
     r = run_chat(impl, "--max-tokens", "24", input=turns)

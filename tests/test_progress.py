@@ -17,7 +17,9 @@ GPU_SKIP = "needs a GPU (Metal or CUDA); this machine has none"
 
 
 MODULES = {"1.1": "day_1_1_attention", "1.2": "day_1_2_rope", "1.3": "day_1_3_gqa", "1.4": "day_1_4_norm_mlp",
-           "1.5": "day_1_5_model", "1.6": "day_1_6_generate", "1.7": "day_1_7_sampling"}
+           "1.5": "day_1_5_model", "1.6": "day_1_6_generate", "1.7": "day_1_7_sampling",
+           "2.1": "day_2_1_kv_cache", "2.6": "day_2_6_continuous_batching", "2.7": "day_2_7_chunked_prefill",
+           "3.1": "day_3_1_paged_kv_cache", "3.2": "day_3_2_paged_attention"}
 
 
 def case(topic: str, outcome: str = "passed", *, prop: bool = True, message: str = "", name: str = "",
@@ -103,6 +105,25 @@ def test_statuses(tmp_path, week1):
     assert status[unspecified] == "not specified yet", r[unspecified]
     assert r["1.1"][3:6] == ["3 of 3", "PyTorch SDPA, mx.fast", "2025-03-04 05:06 UTC"]
     assert r["1.3"][3] == "0 of 2" and r["1.6"][3] == "-" and r["1.6"][5] == "-"
+
+
+def test_every_topic_has_its_row(tmp_path, week1):
+    """Each topic of the curriculum, the engine's (2.6-3.2) included, in its week's table with its
+    title and what it is checked against; their results land in their rows."""
+    engine = junit(tmp_path / "engine.xml", [case("2.1"), case("2.6"), case("2.6", "failed"), case("2.7", "failed"),
+                                             case("3.1", name="test_paged[block_size=16]"),
+                                             case("3.1", "failed"), case("3.2", "failed")])
+    r = rows(run(tmp_path, week1, engine))
+    assert list(r) == [t.id for t in TOPICS]
+    for t in TOPICS:
+        assert r[t.id][1] == t.title and r[t.id][4] == (t.checked_against or "-"), r[t.id]
+    # Complete wins over a prerequisite not complete (2.1's 1.6); otherwise those not complete show.
+    assert [r[t][2:4] for t in ("2.1", "2.7", "3.2")] == [["complete", "1 of 1"], ["blocked by 2.6", "0 of 1"],
+                                                          ["blocked by 3.1", "0 of 1"]]
+    assert r["2.6"][3] == "1 of 2" and r["2.6"][2].startswith("blocked by ") and "1.7" in r["2.6"][2]
+    assert r["3.1"][3] == "1 of 2" and r["3.1"][2].startswith("blocked by ")
+    every = listing(tmp_path / "collected.txt", {"3.2": ["test_kernel[block_size=16]", "test_prefix_hit"]})
+    assert rows(run(tmp_path, collected=every))["3.2"][3] == "0 of 2 (2 not run)"  # the listing is its tests now
 
 
 def test_status_rules_for_gpu_and_skips():

@@ -302,8 +302,11 @@ def test_nothing_half_written(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["srcpkg"]
 
 
-def _exercises() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "impl").glob("*.py") if p.name not in INFRASTRUCTURE)
+def _exercises(modules: list[scaffold.Module]) -> list[str]:
+    """The dotted names of the stubbed modules, sub-packages' included ('engine.scheduler')."""
+    names = sorted(scaffold.module_name(m.path) for m in modules if not m.copied)
+    assert "engine.scheduler" in names and "attention" in names, names
+    return names
 
 
 def test_scaffold_of_the_real_impl(importable, names):
@@ -316,7 +319,7 @@ def test_scaffold_of_the_real_impl(importable, names):
         text = inspect.getdoc(obj)
         return text and re.sub(r"\bimpl\.(?=[a-z_])", f"{name}.", text)
 
-    for module in _exercises():
+    for module in _exercises(modules):
         orig = importlib.import_module(f"impl.{module}")
         mine = importlib.import_module(f"{name}.{module}")
         assert doc(orig) == inspect.getdoc(mine), module
@@ -342,6 +345,203 @@ def test_a_test_that_reaches_a_stub_fails_with_its_message_alone(importable, nam
     assert run.returncode == 1, run.stdout[-3000:]
     assert f"\n{name}: implement basics.linear (topic 1.1)  (a stub: write it)\n" in run.stdout, run.stdout[-3000:]
     assert "raise NotImplementedError" not in run.stdout, run.stdout[-3000:]
+
+
+# A sub-package, its topics told per function: a method's own docstring tag (chunk) overrides its
+# class and module; a mention of a topic inside a clause, two topics, or a private helper do not.
+ENGINE = {
+    "eng/__init__.py": '"""The engine: re-exports only."""\n\nfrom {pkg}.eng.sched import Scheduler\n\n__all__ = ["Scheduler"]\n',
+    "eng/sched.py": '''\
+"""The scheduler: no topic here; the spec that uses it tells."""
+from __future__ import annotations
+
+from {pkg}.eng.pool import Pool
+from {pkg}.util import add
+
+
+class Scheduler:
+    """Which sequences run next."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    def schedule(self) -> int:
+        """One step's batch."""
+        return self._private() + self.chunk(add(1), 4)
+
+    @staticmethod
+    def chunk(todo: int, budget: int) -> int:
+        """Chunked prefill (topic 2.7): at most the budget."""
+        return min(todo, budget)
+
+    def kernel(self) -> str:
+        """The C++ kernel on the CPU, the GPU one (topic 2.5) on a GPU."""
+        return "cpu"
+
+    def both(self) -> str:
+        """Reads topic 3.1's pool (topic 3.2)."""
+        return "both"
+
+    def _private(self) -> int:
+        """A helper (topic 3.2)."""
+        return 0
+''',
+    "eng/pool.py": '''\
+"""The pool (topic 3.1) and prefix caching (topic 3.2)."""
+
+
+class Pool:
+    def allocate(self, n: int) -> list[int]:
+        """Blocks for n tokens."""
+        return list(range(n))
+
+    def cached(self, n: int) -> list[int]:
+        """The cached blocks, found by their hashes
+        (topic 3.2). Wrapped over two lines."""
+        return []
+
+
+def compute_hash(tokens: tuple[int, ...]) -> int:
+    """A block's hash (topic 3.2)."""
+    return hash(tokens)
+''',
+}
+# The scheduler's topic comes from the spec, through a fixture and a three-level chain.
+ENGINE_SPEC = "import pytest\n\n@pytest.fixture\ndef eng(impl):\n    return impl.eng\n\n" \
+              "def test_sched(eng):\n    eng.sched.Scheduler(None)\n"
+
+
+def scaffold_engine(root: Path, names, *extra: str) -> Path:
+    """The synthetic package with the sub-package eng/, scaffolded into root (extra: more arguments)."""
+    src_name, name = names
+    src = make_package(root / "src", src_name)
+    for rel, text in ENGINE.items():
+        (src / rel).parent.mkdir(exist_ok=True)
+        (src / rel).write_text(text.format(pkg=src_name))
+    (root / "src" / "spec").mkdir()
+    (root / "src" / "spec" / "day_2_6_continuous_batching.py").write_text(ENGINE_SPEC)
+    assert main([name, "--from", str(src), "--into", str(root), *extra]) == 0
+    return root / name
+
+
+def test_a_sub_package_and_topics_per_function(importable, names, capsys):
+    target = scaffold_engine(importable, names)
+    out = capsys.readouterr().out
+    init = (target / "eng" / "__init__.py").read_text()
+    assert init.startswith("# Copied by tools/scaffold.py") and f"from {names[1]}.eng.sched import Scheduler" in init
+    assert f"{(target / 'eng' / '__init__.py').as_posix()}" in out and "copied (infrastructure)" in out, out
+    sched = (target / "eng" / "sched.py").read_text()
+    assert sched.startswith("# Scaffolded by tools/scaffold.py") and names[0] not in sched.split("\n", 1)[1]
+    assert f"from {names[1]}.eng.pool import Pool" in sched and f"from {names[1]}.util import add" in sched
+    eng = importlib.import_module(f"{names[1]}.eng")
+    assert eng.Scheduler is importlib.import_module(f"{names[1]}.eng.sched").Scheduler
+    pool = importlib.import_module(f"{names[1]}.eng.pool")
+    topics = {"Scheduler.__init__": "2.6", "Scheduler.schedule": "2.6", "Scheduler.chunk": "2.7",
+              "Scheduler.kernel": "2.6", "Scheduler.both": "2.6"}
+    for qual, topic in topics.items():
+        with pytest.raises(NotImplementedError, match=rf"^{names[1]}: implement eng\.sched\.{qual} \(topic {topic}\)$"):
+            _call_with_nones(_lookup(eng.sched, qual))
+    for qual, topic in {"Pool.allocate": "3.1", "Pool.cached": "3.2", "compute_hash": "3.2"}.items():
+        with pytest.raises(NotImplementedError, match=rf"^{names[1]}: implement eng\.pool\.{qual} \(topic {topic}\)$"):
+            _call_with_nones(_lookup(pool, qual))
+    assert not hasattr(eng.sched.Scheduler, "_private")
+
+
+def test_through_keeps_a_sub_packages_solved_functions(importable, names, capsys):
+    target = scaffold_engine(importable, names, "--through", "3.1")
+    capsys.readouterr()
+    sched, pool = (target / "eng" / "sched.py").read_text(), (target / "eng" / "pool.py").read_text()
+    # Through 3.1: 2.6's schedule, the private helper it calls, 2.7's chunk and 3.1's allocate keep
+    # their bodies; 3.2's do not. Through 2.6, chunk is stubbed.
+    assert "implement eng.sched.Scheduler.schedule" not in sched and "def _private(self)" in sched
+    assert "implement eng.sched.Scheduler._private" not in sched
+    assert "implement eng.sched.Scheduler.chunk" not in sched  # 2.7 is before 3.1 too
+    assert "implement eng.pool.Pool.allocate" not in pool
+    assert "implement eng.pool.Pool.cached (topic 3.2)" in pool and "implement eng.pool.compute_hash (topic 3.2)" in pool
+    mine = importlib.import_module(f"{names[1]}.eng.sched")
+    assert mine.Scheduler(None).schedule() == 3  # 0 + min(add(1), 4): every body it reaches is kept
+    target = scaffold_engine(importable / "b", names, "--through", "2.6")
+    capsys.readouterr()
+    sched = (target / "eng" / "sched.py").read_text()
+    assert "implement eng.sched.Scheduler.schedule" not in sched and \
+        "implement eng.sched.Scheduler.chunk (topic 2.7)" in sched, sched
+
+
+def test_a_sub_packages_init_that_defines_something_is_an_exercise():
+    import ast
+
+    assert scaffold.is_infrastructure(Path("eng/__init__.py"), ast.parse("from x.eng.a import A\n__all__ = ['A']\n"))
+    assert not scaffold.is_infrastructure(Path("eng/__init__.py"), ast.parse("def f():\n    return 1\n"))
+    assert not scaffold.is_infrastructure(Path("eng/a.py"), ast.parse("X = 1\n"))
+
+
+def test_def_topic_reads_tags_not_mentions():
+    import ast
+
+    def topic(doc: str, name: str = "f") -> str | None:
+        return scaffold.def_topic(ast.parse(f"def {name}():\n    {doc!r}\n").body[0])
+
+    assert topic("Chunked prefill (topic 2.7): a long prompt over several steps.") == "2.7"
+    assert topic("Found in the prefix cache (topic\n3.2). At least one token is left.") == "3.2"
+    assert topic("The kernel when built (topic 3.2); the twin otherwise.") == "3.2"
+    assert topic("The hash of a full block (topic 3.2)") == "3.2"
+    assert topic("The C++ kernel, the Metal one (topic 2.3) on a GPU, when built.") is None  # a mention
+    assert topic("The batched engine (topic 2.6) for one conversation.") is None
+    assert topic("Uses topic 3.1's pool (topic 3.2).") is None  # two topics
+    assert topic("Both (topics 2.6 and 2.7).") is None
+    assert topic("No topic at all.") is None
+    assert topic("A helper (topic 3.2).", "_helper") is None  # private: its module's or class's
+    assert topic("Made up (topic 9.9).") is None  # not a topic of the course
+    assert topic("Constructs it (topic 3.1).", "__init__") == "3.1"
+
+
+def test_the_real_engine_per_function_topics(importable, names):
+    """impl/engine: 2.6 but Scheduler.chunk (2.7); block_manager 3.1 but its prefix cache (3.2)."""
+    name = names[1]
+    texts = {scaffold.module_name(m.path): m.text for m in scaffold.build(ROOT / "impl", name, ROOT / "spec")}
+    for module, qual, topic in [("engine.scheduler", "Scheduler.schedule", "2.6"),
+                                ("engine.scheduler", "Scheduler.chunk", "2.7"),
+                                ("engine.llm_engine", "LLMEngine.step", "2.6"),
+                                ("engine.block_manager", "BlockManager.allocate", "3.1"),
+                                ("engine.block_manager", "BlockManager.get_computed_blocks", "3.2"),
+                                ("engine.block_manager", "BlockManager.cache_full_blocks", "3.2"),
+                                ("engine.block_manager", "compute_hash", "3.2"),
+                                ("engine.kv_pool", "KVPool.__init__", "3.1"),
+                                ("engine.paged_attention", "paged_attention_mlx", "3.1"),
+                                ("engine.paged_attention", "paged_attention", "3.2")]:
+        assert f"{name}: implement {module}.{qual} (topic {topic})" in texts[module], (module, qual, topic)
+    assert texts["engine"].startswith("# Copied by tools/scaffold.py from impl/engine/__init__.py")
+
+    solved = scaffold.topics_through("3.1")
+    scaffold.write(scaffold.build(ROOT / "impl", name, ROOT / "spec", solved), importable / name, force=False)
+    bm = importlib.import_module(f"{name}.engine.block_manager")
+    source = (importable / name / "engine" / "block_manager.py").read_text()
+    assert "implement engine.block_manager.BlockManager.allocate" not in source
+    manager = bm.BlockManager(num_blocks=4, block_size=16)  # 3.1's: it runs
+    assert manager.num_free_blocks == 4
+    with pytest.raises(NotImplementedError, match=r"implement engine\.block_manager\.BlockManager\."
+                                                   r"get_computed_blocks \(topic 3\.2\)$"):
+        manager.get_computed_blocks(None)
+    engine = importlib.import_module(f"{name}.engine")
+    assert engine.LLM.__module__ == f"{name}.engine.llm"
+
+
+def test_the_impl_fixture_reaches_a_sub_package(importable, names):
+    """spec/conftest.py's ImplPackage: impl.engine.scheduler, impl.engine.LLM; a missing module of
+    the sub-package fails with what to create."""
+    from spec.conftest import ImplPackage
+
+    name = names[1]
+    scaffold.write(scaffold.build(ROOT / "impl", name, ROOT / "spec"), importable / name, force=False)
+    impl = ImplPackage(name)
+    assert impl.engine.scheduler.Scheduler.__module__ == f"{name}.engine.scheduler"
+    assert impl.engine.LLM is importlib.import_module(f"{name}.engine.llm").LLM
+    assert impl.engine.trace.__name__ == f"{name}.engine.trace"  # not imported by the package's __init__
+    assert not hasattr(impl.engine, "nothing_of_that_name") and not hasattr(impl, "engine_of_no_kind")
+    (importable / name / "engine" / "block_manager.py").unlink()
+    with pytest.raises(pytest.fail.Exception, match=rf"^{name}\.engine\.block_manager does not exist: create"
+                                                    rf" {name}/engine/block_manager\.py \(nox -s scaffold -- {name} "):
+        getattr(impl.engine, "block_manager")  # noqa: B009  (the attribute access is the test)
 
 
 def _lookup(module, qualname: str):

@@ -2,11 +2,12 @@
 
     python -m tools.scaffold NAME [--from impl] [--into DIR] [--spec DIR] [--through X.Y] [--force]
 
-For each module of the source package (default impl/) NAME/ gets a module with
-the same docstring, imports, constants, classes (decorators, bases, fields,
-class constants) and public functions and methods (dunders included), whose
-bodies raise NotImplementedError naming what to implement and, where the spec
-tells, the topic. Private helpers (`_name`) are dropped, except:
+For each module of the source package (default impl/), sub-packages included
+(impl/engine/x.py -> NAME/engine/x.py), NAME/ gets a module with the same
+docstring, imports, constants, classes (decorators, bases, fields, class
+constants) and public functions and methods (dunders included), whose bodies
+raise NotImplementedError naming what to implement and its topic. Private
+helpers (`_name`) are dropped, except:
 
 - one another module imports (`from impl.x import _helper`): stubbed like a
   public one, so the import still works;
@@ -14,13 +15,28 @@ tells, the topic. Private helpers (`_name`) are dropped, except:
   decorator, a class built at import): kept verbatim with what it calls, since
   a stub would make the import fail. The tool prints these.
 
+A function's topic, the first that applies:
+1. for a module-level function, the first topic (in course order) whose spec file
+   uses it by name (`impl.engine.block_manager.compute_hash`, also through a module
+   alias or fixture, or in a has-the-names table);
+2. its own docstring, when it names exactly one topic, as a tag that ends a clause:
+   "Chunked prefill (topic 2.7): ...", "... in the prefix cache (topic 3.2)." (public
+   functions and methods only; "the Metal one (topic 2.3) on a GPU" only mentions one);
+3. for a method, the first spec that uses its class;
+4. its module's `TOPIC = "X.Y"`, else the first topic its module docstring names
+   ("(topic 3.1) and prefix caching (topic 3.2)": 3.1; "topics 2.6 and 2.7": 2.6),
+   unless that is a list ("topics 1.1, 1.4": none);
+5. the first spec that uses its module.
+
 --through X.Y starts later in the course: what belongs to the topics up to X.Y
 (in course order) keeps the source's bodies, private helpers included, and only
 the later topics' functions are stubbed.
 
-INFRASTRUCTURE modules are copied verbatim, only the package renamed. Imports of
-the source package are renamed to NAME; relative imports stay. Everything is
-written to a temporary directory and renamed into place at the end.
+INFRASTRUCTURE modules, and a sub-package's `__init__.py` that defines nothing
+(it only re-exports), are copied verbatim, only the package renamed. Imports of
+the source package are renamed to NAME (impl.engine.x -> NAME.engine.x); relative
+imports stay. Everything is written to a temporary directory and renamed into
+place at the end.
 
 NAME must not already import as another module (`torch`) in the spec's environment
 (.nox/_spec; this Python before nox has built it). --force replaces only a folder this tool wrote.
@@ -53,6 +69,10 @@ WHERE = ("import importlib.util, sys; s = importlib.util.find_spec(sys.argv[1]);
          " print(*(s.submodule_search_locations or [s.origin]) if s else [], sep='\\n')")
 CONSTRUCTORS = ("__new__", "__init__", "__post_init__")
 DOC_TOPICS = re.compile(r"\btopics? (\d+\.\d+(?:, \d+\.\d+)*)")
+# Every topic a docstring names ("topic 2.6", "topics 2.6 and 2.7", "topics 1.1, 1.4"), and a
+# topic tag: "(topic 3.2)" or "topic 3.2" ending a clause (then . : ; , or the end).
+NAMED_TOPICS = re.compile(r"\btopics?\s+(\d+\.\d+(?:(?:\s*,\s*|,?\s+and\s+)\d+\.\d+)*)")
+TOPIC_TAG = re.compile(r"\btopic\s+(\d+\.\d+)\)?(?=[.:;,]|\s*$)")
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 DEFS = (*FUNCTIONS, ast.ClassDef)
 
@@ -363,7 +383,7 @@ class _Stubber:
         return self.solved is not None and (topic is None or topic in self.solved)
 
     def stub(self, fn, qualname: str):
-        topic = self.topic_of(self.module, qualname)
+        topic = self.topic_of(self.module, qualname, def_topic(fn))
         if _is_trivial(fn) or self.is_solved(topic):
             return fn
         self.stubs += 1
@@ -398,26 +418,31 @@ def spec_topics(spec_dir: Path | None) -> dict[str, str]:
 def _impl_uses(tree: ast.AST) -> set[str]:
     """'mod' and 'mod.name' for each impl.mod.name the spec file uses, directly, through an alias
     of a module (`lk = impl.layer_kernels`, or a fixture `def norm(impl): return impl.norm`), or
-    by name in a has-the-names table (`{"model": ["Embedding", "TransformerBlock"]}`)."""
-    def impl_module(node) -> str | None:  # "mod" for the expression impl.mod
-        is_impl = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "impl"
-        return node.attr if is_impl else None
+    by name in a has-the-names table (`{"model": ["Embedding", "TransformerBlock"]}`). A chain
+    into a sub-package gives each of its prefixes: impl.engine.scheduler.Scheduler gives 'engine',
+    'engine.scheduler' and 'engine.scheduler.Scheduler'."""
+    aliases: dict[str, list[str]] = {}
 
-    aliases = {}
+    def chain(node) -> list[str] | None:  # ["engine", "scheduler"] for impl.engine.scheduler
+        attrs = []
+        while isinstance(node, ast.Attribute):
+            attrs.append(node.attr)
+            node = node.value
+        if not attrs or not isinstance(node, ast.Name):
+            return None
+        base = [] if node.id == "impl" else aliases.get(node.id)
+        return None if base is None else [*base, *reversed(attrs)]
+
     for n in ast.walk(tree):
-        if isinstance(n, ast.Assign) and (mod := impl_module(n.value)):
+        if isinstance(n, ast.Assign) and (mod := chain(n.value)):
             aliases.update((t.id, mod) for t in n.targets if isinstance(t, ast.Name))
         elif isinstance(n, ast.FunctionDef) and len(body := n.body[len(_docstring(n)):]) == 1 \
-                and isinstance(body[0], ast.Return) and (mod := impl_module(body[0].value)):
+                and isinstance(body[0], ast.Return) and (mod := chain(body[0].value)):
             aliases[n.name] = mod  # a fixture: its tests take it as a parameter of this name
     uses = set()
     for n in ast.walk(tree):
-        if mod := impl_module(n):
-            uses.add(mod)
-        elif isinstance(n, ast.Attribute) and (mod := impl_module(n.value)):
-            uses.add(f"{mod}.{n.attr}")
-        elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases:
-            uses.add(f"{aliases[n.value.id]}.{n.attr}")
+        if isinstance(n, ast.Attribute) and (names := chain(n)):
+            uses.add(".".join(names))
         elif isinstance(n, ast.Dict):
             for key, value in zip(n.keys, n.values, strict=True):
                 if isinstance(key, ast.Constant) and isinstance(key.value, str) \
@@ -429,6 +454,18 @@ def _impl_uses(tree: ast.AST) -> set[str]:
 
 def _order(topic: str) -> tuple[int, ...]:
     return tuple(int(p) for p in topic.split("."))
+
+
+def def_topic(fn) -> str | None:
+    """The topic a public function's or method's own docstring tags, when it names that one alone:
+    "Chunked prefill (topic 2.7): ..." -> '2.7'; "the Metal one (topic 2.3) on a GPU" (a mention,
+    not a tag) and "(topic 3.2); reads topic 3.1's pool" (two topics) -> None."""
+    if is_private(fn.name):  # a helper belongs with its module or class
+        return None
+    doc = ast.get_docstring(fn) or ""
+    tags = set(TOPIC_TAG.findall(doc))
+    named = {t for m in NAMED_TOPICS.findall(doc) for t in re.findall(r"\d+\.\d+", m)}
+    return next(iter(tags)) if len(tags) == 1 and named == tags and tags <= BY_ID.keys() else None
 
 
 def _module_topic(tree: ast.Module) -> str | None:
@@ -495,13 +532,21 @@ def build(src: Path, name: str, spec_dir: Path | None = None, solved: frozenset[
     wanted, topics = _imported_privates(trees, old), spec_topics(spec_dir)
     modules = []
     for rel, tree in trees.items():
-        if rel.as_posix() in INFRASTRUCTURE:
+        if is_infrastructure(rel, tree):
             text = rename_source((src / rel).read_text(encoding="utf-8"), old, name)
             modules.append(Module(rel, f"# Copied by tools/scaffold.py from {old}/{rel.as_posix()}:"
                                        f" infrastructure, not an exercise.\n{text}", copied=True))
         else:
             modules.append(_stub_module(tree, rel, old, name, wanted, topics, solved))
     return modules
+
+
+def is_infrastructure(rel: Path, tree: ast.Module) -> bool:
+    """INFRASTRUCTURE, or a sub-package's `__init__.py` that defines no function or class (it
+    re-exports: `from impl.engine.llm import LLM`), so there is nothing in it to write."""
+    if rel.as_posix() in INFRASTRUCTURE:
+        return True
+    return rel.name == "__init__.py" and len(rel.parts) > 1 and not any(isinstance(n, DEFS) for n in ast.walk(tree))
 
 
 def topics_through(last: str) -> frozenset[str]:
@@ -516,8 +561,12 @@ def _stub_module(tree, rel: Path, old: str, name: str, wanted, topics, solved: f
     p = plan(tree, wanted.get(mod, set()), privates=solved is not None)
     fallback = _module_topic(tree) or topics.get(mod)
 
-    def topic_of(module: str, qualname: str) -> str | None:
-        return topics.get(f"{module}.{qualname.split('.')[0]}") or fallback
+    def topic_of(module: str, qualname: str, tagged: str | None) -> str | None:
+        """The rules of this file's docstring, in order: a function's spec use, its docstring's tag,
+        its class's spec use, the module's topic."""
+        top = qualname.split(".")[0]
+        own = topics.get(f"{module}.{top}") if top == qualname else None
+        return own or tagged or topics.get(f"{module}.{top}") or fallback
 
     stubber = _Stubber(name, mod, topic_of, p, solved)
     tree.body = stubber.module_body(tree)

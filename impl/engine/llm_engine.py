@@ -15,11 +15,11 @@ import time
 import mlx.core as mx
 
 from impl.engine.contiguous_cache import ContiguousKVCache
-from impl.engine.model_runner import ModelRunner
+from impl.engine.model_runner import LaunchedStep, ModelRunner
 from impl.engine.outputs import IncrementalText, RequestMetrics, RequestOutput
 from impl.engine.sampling_params import SamplingParams
 from impl.engine.scheduler import ScheduledBatch, Scheduler
-from impl.engine.sequence import Sequence
+from impl.engine.sequence import PENDING, Sequence, SequenceStatus
 from impl.errors import TinyLLMError
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes for keys and values when the user sets no budget
@@ -60,6 +60,8 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(tokenizer, self.args))
         self.requests: dict[str, tuple[Sequence, IncrementalText]] = {}
         self.num_steps = self.num_preemptions = 0
+        self.in_flight: LaunchedStep | None = None  # the step launched last, its tokens not yet read
+        self.ending: set[str] = set()  # requests ended at launch (their length), their last token in flight
         self.trace = open(trace, "w", encoding="utf-8") if trace else None  # noqa: SIM115  (closed by close())
         if log is not False:
             kind = f"{self.kv.num_blocks} blocks of {block_size} positions" if paged else "contiguous"
@@ -99,74 +101,105 @@ class LLMEngine:
         """End a request between steps; its blocks are freed at once. Unknown ids are ignored."""
         if request_id in self.requests:
             seq, _ = self.requests.pop(request_id)
+            self.ending.discard(request_id)
             self.scheduler.finish(seq, "abort")
             self._trace(event="finish", step=self.num_steps, request_id=request_id, reason="abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     # ---------------------------------------------------------------- the loop
 
     def step(self) -> list[RequestOutput]:
-        """One step: schedule, run, postprocess. Returns the requests that got tokens or finished."""
+        """One step: schedule, run, postprocess. The run is launched, not awaited: the step
+        before it, still computing meanwhile, is the one postprocessed, so building this step's
+        graph overlaps that step's compute. Returns the requests that got tokens or finished."""
         batch = self.scheduler.schedule()
-        sampled = self.runner.run(batch) if batch else {}
-        return self.postprocess(batch, sampled)
-
-    def postprocess(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[RequestOutput]:
-        """Count the computed tokens, append the sampled ones, finish what stops."""
-        now, outputs = time.perf_counter(), []
-        for seq, n in batch.scheduled:
-            seq.num_computed_tokens += n
-            if self.kv.enable_prefix_caching:
-                self.kv.cache_full_blocks(seq)
-        self.num_preemptions += len(batch.preempted)
-        self._write_trace(batch)
-        for seq, _ in batch.scheduled:
-            token = sampled.get(seq.request_id)
-            if token is not None:
-                outputs.append(self._add_token(seq, token, now))
-        if not batch and self.scheduler.waiting and not self.scheduler.running:
-            outputs.append(self._stuck(now))
+        launched = self.launch(batch) if batch else None
+        outputs = self.postprocess(self.in_flight) if self.in_flight else []
+        self.in_flight = launched
+        if not batch and not launched and self.scheduler.waiting and not self.scheduler.running:
+            outputs.append(self._stuck())
         self.num_steps += 1
         return outputs
 
-    def _add_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
-        seq.append_token(token)
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Start the step's compute and count its tokens as computed; each sequence that samples
+        holds PENDING for its token until postprocess. One that reaches its length ends now."""
+        step = self.runner.launch(batch, self.in_flight)
+        for seq, n in batch.scheduled:
+            seq.num_computed_tokens += n
+        self.num_preemptions += len(batch.preempted)
+        self._write_trace(batch)
+        for seq in step.sampling:
+            step.positions.append(seq.num_tokens)
+            seq.append_token(PENDING)
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                self.scheduler.finish(seq, "length")  # no step after this one: its blocks go at once
+                step.ending.add(seq.request_id)
+                self.ending.add(seq.request_id)
+        return step
+
+    def postprocess(self, step: LaunchedStep) -> list[RequestOutput]:
+        """The launched step's tokens (waiting for them): fill them in, stream their text, finish
+        what stops, and hash the blocks now full for the prefix cache."""
+        tokens = step.tokens.tolist() if step.tokens is not None else []
+        now, outputs = time.perf_counter(), []
+        for i, seq in enumerate(step.sampling):
+            gone = seq.request_id not in self.requests or (seq.is_finished and seq.request_id not in self.ending)
+            if gone:  # aborted, or stopped by the step before: this token was computed past its end
+                continue
+            seq.token_ids[step.positions[i]] = tokens[i]
+            if i in step.logprobs:
+                ids, values = step.logprobs[i]
+                seq.logprobs.append(dict(zip(ids.tolist(), values.tolist(), strict=True)))
+            outputs.append(self._add_token(seq, tokens[i], now, ending=seq.request_id in step.ending))
+        if self.kv.enable_prefix_caching:
+            for seq, _ in step.batch.scheduled:
+                if seq.status == SequenceStatus.RUNNING:
+                    self.kv.cache_full_blocks(seq)
+        return outputs
+
+    def _add_token(self, seq: Sequence, token: int, now: float, ending: bool) -> RequestOutput:
         seq.first_token_time = seq.first_token_time or now
         p = seq.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             text, stopped, reason = "", False, "stop"  # the stop token's own text is not output
         else:
             text, stopped = self.requests[seq.request_id][1].add(token)
-            reason = "stop" if stopped else None
-        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+            reason = "stop" if stopped else "length" if ending else None
         if reason:
             text += self._finish(seq, reason, now, stopped)
         return self._output(seq, text, [token])
 
     def _finish(self, seq: Sequence, reason: str, now: float, stopped: bool = False) -> str:
-        self.scheduler.finish(seq, reason)
+        if seq.is_finished:  # ended at launch, at its length; a stop token or string says "stop"
+            seq.finish_reason = reason
+            self.ending.discard(seq.request_id)
+        else:
+            self.scheduler.finish(seq, reason)
+        if seq.token_ids[-1] == PENDING:  # scheduled once more before it stopped: that token is dropped
+            seq.token_ids.pop()
         self._trace(event="finish", step=self.num_steps, request_id=seq.request_id, reason=reason)
         seq.finished_time = now
         return "" if stopped else self.requests[seq.request_id][1].finish()
 
-    def _stuck(self, now: float) -> RequestOutput:
+    def _stuck(self) -> RequestOutput:
         """A preempted sequence that outgrew the whole KV cache: it ends, as out of length."""
         seq = self.scheduler.waiting[0]
-        text = self._finish(seq, "length", now)
+        text = self._finish(seq, "length", time.perf_counter())
         return self._output(seq, text, [])
 
     def _output(self, seq: Sequence, new_text: str, new_tokens: list[int]) -> RequestOutput:
         full = self.requests[seq.request_id][1].text
-        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time, seq.num_output_tokens)
+        finished = seq.is_finished and seq.request_id not in self.ending  # not while its last token is in flight
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time, len(seq.output_token_ids))
         out = RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], text=full,
                             token_ids=seq.output_token_ids, new_text=new_text, new_token_ids=new_tokens,
-                            finished=seq.is_finished, finish_reason=seq.finish_reason,
+                            finished=finished, finish_reason=seq.finish_reason if finished else None,
                             num_cached_tokens=seq.num_cached_tokens, metrics=metrics,
                             logprobs=seq.logprobs if seq.params.logprobs is not None else None)
-        if seq.is_finished:
+        if finished:
             self.requests.pop(seq.request_id)
         return out
 

@@ -4,15 +4,38 @@ The chunks are packed end to end, (1, T) token ids with no padding to the longes
 views carry each token's position and, for the paged cache, its slot. Only the rows that
 end a sequence's computed tokens are sent through the output head (`logits_to_keep`): a
 prefill chunk that does not reach the end of its prompt samples nothing.
+
+`launch` returns at once with the step's tokens still being computed (MLX is lazy; async_eval
+starts it), so the engine can build the next step's graph meanwhile. A decode token sampled by
+the step in flight is not known yet: the sequence holds PENDING in its place, and the next
+step reads it from the step in flight's token array, on the device, without waiting.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from impl.engine.attention_metadata import AttentionMetadata
 from impl.engine.scheduler import ScheduledBatch
-from impl.engine.sequence import Sequence
+from impl.engine.sequence import PENDING, Sequence
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose tokens are being computed: the sequences that sample, their (S,) tokens
+    (lazy), where each token goes in its sequence, and the log-probabilities asked for (lazy)."""
+
+    batch: ScheduledBatch
+    sampling: list[Sequence] = field(default_factory=list)
+    tokens: mx.array | None = None  # (S,) uint32
+    positions: list[int] = field(default_factory=list)  # index of each sampled token in its sequence
+    logprobs: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict)  # row -> (ids, values)
+    ending: set[str] = field(default_factory=set)  # requests that reach their length with this token
+
+    def row_of(self, request_id: str) -> int:
+        return next(i for i, s in enumerate(self.sampling) if s.request_id == request_id)
 
 
 class ModelRunner:
@@ -21,8 +44,9 @@ class ModelRunner:
     def __init__(self, model, kv):
         self.model, self.kv = model, kv
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[mx.array, AttentionMetadata, list[int]]:
-        """(1, T) input ids, the attention metadata, and the packed rows whose logits are sampled."""
+    def prepare(self, batch: ScheduledBatch) -> tuple[list[int], AttentionMetadata, list[int]]:
+        """The packed input ids (PENDING where a token is still in flight), the attention
+        metadata, and the packed rows whose logits are sampled."""
         ids, rows, starts, lens = [], [], [], []
         for seq, n in batch.scheduled:
             start = seq.num_computed_tokens
@@ -34,39 +58,55 @@ class ModelRunner:
         paged = hasattr(self.kv, "block_manager")
         tables = [seq.block_table for seq, _ in batch.scheduled] if paged else None
         meta = AttentionMetadata.build(lens, starts, tables, getattr(self.kv, "block_size", 0))
-        return mx.array([ids], mx.int32), meta, rows
+        return ids, meta, rows
 
-    def run(self, batch: ScheduledBatch) -> dict[str, int]:
-        """Compute the step; returns the sampled token of each sequence that completed its tokens."""
+    def launch(self, batch: ScheduledBatch, in_flight: LaunchedStep | None = None) -> LaunchedStep:
+        """Build the step's graph and start computing it; returns before its tokens are known."""
         ids, meta, rows = self.prepare(batch)
+        inputs = mx.array([[max(t, 0) for t in ids]], mx.int32)  # (1, T)
+        pending = [i for i, t in enumerate(ids) if t == PENDING]
+        if pending:  # decode inputs still in flight: taken from that step's tokens, on the device
+            owners = [self._owner(batch, i) for i in pending]
+            src = mx.array([in_flight.row_of(s.request_id) for s in owners])
+            inputs[0, mx.array(pending)] = in_flight.tokens[src].astype(mx.int32)
         seqs = [seq for seq, _ in batch.scheduled]
         caches = self.kv.layer_views(seqs, meta)
+        step = LaunchedStep(batch, [seq for seq, n in batch.scheduled if seq.num_computed_tokens + n == seq.num_tokens])
         if not rows:  # prefill chunks only: fill the cache, sample nothing
-            mx.eval(self.model(ids, cache=caches, logits_to_keep=1))
-            return {}
-        sampling = [seq for seq, n in batch.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
-        logits = self.model(ids, cache=caches, logits_to_keep=mx.array(rows, mx.int32))[0]  # (S, V)
+            mx.async_eval(self.model(inputs, cache=caches, logits_to_keep=1))
+            return step
+        logits = self.model(inputs, cache=caches, logits_to_keep=mx.array(rows, mx.int32))[0]  # (S, V)
         logits = logits.astype(mx.float32)
-        tokens = self.sample(sampling, logits)
-        for i, seq in enumerate(sampling):
+        step.tokens = self.sample(step.sampling, logits)
+        for i, seq in enumerate(step.sampling):
             if seq.params.logprobs is not None:
-                seq.logprobs.append(top_logprobs(logits[i], tokens[i], seq.params.logprobs))
-        return {seq.request_id: t for seq, t in zip(sampling, tokens, strict=True)}
+                step.logprobs[i] = top_logprobs(logits[i], step.tokens[i], seq.params.logprobs)
+        mx.async_eval(step.tokens, *step.logprobs.values())
+        return step
 
     @staticmethod
-    def sample(seqs: list[Sequence], logits: mx.array) -> list[int]:
-        """logits (S, V) -> one token per sequence: argmax where greedy (all rows in one op when
-        every sequence is), else each sequence's own sampler (its own seed) on its row."""
+    def _owner(batch: ScheduledBatch, packed_index: int) -> Sequence:
+        """The sequence whose chunk holds packed row `packed_index`."""
+        row = 0
+        for seq, n in batch.scheduled:
+            row += n
+            if packed_index < row:
+                return seq
+        raise IndexError(packed_index)
+
+    @staticmethod
+    def sample(seqs: list[Sequence], logits: mx.array) -> mx.array:
+        """logits (S, V) -> (S,) tokens, lazy: argmax where greedy (all rows in one op when every
+        sequence is), else each sequence's own sampler (its own seed) on its row."""
         if all(s.params.greedy for s in seqs):
-            return mx.argmax(logits, axis=-1).tolist()
-        picked = [mx.argmax(logits[i], axis=-1) if s.params.greedy else s.sampler(logits[i:i + 1])[0]
-                  for i, s in enumerate(seqs)]
-        return mx.stack(picked).tolist()
+            return mx.argmax(logits, axis=-1)
+        return mx.stack([mx.argmax(logits[i], axis=-1).astype(mx.uint32) if s.params.greedy
+                         else s.sampler(logits[i:i + 1])[0].astype(mx.uint32) for i, s in enumerate(seqs)])
 
 
-def top_logprobs(logits: mx.array, token: int, k: int) -> dict[int, float]:
-    """logits (V,) -> {token id: log-probability} for the k most likely tokens and `token`."""
+def top_logprobs(logits: mx.array, token: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """logits (V,) -> (ids, log-probabilities) of the k most likely tokens and `token`, lazy."""
     logprobs = logits - mx.logsumexp(logits)
-    top = mx.argpartition(-logprobs, k)[:k] if k else mx.array([], mx.int32)
-    ids = top.tolist() + [token]
-    return dict(zip(ids, logprobs[mx.array(ids)].tolist(), strict=True))
+    top = mx.argpartition(-logprobs, k)[:k] if k else mx.array([], mx.uint32)
+    ids = mx.concatenate([top.astype(mx.uint32), token.astype(mx.uint32).reshape(1)])
+    return ids, logprobs[ids]

@@ -8,6 +8,8 @@ from enum import Enum, auto
 
 from impl.engine.sampling_params import SamplingParams
 
+PENDING = -1  # a sampled token still being computed (impl/engine/model_runner.py)
+
 
 class SequenceStatus(Enum):
     WAITING = auto()  # not yet admitted, or preempted (its blocks freed; recomputed when readmitted)
@@ -52,7 +54,9 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The generated tokens known so far (not one still PENDING)."""
+        out = self.token_ids[self.num_prompt_tokens:]
+        return out[:-1] if out and out[-1] == PENDING else out
 
     @property
     def is_prefill(self) -> bool:
