@@ -210,6 +210,18 @@ def test_streamed_outputs_add_up_and_abort_frees_at_once(impl, tiny):
     assert engine.kv.num_free_blocks == engine.kv_tokens, "the cache is not all free at the end"
 
 
+def test_a_stream_closed_early_aborts_its_request(impl, tiny):
+    _, loaded = tiny
+    llm = impl.engine.LLM(loaded, paged=False, enable_chunked_prefill=False, log=False)
+    stream = llm.stream({"prompt_token_ids": random_prompts(15, 1, 8, 8, 320)[0]},
+                        impl.engine.SamplingParams(max_tokens=50, ignore_eos=True))
+    got = [next(stream) for _ in range(3)]
+    assert [len(o.token_ids) for o in got] == [1, 2, 3] and not got[-1].finished
+    stream.close()  # the consumer went away
+    assert not llm.engine.scheduler.has_unfinished(), "the abandoned request is still queued"
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv_tokens, "the abandoned request still holds its cache"
+
+
 def bad_requests(impl, loaded) -> dict:
     P = impl.engine.SamplingParams
     context = loaded.args.max_position_embeddings

@@ -34,8 +34,8 @@ class LaunchedStep:
     logprobs: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict)  # row -> (ids, values)
     ending: set[str] = field(default_factory=set)  # requests that reach their length with this token
 
-    def row_of(self, request_id: str) -> int:
-        return next(i for i, s in enumerate(self.sampling) if s.request_id == request_id)
+    def __post_init__(self):
+        self.row_of = {s.request_id: i for i, s in enumerate(self.sampling)}  # request id -> its token's row
 
 
 class ModelRunner:
@@ -64,14 +64,14 @@ class ModelRunner:
         """Build the step's graph and start computing it; returns before its tokens are known."""
         ids, meta, rows = self.prepare(batch)
         inputs = mx.array([[max(t, 0) for t in ids]], mx.int32)  # (1, T)
-        pending = [i for i, t in enumerate(ids) if t == PENDING]
+        # A PENDING input is the last token of its chunk, which is that sequence's last row.
+        pending = [(i, seq) for i, (seq, _) in zip(rows, self._ending(batch), strict=True) if ids[i] == PENDING]
         if pending:  # decode inputs still in flight: taken from that step's tokens, on the device
-            owners = [self._owner(batch, i) for i in pending]
-            src = mx.array([in_flight.row_of(s.request_id) for s in owners])
-            inputs[0, mx.array(pending)] = in_flight.tokens[src].astype(mx.int32)
+            src = mx.array([in_flight.row_of[seq.request_id] for _, seq in pending])
+            inputs[0, mx.array([i for i, _ in pending])] = in_flight.tokens[src].astype(mx.int32)
         seqs = [seq for seq, _ in batch.scheduled]
         caches = self.kv.layer_views(seqs, meta)
-        step = LaunchedStep(batch, [seq for seq, n in batch.scheduled if seq.num_computed_tokens + n == seq.num_tokens])
+        step = LaunchedStep(batch, [seq for seq, _ in self._ending(batch)])
         if not rows:  # prefill chunks only: fill the cache, sample nothing
             mx.async_eval(self.model(inputs, cache=caches, logits_to_keep=1))
             return step
@@ -85,14 +85,9 @@ class ModelRunner:
         return step
 
     @staticmethod
-    def _owner(batch: ScheduledBatch, packed_index: int) -> Sequence:
-        """The sequence whose chunk holds packed row `packed_index`."""
-        row = 0
-        for seq, n in batch.scheduled:
-            row += n
-            if packed_index < row:
-                return seq
-        raise IndexError(packed_index)
+    def _ending(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+        """The scheduled chunks that end their sequence's tokens (those whose last row is sampled)."""
+        return [(seq, n) for seq, n in batch.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
 
     @staticmethod
     def sample(seqs: list[Sequence], logits: mx.array) -> mx.array:
