@@ -14,6 +14,7 @@ import mlx.core as mx
 from impl.attention import scaled_dot_product_attention_grouped
 from impl.engine.attention_metadata import AttentionMetadata
 from impl.engine.sequence import Sequence
+from impl.errors import TinyLLMError
 from impl.kv_cache import KVCache
 
 
@@ -27,6 +28,14 @@ class ContiguousKVCache:
         self.num_layers, self.capacity, self.dtype = num_layers, capacity, dtype
         self.caches: dict[str, list[KVCache]] = {}  # request id -> one KVCache per layer
         self.reserved: dict[str, int] = {}  # request id -> tokens it holds room for
+
+    @classmethod
+    def for_budget(cls, args, budget: int, dtype: mx.Dtype | None = None) -> ContiguousKVCache:
+        """As many tokens as `budget` bytes hold (keys and values of every layer, in fp32 unless dtype says)."""
+        per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * (dtype or mx.float32).size
+        if budget < per_token:
+            raise TinyLLMError(f"the KV cache budget of {budget} bytes holds no token ({per_token} bytes each)")
+        return cls(args.num_hidden_layers, budget // per_token, dtype)
 
     @property
     def num_free_blocks(self) -> int:

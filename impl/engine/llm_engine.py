@@ -38,23 +38,17 @@ class LLMEngine:
         (default the activations' dtype). log: where the start-up line goes (default stderr; False: nowhere)."""
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.max_model_len = self.args.max_position_embeddings
-        dtype = kv_cache_dtype or model.embed_tokens.as_linear(mx.zeros((1, 1, self.args.hidden_size))).dtype
+        dtype = kv_cache_dtype or model.embed_tokens(mx.array([[0]])).dtype  # default: the activations'
         budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
         if paged:
             from impl.engine.kv_pool import KVPool, num_blocks_for_budget
 
             num_blocks = num_blocks_for_budget(self.args, block_size, dtype, budget)
-            self.kv_pool = KVPool(self.args, num_blocks, block_size, dtype, enable_prefix_caching, use_kernels)
-            self.kv = self.kv_pool.block_manager
-            self.kv_tokens = num_blocks * block_size
-            views = self.kv_pool
+            self.kv_pool = views = KVPool(self.args, num_blocks, block_size, dtype, enable_prefix_caching, use_kernels)
+            self.kv, self.kv_tokens = self.kv_pool.block_manager, num_blocks * block_size
         else:
-            per_token = 2 * self.args.num_hidden_layers * self.args.num_key_value_heads * self.args.head_dim * dtype.size
-            self.kv_tokens = budget // per_token
-            if self.kv_tokens < 1:
-                raise TinyLLMError(f"the KV cache budget of {budget} bytes holds no token ({per_token} bytes each)")
-            self.kv_pool = None
-            self.kv = views = ContiguousKVCache(self.args.num_hidden_layers, self.kv_tokens, kv_cache_dtype)
+            self.kv_pool, self.kv = None, ContiguousKVCache.for_budget(self.args, budget, kv_cache_dtype)
+            self.kv_tokens, views = self.kv.capacity, self.kv
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.runner = ModelRunner(model, views)
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(tokenizer, self.args))
