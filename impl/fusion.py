@@ -23,6 +23,7 @@ from impl.kv_cache import KVCache
 from impl.layer_kernels import _kernel, cached_attention, swiglu, swiglu_mlx
 from impl.model import TransformerBlock
 from impl.norm import RMSNorm
+from impl.quantize import matmul_precision
 from impl.quantized_weight import QuantizedWeight
 from impl.rope import RoPE
 
@@ -55,7 +56,7 @@ def fused_linear(x: mx.array, w: QuantizedWeight, norm: RMSNorm | None = None, s
         return fused_linear_mlx(x, w, norm, swiglu, residual)
     return kernel(x, w.w_q, w.scales, w.biases, w.group_size, w.bits,
                   norm_weight=None if norm is None else norm.weight, eps=1e-5 if norm is None else norm.eps,
-                  swiglu=swiglu, residual=residual)
+                  swiglu=swiglu, residual=residual, precision=matmul_precision(x))
 
 
 class KernelTransformerBlock(TransformerBlock):

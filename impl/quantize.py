@@ -3,6 +3,8 @@ along the input dimension, q packed little-endian into uint32 words (topic 1.5; 
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from impl.native import gpu_kernel, gpu_works, kernels
@@ -63,16 +65,46 @@ def quantized_matmul_mlx(x: mx.array, w_q: mx.array, scales: mx.array, biases: m
     return (x.astype(mx.float32) @ w.T).astype(x.dtype)  # (..., N), accumulated in fp32
 
 
+def quantized_matmul_bf16_mlx(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                              group_size: int = 64, bits: int = 4) -> mx.array:
+    """x (..., K) @ dequantize(w_q, scales, biases).T with both operands rounded to bfloat16 and the
+    products accumulated in float32 -> (..., N) in x's dtype: the twin of the kernel's
+    precision="bf16". bf16 x bf16 products are exact in float32, so the kernel differs from this
+    only in the order of the float32 additions."""
+    check_quantized_matmul(x, w_q, scales, biases, group_size, bits)
+    w = dequantize(w_q, scales, biases, group_size, bits, mx.float32)  # (N, K): multiply, add, in fp32
+    w = w.astype(mx.bfloat16).astype(mx.float32)  # rounded to bf16, nearest even
+    xb = x.astype(mx.bfloat16).astype(mx.float32)  # (..., K)
+    return (xb @ w.T).astype(x.dtype)  # (..., N), accumulated in fp32
+
+
+PRECISIONS = ("fp32", "bf16")
+# "bf16" (TINY_LLM_MATMUL_PRECISION=bf16): AVX512-BF16 dot products, 2-3x the fp32 FLOPS from
+# about 64 rows (kernels/check_qmm_bf16.py); fp32, the exact path, is the default.
+MATMUL_PRECISION = os.environ.get("TINY_LLM_MATMUL_PRECISION", "fp32")
+BF16_MIN_ROWS = 16  # below this many rows the fp32 kernel is as fast or faster: batch-1 decode stays fp32
+
+
+def matmul_precision(x: mx.array, precision: str | None = None) -> str:
+    """`precision` (None: MATMUL_PRECISION), except that bf16 falls back to fp32 below BF16_MIN_ROWS rows."""
+    p = MATMUL_PRECISION if precision is None else precision
+    if p not in PRECISIONS:
+        raise ValueError(f"quantized_matmul: precision must be 'fp32' or 'bf16', got '{p}'")
+    rows = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
+    return "bf16" if p == "bf16" and rows >= BF16_MIN_ROWS else "fp32"
+
+
 def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
-                     group_size: int = 64, bits: int = 4) -> mx.array:
+                     group_size: int = 64, bits: int = 4, precision: str | None = None) -> mx.array:
     """x (..., K) @ dequantize(w_q, scales, biases).T: the C++ kernel on the CPU, the Metal/CUDA one
-    (topic 2.3) on a GPU, when built; else the twin."""
+    (topic 2.3) on a GPU, when built; else the twin. precision: see matmul_precision."""
+    p = matmul_precision(x, precision)
     if _kernel is not None and mx.default_device() == mx.cpu:
-        return _kernel(x, w_q, scales, biases, group_size, bits)  # it checks the same in C++
+        return _kernel(x, w_q, scales, biases, group_size, bits, precision=p)  # it checks the same in C++
     gpu = gpu_kernel("quantized_matmul")  # it checks the same too (tiny_llm_kernels.gpu.check_quantized)
     if gpu is not None and gpu_works("quantized_matmul", (x.dtype, scales.dtype, group_size, bits)):
-        return gpu(x, w_q, scales, biases, group_size, bits)
-    return quantized_matmul_mlx(x, w_q, scales, biases, group_size, bits)
+        return gpu(x, w_q, scales, biases, group_size, bits)  # fp32: the GPU kernels have no bf16 mode
+    return (quantized_matmul_bf16_mlx if p == "bf16" else quantized_matmul_mlx)(x, w_q, scales, biases, group_size, bits)
 
 
 _kernel = getattr(kernels, "quantized_matmul", None)  # None when tiny_llm_kernels is absent or lacks it

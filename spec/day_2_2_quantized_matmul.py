@@ -235,6 +235,34 @@ def check_model_shape(impl, shape, M: int):
                      f"kernel vs mx.quantized_matmul, {what}")
 
 
+@pytest.mark.parametrize("M", [1, 16, 64])
+@pytest.mark.parametrize("shape", MODEL_SHAPES[:4], ids=[s[0] for s in MODEL_SHAPES[:4]])
+def test_bf16_precision_matches_its_twin(impl, shape, M):
+    """precision="bf16" (AVX512-BF16 dot products where the CPU has them, else the fp32 kernels on the
+    same rounded operands): the twin rounds x and w to bf16 the same way and its bf16 products are
+    exact in fp32, so the two differ only in the order of the fp32 additions: fp32_sum_bound on the
+    rounded operands. Against the unrounded float64 product, the bf16 rung (two roundings of 2^-8)."""
+    _, K, N, bits = shape
+    (w_q, scales, biases), w64, terms = model_case(K, N, bits)
+    x = mx.array(np.random.default_rng(M).standard_normal((M, K)).astype(np.float32))
+    got = impl.quantize.quantized_matmul(x, w_q, scales, biases, 32, bits, precision="bf16")
+    if M < impl.quantize.BF16_MIN_ROWS:  # too few rows to pay: the exact fp32 path
+        assert np.array_equal(np.array(got), np.array(impl.quantize.quantized_matmul(x, w_q, scales, biases, 32, bits)))
+        return
+    raw = impl.native.kernels.quantized_matmul(x, w_q, scales, biases, 32, bits, precision="bf16")
+    twin = impl.quantize.quantized_matmul_bf16_mlx(x, w_q, scales, biases, 32, bits)
+    xb = np.array(x.astype(mx.bfloat16).astype(mx.float32)).astype(np.float64)
+    wb = np.array(impl.quantize.dequantize(w_q, scales, biases, 32, bits).astype(mx.bfloat16).astype(mx.float32))
+    A = np.abs(xb) @ np.abs(wb.astype(np.float64)).T
+    what = f"{shape[0]} (K={K}, N={N}, {bits}-bit), M={M}, bf16"
+    assert np.array_equal(np.array(got), np.array(raw)), f"{what}: the entry did not run the bf16 kernel"
+    assert_close(got, twin, fp32_tol(K, A, 2), f"kernel vs twin, {what}")
+    exact = (torch.from_numpy(np.array(x)).double() @ w64.T).numpy()
+    A_exact = np.abs(np.array(x)).astype(np.float64) @ terms.numpy().astype(np.float64).T
+    err = np.abs(np.array(got) - exact) / np.maximum(A_exact, 1e-30)
+    assert err.max() <= 2 * 2.0**-8, f"{what}: error {err.max():.3g} of sum |x w| over two bf16 roundings"
+
+
 @pytest.mark.parametrize("x_dtype", sorted(DTYPES))
 def test_batched_and_strided_x(impl, x_dtype):
     check_batched_and_strided_x(impl, x_dtype)

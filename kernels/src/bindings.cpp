@@ -10,6 +10,7 @@
 
 #include "cached_attention.h"
 #include "flash_attention.h"
+#include "paged_attention.h"
 #include "quantized_matmul.h"
 #include "rms_norm.h"
 #include "rope.h"
@@ -23,19 +24,28 @@ NB_MODULE(_ext, m) {
 
   m.def("quantized_matmul", &tiny_llm::quantized_matmul, "x"_a, "w_q"_a, "scales"_a, "biases"_a,
         "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "norm_weight"_a = nb::none(), "eps"_a = 1e-5f,
-        "swiglu"_a = false, "residual"_a = nb::none(), "stream"_a = nb::none(),
+        "swiglu"_a = false, "residual"_a = nb::none(), "precision"_a = "fp32", "stream"_a = nb::none(),
         "y = x @ dequantize(w_q, scales, biases).T in MLX's affine format, on the CPU.\n\n"
         "x (..., K) float32/float16/bfloat16; w_q (N, K * bits / 32) uint32; scales and\n"
         "biases (N, K / group_size) float32/float16/bfloat16. Returns (..., N) in x's dtype,\n"
         "accumulated in float32. bits 4 or 8, group_size 32, 64 or 128. Lazy, like any MLX op.\n"
         "Fused in the same node (twin: impl.fusion.fused_linear_mlx): norm_weight (K,):\n"
         "x = rms_norm(x, norm_weight, eps) first; swiglu: x (..., 2K) = [gate | up] ->\n"
-        "silu(gate) * up first; residual (..., N) in x's dtype: y + residual after.");
+        "silu(gate) * up first; residual (..., N) in x's dtype: y + residual after.\n"
+        "precision: 'fp32' (default) or 'bf16': the matmul's operands rounded to bfloat16, x (after\n"
+        "the prologue) and w = scales * q + biases (in float32, multiply then add), products\n"
+        "accumulated in float32 (twin: impl.quantize.quantized_matmul_bf16_mlx). From bf16_min_m\n"
+        "rows on a CPU with AVX512-BF16 this runs VDPBF16PS (about 2x the float32 FLOPS), else the\n"
+        "float32 kernels on the same rounded operands; only the order of the additions differs.");
   m.def("quantized_matmul_info", &tiny_llm::quantized_matmul_info,
-        "Which code quantized_matmul runs: instruction set, threads, panel_min_m.");
+        "Which code quantized_matmul runs: instruction set, threads, panel_min_m, bf16 ('avx512_bf16'\n"
+        "or 'emulated'), bf16_min_m.");
   m.def("quantized_matmul_configure", &tiny_llm::quantized_matmul_configure, "isa"_a = "", "panel_min_m"_a = -2,
-        "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto') and the\n"
-        "smallest M sent to the dequantized-panel kernel (0: never, -1: the isa's own). Returns quantized_matmul_info().");
+        "bf16_min_m"_a = -2,
+        "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto'), the\n"
+        "smallest M sent to the dequantized-panel kernel (0: never, -1: the isa's own) and the\n"
+        "smallest M that precision='bf16' sends to the VDPBF16PS kernel (0: never, -1: the default).\n"
+        "Returns quantized_matmul_info().");
 
   m.def("flash_attention", &tiny_llm::flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a = nb::none(),
         "causal"_a = false, "mask"_a = nb::none(), "stream"_a = nb::none(),
@@ -61,6 +71,28 @@ NB_MODULE(_ext, m) {
         "Returns (out (N, L, H D), keys', values'): the new k (rotated) and v written at positions\n"
         "offset..offset + L - 1, query l attending to keys <= offset + l. keys'/values' reuse the\n"
         "input buffers when nothing else holds them. Lazy, like any MLX op.");
+  m.def("paged_attention", &tiny_llm::paged_attention, "qkv"_a, "k_pool"_a, "v_pool"_a, "cos"_a, "sin"_a,
+        "positions"_a, "slot_mapping"_a, "block_tables"_a, "cu_seqlens_q"_a, "context_lens"_a, "n_heads"_a,
+        "n_kv_heads"_a, nb::kw_only(), "scale"_a = nb::none(), "traditional"_a = false, "stream"_a = nb::none(),
+        "RoPE, the paged KV-cache write and causal attention through block tables in one node, on the\n"
+        "CPU (twin: impl.engine.paged_attention.paged_attention_mlx).\n\n"
+        "qkv (1, T, (H + 2 H_kv) D): T tokens of B sequences end to end, q, k, v heads side by side.\n"
+        "k_pool, v_pool (num_blocks, H_kv, block_size, D), one float dtype (qkv's, or e.g. float16 under\n"
+        "float32 activations: the new rows are rounded to it). cos, sin (P, D/2) float32 RoPE tables;\n"
+        "traditional: interleaved pairs, else half-split. int32 metadata: positions (T,), slot_mapping (T,),\n"
+        "block_tables (B, max_blocks), cu_seqlens_q (B + 1,), context_lens (B,). Token t's rotated k and\n"
+        "its v go to slot slot_mapping[t] (block slot // block_size, offset slot % block_size); then its\n"
+        "query (sequence b, position p = positions[t]) attends to sequence b's keys at positions 0..p,\n"
+        "read in place through block_tables[b]. scale defaults to 1/sqrt(D). Returns (out (1, T, H D) in\n"
+        "qkv's dtype, k_pool', v_pool'); the pools reuse the input buffers when nothing else holds them.\n"
+        "A row's bits depend only on its q, its position and its sequence's keys and values 0..p (not on\n"
+        "the batch, the chunk, the block size or layout, or the thread count). Out-of-range slots, block\n"
+        "ids or positions raise ValueError. Lazy, like any MLX op.");
+  m.def("paged_attention_info", &tiny_llm::paged_attention_info,
+        "Which code paged_attention runs: instruction set, threads, key tile.");
+  m.def("paged_attention_configure", &tiny_llm::paged_attention_configure, "isa"_a = "auto",
+        "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto').\n"
+        "Returns paged_attention_info().");
   m.def("rms_norm", &tiny_llm::rms_norm, "x"_a, "weight"_a, "eps"_a = 1e-5f, "stream"_a = nb::none(),
         "x / sqrt(mean(x^2) + eps) * weight over the last axis, on the CPU (twin: impl.norm.RMSNorm).\n\n"
         "x (..., D) float32/float16/bfloat16, weight (D,). Returns x's shape and dtype; the mean of\n"

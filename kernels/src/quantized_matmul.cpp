@@ -7,6 +7,12 @@
 //     (it stays in L2) and multiplies every row of x with it, 4x4 register tiles.
 // panel_min_m is each instruction set's own (Isa::panel_min_m): 16 for AVX2 and the
 // portable kernels; AVX-512's fused kernel is as fast at every M, so it never panels.
+// precision="bf16" (operands rounded to bf16, fp32 accumulation): from M = bf16_min_m on
+// CPUs with AVX512-BF16, each task dequantizes its W rows into a bf16 panel in VDPBF16PS's
+// pair layout and multiplies x, converted to bf16 once, with it (quantized_matmul_avx512bf16.cpp);
+// below that M, or without the instruction (or with another isa forced), the fp32 kernels above
+// run on the same bf16-rounded operands (Isa::fused_bf16 and friends): the same products, only
+// the order of the fp32 additions differs.
 // An earlier version sent the panels to OpenBLAS's sgemm; measured here (AVX-512,
 // kernels/bench_qmm.py) the panel kernel ran at ~170 GFLOPS a thread and sgemm at
 // ~110 (its Haswell kernels), and two sgemm calls on two threads did not scale.
@@ -16,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -56,6 +63,15 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 const Isa* best_isa() {
   if (cpu_has_avx512()) return qmm::isa_avx512();
   if (cpu_has_avx2_fma_f16c()) return qmm::isa_avx2();
@@ -76,15 +92,29 @@ const Isa* isa_named(const std::string& name) {
   throw std::invalid_argument("unknown isa '" + name + "' (portable, avx2, avx512 or auto)");
 }
 
+// The smallest M that precision="bf16" sends to the VDPBF16PS kernels (see info()); below it the
+// AVX-512 fused kernel on bf16-rounded operands is faster, as it dequantizes in registers
+// (kernels/check_qmm_bf16.py, GFLOPS emulated/VDPBF16PS, model shapes, group 32): M = 4: 37/30
+// (576x576), 48/37 (576x3072), 72/51 (1536x576), 28/36 (head); M = 8: 41/51, 50/62, 68/85, 34/48.
+// precision="fp32" beats both below M ~ 12-16: the caller picks the precision (see the header).
+constexpr int kBf16MinM = 8;
+
 struct Config {
   const Isa* isa;
   int panel_min_m;  // -1: the instruction set's own (Isa::panel_min_m)
+  int bf16_min_m;   // -1: kBf16MinM
   int min_m() const { return panel_min_m >= 0 ? panel_min_m : isa->panel_min_m; }
+  // The VDPBF16PS kernels when this CPU has them and the AVX-512 kernels are the ones chosen.
+  const qmm::Bf16Kernels* bf16() const {
+    static const qmm::Bf16Kernels* k = cpu_has_avx512_bf16() ? qmm::bf16_avx512() : nullptr;
+    return isa == qmm::isa_avx512() ? k : nullptr;
+  }
+  int bf16_m() const { return bf16_min_m >= 0 ? bf16_min_m : kBf16MinM; }
 };
 
 Config& config() {
   static Config c = [] {
-    Config c{best_isa(), -1};
+    Config c{best_isa(), -1, -1};
     if (const char* isa = std::getenv("TINY_LLM_QMM_ISA"); isa && *isa) {
       try {
         c.isa = isa_named(isa);
@@ -93,6 +123,7 @@ Config& config() {
       }
     }
     if (const char* m = std::getenv("TINY_LLM_QMM_PANEL_MIN_M"); m && *m) c.panel_min_m = std::atoi(m);
+    if (const char* m = std::getenv("TINY_LLM_QMM_BF16_MIN_M"); m && *m) c.bf16_min_m = std::atoi(m);
     return c;
   }();
   return c;
@@ -114,9 +145,11 @@ struct Split {
   }
 };
 
-// x (M, K) in `xt` -> fp32, permuted for 4 bits (see Isa::chunk); rows split over the pool.
-const float* kernel_input(const Isa& isa, const void* x, DType xt, long M, int K, int bits, std::vector<float>& buf) {
-  if (xt == DType::f32 && bits == 8) return static_cast<const float*>(x);  // already what the kernels read
+// x (M, K) in `xt` -> fp32, permuted for 4 bits (see Isa::chunk), rounded to bf16 if `bf16`;
+// rows split over the pool.
+const float* kernel_input(const Isa& isa, const void* x, DType xt, long M, int K, int bits, bool bf16,
+                          std::vector<float>& buf) {
+  if (xt == DType::f32 && bits == 8 && !bf16) return static_cast<const float*>(x);  // already what the kernels read
   buf.resize(size_t(M) * K);
   const size_t item = xt == DType::f32 ? 4 : 2;
   const int C = isa.chunk, H = C / 2;
@@ -130,20 +163,21 @@ const float* kernel_input(const Isa& isa, const void* x, DType xt, long M, int K
       const void* src = static_cast<const char*>(x) + size_t(m) * K * item;
       if (bits == 8) {
         isa.to_f32(src, xt, dst, K);
-        continue;
+      } else {
+        isa.to_f32(src, xt, row.data(), K);
+        for (int c = 0; c < K; c += C)
+          for (int j = 0; j < H; ++j) {
+            dst[c + j] = row[c + 2 * j];
+            dst[c + H + j] = row[c + 2 * j + 1];
+          }
       }
-      isa.to_f32(src, xt, row.data(), K);
-      for (int c = 0; c < K; c += C)
-        for (int j = 0; j < H; ++j) {
-          dst[c + j] = row[c + 2 * j];
-          dst[c + H + j] = row[c + 2 * j + 1];
-        }
+      if (bf16) isa.round_bf16(dst, K);
     }
   });
   return buf.data();
 }
 
-void run_fused(const Isa& isa, const Weights& W, const float* x, long M, float* y) {
+void run_fused(const Isa& isa, const Weights& W, const float* x, long M, float* y, bool bf16) {
   auto& pool = ThreadPool::get();
   // Tasks of at least ~16 KB of weights x rows (below that, handing work to another
   // thread costs more than it saves), 2 per thread: measured at M = 1, 576x576 from
@@ -152,11 +186,11 @@ void run_fused(const Isa& isa, const Weights& W, const float* x, long M, float* 
   const Split split(W.N, int(std::clamp(work / (16 << 10), 1.0, 2.0 * pool.size())), 4);
   pool.run(split.count, [&](int t) {
     const int n0 = t * split.per, n1 = std::min(W.N, n0 + split.per);
-    isa.fused(W, x, int(M), y, W.N, n0, n1);
+    (bf16 ? isa.fused_bf16 : isa.fused)(W, x, int(M), y, W.N, n0, n1);
   });
 }
 
-void run_panels(const Isa& isa, const Weights& W, const float* x, long M, float* y) {
+void run_panels(const Isa& isa, const Weights& W, const float* x, long M, float* y, bool bf16) {
   auto& pool = ThreadPool::get();
   // Panels of about 64 rows (64 x K fp32 stays in L2), as many as a multiple of the
   // thread count so that no thread idles at the end.
@@ -166,8 +200,32 @@ void run_panels(const Isa& isa, const Weights& W, const float* x, long M, float*
     const int n0 = t * split.per, n1 = std::min(W.N, n0 + split.per);
     thread_local std::vector<float> panel;
     panel.resize(size_t(split.per) * W.K);
-    isa.dequantize_panel(W, n0, n1, panel.data());
+    (bf16 ? isa.dequantize_panel_bf16 : isa.dequantize_panel)(W, n0, n1, panel.data());
     isa.panel(x, int(M), W.K, panel.data(), n1 - n0, y + n0, W.N);
+  });
+}
+
+// precision="bf16" on VDPBF16PS: x (M, K) in `xt` -> bf16 once (rows over the pool), then tasks of
+// W rows, each dequantizing its rows into a bf16 panel (at most 192 rows: 192 x K bf16 stays in
+// L2) and multiplying every row of x with it; as many tasks as a multiple of the thread count.
+void run_bf16(const qmm::Bf16Kernels& k, const Weights& W, const void* x, DType xt, long M, float* y) {
+  auto& pool = ThreadPool::get();
+  const int K = W.K;
+  const std::unique_ptr<uint16_t[]> xb(new uint16_t[size_t(M) * K]);  // not zeroed: every value is written
+  const size_t item = xt == DType::f32 ? 4 : 2;
+  const Split rows(M, M * K < (1 << 15) ? 1 : pool.size(), 1);
+  pool.run(rows.count, [&](int t) {
+    const long m0 = long(t) * rows.per, m1 = std::min<long>(M, m0 + rows.per);
+    k.to_bf16(static_cast<const char*>(x) + size_t(m0) * K * item, xt, xb.get() + size_t(m0) * K, (m1 - m0) * K);
+  });
+  const int threads = pool.size(), panels = (W.N + 191) / 192;
+  const Split split(W.N, (panels + threads - 1) / threads * threads, 16);
+  pool.run(split.count, [&](int t) {
+    const int n0 = t * split.per, n1 = std::min(W.N, n0 + split.per);
+    thread_local std::vector<uint16_t> panel;
+    panel.resize(size_t(split.per + 15) / 16 * 16 * K);
+    k.dequantize_panel(W, n0, n1, panel.data());
+    k.gemm(xb.get(), int(M), K, panel.data(), n1 - n0, y + n0, W.N);
   });
 }
 
@@ -210,7 +268,7 @@ void add_residual(mx::array& out, const mx::array& residual) {
 
 // norm_w, residual: the fused pieces' inputs when `fusion` has them, else nullptr.
 void run(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
-         mx::array& out, int group_size, int bits, const Fusion& fusion, const mx::array* norm_w,
+         mx::array& out, int group_size, int bits, const Fusion& fusion, bool bf16, const mx::array* norm_w,
          const mx::array* residual) {
   const int N = w.shape(0), K = int(int64_t(w.shape(1)) * 32 / bits);
   const long M = long(x.size() / x.shape(-1));
@@ -222,16 +280,21 @@ void run(const mx::array& x, const mx::array& w, const mx::array& scales, const 
   const Config& cfg = config();
   std::vector<float> xbuf, ybuf;
   const void* xd = prologue(fusion, x, row_major(x, tx), norm_w, M, K, tp);
-  const float* xf = kernel_input(*cfg.isa, xd, dtype_of(x), M, K, bits, xbuf);
   float* y = out.data<float>();
   if (yt != DType::f32) {
     ybuf.resize(size_t(M) * N);
     y = ybuf.data();
   }
-  if (cfg.min_m() > 0 && M >= cfg.min_m()) {
-    run_panels(*cfg.isa, W, xf, M, y);
+  const qmm::Bf16Kernels* fast = bf16 ? cfg.bf16() : nullptr;
+  if (fast && cfg.bf16_m() > 0 && M >= cfg.bf16_m()) {
+    run_bf16(*fast, W, xd, dtype_of(x), M, y);
   } else {
-    run_fused(*cfg.isa, W, xf, M, y);
+    const float* xf = kernel_input(*cfg.isa, xd, dtype_of(x), M, K, bits, bf16, xbuf);
+    if (cfg.min_m() > 0 && M >= cfg.min_m()) {
+      run_panels(*cfg.isa, W, xf, M, y, bf16);
+    } else {
+      run_fused(*cfg.isa, W, xf, M, y, bf16);
+    }
   }
   if (yt != DType::f32) {
     auto& pool = ThreadPool::get();
@@ -260,8 +323,11 @@ std::string dtype_name(const mx::Dtype& t) {
 mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,
                            const std::optional<mx::array>& norm_weight, float eps, bool swiglu,
-                           const std::optional<mx::array>& residual, mx::StreamOrDevice s) {
+                           const std::optional<mx::array>& residual, const std::string& precision,
+                           mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("quantized_matmul: " + what); };
+  if (precision != "fp32" && precision != "bf16")
+    fail("precision must be 'fp32' or 'bf16', got '" + precision + "'");
   if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128)
     fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
@@ -310,7 +376,8 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
     fusion.residual = true;
     inputs.push_back(*residual);
   }
-  return mx::array(shape, x.dtype(), std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion),
+  return mx::array(shape, x.dtype(),
+                   std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion, precision == "bf16"),
                    std::move(inputs));
 }
 
@@ -322,11 +389,11 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   std::vector<mx::array> in;
   for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
   encoder.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
-                    fusion = fusion_]() mutable {
+                    fusion = fusion_, bf16 = bf16_]() mutable {
     int next = 4;  // the fused pieces' inputs follow x, w_q, scales, biases
     const mx::array* norm_w = fusion.prologue == Fusion::kRMSNorm ? &in[next++] : nullptr;
     const mx::array* residual = fusion.residual ? &in[next++] : nullptr;
-    run(in[0], in[1], in[2], in[3], out, gs, bits, fusion, norm_w, residual);
+    run(in[0], in[1], in[2], in[3], out, gs, bits, fusion, bf16, norm_w, residual);
   });
 }
 
@@ -338,13 +405,17 @@ std::map<std::string, std::string> quantized_matmul_info() {
   const Config& c = config();
   return {{"isa", c.isa->name},
           {"threads", std::to_string(ThreadPool::get().size())},
-          {"panel_min_m", std::to_string(c.min_m())}};
+          {"panel_min_m", std::to_string(c.min_m())},
+          {"bf16", c.bf16() ? c.bf16()->name : "emulated"},
+          {"bf16_min_m", std::to_string(c.bf16_m())}};
 }
 
-std::map<std::string, std::string> quantized_matmul_configure(const std::string& isa, int panel_min_m) {
+std::map<std::string, std::string> quantized_matmul_configure(const std::string& isa, int panel_min_m,
+                                                              int bf16_min_m) {
   Config& c = config();
   if (!isa.empty()) c.isa = isa_named(isa);
   if (panel_min_m >= -1) c.panel_min_m = panel_min_m;
+  if (bf16_min_m >= -1) c.bf16_min_m = bf16_min_m;
   return quantized_matmul_info();
 }
 

@@ -28,16 +28,22 @@ struct Fusion {
 // x (..., K) fp32/fp16/bf16 ((..., 2K) with swiglu); w_q (N, K * bits / 32) uint32; scales,
 // biases (N, K / group_size) fp32/fp16/bf16 -> (..., N) in x's dtype, fp32 accumulation.
 // norm_weight (K,): the RMSNorm prologue; residual (..., N) in x's dtype: the epilogue.
+// precision "fp32" (default): fp32 operands. "bf16": the matmul's operands rounded to bf16 (x after
+// the prologue; w = s * q + b computed in fp32, multiply then add, then rounded), products
+// accumulated in fp32 (twin: impl.quantize.quantized_matmul_bf16_mlx); from M = bf16_min_m rows
+// on AVX512-BF16 CPUs this runs VDPBF16PS, else the fp32 kernels on the rounded operands. precision
+// names the arithmetic at every M; which precision pays is the caller's choice: bf16 is ~2-3x
+// faster from M ~ 64, ~1.2x at M = 16, and slower than fp32 below M ~ 12 (kernels/check_qmm_bf16.py).
 mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
                            const mx::array& biases, int group_size = 64, int bits = 4,
                            const std::optional<mx::array>& norm_weight = std::nullopt, float eps = 1e-5f,
                            bool swiglu = false, const std::optional<mx::array>& residual = std::nullopt,
-                           mx::StreamOrDevice s = {});
+                           const std::string& precision = "fp32", mx::StreamOrDevice s = {});
 
 class QuantizedMatmul : public mx::UnaryPrimitive {
  public:
-  QuantizedMatmul(mx::Stream stream, int group_size, int bits, Fusion fusion = {})
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), fusion_(fusion) {}
+  QuantizedMatmul(mx::Stream stream, int group_size, int bits, Fusion fusion = {}, bool bf16 = false)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), fusion_(fusion), bf16_(bf16) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -45,21 +51,26 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
   const char* name() const override { return "TinyLLMQuantizedMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const QuantizedMatmul&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_ && fusion_ == o.fusion_;
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && fusion_ == o.fusion_ && bf16_ == o.bf16_;
   }
 
  private:
   int group_size_, bits_;
   Fusion fusion_;
+  bool bf16_;  // precision="bf16"
 };
 
-// Which code runs: {"isa", "threads", "panel_min_m"}, as text.
+// Which code runs: {"isa", "threads", "panel_min_m", "bf16" (what precision="bf16" runs from
+// bf16_min_m rows: "avx512_bf16", or "emulated": the isa's fp32 kernels on bf16-rounded
+// operands), "bf16_min_m"}, as text.
 std::map<std::string, std::string> quantized_matmul_info();
 
 // For tests and benchmarks: force an instruction set ("portable", "avx2",
-// "avx512", "auto" = the best this CPU has; "" keeps it) and the smallest M sent
+// "avx512", "auto" = the best this CPU has; "" keeps it), the smallest M sent
 // to the dequantized-panel kernel (0 = never; -1 = the instruction set's own; -2
-// keeps it). Returns the info.
-std::map<std::string, std::string> quantized_matmul_configure(const std::string& isa, int panel_min_m);
+// keeps it) and the smallest M that precision="bf16" sends to the VDPBF16PS kernel
+// (0 = never; -1 = the default; -2 keeps it). Returns the info.
+std::map<std::string, std::string> quantized_matmul_configure(const std::string& isa, int panel_min_m,
+                                                              int bf16_min_m = -2);
 
 }  // namespace tiny_llm

@@ -12,6 +12,7 @@ struct V {
   static constexpr int L = 8;
   static constexpr bool kTable = false;  // 16-entry tables need 2 registers here: unpack4 instead
   static V table(float s, float b);                    // declared for the shared code, never called
+  static V table_bf16(float s, float b);
   static void lookup4(const uint8_t* p, V t, V& lo, V& hi);
   __m256 v;
   static V zero() { return {_mm256_setzero_ps()}; }
@@ -20,6 +21,20 @@ struct V {
   static void store(float* p, V a) { _mm256_storeu_ps(p, a.v); }
   static V fma(V a, V b, V c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static V add(V a, V b) { return {_mm256_add_ps(a.v, b.v)}; }
+  static V mul_add(V a, V b, V c) {  // a * b, then + c: the empty asm keeps GCC from fusing them
+    __m256 p = _mm256_mul_ps(a.v, b.v);
+    __asm__("" : "+x"(p));
+    return {_mm256_add_ps(p, c.v)};
+  }
+  static V round_bf16(V a) {  // to the nearest bf16, ties to even; NaN stays NaN (made quiet)
+    const __m256i u = _mm256_castps_si256(a.v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i hi = _mm256_set1_epi32(int(0xffff0000u));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), hi);
+    const __m256i quiet = _mm256_or_si256(_mm256_and_si256(u, hi), _mm256_set1_epi32(0x400000));
+    const __m256 nan = _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q);
+    return {_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(quiet), nan)};
+  }
   static float hsum(V a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -85,7 +100,8 @@ namespace tiny_llm::qmm {
 const Isa* isa_avx2() {
   // Panels from M = 16 (GFLOPS fused/panel, model shapes, group 32): M = 16: 72/76 (576x576),
   // 86/100 (1536x576), 80/86 (head); M = 512: 77/88, 111/128, 82/90.
-  static const Isa isa{"avx2", 2 * V::L, 16, fused, dequantize_panel, panel, to_f32, from_f32};
+  static const Isa isa{"avx2", 2 * V::L, 16, fused, dequantize_panel, panel, to_f32, from_f32,
+                       fused_bf16, dequantize_panel_bf16, round_bf16};
   return &isa;
 }
 

@@ -42,10 +42,31 @@ struct Isa {
   // n contiguous values, converted (fp16 and bf16 round to nearest even).
   void (*to_f32)(const void* src, DType t, float* dst, long n);
   void (*from_f32)(const float* src, void* dst, DType t, long n);
+  // precision="bf16" in this instruction set's fp32 kernels (below bf16_min_m, or without
+  // VDPBF16PS): fused and dequantize_panel with w = s * q + b (multiply, then add) rounded to
+  // bf16 (nearest even), and n values rounded to bf16 in place (x). bf16 times bf16 is exact
+  // in fp32, so only the order of the fp32 additions differs from the bf16 twin.
+  void (*fused_bf16)(const Weights& w, const float* x, int M, float* y, long ldy, int n0, int n1);
+  void (*dequantize_panel_bf16)(const Weights& w, int n0, int n1, float* out);
+  void (*round_bf16)(float* v, long n);
+};
+
+// The VDPBF16PS kernels (quantized_matmul_avx512bf16.cpp): bf16 operands, fp32 accumulation.
+struct Bf16Kernels {
+  const char* name;
+  // n values of x (dtype t) -> bf16, nearest even.
+  void (*to_bf16)(const void* src, DType t, uint16_t* dst, long n);
+  // Rows n0..n1 of W, w = s * q + b (multiply, then add) rounded to bf16, in the pair layout:
+  // per block of 16 rows, per k-pair p, 16 dwords (w[n, 2p], w[n, 2p + 1]); in a last block of
+  // fewer rows the other lanes repeat its last row. out holds ceil((n1 - n0) / 16) * 16 * K values.
+  void (*dequantize_panel)(const Weights& w, int n0, int n1, uint16_t* out);
+  // y (M, ldy)[:, 0:rows] = x (M, K) bf16 row-major @ panel (rows, K).T, fp32 accumulation.
+  void (*gemm)(const uint16_t* x, int M, int K, const uint16_t* panel, int rows, float* y, long ldy);
 };
 
 const Isa& isa_portable();
 const Isa* isa_avx2();    // nullptr where not compiled in (non-x86 builds)
 const Isa* isa_avx512();  // nullptr where not compiled in
+const Bf16Kernels* bf16_avx512();  // nullptr where not compiled in; call only if the CPU has avx512_bf16
 
 }  // namespace tiny_llm::qmm

@@ -1,6 +1,9 @@
 // The kernels, written once over a SIMD vector type. Each instruction-set
 // translation unit defines, before including this file:
-//   struct V  -- L floats: zero, set1, load, store, fma, add, hsum, unpack4, unpack8
+//   struct V  -- L floats: zero, set1, load, store, fma, add, hsum, unpack4, unpack8,
+//                mul_add (a * b, then + c: two roundings, never fused), round_bf16 (each
+//                value to the nearest bf16, ties to even, NaN kept), and where kTable:
+//                table, table_bf16, lookup4
 //   float half_to_f32(uint16_t), uint16_t f32_to_half(float)  (round to nearest even)
 //   void halves_to_f32(const uint16_t*, float*, long n)       (bulk fp16 -> fp32)
 // Everything here has internal linkage: each TU compiles its own copy with its
@@ -75,7 +78,15 @@ inline const float* row_floats(const void* base, int n, int G, int count, float*
 // x, is computed by the same operations in the same order: w = fma(q, s, b); per
 // step acc = fma(w0, x0, acc), acc = fma(w1, x1, acc); y = hsum(acc). So a row of
 // x gives bit-identical results alone, in a batch, or in a prompt of any length.
-template <int MB, int NB, int BITS, int GS>
+//
+// R (precision="bf16"): w = round_bf16(s * q + b), the multiply and the add rounded apart as
+// the bf16 twin's array ops are; x was rounded to bf16 by the caller. Same order otherwise.
+template <class V_>
+inline V_ dequant(V_ q, V_ s, V_ b, std::bool_constant<false>) { return V_::fma(q, s, b); }
+template <class V_>
+inline V_ dequant(V_ q, V_ s, V_ b, std::bool_constant<true>) { return V_::round_bf16(V_::mul_add(q, s, b)); }
+
+template <int MB, int NB, int BITS, int GS, bool R>
 inline void tile(const Weights& W, const float* x, const float* s, const float* b, float* y, long ldy, int n,
                  const uint8_t* ahead) {
   constexpr int L = V::L, C = 2 * L, gs = GS, ahead_per_group = NB * GS * BITS / 8;
@@ -92,7 +103,13 @@ inline void tile(const Weights& W, const float* x, const float* s, const float* 
       // Measured on the model's 120 layer matmuls at M = 1: 3.3 -> 3.0 ms from DRAM, and
       // 2.1 -> 1.7 ms for 60 L2-resident 576x3072 ones (interleaved in one process).
       V t[NB];  // this group's 16 dequantized values, per row
-      for (int j = 0; j < NB; ++j) t[j] = V::table(s[j * G + g], b[j * G + g]);
+      for (int j = 0; j < NB; ++j) {
+        if constexpr (R) {
+          t[j] = V::table_bf16(s[j * G + g], b[j * G + g]);
+        } else {
+          t[j] = V::table(s[j * G + g], b[j * G + g]);
+        }
+      }
       for (int k = g * gs; k < (g + 1) * gs; k += C) {
         for (int j = 0; j < NB; ++j) {
           V w0, w1;
@@ -113,7 +130,7 @@ inline void tile(const Weights& W, const float* x, const float* s, const float* 
           q1 = V::unpack8(wr + j * row_bytes + k + L);
         }
         const V sj = V::set1(s[j * G + g]), bj = V::set1(b[j * G + g]);
-        const V w0 = V::fma(q0, sj, bj), w1 = V::fma(q1, sj, bj);
+        const V w0 = dequant(q0, sj, bj, std::bool_constant<R>{}), w1 = dequant(q1, sj, bj, std::bool_constant<R>{});
         for (int r = 0; r < MB; ++r)
           acc[r][j] = V::fma(w1, V::load(x + size_t(r) * K + k + L), V::fma(w0, V::load(x + size_t(r) * K + k), acc[r][j]));
       }
@@ -132,7 +149,7 @@ constexpr int kPrefetchTiles = 2;
 
 // Rows n0..n1 of W against MB rows of x, NB rows of W at a time. `first`: the first
 // pass over these rows, which reads them from memory (later passes find them in L2).
-template <int MB, int NB, int BITS, int GS, class S>
+template <int MB, int NB, int BITS, int GS, class S, bool R>
 void rows(const Weights& W, const float* x, float* y, long ldy, int n0, int n1, bool first) {
   const int G = W.K / GS;
   const size_t row_bytes = size_t(W.K) * BITS / 8;
@@ -152,7 +169,7 @@ void rows(const Weights& W, const float* x, float* y, long ldy, int n0, int n1, 
     }
     const float* s = row_floats<S>(W.scales, n, G, B * G, buf.data());
     const float* b = row_floats<S>(W.biases, n, G, B * G, buf.data() + B * G);
-    tile<MB, B, BITS, GS>(W, x, s, b, y, ldy, n, ahead);
+    tile<MB, B, BITS, GS, R>(W, x, s, b, y, ldy, n, ahead);
   };
   int n = n0;
   for (; n + NB <= n1; n += NB) run(std::integral_constant<int, NB>{}, n);
@@ -161,7 +178,7 @@ void rows(const Weights& W, const float* x, float* y, long ldy, int n0, int n1, 
 
 // Rows n0..n1 of W dequantized to fp32 in the order the kernels read x (for 4
 // bits: per chunk of C values, the low nibbles then the high ones), for `panel`.
-template <int BITS, class S>
+template <int BITS, class S, bool R>
 void dequantize_panel_t(const Weights& W, int n0, int n1, float* out) {
   constexpr int L = V::L, C = 2 * L;
   const int K = W.K, gs = W.group_size, G = K / gs;
@@ -182,21 +199,25 @@ void dequantize_panel_t(const Weights& W, int n0, int n1, float* out) {
           q0 = V::unpack8(wr + k);
           q1 = V::unpack8(wr + k + L);
         }
-        V::store(out + k, V::fma(q0, sg, bg));
-        V::store(out + k + L, V::fma(q1, sg, bg));
+        V::store(out + k, dequant(q0, sg, bg, std::bool_constant<R>{}));
+        V::store(out + k + L, dequant(q1, sg, bg, std::bool_constant<R>{}));
       }
     }
   }
 }
 
-void dequantize_panel(const Weights& W, int n0, int n1, float* out) {
+template <bool R>
+void dequantize_panel_r(const Weights& W, int n0, int n1, float* out) {
   const bool four = W.bits == 4;
   switch (W.scale_dtype) {
-    case DType::f32: return (four ? dequantize_panel_t<4, float> : dequantize_panel_t<8, float>)(W, n0, n1, out);
-    case DType::f16: return (four ? dequantize_panel_t<4, F16> : dequantize_panel_t<8, F16>)(W, n0, n1, out);
-    case DType::bf16: return (four ? dequantize_panel_t<4, BF16> : dequantize_panel_t<8, BF16>)(W, n0, n1, out);
+    case DType::f32: return (four ? dequantize_panel_t<4, float, R> : dequantize_panel_t<8, float, R>)(W, n0, n1, out);
+    case DType::f16: return (four ? dequantize_panel_t<4, F16, R> : dequantize_panel_t<8, F16, R>)(W, n0, n1, out);
+    case DType::bf16: return (four ? dequantize_panel_t<4, BF16, R> : dequantize_panel_t<8, BF16, R>)(W, n0, n1, out);
   }
 }
+
+void dequantize_panel(const Weights& W, int n0, int n1, float* out) { dequantize_panel_r<false>(W, n0, n1, out); }
+void dequantize_panel_bf16(const Weights& W, int n0, int n1, float* out) { dequantize_panel_r<true>(W, n0, n1, out); }
 
 // y[0:MB, n:n+NB] = x[0:MB] @ w[n:n+NB].T with w already fp32: the tile above
 // without the unpacking (same operations, same order, same results), for large M
@@ -234,7 +255,7 @@ void panel(const float* x, int M, int K, const float* w, int rows, float* y, lon
   if (M - m >= 1) panel_rows<1>(x + size_t(m) * K, K, w, rows, y + m * ldy, ldy);
 }
 
-template <int BITS, int GS, class S>
+template <int BITS, int GS, class S, bool R>
 void fused_t(const Weights& W, const float* x, int M, float* y, long ldy, int n0, int n1) {
   // A block of W rows stays in L2 while every block of x rows passes over it.
   const size_t row_bytes = size_t(W.K) * BITS / 8;
@@ -244,33 +265,48 @@ void fused_t(const Weights& W, const float* x, int M, float* y, long ldy, int n0
     // Tiles of 4 x rows by 4 W rows: each unpacked weight feeds 4 FMAs, each x load 4
     // (measured best of 8x1 .. 16x1 with AVX-512: 1.1-1.4x over 8x1 at M = 16 and 48).
     int m = 0;
-    for (; M - m >= 4; m += 4) rows<4, 4, BITS, GS, S>(W, x + size_t(m) * W.K, y + m * ldy, ldy, nb, ne, m == 0);
-    if (M - m >= 2) rows<2, 4, BITS, GS, S>(W, x + size_t(m) * W.K, y + m * ldy, ldy, nb, ne, m == 0), m += 2;
+    for (; M - m >= 4; m += 4) rows<4, 4, BITS, GS, S, R>(W, x + size_t(m) * W.K, y + m * ldy, ldy, nb, ne, m == 0);
+    if (M - m >= 2) rows<2, 4, BITS, GS, S, R>(W, x + size_t(m) * W.K, y + m * ldy, ldy, nb, ne, m == 0), m += 2;
     // One row (decode): 8 W rows at a time, 8 independent FMA chains to hide latency.
-    if (M - m >= 1) rows<1, 8, BITS, GS, S>(W, x + size_t(m) * W.K, y + m * ldy, ldy, nb, ne, m == 0);
+    if (M - m >= 1) rows<1, 8, BITS, GS, S, R>(W, x + size_t(m) * W.K, y + m * ldy, ldy, nb, ne, m == 0);
   }
 }
 
-template <int GS, class S>
+template <int GS, class S, bool R>
 void fused_s(const Weights& W, const float* x, int M, float* y, long ldy, int n0, int n1) {
-  (W.bits == 4 ? fused_t<4, GS, S> : fused_t<8, GS, S>)(W, x, M, y, ldy, n0, n1);
+  (W.bits == 4 ? fused_t<4, GS, S, R> : fused_t<8, GS, S, R>)(W, x, M, y, ldy, n0, n1);
 }
 
-template <class S>
+template <class S, bool R>
 void fused_g(const Weights& W, const float* x, int M, float* y, long ldy, int n0, int n1) {
   switch (W.group_size) {  // 32, 64 or 128: the op checks
-    case 32: return fused_s<32, S>(W, x, M, y, ldy, n0, n1);
-    case 64: return fused_s<64, S>(W, x, M, y, ldy, n0, n1);
-    default: return fused_s<128, S>(W, x, M, y, ldy, n0, n1);
+    case 32: return fused_s<32, S, R>(W, x, M, y, ldy, n0, n1);
+    case 64: return fused_s<64, S, R>(W, x, M, y, ldy, n0, n1);
+    default: return fused_s<128, S, R>(W, x, M, y, ldy, n0, n1);
+  }
+}
+
+template <bool R>
+void fused_r(const Weights& W, const float* x, int M, float* y, long ldy, int n0, int n1) {
+  switch (W.scale_dtype) {
+    case DType::f32: return fused_g<float, R>(W, x, M, y, ldy, n0, n1);
+    case DType::f16: return fused_g<F16, R>(W, x, M, y, ldy, n0, n1);
+    case DType::bf16: return fused_g<BF16, R>(W, x, M, y, ldy, n0, n1);
   }
 }
 
 void fused(const Weights& W, const float* x, int M, float* y, long ldy, int n0, int n1) {
-  switch (W.scale_dtype) {
-    case DType::f32: return fused_g<float>(W, x, M, y, ldy, n0, n1);
-    case DType::f16: return fused_g<F16>(W, x, M, y, ldy, n0, n1);
-    case DType::bf16: return fused_g<BF16>(W, x, M, y, ldy, n0, n1);
-  }
+  fused_r<false>(W, x, M, y, ldy, n0, n1);
+}
+void fused_bf16(const Weights& W, const float* x, int M, float* y, long ldy, int n0, int n1) {
+  fused_r<true>(W, x, M, y, ldy, n0, n1);
+}
+
+// Each value to the nearest bf16 (as a float), in place: x under precision="bf16".
+void round_bf16(float* v, long n) {
+  long i = 0;
+  for (; i + V::L <= n; i += V::L) V::store(v + i, V::round_bf16(V::load(v + i)));
+  for (; i < n; ++i) v[i] = bits_to_f32(uint32_t(f32_to_bf16(v[i])) << 16);
 }
 
 // Scalar conversions, for the tails of the bulk ones and for the portable TU.

@@ -12,6 +12,7 @@ struct V {
   static constexpr int L = 4;
   static constexpr bool kTable = false;
   static V table(float s, float b);                    // declared for the shared code, never called
+  static V table_bf16(float s, float b);
   static void lookup4(const uint8_t* p, V t, V& lo, V& hi);
   float v[L];
   static V zero() { return set1(0.0f); }
@@ -40,6 +41,21 @@ struct V {
   static V add(V a, V b) {
     V r;
     for (int i = 0; i < L; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
+  static V mul_add(V a, V b, V c) {  // two roundings (the TU is built with -ffp-contract=off)
+    V r;
+    for (int i = 0; i < L; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return r;
+  }
+  static V round_bf16(V a) {  // to the nearest bf16, ties to even; NaN stays NaN (made quiet)
+    V r;
+    for (int i = 0; i < L; ++i) {
+      uint32_t u;
+      std::memcpy(&u, &a.v[i], 4);
+      u = (u & 0x7fffffffu) > 0x7f800000u ? (u & 0xffff0000u) | 0x400000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+      std::memcpy(&r.v[i], &u, 4);
+    }
     return r;
   }
   static float hsum(V a) { return (a.v[0] + a.v[2]) + (a.v[1] + a.v[3]); }
@@ -105,13 +121,15 @@ namespace tiny_llm::qmm {
 
 const Isa& isa_portable() {
   // Panels from M = 16 (GFLOPS fused/panel, 576x576, group 32): M = 16: 25/34; M = 512: 26/45.
-  static const Isa isa{"portable", 2 * V::L, 16, fused, dequantize_panel, panel, to_f32_scalar, from_f32_scalar};
+  static const Isa isa{"portable", 2 * V::L, 16, fused, dequantize_panel, panel, to_f32_scalar, from_f32_scalar,
+                       fused_bf16, dequantize_panel_bf16, round_bf16};
   return isa;
 }
 
 #if !(defined(__x86_64__) || defined(_M_X64))
 const Isa* isa_avx2() { return nullptr; }
 const Isa* isa_avx512() { return nullptr; }
+const Bf16Kernels* bf16_avx512() { return nullptr; }
 #endif
 
 }  // namespace tiny_llm::qmm

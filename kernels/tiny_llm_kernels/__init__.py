@@ -12,6 +12,9 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     swiglu(x, stream=None)  (x = [gate | up] on the last axis)
     cached_attention(qkv, keys, values, cos, sin, offset, n_heads, n_kv_heads, scale=None,
                      traditional=False, stream=None) -> (out, keys, values)
+    paged_attention(qkv, k_pool, v_pool, cos, sin, positions, slot_mapping, block_tables, cu_seqlens_q,
+                    context_lens, n_heads, n_kv_heads, *, scale=None, traditional=False, stream=None)
+                    -> (out, k_pool, v_pool)
 Imported only after the BLAS fix: `_ext` imports mlx.core, and the fix must come first.
 """
 
@@ -72,6 +75,9 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         cached_attention,
         flash_attention_configure,
         flash_attention_info,
+        paged_attention,
+        paged_attention_configure,
+        paged_attention_info,
         quantized_matmul,
         quantized_matmul_configure,
         quantized_matmul_info,
