@@ -9,7 +9,8 @@ Cases (one attention layer's call):
   sequences at contexts 100..768 (paged only: the serving benchmark's spread);
 - prefill, one sequence of 512 tokens, and 8 chunks of 64 tokens at starts 0..448.
 
-Per case and implementation: median ms per layer, MLX's scheduling included. A decode step
+Per case and implementation: median ms per layer, MLX's scheduling included, the paged and
+the dense kernel timed in alternate rounds (these shared machines drift). A decode step
 runs `layers` calls, each on its own layer's pools, in one evaluation (30 at batch 1, as the
 model does a token: every layer's cache comes from memory, not from the cache of the call
 before); a prefill case one call. Then the ratio to the paged kernel's time and the peak
@@ -106,24 +107,26 @@ class Step:
         return out, self.k_pool, self.v_pool
 
 
-def measure(fns, reps: int) -> tuple[float, float, mx.array]:
-    """fns: one call per layer. (median seconds per layer, peak bytes above what was live
-    before, the first layer's first output)."""
-    mx.synchronize()
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    outs = [fn() for fn in fns]
-    mx.eval(outs)
-    peak = mx.get_peak_memory() - base
-    first = outs[0][0]
-    del outs  # the pools they returned are the next call's inputs: held by nothing else, written in place
-    times = []
+def measure(impls: dict, reps: int) -> dict:
+    """impls: name -> one call per layer. Rounds interleaved (each implementation once a round:
+    these shared machines drift). {name: (median seconds per layer, peak bytes of its first
+    evaluation above what was live before, its first layer's first output)}."""
+    res = {}
+    for name, fns in impls.items():  # the first evaluation (warm-up): peak memory, the output to check
+        mx.synchronize()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        outs = [fn() for fn in fns]
+        mx.eval(outs)
+        res[name] = [[], mx.get_peak_memory() - base, outs[0][0]]
+        del outs  # the pools they returned are the next call's inputs: held by nothing else, written in place
     for _ in range(reps):
-        t0 = time.perf_counter()
-        mx.eval([fn() for fn in fns])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / len(fns), peak, first
+        for name, fns in impls.items():
+            t0 = time.perf_counter()
+            mx.eval([fn() for fn in fns])
+            res[name][0].append((time.perf_counter() - t0) / len(fns))
+    return {name: (statistics.median(t), peak, out) for name, (t, peak, out) in res.items()}
 
 
 def results(quick: bool) -> list[dict]:
@@ -137,22 +140,18 @@ def results(quick: bool) -> list[dict]:
         impls = {"paged": [s.paged for s in steps]}
         if c["dense"]:
             impls["cached_attention"] = [s.cached for s in steps]
+        got = measure(impls, reps)
         big = T * max(s + n for s, n in c["seqs"]) > 64 * 800
-        if not (quick and big):
-            impls["twin"] = [s.twin for s in steps[:1]]  # one layer: the twin is slow, and its time is its own
-        case, outs = [], {}
-        for name, fns in impls.items():
-            seconds, peak, outs[name] = measure(fns, reps if name != "twin" else max(3, reps // 10))
-            case.append({"kernel": "paged_attention", "case": c["case"], "impl": name, "T": T, "layers": len(fns),
-                         "pool": str(c["pool"]).removeprefix("mlx.core."), "ms": seconds * 1e3,
-                         "peak_mib": peak / 2**20 / len(fns)})
-        if "twin" in outs:  # a wrong answer is not a result
-            err = float(mx.max(mx.abs(outs["paged"] - outs["twin"])))
+        if not (quick and big):  # one layer, fewer rounds: the twin is slow, and its time is its own
+            got.update(measure({"twin": [steps[0].twin]}, max(3, reps // 10)))
+        if "twin" in got:  # a wrong answer is not a result
+            err = float(mx.max(mx.abs(got["paged"][2] - got["twin"][2])))
             assert err < 1e-4, f"{c['case']}: the kernel differs from the twin by {err:.3g}"
-        paged = case[0]["ms"]
-        for r in case:
-            r["paged_speedup"] = r["ms"] / paged
-        rows += case
+        for name, (seconds, peak, _) in got.items():
+            n = len(impls.get(name, [None]))
+            rows.append({"kernel": "paged_attention", "case": c["case"], "impl": name, "T": T, "layers": n,
+                         "pool": str(c["pool"]).removeprefix("mlx.core."), "ms": seconds * 1e3,
+                         "peak_mib": peak / 2**20 / n, "paged_speedup": seconds / got["paged"][0]})
     return rows
 
 

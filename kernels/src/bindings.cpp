@@ -89,7 +89,8 @@ NB_MODULE(_ext, m) {
         "the batch, the chunk, the block size or layout, or the thread count). Out-of-range slots, block\n"
         "ids or positions raise ValueError. Lazy, like any MLX op.");
   m.def("paged_attention_info", &tiny_llm::paged_attention_info,
-        "Which code paged_attention runs: instruction set, threads, key tile.");
+        "Which code paged_attention runs: instruction set, threads, key tile, segment (positions a task\n"
+        "may take alone: a row's keys are folded a segment at a time).");
   m.def("paged_attention_configure", &tiny_llm::paged_attention_configure, "isa"_a = "auto",
         "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto').\n"
         "Returns paged_attention_info().");

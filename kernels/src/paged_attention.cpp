@@ -276,7 +276,8 @@ void PagedAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arr
 std::map<std::string, std::string> paged_attention_info() {
   return {{"isa", pa::isa_name()},
           {"threads", std::to_string(ThreadPool::get().size())},
-          {"key_tile", std::to_string(pa::kKeyTile)}};
+          {"key_tile", std::to_string(pa::kKeyTile)},
+          {"segment", std::to_string(pa::kSegment)}};
 }
 
 std::map<std::string, std::string> paged_attention_configure(const std::string& isa) {

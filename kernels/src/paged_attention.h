@@ -57,7 +57,7 @@ class PagedAttention : public mx::Primitive {
   bool traditional_;
 };
 
-// Which code runs: {"isa", "threads", "key_tile"}, as text for the Python side.
+// Which code runs: {"isa", "threads", "key_tile", "segment"}, as text for the Python side.
 std::map<std::string, std::string> paged_attention_info();
 
 // For tests and benchmarks: force an instruction set ("portable", "avx2", "avx512", "auto" or
