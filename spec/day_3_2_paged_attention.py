@@ -171,6 +171,23 @@ def test_kernel_and_twin_reject_the_same_inputs(impl, case):
     assert errors[0] == errors[1] and "\n" not in errors[0], f"{case}: kernel {errors[0]!r} vs twin {errors[1]!r}"
 
 
+@pytest.mark.parametrize("bad", ["block id", "slot"])
+def test_kernel_and_twin_refuse_blocks_and_slots_outside_the_pool(impl, bad):
+    built_kernels(impl)
+    pa, build = impl.engine.paged_attention, impl.engine.attention_metadata.AttentionMetadata.build
+    rope = impl.rope.RoPE(8, 64)
+    meta = build([2], [4], [[0, 7 if bad == "block id" else 1]], 4)  # positions 4, 5: the second block
+    if bad == "slot":
+        meta.slot_mapping = mx.array([4, 99], mx.int32)
+    pools = (mx.zeros((1, 2, 4 * 8)), mx.zeros((3, 1, 4, 8)), mx.zeros((3, 1, 4, 8)))
+    errors = []
+    for fn in (pa.paged_attention, pa.paged_attention_mlx):
+        with pytest.raises(ValueError) as e:
+            mx.eval(fn(*pools, rope, meta, 2, 1))
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "\n" not in errors[0], f"{bad}: kernel {errors[0]!r} vs twin {errors[1]!r}"
+
+
 def test_kernel_is_one_node_and_writes_the_pool_in_place(impl):
     built_kernels(impl)
     from spec.day_2_2_quantized_matmul import _ops

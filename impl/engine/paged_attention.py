@@ -47,11 +47,27 @@ def check_paged_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.array, met
         raise ValueError(f"paged_attention: qkv holds {qkv.shape[1]} tokens, the metadata {sum(meta.query_lens)}")
 
 
+def check_block_ids(k_pool: mx.array, meta: AttentionMetadata) -> None:
+    """The kernel's words for a block id or slot outside the pools (the twin would read or write
+    out of bounds); reads the step's block tables and slots, so the twin's path only."""
+    num_blocks, block_size = k_pool.shape[0], k_pool.shape[2]
+    for b, (table, context) in enumerate(zip(meta.block_tables.tolist(), meta.context_lens_list, strict=True)):
+        for i, block in enumerate(table[: -(-context // block_size)]):
+            if not 0 <= block < num_blocks:
+                raise ValueError(f"paged_attention: block_tables[{b}, {i}] = {block} is not a block of the pools"
+                                 f" (num_blocks = {num_blocks})")
+    for t, slot in enumerate(meta.slot_mapping.tolist()):
+        if not 0 <= slot < num_blocks * block_size:
+            raise ValueError(f"paged_attention: slot_mapping[{t}] = {slot} is outside the pools' {num_blocks} *"
+                             f" {block_size} slots")
+
+
 def paged_attention_mlx(qkv: mx.array, k_pool: mx.array, v_pool: mx.array, rope, meta: AttentionMetadata,
                         n_heads: int, n_kv_heads: int, scale: float | None = None
                         ) -> tuple[mx.array, mx.array, mx.array]:
     """The twin (topic 3.1): qkv (1, T, (H + 2 H_kv) D) -> (out (1, T, H D), k_pool', v_pool')."""
     check_paged_attention(qkv, k_pool, v_pool, meta, n_heads, n_kv_heads)
+    check_block_ids(k_pool, meta)
     T, H, H_kv = qkv.shape[1], n_heads, n_kv_heads
     D = qkv.shape[2] // (H + 2 * H_kv)
     block_size = k_pool.shape[2]
