@@ -59,7 +59,7 @@ from pathlib import Path
 from spec.curriculum import BY_ID, TOPICS, topic_of_file, week_of
 
 INFRASTRUCTURE = ("__init__.py", "native.py")  # copied verbatim: plumbing, not exercises
-RESERVED = ("impl", "spec", "reference", "tools", "kernels")
+RESERVED = ("impl", "spec", "reference", "tools", "kernels", "bench")
 HEADER = "# Scaffolded by tools/scaffold.py"  # the first line of each stubbed module: what --force may replace
 # The spec runs in this environment (noxfile.py), which may hold modules (torch) the tool's Python lacks.
 SPEC_ENV = Path(__file__).resolve().parents[1] / ".nox" / "_spec"
