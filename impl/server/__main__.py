@@ -1,0 +1,5 @@
+import sys
+
+from impl.server.main import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""GET /metrics: the engine's state and the requests' latencies in Prometheus' text format,
+under vLLM's metric names with a `tiny_llm:` prefix."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from impl.engine.outputs import RequestOutput
+
+# Seconds; finer at the low end, where a small model's TPOT lives.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class Metrics:
+    """One registry per server (tests run several in one process)."""
+
+    def __init__(self, stats, model_name: str):
+        """stats: a callable returning the engine's latest stats() snapshot."""
+        self.registry = r = CollectorRegistry()
+        labels = {"model_name": model_name}
+
+        def gauge(name, doc, key):
+            g = Gauge(f"tiny_llm:{name}", doc, list(labels), registry=r).labels(**labels)
+            g.set_function(lambda: stats()[key])
+
+        gauge("num_requests_running", "Requests in the running queue (scheduled each step).", "running")
+        gauge("num_requests_waiting", "Requests waiting to be admitted (or preempted).", "waiting")
+        gauge("kv_blocks_total", "KV cache blocks in the pool.", "num_blocks")
+        gauge("kv_blocks_used", "KV cache blocks held by requests.", "blocks_used")
+        gauge("kv_blocks_free", "KV cache blocks free (cached prefixes included: they are reusable).", "blocks_free")
+        gauge("prefix_cache_hit_rate", "Prompt blocks found in the prefix cache, over blocks looked up.",
+              "prefix_cache_hit_rate")
+        self.prompt_tokens = Counter("tiny_llm:prompt_tokens", "Prompt tokens of requests admitted.",
+                                     list(labels), registry=r).labels(**labels)
+        self.generation_tokens = Counter("tiny_llm:generation_tokens", "Tokens generated.",
+                                         list(labels), registry=r).labels(**labels)
+        self.success = Counter("tiny_llm:request_success", "Requests finished, by finish reason.",
+                               [*labels, "finished_reason"], registry=r)
+        self.labels = labels
+
+        def histogram(name, doc):
+            return Histogram(f"tiny_llm:{name}", doc, list(labels), buckets=LATENCY_BUCKETS,
+                             registry=r).labels(**labels)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
+        self.tpot = histogram("time_per_output_token_seconds", "Time per output token after the first.")
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.")
+
+    def added(self, num_prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(num_prompt_tokens)
+
+    def output(self, out: RequestOutput) -> None:
+        """Count a step's new tokens; a finished request's latencies."""
+        self.generation_tokens.inc(len(out.new_token_ids))
+        if not out.finished or out.metrics is None:
+            return
+        self.success.labels(**self.labels, finished_reason=out.finish_reason).inc()
+        m = out.metrics
+        if m.ttft is not None:
+            self.ttft.observe(m.ttft)
+        if m.tpot is not None:
+            self.tpot.observe(m.tpot)
+        if m.finished_time is not None:
+            self.e2e.observe(m.finished_time - m.arrival_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
