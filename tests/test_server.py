@@ -320,7 +320,7 @@ BAD = [  # (what, path, body (bytes, or a dict sent as JSON), status, param)
     ("an empty stop string", CHAT, {"messages": HELLO, "stop": [""]}, 400, "stop"),
     ("stream_options without stream", CHAT, {"messages": HELLO, "stream_options": {"include_usage": True}},
      400, "stream_options"),
-    ("a prompt longer than the context", "/v1/completions", {"prompt": [1] * 9000, "max_tokens": 4}, 400, "messages"),
+    ("a prompt longer than the context", "/v1/completions", {"prompt": [1] * 9000, "max_tokens": 4}, 400, "prompt"),
     ("a token id outside the vocabulary", "/v1/completions", {"prompt": [1, 10**6]}, 400, "prompt"),
     ("an empty prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("a prompt of the wrong type", "/v1/completions", {"prompt": 5}, 400, "prompt"),

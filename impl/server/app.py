@@ -108,7 +108,7 @@ def build_app(served: ServedModel) -> FastAPI:
         body = parse(ChatCompletionRequest, await request.body())
         _check_model(served, body.model)
         prompt = await asyncio.to_thread(_chat_prompt_ids, served, body)
-        max_tokens = _max_tokens(served, [prompt], body.max_completion_tokens or body.max_tokens)
+        max_tokens = _max_tokens(served, [prompt], body.max_completion_tokens or body.max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await _respond(served, request, body, "chat.completion", [prompt], max_tokens, logprobs)
 
@@ -119,7 +119,7 @@ def build_app(served: ServedModel) -> FastAPI:
         body = parse(CompletionRequest, await request.body())
         _check_model(served, body.model)
         prompts = await asyncio.to_thread(_completion_prompt_ids, served, body)
-        max_tokens = _max_tokens(served, prompts, body.max_tokens)
+        max_tokens = _max_tokens(served, prompts, body.max_tokens, "prompt")
         return await _respond(served, request, body, "text_completion", prompts, max_tokens, body.logprobs)
 
     return app
@@ -164,15 +164,16 @@ def _completion_prompt_ids(served: ServedModel, body: CompletionRequest) -> list
     return [served.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
 
-def _max_tokens(served: ServedModel, prompts: list[list[int]], asked: int | None) -> int:
-    """The tokens each choice may generate: what was asked, or the rest of the context."""
+def _max_tokens(served: ServedModel, prompts: list[list[int]], asked: int | None, where: str) -> int:
+    """The tokens each choice may generate: what was asked, or the rest of the context.
+    where: the field that holds the prompt, for the error."""
     longest = max(len(p) for p in prompts)
     context = served.max_model_len
     if longest == 0:
-        raise APIError("the prompt is empty", param="prompt")
+        raise APIError("the prompt is empty", param=where)
     if longest >= context:
         raise APIError(f"the prompt is {longest} tokens; this model's context is {context} tokens",
-                       param="messages", code="context_length_exceeded")
+                       param=where, code="context_length_exceeded")
     if asked is None:
         return context - longest
     if longest + asked > context:
