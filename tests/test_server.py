@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server_process import ServerProcess
+from tests.server_process import ROOT, ServerProcess
 
 openai = pytest.importorskip("openai", reason="the test group installs openai; run with nox -s tests")
 # (importorskip only where the module is missing: the test environment always has it)
@@ -419,3 +419,18 @@ def test_sigterm_finishes_running_streams_then_exits_0_without_a_traceback():
         rc_stop = proc.stop()
     out = proc.output()
     assert rc == 0 == rc_stop and "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("flags", [["--port", "99999"], ["--max-num-seqs", "0"], ["--model", "/nope.gguf"],
+                                   ["--kv-cache-memory", "1K"], ["--graceful-timeout", "-1"], ["--bogus"]],
+                         ids=lambda f: " ".join(f))
+def test_bad_flags_get_one_line_and_exit_code_2(flags):
+    """A bad flag (or a model or budget that cannot be served) is one `error:` line, exit code 2,
+    before anything listens."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "impl.server", *flags], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("[KV cache")]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr

