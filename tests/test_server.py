@@ -434,3 +434,19 @@ def test_bad_flags_get_one_line_and_exit_code_2(flags):
                        cwd=ROOT)
     lines = [line for line in r.stderr.splitlines() if not line.startswith("[KV cache")]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+def test_n_choices_share_the_prompt_through_the_prefix_cache(server, client, model_name, offline):
+    """n=4 on a long prompt: the first choice prefills it, the other three find its full blocks in
+    the prefix cache (the hit rate rises); seeded choices i draw from seed + i, as the engine
+    offline gives them."""
+    prompt = [t % 5000 + 100 for t in range(300)]  # 18 full blocks of 16 and a partial one
+    before = metrics(server)
+    r = client.completions.create(model=model_name, prompt=prompt, max_tokens=8, n=4, temperature=0.8, seed=7)
+    want = [expected(offline, [prompt], max_tokens=8, temperature=0.8, seed=7 + i)[0].text for i in range(4)]
+    assert [c.text for c in r.choices] == want
+    after = metrics(server)
+    queried = after["tiny_llm:prefix_cache_queries_total"] - before["tiny_llm:prefix_cache_queries_total"]
+    hits = after["tiny_llm:prefix_cache_hits_total"] - before["tiny_llm:prefix_cache_hits_total"]
+    assert (queried, hits) == (4 * 300, 3 * 18 * 16), "choices 1-3 each found the prompt's 18 full blocks"
+    assert r.usage.prompt_tokens == 300

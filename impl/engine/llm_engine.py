@@ -200,12 +200,16 @@ class LLMEngine:
     # ---------------------------------------------------------------- observing
 
     def stats(self) -> dict:
-        """Requests running and waiting, KV blocks used and free, prefix-cache hit rate."""
+        """Requests running and waiting, KV blocks used and free, the prefix cache's hit rate and
+        token counts, preemptions and steps so far."""
         free = self.kv.num_free_blocks
         total = self.kv.num_blocks if self.kv_pool else self.kv_tokens
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "num_blocks": total, "blocks_free": free, "blocks_used": total - free,
-                "prefix_cache_hit_rate": getattr(self.kv, "prefix_cache_hit_rate", 0.0), "steps": self.num_steps}
+                "prefix_cache_hit_rate": getattr(self.kv, "prefix_cache_hit_rate", 0.0),
+                "prefix_cache_queried_tokens": getattr(self.kv, "num_queried_tokens", 0),
+                "prefix_cache_hit_tokens": getattr(self.kv, "num_hit_tokens", 0),
+                "preemptions": self.num_preemptions, "steps": self.num_steps}
 
     def _write_trace(self, batch: ScheduledBatch) -> None:
         if self.trace is not None:

@@ -200,14 +200,22 @@ async def _respond(served: ServedModel, request: Request, body, kind: str, promp
     base = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
     outputs: asyncio.Queue = asyncio.Queue()  # every choice's outputs, tagged by request id
     choices: dict[str, _Choice] = {}
+
+    async def add(p: int, i: int) -> str:
+        request_id = f"{base}-{p * body.n + i}"
+        await served.engine.add(request_id, prompts[p], body.sampling_params(max_tokens, logprobs, i), outputs)
+        choices[request_id] = _Choice(p * body.n + i, p)
+        return request_id
+
     try:
-        for p, prompt in enumerate(prompts):
-            for i in range(body.n):
-                index = p * body.n + i
-                request_id = f"{base}-{index}"
-                params = body.sampling_params(max_tokens, logprobs, i)
-                await served.engine.add(request_id, prompt, params, outputs)
-                choices[request_id] = _Choice(index, p)
+        firsts = {await add(p, 0) for p in range(len(prompts))}
+        if body.n > 1:
+            # Each prompt's other choices join once its first choice has prefilled: they find the
+            # prompt's full blocks in the prefix cache and compute only the last partial block.
+            await _first_tokens(outputs, firsts)
+            for p in range(len(prompts)):
+                for i in range(1, body.n):
+                    await add(p, i)
     except TinyLLMError as e:
         _abort(served, choices)
         raise APIError(str(e)) from None
@@ -232,6 +240,17 @@ async def _respond(served: ServedModel, request: Request, body, kind: str, promp
     if not collect.done():
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     return JSONResponse(collect.result())
+
+
+async def _first_tokens(outputs: asyncio.Queue, request_ids: set[str]) -> None:
+    """Wait until each of request_ids has an output (its prompt is computed), leaving the queue
+    as it was: the outputs taken are put back in their order."""
+    held, waiting = [], set(request_ids)
+    while waiting:
+        held.append(await outputs.get())
+        waiting.discard(held[-1].request_id)
+    for out in held:  # the queue is empty now, and nothing runs between these puts
+        outputs.put_nowait(out)
 
 
 def _abort(served: ServedModel, choices: dict[str, _Choice]) -> None:

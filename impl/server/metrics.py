@@ -4,6 +4,7 @@ under vLLM's metric names with a `tiny_llm:` prefix."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from impl.engine.outputs import RequestOutput
 
@@ -31,6 +32,7 @@ class Metrics:
         gauge("kv_blocks_free", "KV cache blocks free (cached prefixes included: they are reusable).", "blocks_free")
         gauge("prefix_cache_hit_rate", "Prompt blocks found in the prefix cache, over blocks looked up.",
               "prefix_cache_hit_rate")
+        r.register(_EngineCounters(stats, model_name))
         self.prompt_tokens = Counter("tiny_llm:prompt_tokens", "Prompt tokens of requests admitted.",
                                      list(labels), registry=r).labels(**labels)
         self.generation_tokens = Counter("tiny_llm:generation_tokens", "Tokens generated.",
@@ -66,3 +68,22 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounters:
+    """Counters the engine keeps itself, read at each scrape."""
+
+    COUNTERS = (("prefix_cache_queries", "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."),
+                ("prefix_cache_hits", "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache."),
+                ("num_preemptions", "preemptions", "Sequences preempted (recomputed later) for want of KV blocks."),
+                ("engine_steps", "steps", "Engine steps (one model call each, at most)."))
+
+    def __init__(self, stats, model_name: str):
+        self.stats, self.model_name = stats, model_name
+
+    def collect(self):
+        s = self.stats()
+        for name, key, doc in self.COUNTERS:
+            family = CounterMetricFamily(f"tiny_llm:{name}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], s.get(key, 0))
+            yield family
