@@ -1,9 +1,10 @@
-"""Sessions of tiny-llm spec. `nox --list` shows them; README.md explains them.
+"""Sessions of tiny-llm spec. `nox --list` shows them; README.md and docs/ explain them.
 
-Sessions share two virtual environments under .nox/ instead of one each:
-`_runtime` (mlx, numpy, jinja2, the kernels, the default model) for chat and
-scaffold, and `_spec` (runtime plus torch, transformers, mlx-lm, pytest) for
-the specification. Each is reinstalled only when pyproject.toml or kernels/
+Sessions share a few virtual environments under .nox/ instead of one each:
+`_runtime` (mlx, numpy, jinja2, the kernels, the default model) for chat,
+`_serve` (runtime plus FastAPI, uvicorn) for serve, `_spec` (runtime and serve
+plus torch, transformers, mlx-lm, pytest, the openai client) for the specification
+and the tests, `_bench` for the benchmark. Each is reinstalled only when pyproject.toml or kernels/
 change (a stamp file records what it was built from).
 """
 
@@ -267,5 +268,5 @@ def lint(session: nox.Session) -> None:
     python = _env(session, "spec", SPEC_GROUPS)
     session.run(str(python), "-m", "pip", "install", "-q", *nox.project.dependency_groups(PYPROJECT, "lint"), external=True)
     # Named, not ".": a learner's scaffolded package (mine/) is theirs to lint, not the project's.
-    own = ("impl", "spec", "reference", "tools", "bench", "tests", "kernels", "noxfile.py")
+    own = ("impl", "spec", "reference", "tools", "hardware", "bench", "tests", "kernels", "noxfile.py")
     session.run(str(python), "-m", "ruff", "check", *own, external=True)

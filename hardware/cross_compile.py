@@ -1,10 +1,11 @@
 """Compile the C++ kernels for the platforms this machine is not: Apple silicon, ARM Linux, clang.
 
-The kernels in kernels/src are written and tested on x86-64 Linux with GCC, but the README
-promises macOS (Apple silicon, where the CPU ops run beside Metal) and any Linux. A stray x86
-intrinsic outside the AVX files, or a construct only GCC accepts, would show up there as a
-failed `pip install ./kernels`, and nowhere here. This tool compiles every translation unit
-that kernels/CMakeLists.txt would build for each target, without linking or running anything:
+The kernels in kernels/src are written and tested on x86-64 Linux with GCC, but the project
+promises macOS (Apple silicon, where the CPU ops run beside Metal) and any Linux
+(docs/troubleshooting.md's mlx flavour). A stray x86 intrinsic outside the AVX files, or a
+construct only GCC accepts, would show up there as a failed `pip install ./kernels`, and
+nowhere here. This tool compiles every translation unit that kernels/CMakeLists.txt would
+build for each target, without linking or running anything:
 
 - `macos-arm64`: Apple silicon, against the macOS headers of the installed mlx version (from
   its mlx-metal wheel, with the flags its MLXConfig.cmake adds: -D_METAL_, metal_cpp, ...);
@@ -19,7 +20,7 @@ nanobind and Python headers are -isystem, so only this project's code is held to
 The first run downloads ziglang (about 100 MB, 410 MB unpacked) and the mlx-metal wheel (45
 MB, only its include/ is kept) into the cache (default ~/.cache/tiny-llm/cross).
 
-    python -m tools.cross_compile [--target NAME ...] [--cache DIR] [--jobs N] [--self-test]
+    python -m hardware.cross_compile [--target NAME ...] [--cache DIR] [--jobs N] [--self-test]
 
 (from the repository root, in an environment with mlx and nanobind, e.g. .nox/_spec).
 Prints `ok <target> <file> (<t>s)` or `FAIL <target> <file>` and the compiler's log per file;
@@ -225,7 +226,7 @@ def self_test(cache: Path, jobs: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Compile the kernels for the chosen targets; 0 if every file compiles, 1 if any fails."""
-    parser = argparse.ArgumentParser(prog="python -m tools.cross_compile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hardware.cross_compile", description=__doc__.split("\n")[0])
     parser.add_argument("--target", action="append", choices=list(TARGETS),
                         help="a target to compile for (repeatable; default: all)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tiny-llm" / "cross",

@@ -22,7 +22,7 @@ compilation here:
 
 The instances come from `tiny_llm_kernels.gpu.example_instances("cuda")`.
 
-    .nox/_spec/bin/python -m tools.nvrtc_check [--arch 90,80] [--cache DIR] [--only NAME] [--self-test]
+    .nox/_spec/bin/python -m hardware.nvrtc_check [--arch 90,80] [--cache DIR] [--only NAME] [--self-test]
 
 (from the repository root, with any Python that has mlx: gpu.py imports it).
 
@@ -366,7 +366,7 @@ def self_test_instances() -> list:
 
 def main(argv: list[str] | None = None) -> int:
     """Check every instance for every architecture; 0 if all compile, 1 if any fails."""
-    parser = argparse.ArgumentParser(prog="python -m tools.nvrtc_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hardware.nvrtc_check", description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tiny-llm" / "nvrtc",
                         help="where the toolchain is downloaded (default: %(default)s)")
     parser.add_argument("--arch", default="90,80",

@@ -21,9 +21,9 @@ model, and what can be sent to them in one go is limited (64 MiB there). So:
    (pip install ./kernels), and runs `pytest -m gpu spec` (Hypothesis's `ci` profile) with a
    JUnit report and the whole log in $OUT (else build/).
 
-    .nox/_spec/bin/python -m tools.offline_gpu stage [--out .device] [--part-mib 62] [--python 3.12]
+    .nox/_spec/bin/python -m hardware.offline_gpu stage [--out .device] [--part-mib 62] [--python 3.12]
                                                       [--flavour cuda13|cpu]
-    python3 -m tools.offline_gpu run [PART_DIR ...] [--stage DIR] [-- PYTEST_ARGS]
+    python3 -m hardware.offline_gpu run [PART_DIR ...] [--stage DIR] [-- PYTEST_ARGS]
 
 `--flavour cpu` stages mlx-cpu instead of mlx-cuda-13: a dry run of the whole procedure on a
 machine without a GPU, where every GPU test then skips. Both commands run from the repository
@@ -90,7 +90,7 @@ def pinned(flavour: str) -> list[str]:
         pins.append(f"{name}=={version}")  # mlx's backend wheels carry mlx's own version
     if missing:
         raise SystemExit(f"offline_gpu: {', '.join(missing)} not installed in {sys.executable}; stage from"
-                         " the environment nox built (.nox/_spec/bin/python -m tools.offline_gpu stage)")
+                         " the environment nox built (.nox/_spec/bin/python -m hardware.offline_gpu stage)")
     return pins
 
 
@@ -109,7 +109,7 @@ def stage(out: Path, part_bytes: int, python: str, flavour: str) -> None:
         n, size = write_parts(wheels, out, part_bytes, {"python": python, "flavour": flavour, "packages": pins})
     say(f"{n} parts of at most {part_bytes / 2**20:.0f} MiB in {out}/p1..p{n} ({size / 2**20:.0f} MiB in all): {', '.join(pins)}")
     shown = os.path.relpath(out, REPO) if out.is_relative_to(REPO) else out
-    say(f"there, from the repository's root, one part a call: python3 -m tools.offline_gpu run {shown}/pK")
+    say(f"there, from the repository's root, one part a call: python3 -m hardware.offline_gpu run {shown}/pK")
 
 
 def write_parts(wheels: Path, out: Path, part_bytes: int, about: dict) -> tuple[int, int]:
@@ -321,11 +321,11 @@ def run(part_dirs: list[Path], store: Path, pytest_args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: python -m tools.offline_gpu {stage,run} (see the module docstring)."""
+    """Command line: python -m hardware.offline_gpu {stage,run} (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m tools.offline_gpu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hardware.offline_gpu", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_stage = sub.add_parser("stage", help="here: download the wheels and cut them into parts")
     p_stage.add_argument("--out", type=Path, default=REPO / ".device")

@@ -13,7 +13,8 @@ mx.fast's. At 8192 the references run once each (seconds a call, GiB of scores).
     python kernels/bench_flash_attention.py            # from the repository root
     python kernels/bench_flash_attention.py --quick    # 512 and 2048 (causal) only, fewer repetitions
 
-`results(quick)` returns the rows as dicts, for tools/bench.py.
+`results(quick)` returns the rows as dicts, for the benchmark's kernel table (`python -m bench`,
+bench/single.py).
 """
 
 from __future__ import annotations

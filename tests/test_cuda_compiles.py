@@ -1,10 +1,10 @@
 """The CUDA kernels (topics 2.3, 2.5) compile as MLX 0.32.4 would compile them on a CUDA machine.
 
-No GPU is needed: tools/nvrtc_check.py rebuilds the source MLX generates around each body and
+No GPU is needed: hardware/nvrtc_check.py rebuilds the source MLX generates around each body and
 compiles it with NVRTC, MLX's headers and options (see its docstring). The first run downloads
 the toolchain (about 150 MB, cached in ~/.cache/tiny-llm/nvrtc). Here: one compile per template
 case that changes the generated code's types or branches, for the H100 (sm_90a); the whole set,
-for sm_90a and sm_80, is `python -m tools.nvrtc_check` (about 4 minutes).
+for sm_90a and sm_80, is `python -m hardware.nvrtc_check` (about 4 minutes).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import nvrtc_check
+from hardware import nvrtc_check
 
 
 def representative(instances):

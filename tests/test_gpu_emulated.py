@@ -4,7 +4,7 @@ The specs day_2_3 and day_2_5 run the real kernels where MLX has a GPU, and skip
 tests check the same bodies on any machine: compiled with dialect_cpu.h, each GPU thread a
 std::thread, threadgroups and warps as the launch in tiny_llm_kernels.gpu sets them up, and
 compared with the pure-MLX twins on the tolerances the specs use. What they cannot check:
-the CUDA and Metal headers and MLX's GPU launch (tools/nvrtc_check.py compiles the CUDA
+the CUDA and Metal headers and MLX's GPU launch (hardware/nvrtc_check.py compiles the CUDA
 source as MLX would; only a GPU runs it).
 """
 

@@ -1,6 +1,6 @@
 """The C++ kernels compile for Apple silicon, ARM Linux and with clang, not only here (x86-64, GCC).
 
-tools/cross_compile.py compiles every file kernels/CMakeLists.txt builds for each target, with its
+hardware/cross_compile.py compiles every file kernels/CMakeLists.txt builds for each target, with its
 per-file options and -Werror, using zig's clang as the cross compiler (see its docstring). The first
 run downloads ziglang and the macOS mlx-metal headers (about 150 MB, cached in
 ~/.cache/tiny-llm/cross). Nothing is linked or run: this guards the build, not the results.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import cross_compile
+from hardware import cross_compile
 
 CACHE = Path.home() / ".cache" / "tiny-llm" / "cross"
 JOBS = os.cpu_count() or 1

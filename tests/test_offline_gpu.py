@@ -1,4 +1,4 @@
-"""tools/offline_gpu.py: the wheels cut into parts here, received one call at a time there.
+"""hardware/offline_gpu.py: the wheels cut into parts here, received one call at a time there.
 
 The download (`stage`) and what runs on the GPU machine (pip install, the probe on the GPU, the
 kernels' build, the GPU spec) are not run here: they are replaced by recorders. These tests
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-import tools.offline_gpu as og
+import hardware.offline_gpu as og
 
 HERE = f"{sys.version_info.major}.{sys.version_info.minor}"
 ABOUT = {"python": HERE, "flavour": "cpu", "packages": ["a==1", "b==2", "c==3"]}

@@ -278,7 +278,7 @@ def test_refuses_a_module_the_spec_environment_has(tmp_path, capsys, monkeypatch
     assert main(["elsewhere", "--from", str(src), "--into", str(tmp_path)]) == 0
 
 
-@pytest.mark.parametrize("bad", ["1x", "my-pkg", "class", "impl", "spec", "reference", "tools", "kernels"])
+@pytest.mark.parametrize("bad", ["1x", "my-pkg", "class", "impl", "spec", "reference", "tools", "kernels", "bench", "hardware"])
 def test_refuses_bad_names(tmp_path, capsys, bad):
     src = make_package(tmp_path, "srcpkg")
     assert main([bad, "--from", str(src), "--into", str(tmp_path)]) == 2
@@ -306,6 +306,8 @@ def _exercises(modules: list[scaffold.Module]) -> list[str]:
     """The dotted names of the stubbed modules, sub-packages' included ('engine.scheduler')."""
     names = sorted(scaffold.module_name(m.path) for m in modules if not m.copied)
     assert "engine.scheduler" in names and "attention" in names, names
+    assert not any(scaffold.module_name(m.path).startswith("server") for m in modules), \
+        "the HTTP server is a layer above the topics, not scaffolded"
     return names
 
 

@@ -59,7 +59,7 @@ from pathlib import Path
 from spec.curriculum import BY_ID, TOPICS, topic_of_file, week_of
 
 INFRASTRUCTURE = ("__init__.py", "native.py")  # copied verbatim: plumbing, not exercises
-RESERVED = ("impl", "spec", "reference", "tools", "kernels", "bench")
+RESERVED = ("impl", "spec", "reference", "tools", "kernels", "bench", "hardware")
 HEADER = "# Scaffolded by tools/scaffold.py"  # the first line of each stubbed module: what --force may replace
 # The spec runs in this environment (noxfile.py), which may hold modules (torch) the tool's Python lacks.
 SPEC_ENV = Path(__file__).resolve().parents[1] / ".nox" / "_spec"
@@ -482,11 +482,16 @@ def _module_topic(tree: ast.Module) -> str | None:
 # ---------------------------------------------------------------- package
 
 
+# Layers above the course's topics that a learner's package does not re-implement: the HTTP
+# server (impl/server/) serves whichever engine it is given, and is not a topic of its own.
+NOT_SCAFFOLDED = frozenset({"server"})
+
+
 def _sources(src: Path) -> dict[Path, ast.Module]:
     trees = {}
     for path in sorted(src.rglob("*.py")):
         rel = path.relative_to(src)
-        if "__pycache__" in rel.parts:
+        if "__pycache__" in rel.parts or rel.parts[0] in NOT_SCAFFOLDED:
             continue
         try:
             trees[rel] = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))

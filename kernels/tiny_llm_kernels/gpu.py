@@ -257,7 +257,7 @@ def first_use_check(kernel: str, variant: tuple) -> str | None:
     return None if err <= limit else f"off by {err:.3g} from numpy (allowed {limit:.3g})"
 
 
-# --- for tools/nvrtc_check.py: instances that cover every template combination ----------
+# --- for hardware/nvrtc_check.py: instances that cover every template combination ----------
 
 
 @dataclass(frozen=True)
