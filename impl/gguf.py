@@ -2,8 +2,10 @@
 
 mx.load parses GGUF natively: F32/F16/BF16 tensors come back as arrays and
 Q4_0/Q4_1/Q8_0 tensors as MLX affine triples (weight, scales, biases; group
-size 32). This module renames them, restores Hugging Face's Q/K row order and
-reads the hyper-parameters from the metadata.
+size 32). Files with other types (k-quants, Q5_0) are read by impl.gguf_reader
+and decoded by impl.gguf_quants into the same triples where that is exact, else
+into dense fp32 (Q6_K). This module renames them, restores Hugging Face's Q/K
+row order and reads the hyper-parameters from the metadata.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import mlx.core as mx
 
 from impl.config import ModelArgs
 from impl.errors import TinyLLMError
+from impl.gguf_quants import GROUP, dequantize, to_affine
+from impl.gguf_reader import GGUFTensor, read_gguf_file
 
-GGUF_GROUP_SIZE = 32
-# general.file_type values whose tensors mx.load returns as arrays or affine triples.
-SUPPORTED_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 32: "BF16"}
+GGUF_GROUP_SIZE = GROUP
+# The tensor types mx.load reads (as arrays or affine triples); files with others go through gguf_quants.
+MX_LOAD_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
 
 _NAMES = {
     "token_embd": "model.embed_tokens",
@@ -49,17 +53,31 @@ def _meta(meta: dict, key: str, default=None):
 
 
 def read_gguf(path: str | Path) -> tuple[dict, dict]:
-    """mx.load with one-line errors for missing, truncated or corrupt files."""
+    """(tensors, metadata) with one-line errors for missing, truncated or corrupt files and
+    unsupported tensor types: mx.load where it reads every tensor type, else numpy's decoding."""
     path = Path(path)
-    if not path.is_file():
-        raise TinyLLMError(f"model file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise TinyLLMError(f"{path} is not a GGUF file (no GGUF magic at its start)")
+    tensors, meta = read_gguf_file(path)  # checks the header, the types and that every tensor is there
+    if any(t.type not in MX_LOAD_TYPES for t in tensors.values()):
+        return _decoded(tensors), meta
     try:
         return mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
         raise TinyLLMError(f"cannot read {path}: {str(e).removeprefix('[load_gguf] ')}") from None
+
+
+def _decoded(tensors: dict[str, GGUFTensor]) -> dict:
+    """GGUF tensors as mx.load names them: an affine triple 'x.weight', 'x.scales', 'x.biases'
+    where exact, else one dense float32 'x.weight' (Q6_K: its 16-value groups are not the kernel's)."""
+    out = {}
+    for name, t in tensors.items():
+        triple = to_affine(t.data, t.type)
+        if triple is None:
+            out[name] = mx.array(dequantize(t.data, t.type, t.shape))
+            continue
+        w_q, scales, biases, _bits = triple
+        base = name.removesuffix(".weight")
+        out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(w_q), mx.array(scales), mx.array(biases)
+    return out
 
 
 def args_from_metadata(meta: dict, tensor_names) -> ModelArgs:
@@ -67,10 +85,6 @@ def args_from_metadata(meta: dict, tensor_names) -> ModelArgs:
     arch = _meta(meta, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise TinyLLMError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
-    file_type = _meta(meta, "general.file_type")
-    if file_type is not None and file_type not in SUPPORTED_FILE_TYPES:
-        raise TinyLLMError(f"unsupported GGUF quantization (file_type {file_type});"
-                           f" supported: {', '.join(SUPPORTED_FILE_TYPES.values())}")
     a = lambda key, default=None: _meta(meta, f"{arch}.{key}", default)  # noqa: E731
     required = [f"{arch}.{k}" for k in ("embedding_length", "block_count", "feed_forward_length",
                                          "attention.head_count")] + ["tokenizer.ggml.tokens"]

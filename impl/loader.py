@@ -23,6 +23,7 @@ from impl.gguf import (
     read_gguf,
 )
 from impl.model import Model
+from impl.model_files import KNOWN_MODELS, known_model_path
 from impl.quantize import dequantize
 from impl.quantized_weight import QuantizedWeight
 from impl.tokenizer import Tokenizer
@@ -205,13 +206,17 @@ def _build(args: ModelArgs, weights: dict, path: Path, **layers) -> Model:
 
 def load_model(path: str | Path | None = None, dtype: mx.Dtype = mx.float32,
                quantized: bool | None = None) -> LoadedModel:
-    """Load a GGUF file or an HF model folder (Llama or Qwen2); the default model when path is None.
+    """Load a GGUF file, an HF model folder (Llama or Qwen2) or a known model by name
+    ('qwen2.5-coder-0.5b': fetched into the cache on first use); the default model when path is None.
 
     `quantized` applies to GGUF files: see load_gguf.
     """
+    if isinstance(path, str) and path in KNOWN_MODELS:
+        path = known_model_path(path)
     path = Path(path) if path is not None else default_model_path()
     if path.is_dir():
         return load_hf_folder(path, dtype)
     if not path.exists():
-        raise TinyLLMError(f"model not found: {path}")
+        raise TinyLLMError(f"model not found: {path} (a GGUF file, a Hugging Face folder,"
+                           f" or a known name: {', '.join(KNOWN_MODELS)})")
     return load_gguf(path, dtype, quantized)

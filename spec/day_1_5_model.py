@@ -29,6 +29,8 @@ NAMES = {
     "model": ["Embedding", "TransformerBlock", "Model"],
     "loader": ["load_model", "LoadedModel"],
     "errors": ["TinyLLMError"],
+    "gguf_reader": ["read_gguf_file"],
+    "gguf_quants": ["dequantize", "to_affine"],
 }
 
 # Texts whose ids come from the reference tokenizer (transformers', built from the
@@ -94,6 +96,159 @@ def test_dequantize_matches_mx(impl, data):
     # Both compute scale * q + bias once in fp32 from the same inputs.
     assert_close(got, mx.dequantize(wq, scales, biases, group_size=group, bits=bits), FP32,
                  f"dequantize bits={bits} group={group} shape=({n},{k})")
+
+
+# --- GGUF block formats: k-quants and friends, decoded with numpy -----------------------
+# A GGUF's tensors that mx.load cannot read (Q5_0, the k-quants) are decoded by impl.gguf_quants,
+# checked bit for bit against the gguf package's dequantize (llama.cpp's arithmetic in numpy).
+
+# type: (values, bytes) per block and the byte ranges of its fp16 scale fields
+BLOCKS = {"Q4_0": (32, 18, [0]), "Q4_1": (32, 20, [0, 2]), "Q5_0": (32, 22, [0]), "Q5_1": (32, 24, [0, 2]),
+          "Q8_0": (32, 34, [0]), "Q4_K": (256, 144, [0, 2]), "Q5_K": (256, 176, [0, 2]), "Q6_K": (256, 210, [208])}
+# Exact as MLX affine triples, group 32 (Q6_K's groups of 16 are not: impl keeps it dense).
+AFFINE = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8, "Q4_K": 4, "Q5_K": 8}
+# fp16 extremes: the largest, the smallest subnormal and normal, negatives, zero and -0.
+F16_EXTREMES = np.array([65504.0, -65504.0, 2**-24, 2**-14, -1.5, 0.0, -0.0, 1.0], dtype=np.float16)
+
+
+def random_blocks(qtype: str, n: int, seed: int, fill: int | None = None, scale=None) -> np.ndarray:
+    """(n, block bytes) uint8: random (or `fill`) bytes, with finite fp16 scales (random, or `scale`)."""
+    _, nbytes, f16_at = BLOCKS[qtype]
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (n, nbytes), dtype=np.uint8) if fill is None else np.full((n, nbytes), fill, np.uint8)
+    for at in f16_at:
+        d = rng.standard_normal(n).astype(np.float16) if scale is None else np.full(n, scale, np.float16)
+        b[:, at:at + 2] = d.view(np.uint8).reshape(n, 2)
+    return b
+
+
+def crafted_blocks(qtype: str) -> np.ndarray:
+    """Every fp16 extreme as every scale field, with the other bytes all 0x00, all 0xFF (all-zero and
+    all-max quants; the k-quants' 6-bit scales and mins 0 or 63, Q6_K's int8 scales -1) or 0x80
+    (Q6_K's scale -128, Q8_0's -128)."""
+    return np.concatenate([random_blocks(qtype, 1, 0, fill, s) for fill in (0x00, 0xFF, 0x80, 0x7F)
+                           for s in F16_EXTREMES])
+
+
+def gguf_reference(blocks: np.ndarray, qtype: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return dequantize(blocks, GGMLQuantizationType[qtype]).reshape(blocks.shape[0], -1)
+
+
+def assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    got = np.asarray(got, np.float32)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    if not same.all():
+        i = np.argwhere(~same)[0]
+        raise AssertionError(f"{what}: {(~same).sum()} of {same.size} values differ; first at {i.tolist()}:"
+                             f" {got[tuple(i)]!r} != {want[tuple(i)]!r}")
+
+
+def quantized_by_gguf(qtype: str, seed: int) -> np.ndarray | None:
+    """Blocks written by the gguf package's own quantizer (the types it quantizes), from values with
+    zeros, a wide range and one huge outlier per row."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((4, 256)) * np.exp(rng.uniform(-8, 8, (4, 1)))).astype(np.float32)
+    x[1] = 0.0
+    x[2, 7] = 6e4
+    try:
+        q = quantize(x, GGMLQuantizationType[qtype])
+    except NotImplementedError:
+        return None  # k-quants: gguf only dequantizes them; their blocks are packed by hand above
+    return q.reshape(-1, BLOCKS[qtype][1])
+
+
+@pytest.mark.parametrize("qtype", list(BLOCKS))
+def test_gguf_blocks_decode_like_llama_cpp(impl, qtype):
+    cases = {"random": random_blocks(qtype, 64, seed=1), "crafted": crafted_blocks(qtype)}
+    if (q := quantized_by_gguf(qtype, seed=2)) is not None:
+        cases["gguf.quantize"] = q
+    for name, blocks in cases.items():
+        rows = blocks.reshape(2 if name != "crafted" else 1, -1)  # several blocks a row, too
+        got = impl.gguf_quants.dequantize(rows, qtype, (rows.shape[0], rows.shape[1] // BLOCKS[qtype][1]
+                                                         * BLOCKS[qtype][0]))
+        assert_bits_equal(got, gguf_reference(blocks, qtype).reshape(got.shape), f"{qtype} {name}")
+
+
+@pytest.mark.parametrize("qtype", list(BLOCKS))
+def test_gguf_blocks_map_exactly_to_affine_triples(impl, qtype):
+    """scales * q + biases of the triple (impl.quantize.dequantize, in fp32) == llama.cpp's values."""
+    blocks = np.concatenate([random_blocks(qtype, 16, seed=3), crafted_blocks(qtype)])
+    rows = blocks.reshape(blocks.shape[0] * BLOCKS[qtype][0] // 256, -1)  # rows of 256 values
+    triple = impl.gguf_quants.to_affine(rows, qtype)
+    if qtype not in AFFINE:
+        assert triple is None, f"{qtype} has no exact affine triple with the kernel's group sizes"
+        return
+    w_q, scales, biases, bits = triple
+    assert (bits, w_q.dtype, w_q.shape) == (AFFINE[qtype], np.uint32, (rows.shape[0], 256 * bits // 32))
+    got = impl.quantize.dequantize(mx.array(w_q), mx.array(scales), mx.array(biases), 32, bits, mx.float32)
+    assert_bits_equal(np.array(got), gguf_reference(blocks, qtype).reshape(rows.shape[0], 256),
+                      f"{qtype} as a {bits}-bit triple")
+
+
+METADATA = {  # one key per GGUF value type, arrays of numbers and of strings
+    "t.u8": ("uint8", 200), "t.i8": ("int8", -100), "t.u16": ("uint16", 60000), "t.i16": ("int16", -30000),
+    "t.u32": ("uint32", 4_000_000_000), "t.i32": ("int32", -2_000_000_000), "t.f32": ("float32", 0.5),
+    "t.u64": ("uint64", 2**63 + 5), "t.i64": ("int64", -(2**62)), "t.f64": ("float64", 1e-300),
+    "t.bool": ("bool", True), "t.str": ("string", "héllo 世界"),
+    "t.ints": ("array", [3, -1, 4]), "t.strs": ("array", ["a", "", "ü b"]),
+}
+
+
+def write_tiny_gguf(path, tensors: dict[str, tuple[str, np.ndarray]], align: int | None = None):
+    """A GGUF written by the gguf package: METADATA and raw blocks of the given types."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    if align:
+        w.add_custom_alignment(align)
+    for key, (kind, value) in METADATA.items():
+        getattr(w, f"add_{kind}")(key, value)
+    for name, (qtype, raw) in tensors.items():
+        w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("align", [None, 64])
+def test_gguf_reader_reads_what_the_gguf_package_writes(impl, tmp_path, align):
+    raw = {qtype: random_blocks(qtype, 8, seed=4).reshape(2, -1) for qtype in BLOCKS}
+    raw["F32"] = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", {f"t_{k}.weight": (k, v) for k, v in raw.items()}, align)
+    tensors, meta = impl.gguf_reader.read_gguf_file(path)
+    for key, (kind, value) in METADATA.items():
+        got = meta[key]
+        got = got.tolist() if hasattr(got, "tolist") else got
+        assert got == value and (kind != "float32" or isinstance(got, float)), f"{key}: {got!r} != {value!r}"
+    assert meta["general.architecture"] == "llama"
+    for qtype, blocks in raw.items():
+        t = tensors[f"t_{qtype}.weight"]
+        want = (blocks if qtype == "F32" else gguf_reference(blocks.reshape(-1, BLOCKS[qtype][1]), qtype)
+                .reshape(2, -1))
+        assert (t.type, t.shape) == (qtype, want.shape), f"{qtype}: {t.type} {t.shape}"
+        assert_bits_equal(impl.gguf_quants.dequantize(t.data, t.type, t.shape), want, f"{qtype} read back")
+
+
+@pytest.mark.parametrize("case", ["header", "data", "type"])
+def test_gguf_reader_errors_are_one_line(impl, tmp_path, case):
+    raw = {"a.weight": ("Q2_K" if case == "type" else "Q4_K", np.zeros((2, 84 if case == "type" else 144), np.uint8))}
+    path = write_tiny_gguf(tmp_path / "m.gguf", raw)
+    size = path.stat().st_size
+    if case != "type":
+        path.write_bytes(path.read_bytes()[: 100 if case == "header" else size - 10])
+    expect = {"header": "past the end", "data": "past the end", "type": "Q2_K, which impl does not read; supported: F32"}
+    with pytest.raises(impl.errors.TinyLLMError) as e:
+        impl.gguf_reader.read_gguf_file(path)
+    assert expect[case] in str(e.value) and "\n" not in str(e.value), f"{case}: {e.value}"
 
 
 # --- tiny random-weight models: Llama and Qwen2 paths against transformers --------------
@@ -187,12 +342,12 @@ def test_real_greedy_tokens_match_transformers(real, hf_folder, prompt_ids, prom
 # --- bad model files: one-line errors ---------------------------------------------------
 
 
-def _gguf(path, arch="llama", file_type=3):
+def _gguf(path, arch="llama"):
     """A GGUF with one tensor and, of a model's metadata, only its block count."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_file_type(file_type)
+    w.add_file_type(3)  # Q4_1
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
@@ -215,11 +370,38 @@ def test_bad_model_files_give_one_line_errors(impl, tmp_path, default_model, cas
         path.write_text(json.dumps({"hello": "world"}))
     elif case == "architecture":
         _gguf(path, arch="gpt2")
-    elif case == "quantization":
-        _gguf(path, file_type=15)  # Q4_K_M
+    elif case == "quantization":  # a tensor type impl does not decode
+        write_tiny_gguf(path, {"token_embd.weight": ("Q2_K", np.zeros((4, 84), np.uint8))})
     elif case == "metadata":
         _gguf(path)
     with pytest.raises(impl.errors.TinyLLMError) as e:
         impl.loader.load_model(path)
     msg = str(e.value)
     assert expect in msg and "\n" not in msg, f"{case}: {msg!r}"
+
+
+# --- a real Qwen2 checkpoint: Qwen2.5-Coder-0.5B-Instruct, k-quants --------------------
+# Q5_0/Q8_0/Q4_K/Q6_K tensors, q/k/v biases, an untied head, rope theta 1e6: what the tiny
+# random Qwen2 configs check, on real weights decoded by impl.gguf_quants. (The coder_gguf fixture,
+# spec/conftest.py, fetches it once: 491 MB.)
+
+def test_qwen_coder_logits_and_greedy_tokens_match_transformers(impl, coder_gguf):
+    from reference.tokenizer import hf_tokenizer
+
+    loaded = impl.loader.load_model(coder_gguf, quantized=False)  # week 1: dense fp32, the reference's weights
+    ref = transformers_model(str(hf_folder_from_gguf(coder_gguf)))
+    tok = hf_tokenizer(coder_gguf)
+    chat = [{"role": "user", "content": "Write a Python function that reverses a list"}]
+    ids = tok.encode(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits
+    assert_close(loaded.model(mx.array([ids])), want, MODEL_FP32, "Qwen2.5-Coder-0.5B logits")
+    want_tokens, gaps = _reference_greedy(ref, ids, steps=8)
+
+    def greedy():
+        seq = list(ids)
+        while True:
+            seq.append(int(mx.argmax(loaded.model(mx.array([seq]))[0, -1]).item()))
+            yield seq[-1]
+
+    assert_greedy_tokens(greedy(), want_tokens, gaps, "Qwen2.5-Coder-0.5B greedy tokens vs transformers")

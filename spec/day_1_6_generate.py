@@ -164,6 +164,23 @@ def test_encode_matches_hf(tokenizer, hf, name):
     assert_same_ids(tokenizer.encode(text), hf_ids(hf, text), f"encode({text!r})")
 
 
+@pytest.fixture(scope="session")
+def coder_tokenizers(impl, coder_gguf):
+    """(impl's, transformers') tokenizers of Qwen2.5-Coder-0.5B: Qwen2's pre-tokenizer, 151k tokens.
+    The metadata comes from the gguf package's reader (mx.load cannot read this file's k-quants)."""
+    import gguf
+
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(coder_gguf).fields.items()}
+    return impl.tokenizer.Tokenizer.from_gguf_metadata(meta), _reference().hf_tokenizer(coder_gguf)
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_qwen2_pre_tokenizer_encodes_like_hf(coder_tokenizers, name):
+    tokenizer, hf = coder_tokenizers
+    text = CORPUS[name]
+    assert_same_ids(tokenizer.encode(text), hf_ids(hf, text), f"Qwen2.5-Coder: encode({text!r})")
+
+
 @given(data=st.data())
 def test_encode_matches_hf_on_drawn_text(tokenizer, hf, data):
     text = data.draw(texts(), label="text")

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from spec.curriculum import BY_ID, TOPICS, topic_of_file, week_of
 
-INFRASTRUCTURE = ("__init__.py", "native.py")  # copied verbatim: plumbing, not exercises
+INFRASTRUCTURE = ("__init__.py", "native.py", "model_files.py")  # copied verbatim: plumbing, not exercises
 RESERVED = ("impl", "spec", "reference", "tools", "kernels", "bench", "hardware")
 HEADER = "# Scaffolded by tools/scaffold.py"  # the first line of each stubbed module: what --force may replace
 # The spec runs in this environment (noxfile.py), which may hold modules (torch) the tool's Python lacks.
