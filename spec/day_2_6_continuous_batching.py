@@ -113,6 +113,30 @@ def test_scheduler_keeps_its_limits_order_and_progress(impl, data):
     assert kv.num_free_blocks == capacity and not kv.caches, "the cache is not all free at the end"
 
 
+def test_a_preempted_sequence_that_outgrew_the_budget_is_recomputed_in_chunks(impl):
+    """Hypothesis found it: without chunked prefill, a sequence preempted once its prompt and
+    output outgrew the step budget (16 + 3 > 18 tokens) could never be admitted again. Its
+    recompute is chunked: every request ends at its length, and the budget holds each step."""
+    eng = impl.engine
+    kv = eng.contiguous_cache.ContiguousKVCache(num_layers=1, capacity=40)
+    scheduler = eng.scheduler.Scheduler(kv, max_num_seqs=3, max_num_batched_tokens=18, enable_chunked_prefill=False)
+    seqs = [eng.sequence.Sequence(str(i), [1] * n, eng.SamplingParams(max_tokens=m))
+            for i, (n, m) in enumerate([(1, 6), (10, 6), (16, 5)])]
+    for seq in seqs:
+        scheduler.add(seq)
+    preempted = 0
+    for _ in range(200):
+        if not scheduler.has_unfinished():
+            break
+        batch = scheduler.schedule()
+        assert batch.num_batched_tokens <= 18
+        preempted += len(batch.preempted)
+        fake_step(scheduler, batch)
+    assert not scheduler.has_unfinished(), "a request never ran again"
+    assert preempted > 0, "nothing was preempted: the case is not the one Hypothesis found"
+    assert [s.num_output_tokens for s in seqs] == [6, 6, 5] and all(s.finish_reason == "length" for s in seqs)
+
+
 def test_scheduler_rejects_a_budget_below_the_sequence_cap(impl):
     kv = impl.engine.contiguous_cache.ContiguousKVCache(num_layers=1, capacity=100)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):

@@ -123,6 +123,8 @@ def make_package(root: Path, name: str) -> Path:
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(f'"""The {name} package."""\n\nfrom {name} import native  # noqa: F401  (kept)\n')
     (pkg / "native.py").write_text('"""Plumbing."""\n\nkernels = None  # not built\n')
+    (pkg / "model_files.py").write_text(f'"""Fetching models."""\n\nfrom {name} import native  # noqa: F401\n\n\n'
+                                        'def fetch(name):\n    return name\n')
     (pkg / "util.py").write_text(UTIL.format(pkg=name))
     (pkg / "other.py").write_text(OTHER)
     return pkg

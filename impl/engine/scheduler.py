@@ -84,9 +84,11 @@ class Scheduler:
 
     def num_new_tokens(self, seq: Sequence, num_computed: int, budget: int) -> int:
         """How many of seq's tokens after the first num_computed to compute this step, within
-        budget: all or none without chunked prefill; with it, `chunk` decides."""
+        budget: all or none without chunked prefill; with it, `chunk` decides. A preempted
+        sequence's recompute is chunked either way: its prompt and output may have outgrown the
+        budget, and all-or-none would never run it again."""
         todo = seq.num_tokens - num_computed
-        if self.enable_chunked_prefill:
+        if self.enable_chunked_prefill or seq.num_preemptions:
             return self.chunk(todo, budget)
         return todo if todo <= budget else 0
 
