@@ -1,5 +1,5 @@
-"""Scaled dot-product attention, multi-head (1.1) and grouped-query (1.3) forms, masks,
-and the attention layer of a Llama/Qwen2 block."""
+"""Scaled dot-product attention, multi-head (1.1) and grouped-query (1.3) forms, masks
+(causal, sliding window), and the attention layer of a Llama/Qwen2/Qwen3/Gemma 3 block."""
 
 from __future__ import annotations
 
@@ -53,6 +53,14 @@ def causal_mask(L: int, S: int, dtype: mx.Dtype = mx.float32) -> mx.array:
     return mx.where(j > i + (S - L), mx.array(-mx.inf, dtype=dtype), mx.array(0, dtype=dtype))
 
 
+def sliding_window_mask(L: int, S: int, window: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """(L, S) additive mask: query i (the last L of S positions, at position p = i + S - L) sees
+    keys p - window < j <= p: itself and the window - 1 before it (Gemma's, transformers' window)."""
+    p = mx.arange(L)[:, None] + (S - L)
+    j = mx.arange(S)[None, :]
+    return mx.where((j > p) | (j <= p - window), mx.array(-mx.inf, dtype=dtype), mx.array(0, dtype=dtype))
+
+
 def scaled_dot_product_attention_grouped(
     query: mx.array, key: mx.array, value: mx.array,
     scale: float | None = None, mask: mx.array | str | None = None,
@@ -88,12 +96,17 @@ def scaled_dot_product_attention_grouped(
 
 
 class Attention:
-    """Llama/Qwen2 self-attention: q/k/v/o projections (optional biases), RoPE, grouped-query heads."""
+    """Llama/Qwen2/Qwen3/Gemma 3 self-attention: q/k/v/o projections (optional biases), optional
+    per-head q/k RMSNorm (Qwen3, Gemma 3), RoPE, grouped-query heads, an optional sliding window."""
 
     def __init__(self, args, wq: mx.array | None, wk: mx.array | None, wv: mx.array | None, wo: mx.array,
                  bq: mx.array | None = None, bk: mx.array | None = None, bv: mx.array | None = None,
-                 bo: mx.array | None = None, rope=None, sdpa=None, wqkv=None, bqkv: mx.array | None = None):
-        """wqkv/bqkv: the rows of wq, wk, wv (and their biases) stacked, in place of the three (week 2)."""
+                 bo: mx.array | None = None, rope=None, sdpa=None, wqkv=None, bqkv: mx.array | None = None,
+                 q_norm=None, k_norm=None, window: int | None = None, scale: float | None = None):
+        """wqkv/bqkv: the rows of wq, wk, wv (and their biases) stacked, in place of the three (week 2).
+        q_norm/k_norm: RMSNorms over each head's D, after the projections, before RoPE.
+        window: each query sees itself and the window - 1 keys before it (Gemma 3's local layers).
+        scale: of the scores (default D ** -0.5)."""
         from impl.rope import RoPE
 
         self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
@@ -101,6 +114,8 @@ class Attention:
         self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
         self.bq, self.bk, self.bv, self.bo = bq, bk, bv, bo
         self.wqkv, self.bqkv = wqkv, bqkv
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.window, self.scale = window, scale
         # Hugging Face row order: half-split RoPE (GGUF's permuted Q/K rows are undone on load).
         self.rope = rope or RoPE(self.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
         # The attention kernel: week 1's grouped SDPA, or flash attention (week 2) with the same contract.
@@ -113,6 +128,8 @@ class Attention:
         H, D = self.num_heads, self.head_dim
         q, k, v = self._project(x)
         if hasattr(cache, "attend"):  # the engine's batched caches (topic 2.6): RoPE, append and attention are theirs
+            if self.window is not None or self.scale is not None:  # they attend causally with D ** -0.5
+                raise ValueError("the engine's batched attention has no sliding window or query scale (Gemma 3)")
             qkv = mx.concatenate([q, k, v], axis=2).reshape(N, L, -1)  # (N, L, (H + 2 H_kv) D)
             return linear(cache.attend(qkv, self.rope, H, self.num_kv_heads), self.wo, self.bo)
         if cache is not None:
@@ -123,15 +140,22 @@ class Attention:
             k, v = cache.update_and_fetch(k, v)
             if k.dtype != q.dtype:  # a cache that stores another dtype (KVCache(mx.float16))
                 k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = self.sdpa(q, k, v, mask=mask)  # (N, H, L, D)
+        if self.window is not None:  # causal within the window; None (one new token) is causal too
+            window = sliding_window_mask(L, k.shape[2], self.window, q.dtype)  # (L, S)
+            mask = window if mask is None or isinstance(mask, str) else mask + window
+        out = self.sdpa(q, k, v, scale=self.scale, mask=mask)  # (N, H, L, D)
         return linear(out.transpose(0, 2, 1, 3).reshape(N, L, H * D), self.wo, self.bo)
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """x: (N, L, E) -> q (N, L, H, D), k and v (N, L, H_kv, D)."""
+        """x: (N, L, E) -> q (N, L, H, D), k and v (N, L, H_kv, D), q and k normed if this layer norms them."""
         N, L, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if self.wqkv is not None:  # one matmul, then views of its heads: q's H, k's H_kv, v's H_kv
             qkv = linear(x, self.wqkv, self.bqkv).reshape(N, L, H + 2 * H_kv, D)
-            return qkv[:, :, :H], qkv[:, :, H:H + H_kv], qkv[:, :, H + H_kv:]
-        return (linear(x, self.wq, self.bq).reshape(N, L, H, D), linear(x, self.wk, self.bk).reshape(N, L, H_kv, D),
-                linear(x, self.wv, self.bv).reshape(N, L, H_kv, D))
+            q, k, v = qkv[:, :, :H], qkv[:, :, H:H + H_kv], qkv[:, :, H + H_kv:]
+        else:
+            q, k, v = (linear(x, self.wq, self.bq).reshape(N, L, H, D), linear(x, self.wk, self.bk).reshape(N, L, H_kv, D),
+                       linear(x, self.wv, self.bv).reshape(N, L, H_kv, D))
+        if self.q_norm is not None:  # Qwen3, Gemma 3: RMSNorm over each head's D
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v

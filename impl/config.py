@@ -5,12 +5,14 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text")
+SLIDING, FULL = "sliding_attention", "full_attention"  # HF's layer_types
 
 
 @dataclass
 class ModelArgs:
-    """Llama / Qwen2 hyper-parameters; `from_dict` reads an HF config.json and ignores unknown keys."""
+    """Llama / Qwen2 / Qwen3 / Gemma 3 hyper-parameters; `from_dict` reads an HF config.json and
+    ignores unknown keys."""
 
     model_type: str
     hidden_size: int
@@ -19,34 +21,84 @@ class ModelArgs:
     num_attention_heads: int
     vocab_size: int
     num_key_value_heads: int | None = None
-    head_dim: int | None = None
+    head_dim: int | None = None  # Qwen3 and Gemma 3 give it; it may differ from hidden_size // heads
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # Gemma 3: the global (full-attention) layers' base
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Llama: bias on q, k, v and o; Qwen2 always has q/k/v biases
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Gemma 3 (and sliding windows in general)
+    sliding_window: int | None = None  # a local layer's query sees itself and the sliding_window - 1 keys before it
+    layer_types: list[str] | None = None  # per layer: "sliding_attention" or "full_attention"
+    sliding_window_pattern: int | None = None  # older Gemma 3 configs: every n-th layer is global
+    rope_local_base_freq: float | None = None  # the RoPE base of the sliding (local) layers
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar ** -0.5
+    attn_logit_softcapping: float | None = None  # Gemma 2's; transformers' Gemma 3 ignores it: refused
+    final_logit_softcapping: float | None = None  # logits -> tanh(logits / c) * c
+    hidden_activation: str | None = None  # Gemma's gate activation
+    use_sliding_window: bool = False  # Qwen2/Qwen3's switch (unsupported)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {self.model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         if self.mlp_bias:
-            raise ValueError("mlp_bias=True is not supported (no Llama or Qwen2 checkpoint here uses it)")
+            raise ValueError("mlp_bias=True is not supported (no Llama or Qwen checkpoint here uses it)")
+        if self.use_sliding_window:
+            raise ValueError(f"use_sliding_window=True is not supported for {self.model_type}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        gemma = self.model_type == "gemma3_text"
+        if self.layer_types is None:  # Gemma 3: 5 local layers, then a global one; the others: all global
+            pattern = self.sliding_window_pattern or 6
+            self.layer_types = [SLIDING if gemma and (i + 1) % pattern else FULL for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {SLIDING, FULL}:
+            raise ValueError(f"layer_types must name {SLIDING!r} or {FULL!r} for each of the"
+                             f" {self.num_hidden_layers} layers, got {self.layer_types}")
+        if SLIDING in self.layer_types and (not gemma or not self.sliding_window):
+            raise ValueError(f"sliding-window layers are supported for gemma3_text with a sliding_window,"
+                             f" not {self.model_type} with sliding_window={self.sliding_window}")
+        if gemma and self.attn_logit_softcapping is not None:
+            raise ValueError("attn_logit_softcapping is not supported (Gemma 3 sets none; transformers' Gemma 3"
+                             " ignores it)")
+        if gemma:
+            self.query_pre_attn_scalar = self.query_pre_attn_scalar or self.head_dim
+            self.rope_local_base_freq = self.rope_local_base_freq or 10000.0
+            act = self.hidden_activation or "gelu_pytorch_tanh"
+            if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+                raise ValueError(f"hidden_activation {act!r} is not supported (Gemma 3 uses gelu_pytorch_tanh)")
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window; None for a global (full-attention) layer."""
+        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+
+    def rope_base(self, layer: int) -> float:
+        """Layer `layer`'s RoPE base: Gemma 3's local layers have their own."""
+        return self.rope_local_base_freq if self.window(layer) and self.rope_local_base_freq else self.rope_theta
 
     @classmethod
     def from_dict(cls, config: dict) -> ModelArgs:
-        """Build from an HF config dict; `rope_parameters` (transformers 5) or `rope_theta` both work."""
+        """Build from an HF config dict; `rope_parameters` (transformers 5: per layer type for
+        Gemma 3) or `rope_theta` both work."""
         config = dict(config)
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported (week 3 adds it)")
+        if FULL in rope or SLIDING in rope:  # {"full_attention": {...}, "sliding_attention": {...}}
+            local = rope.get(SLIDING) or {}
+            if "rope_local_base_freq" not in config and "rope_theta" in local:
+                config["rope_local_base_freq"] = local["rope_theta"]
+            _check_rope_type(local)
+            rope = rope.get(FULL) or {}
+        _check_rope_type(rope)
         if "rope_theta" not in config and "rope_theta" in rope:
             config["rope_theta"] = rope["rope_theta"]
         fields = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in config.items() if k in fields})
+
+
+def _check_rope_type(rope: dict) -> None:
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported (week 3 adds it)")

@@ -23,6 +23,9 @@ GGUF_GROUP_SIZE = GROUP
 # The tensor types mx.load reads (as arrays or affine triples); files with others go through gguf_quants.
 MX_LOAD_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
 
+# GGUF architecture -> HF model_type
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+
 _NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -36,15 +39,24 @@ _NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3, Gemma 3
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Gemma 3 has a norm before and after attention and the MLP: llama.cpp's ffn_norm is HF's pre-MLP norm.
+_GEMMA_NAMES = _NAMES | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, model_type: str = "llama") -> str:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (also .scales/.biases)."""
+    names = _GEMMA_NAMES if model_type == "gemma3_text" else _NAMES
     parts = gguf_name.split(".")
     if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{_NAMES[parts[2]]}.{'.'.join(parts[3:])}"
-    return f"{_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{'.'.join(parts[3:])}"
+    return f"{names[parts[0]]}.{'.'.join(parts[1:])}"
 
 
 def _meta(meta: dict, key: str, default=None):
@@ -81,24 +93,28 @@ def _decoded(tensors: dict[str, GGUFTensor]) -> dict:
 
 
 def args_from_metadata(meta: dict, tensor_names) -> ModelArgs:
-    """ModelArgs from GGUF metadata (llama or qwen2)."""
+    """ModelArgs from GGUF metadata (llama, qwen2, qwen3 or gemma3)."""
     arch = _meta(meta, "general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise TinyLLMError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
+    if arch not in ARCHITECTURES:
+        raise TinyLLMError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
     a = lambda key, default=None: _meta(meta, f"{arch}.{key}", default)  # noqa: E731
     required = [f"{arch}.{k}" for k in ("embedding_length", "block_count", "feed_forward_length",
                                          "attention.head_count")] + ["tokenizer.ggml.tokens"]
     if missing := [k for k in required if k not in meta]:
         raise TinyLLMError(f"the GGUF metadata lacks {', '.join(missing)}")
     heads = a("attention.head_count")
+    gemma = {}
+    if arch == "gemma3":  # llama.cpp's: a window on 5 of 6 layers, local base 10k, scale head_dim ** -0.5
+        gemma = dict(sliding_window=a("attention.sliding_window"), sliding_window_pattern=6,
+                     rope_local_base_freq=10000.0)
     return ModelArgs(
-        model_type=arch,
+        model_type=ARCHITECTURES[arch],
         hidden_size=a("embedding_length"),
         num_hidden_layers=a("block_count"),
         intermediate_size=a("feed_forward_length"),
         num_attention_heads=heads,
         num_key_value_heads=a("attention.head_count_kv", heads),
-        head_dim=a("rope.dimension_count"),
+        head_dim=a("attention.key_length") or a("rope.dimension_count"),
         vocab_size=a("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         rms_norm_eps=a("attention.layer_norm_rms_epsilon", 1e-6),
         rope_theta=a("rope.freq_base", 10000.0),
@@ -107,6 +123,7 @@ def args_from_metadata(meta: dict, tensor_names) -> ModelArgs:
         attention_bias=arch == "llama" and "blk.0.attn_q.bias" in tensor_names,
         bos_token_id=_meta(meta, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_meta(meta, "tokenizer.ggml.eos_token_id"),
+        **gemma,
     )
 
 
@@ -127,11 +144,13 @@ def gguf_weights(tensors: dict, args: ModelArgs) -> dict:
     '<name>.weight', '<name>.scales', '<name>.biases'."""
     out = {}
     for name, t in tensors.items():
-        key = hf_name(name)
+        key = hf_name(name, args.model_type)
         # llama.cpp permutes Q/K rows for its interleaved RoPE, for llama only (qwen2 uses NEOX).
         if args.model_type == "llama" and (".q_proj." in key or ".k_proj." in key):
             heads = args.num_attention_heads if ".q_proj." in key else args.num_key_value_heads
             t = unpermute_rows(t, heads)
+        if args.model_type == "gemma3_text" and key.endswith("norm.weight"):
+            t = t - 1  # llama.cpp stores Gemma's norms as 1 + weight; HF's (and GemmaRMSNorm's) is the weight
         out[key] = t
     return out
 

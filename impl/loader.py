@@ -15,6 +15,7 @@ from jinja2 import TemplateError
 from impl.chat_template import ChatTemplate
 from impl.config import ModelArgs
 from impl.errors import TinyLLMError
+from impl.gemma import GemmaModel
 from impl.gguf import (
     GGUF_GROUP_SIZE,
     args_from_metadata,
@@ -149,7 +150,11 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
     convert = quantized_weights if quantized else dequantize_weights
     weights = convert(gguf_weights(tensors, args), dtype)
     layers = {}
-    if quantized:  # the week-2 engine: stacked projections; attention, RMSNorm, RoPE, SwiGLU kernels
+    if quantized and args.model_type == "gemma3_text":  # no fused kernels for Gemma's block: flash attention only
+        from impl.flash_attention import flash_attention
+
+        layers = {"sdpa": flash_attention}
+    elif quantized:  # the week-2 engine: stacked projections; attention, RMSNorm, RoPE, SwiGLU kernels
         from impl.flash_attention import flash_attention
         from impl.fusion import KernelTransformerBlock
         from impl.layer_kernels import KernelRMSNorm, KernelRoPE
@@ -199,14 +204,14 @@ def _tokenizer_errors(path: Path):
 
 def _build(args: ModelArgs, weights: dict, path: Path, **layers) -> Model:
     try:
-        return Model(args, weights, **layers)
+        return (GemmaModel if args.model_type == "gemma3_text" else Model)(args, weights, **layers)
     except KeyError as e:
         raise TinyLLMError(f"{path}: weight {e.args[0]} is missing; is this a {args.model_type} model?") from None
 
 
 def load_model(path: str | Path | None = None, dtype: mx.Dtype = mx.float32,
                quantized: bool | None = None) -> LoadedModel:
-    """Load a GGUF file, an HF model folder (Llama or Qwen2) or a known model by name
+    """Load a GGUF file, an HF model folder (Llama, Qwen2, Qwen3, Gemma 3 text) or a known model by name
     ('qwen2.5-coder-0.5b': fetched into the cache on first use); the default model when path is None.
 
     `quantized` applies to GGUF files: see load_gguf.

@@ -1,4 +1,6 @@
-"""The Llama / Qwen2 model (topic 1.5): embedding, transformer block, the full stack.
+"""The Llama / Qwen2 / Qwen3 model (topic 1.5): embedding, transformer block, the full stack.
+Qwen3 is Qwen2 without q/k/v biases and with an RMSNorm on each q and k head; Gemma 3 is in
+impl/gemma.py.
 
 Weights come in a dict with Hugging Face parameter names (see impl/loader.py),
 so loading is an identity map.
@@ -42,11 +44,14 @@ class TransformerBlock:
         opt = lambda name: weights.get(f"{prefix}.{name}")  # noqa: E731  (biases: Qwen2; fused projections)
         qkv, gate_up = opt("self_attn.qkv_proj.weight"), opt("mlp.gate_up_proj.weight")
         unless = lambda fused, name: None if fused is not None else w(name)  # noqa: E731
+        head_norm = lambda name: (None if opt(f"self_attn.{name}.weight") is None  # noqa: E731  (Qwen3: an RMSNorm
+                                  else norm(args.head_dim, w(f"self_attn.{name}.weight"), args.rms_norm_eps))  # per head)
         self.self_attn = Attention(
             args, unless(qkv, "self_attn.q_proj.weight"), unless(qkv, "self_attn.k_proj.weight"),
             unless(qkv, "self_attn.v_proj.weight"), w("self_attn.o_proj.weight"),
             opt("self_attn.q_proj.bias"), opt("self_attn.k_proj.bias"), opt("self_attn.v_proj.bias"),
             opt("self_attn.o_proj.bias"), rope=rope, sdpa=sdpa, wqkv=qkv, bqkv=opt("self_attn.qkv_proj.bias"),
+            q_norm=head_norm("q_norm"), k_norm=head_norm("k_norm"),
         )
         self.mlp = MLP(args.hidden_size, args.intermediate_size, unless(gate_up, "mlp.gate_proj.weight"),
                        unless(gate_up, "mlp.up_proj.weight"), w("mlp.down_proj.weight"), w_gate_up=gate_up)

@@ -38,7 +38,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("1.2", "RoPE (traditional and half-split; offsets)", (), "transformers RoPE, mx.fast.rope", "day_1_2_rope.py"),
     Topic("1.3", "grouped/multi-query attention, causal masks", ("1.1", "1.2"), "PyTorch SDPA (GQA), mx.fast", "day_1_3_gqa.py"),
     Topic("1.4", "RMSNorm, SiLU, SwiGLU MLP", ("1.1",), "PyTorch, mx.fast.rms_norm, transformers' LlamaMLP", "day_1_4_norm_mlp.py"),
-    Topic("1.5", "the model: config, embedding, block, weight loading", ("1.1", "1.2", "1.3", "1.4"), "transformers Llama/Qwen2, mlx-lm", "day_1_5_model.py"),
+    Topic("1.5", "the model: config, embedding, block, weight loading", ("1.1", "1.2", "1.3", "1.4"), "transformers Llama/Qwen2/Qwen3/Gemma 3, the gguf package's dequantization, mlx-lm", "day_1_5_model.py"),
     Topic("1.6", "generating a response: tokenizer, chat template, decode loop", ("1.5",), "HF tokenizers, transformers generate", "day_1_6_generate.py"),
     Topic("1.7", "sampling: greedy, temperature, top-k, top-p, min-p", ("1.6",), "exact masks, chi-squared test", "day_1_7_sampling.py"),
     Topic("2.1", "KV cache", ("1.6",), "invariances: cached == uncached (an fp16 cache within fp16), rewind", "day_2_1_kv_cache.py"),

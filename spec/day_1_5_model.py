@@ -1,11 +1,12 @@
-"""Topic 1.5, the model: config, embedding, transformer block, the full Llama/Qwen2
-stack, and weight loading from GGUF (dequantized) and from HF safetensors folders.
+"""Topic 1.5, the model: config, embedding, transformer block, the full Llama/Qwen2/Qwen3/
+Gemma 3 stacks, and weight loading from GGUF (dequantized) and from HF safetensors folders.
 
-Checked against transformers (LlamaForCausalLM / Qwen2ForCausalLM, fp32, the
-same weights) and mlx-lm: logits on the ladder's MODEL_FP32 rung, greedy tokens
-identical while the reference's top-2 logit gap is clear. Qwen2 (q/k/v biases,
-untied head) runs on tiny random-weight configs with fixed seeds, since no
-Qwen2 checkpoint ships offline.
+Checked against transformers (LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM /
+Gemma3ForCausalLM, fp32, the same weights) and mlx-lm: logits on the ladder's MODEL_FP32 rung,
+greedy tokens identical while the reference's top-2 logit gap is clear. Qwen2 (q/k/v biases,
+untied head), Qwen3 (q/k norms, head_dim != hidden / heads) and Gemma 3 (sliding windows, four
+norms a layer) run on tiny random-weight configs with fixed seeds, since no such checkpoint
+ships offline.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reference.models import hf_folder_from_gguf, mlx_lm_model, transformers_model
-from reference.tiny_models import TINY, tiny_folder
+from reference.tiny_models import TINY, tiny_folder, tiny_gguf
 from spec.ladder import FP32, MODEL_FP32, assert_close, assert_greedy_tokens
 
 NAMES = {
@@ -263,6 +264,108 @@ def test_tiny_model_logits_match_transformers(impl, tmp_path, kind):
         want = ref(torch.tensor(ids)).logits
     # 2 layers of fp32 on logits of magnitude ~1: the fp32 rung applies.
     assert_close(got, want, FP32, f"{kind} logits")
+
+
+def test_config_qwen3_and_gemma3(impl):
+    qwen3 = {"model_type": "qwen3", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24, "vocab_size": 320,
+             "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "use_sliding_window": False,
+             "sliding_window": None, "layer_types": ["full_attention"] * 2}
+    a = impl.config.ModelArgs.from_dict(qwen3)
+    assert (a.head_dim, a.rope_theta, [a.window(i) for i in range(2)]) == (24, 1e6, [None, None])
+    # Gemma 3 270M's config.json (older keys: rope_theta, rope_local_base_freq, the pattern) and the
+    # transformers 5 form (rope_parameters per layer type, layer_types): the same layers.
+    old = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18, "intermediate_size": 2048,
+           "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144,
+           "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": None, "sliding_window": 512,
+           "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh"}
+    new = {k: v for k, v in old.items() if not k.startswith(("rope", "sliding_window_"))} | {
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)]}
+    for config in (old, new):
+        g = impl.config.ModelArgs.from_dict(config)
+        windows = [g.window(i) for i in range(18)]
+        assert windows == [None if (i + 1) % 6 == 0 else 512 for i in range(18)], windows
+        assert [g.rope_base(i) for i in (0, 5)] == [1e4, 1e6] and g.query_pre_attn_scalar == 256
+
+
+# --- tiny random-weight Qwen3 and Gemma 3: logits and greedy tokens against transformers ---
+
+NEW_ARCHS = sorted(k for k in TINY if k.startswith(("qwen3", "gemma3")))
+
+
+def _tiny_reference_greedy(ref, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
+    x = torch.tensor([ids])
+    out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, do_sample=False,
+                       output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    return out.sequences[0, len(ids):].tolist(), gaps
+
+
+def _week1_greedy(model, ids: list[int]):
+    seq = list(ids)
+    while True:  # the whole sequence through the model at every step, as week 1 does
+        seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
+        yield seq[-1]
+
+
+@pytest.mark.parametrize("kind", NEW_ARCHS)
+def test_tiny_qwen3_gemma3_logits_and_greedy_match_transformers(impl, tmp_path, kind):
+    """24 positions: three times Gemma's tiny window of 8, so the window decides what each local layer
+    sees; greedy decoding then runs 12 more positions past it."""
+    ref, folder = tiny_folder(tmp_path, kind, seed=11)
+    loaded = impl.loader.load_model(folder)
+    ids = np.random.default_rng(1).integers(0, 320, size=(2, 24))
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits
+    assert_close(loaded.model(mx.array(ids)), want, MODEL_FP32, f"{kind} logits")
+    want_tokens, gaps = _tiny_reference_greedy(ref, ids[0].tolist(), steps=12)
+    assert_greedy_tokens(_week1_greedy(loaded.model, ids[0].tolist()), want_tokens, gaps, f"{kind} greedy tokens")
+
+
+def test_gemma3_sliding_window_matters(impl, tmp_path):
+    """The check above is not vacuous: the same weights with a window wider than the sequence give
+    logits far from transformers' past the window, and equal ones within it."""
+    ref, folder = tiny_folder(tmp_path, "gemma3", seed=11)
+    config = json.loads((folder / "config.json").read_text())
+    config["sliding_window"] = 1000
+    (folder / "config.json").write_text(json.dumps(config))
+    ids = np.random.default_rng(1).integers(0, 320, size=(1, 24))
+    got = np.array(impl.loader.load_model(folder).model(mx.array(ids)))
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    assert_close(got[:, :8], want[:, :8], MODEL_FP32, "within the window, no window is the same")
+    assert np.abs(got[:, 8:] - want[:, 8:]).max() > 100 * MODEL_FP32.atol, "past the window the window must matter"
+
+
+@pytest.mark.parametrize("kind", ["qwen3-untied-head-dim", "gemma3"])
+def test_tiny_qwen3_gemma3_from_gguf(impl, tmp_path, kind):
+    """The same tiny weights written as an F32 GGUF by the gguf package, with llama.cpp's names
+    (blk.N.attn_q_norm, post_attention_norm, post_ffw_norm, ...) and metadata."""
+    ref, _ = tiny_folder(tmp_path, kind, seed=13, **({"query_pre_attn_scalar": 32} if "gemma" in kind else {}))
+    path = tiny_gguf(ref, tmp_path / f"{kind}.gguf")
+    loaded = impl.loader.load_model(path, quantized=False)
+    assert loaded.args.head_dim == ref.config.head_dim
+    ids = np.random.default_rng(2).integers(0, 320, size=(1, 20))
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits
+    assert_close(loaded.model(mx.array(ids)), want, MODEL_FP32, f"{kind} from GGUF")
+
+
+def test_tiny_gemma3_gguf_convention_matches_transformers_gguf(tmp_path):
+    """The GGUF writer's convention (norms stored as 1 + weight) is llama.cpp's as transformers reads it:
+    transformers' own GGUF loading of the file gives back the original model's logits. (transformers
+    reads no query scale from a GGUF and takes its default, 256; llama.cpp takes head_dim ** -0.5, which is
+    Gemma 3 270M's too: this tiny model uses 256 so both readings agree.)"""
+    from transformers import Gemma3ForCausalLM
+
+    ref, _ = tiny_folder(tmp_path, "gemma3", seed=13, query_pre_attn_scalar=256)
+    path = tiny_gguf(ref, tmp_path / "gemma3.gguf")
+    back = Gemma3ForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.tensor(np.random.default_rng(2).integers(0, 320, size=(1, 20)))
+    with torch.no_grad():
+        assert_close(back(ids).logits, ref(ids).logits, MODEL_FP32, "transformers' GGUF reading vs the original")
 
 
 # --- the real default model -------------------------------------------------------------

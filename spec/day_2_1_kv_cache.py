@@ -170,6 +170,24 @@ def test_cached_logits_equal_uncached(impl, model_type, chunks):
     assert all(c.offset == sum(chunks) for c in cache)
 
 
+def test_gemma3_cached_equals_uncached_past_the_sliding_window(impl, tmp_path):
+    """Gemma 3's local layers see the last 8 positions (the tiny window): a cached decode must apply the
+    window to the cached keys too, one new token at a time (its mask is no longer "everything")."""
+    from reference.tiny_models import tiny_folder
+
+    _, folder = tiny_folder(tmp_path, "gemma3", seed=5)
+    model = impl.loader.load_model(folder).model
+    chunks = [5, 1, 1, 1, 1, 6, 1, 1, 7]  # 24 positions, crossing the window in every way
+    ids = np.random.default_rng(4).integers(0, 320, size=(1, sum(chunks)))
+    full = model(mx.array(ids))
+    cache, start, parts = impl.kv_cache.make_cache(model), 0, []
+    for n in chunks:
+        parts.append(model(mx.array(ids[:, start:start + n]), cache=cache))
+        start += n
+    # Same fp32 math on differently shaped matmuls: summation order only.
+    assert_close(mx.concatenate(parts, axis=1), full, FP32, f"gemma3 chunks {chunks}")
+
+
 def test_prompt_cache_prefills_only_past_the_common_prefix(impl):
     model = _tiny_model(impl, "llama", seed=4)
     rng = np.random.default_rng(2)

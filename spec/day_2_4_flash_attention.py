@@ -689,6 +689,26 @@ def dense_model(impl, default_model):
     return impl.loader.load_model(default_model, quantized=False)
 
 
+@pytest.mark.parametrize("kind", ["qwen3-untied-head-dim", "gemma3"])
+def test_tiny_qwen3_gemma3_on_the_kernels_match_the_dequantized_path(impl, tmp_path, kind):
+    """Qwen3's q/k norms (its layers then skip the fused path) and Gemma 3's sliding window (a mask
+    array to flash attention), from a Q8_0 GGUF: the week-2 loader vs the dequantized week-1 model,
+    whole prefill and cached decode past the tiny window of 8."""
+    from reference.tiny_models import tiny_folder, tiny_gguf
+
+    ref, _ = tiny_folder(tmp_path, kind, seed=13, **({"query_pre_attn_scalar": 32} if "gemma" in kind else {}))
+    path = tiny_gguf(ref, tmp_path / f"{kind}.gguf", qtype="Q8_0")
+    kernels, dense = (impl.loader.load_model(path, quantized=q).model for q in (True, False))
+    ids = np.random.default_rng(3).integers(0, 320, size=(1, 20))
+    full = dense(mx.array(ids))
+    # The same weight values and fp32 accumulation: summation order and the online softmax only.
+    assert_close(kernels(mx.array(ids)), full, MODEL_FP32, f"{kind}: kernels vs dequantized")
+    cache = impl.kv_cache.make_cache(kernels)
+    parts = [kernels(mx.array(ids[:, :4]), cache=cache)] + [kernels(mx.array(ids[:, i:i + 1]), cache=cache)
+                                                            for i in range(4, 20)]
+    assert_close(mx.concatenate(parts, axis=1), full, MODEL_FP32, f"{kind}: cached decode on the kernels")
+
+
 @pytest.mark.parametrize("text", MODEL_PROMPTS)
 def test_model_logits_match_the_dequantized_path(quantized_model, dense_model, text):
     ids = mx.array([quantized_model.tokenizer.encode(text)])
