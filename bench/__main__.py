@@ -1,5 +1,6 @@
 """`python -m bench [--quick] ...`: the batch-1 benchmark (bench.single);
-`python -m bench --serving [--quick] ...`: the serving benchmark (bench.serving)."""
+`python -m bench --serving [--quick] ...`: the serving benchmark (bench.serving);
+`python -m bench --online [--quick] ...`: the online serving benchmark (bench.online)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--online" in argv:
+        from bench import online
+
+        return online.main([a for a in argv if a != "--online"])
     if "--serving" in argv:
         from bench import serving
 

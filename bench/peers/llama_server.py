@@ -135,22 +135,25 @@ def _stream_one(port: int, ids: list[int], n: int, start: float, timeout: float)
     return {"start": start, "times": times, "tokens": tokens}
 
 
-def run(workload: dict, threads: int, timeout: float = 1800.0) -> dict:
-    """Start llama-server, send every request at once (one client thread each), stop it."""
-    binary = ensure_binary(log=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+def context_size(n_parallel: int, ctx_per_slot: int) -> int:
+    """-c for `n_parallel` slots of `ctx_per_slot` positions each: -c is shared by the slots (each
+    gets n_ctx / np), and is at least 49152."""
+    return max(49152, n_parallel * ctx_per_slot)
+
+
+def start(binary: Path, n_parallel: int, n_ctx: int, threads: int,
+          timeout: float = 120.0) -> tuple[subprocess.Popen, int]:
+    """llama-server on the GGUF on a free loopback port, `-np n_parallel -c n_ctx -t threads`;
+    returns once it answers /health (the process and its port), or raises (the process stopped)."""
     from reference.models import default_model_path
 
-    prompts, max_tokens = workload["prompts"], workload["max_tokens"]
-    n = len(prompts)
-    ctx_per_slot = max(len(p) + m for p, m in zip(prompts, max_tokens, strict=True))
-    n_ctx = max(49152, n * ctx_per_slot)  # -c is shared by the slots: each gets n_ctx / np
     port = _free_port()
     cmd = [str(binary), "-m", str(default_model_path()), "--host", HOST, "--port", str(port),
-           "-np", str(n), "-c", str(n_ctx), "-t", str(threads), "-tb", str(threads),
+           "-np", str(n_parallel), "-c", str(n_ctx), "-t", str(threads), "-tb", str(threads),
            "--no-webui", "--slots", "--log-disable"]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + timeout
         while True:
             if server.poll() is not None:
                 raise RuntimeError(f"llama-server exited ({server.returncode}): "
@@ -161,8 +164,33 @@ def run(workload: dict, threads: int, timeout: float = 1800.0) -> dict:
             except OSError:
                 pass
             if time.time() > deadline:
-                raise RuntimeError("llama-server did not answer /health in 120 s")
+                raise RuntimeError(f"llama-server did not answer /health in {timeout:.0f} s")
             time.sleep(0.2)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server, port
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s."""
+    server.terminate()
+    try:
+        server.wait(20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def run(workload: dict, threads: int, timeout: float = 1800.0) -> dict:
+    """Start llama-server, send every request at once (one client thread each), stop it."""
+    binary = ensure_binary(log=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+    prompts, max_tokens = workload["prompts"], workload["max_tokens"]
+    n = len(prompts)
+    ctx_per_slot = max(len(p) + m for p, m in zip(prompts, max_tokens, strict=True))
+    n_ctx = context_size(n, ctx_per_slot)
+    server, port = start(binary, n, n_ctx, threads)
+    try:
         for warm in workload["warmup_prompts"]:  # not timed (the first request pays for page faults)
             _stream_one(port, warm, workload["warmup_max_tokens"], time.perf_counter(), 120)
 
@@ -205,12 +233,7 @@ def run(workload: dict, threads: int, timeout: float = 1800.0) -> dict:
             raise RuntimeError(f"{len(errors)} of {n} requests failed: {errors[0]}")
         peak = _vm_hwm_mb(server.pid)
     finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     per_request = []
     for r, want in zip(results, max_tokens, strict=True):
         times = r["times"]

