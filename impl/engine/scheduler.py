@@ -88,8 +88,10 @@ class Scheduler:
         sequence's recompute is chunked either way: its prompt and output may have outgrown the
         budget, and all-or-none would never run it again."""
         todo = seq.num_tokens - num_computed
-        if self.enable_chunked_prefill or seq.num_preemptions:
+        if self.enable_chunked_prefill:
             return self.chunk(todo, budget)
+        if seq.num_preemptions:  # a recompute: in budget-sized pieces, with or without topic 2.7
+            return min(todo, budget)
         return todo if todo <= budget else 0
 
     @staticmethod
