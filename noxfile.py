@@ -212,19 +212,23 @@ def progress(session: nox.Session) -> None:
                 "--out", str(ROOT / "PROGRESS.md"), external=True)
 
 
+def _run_owning_ctrl_c(session: nox.Session, cmd: list[str]) -> int:
+    """Run cmd with Ctrl-C its own: nox would take it and end the session, so nox ignores it while
+    cmd runs, and cmd gets the default back. Returns cmd's exit code."""
+    session.log(" ".join(cmd))
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.call(cmd, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+
+
 @nox.session(default=False)
 def chat(session: nox.Session) -> None:
     """Chat with the default model (or --model PATH): `nox -s chat -- "your prompt"`; no prompt opens a chat."""
     python = _env(session, "runtime", ("runtime",))
-    cmd = [str(python), "-m", "impl.cli", *session.posargs]
-    session.log(" ".join(cmd))
-    # Ctrl-C is the chat's: it stops a reply and the chat goes on. nox would take it and end the
-    # session, so nox ignores it while the chat runs, and the chat gets the default back.
-    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        rc = subprocess.call(cmd, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    finally:
-        signal.signal(signal.SIGINT, ignored)
+    # Ctrl-C is the chat's: it stops a reply and the chat goes on.
+    rc = _run_owning_ctrl_c(session, [str(python), "-m", "impl.cli", *session.posargs])
     if rc not in (0, 130):  # 130: stopped with Ctrl-C at the prompt
         session.error(f"the chat command exited with code {rc}")
 
@@ -233,14 +237,8 @@ def chat(session: nox.Session) -> None:
 def serve(session: nox.Session) -> None:
     """The OpenAI-compatible server and chat page on the default model: `-- --port 8000` (`-- --help`)."""
     python = _env(session, "serve", ("runtime", "serve"))
-    cmd = [str(python), "-m", "impl.server", *session.posargs]
-    session.log(" ".join(cmd))
     # Ctrl-C and SIGTERM are the server's: it lets running requests finish, then exits 0.
-    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        rc = subprocess.call(cmd, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    finally:
-        signal.signal(signal.SIGINT, ignored)
+    rc = _run_owning_ctrl_c(session, [str(python), "-m", "impl.server", *session.posargs])
     if rc != 0:
         session.error(f"the server exited with code {rc}")
 

@@ -74,3 +74,13 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def checked_server(*flags: str):
+    """A pytest fixture's body: a server for the module, then its exit on SIGTERM checked
+    (code 0, no traceback)."""
+    proc = ServerProcess(*flags).start()
+    yield proc
+    rc = proc.stop()
+    out = proc.output()
+    assert rc == 0 and "Traceback" not in out, f"the server exited with {rc}:\n{out[-3000:]}"

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server_process import ROOT, ServerProcess
+from tests.server_process import ROOT, ServerProcess, checked_server
 
 openai = pytest.importorskip("openai", reason="the test group installs openai; run with nox -s tests")
 # (importorskip only where the module is missing: the test environment always has it)
@@ -34,11 +34,7 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def server():
     """One server for the module; its exit on SIGTERM is checked at the end."""
-    proc = ServerProcess("--max-num-seqs", "64").start()
-    yield proc
-    rc = proc.stop()
-    out = proc.output()
-    assert rc == 0 and "Traceback" not in out, f"the server exited with {rc}:\n{out[-3000:]}"
+    yield from checked_server("--max-num-seqs", "64")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.server_process import ROOT, ServerProcess
+from tests.server_process import ROOT, ServerProcess, checked_server
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 REPLY_TIMEOUT = 60  # seconds for a short reply: generous for a busy machine
@@ -35,11 +35,7 @@ SCREENSHOT = ROOT / "build" / "server-page.png"
 @pytest.fixture(scope="module")
 def server():
     """One server for the module; its exit on SIGTERM is checked at the end."""
-    proc = ServerProcess().start()
-    yield proc
-    rc = proc.stop()
-    out = proc.output()
-    assert rc == 0 and "Traceback" not in out, f"the server exited with {rc}:\n{out[-3000:]}"
+    yield from checked_server()
 
 
 @pytest.fixture(scope="module")
