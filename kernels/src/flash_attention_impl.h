@@ -30,14 +30,6 @@ constexpr int BC = kKeyTile;
 constexpr float kLog2e = 1.44269504088896340736f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// 2^x for x <= 0 (clamped to [-127, 127]): 2^n by building the exponent bits, times
-// 2^f for f = x - n in [-0.5, 0.5] by its Taylor series to degree 7 (error ~5e-9,
-// below fp32's 6e-8 ulp). x <= -126.5 gives exactly 0 (n = -127 is a zero exponent
-// field): a masked score, -inf, becomes a weight of 0 and no denormal is ever made.
-constexpr float kExp2Poly[8] = {1.0f, 0.6931471805599453f, 0.2402265069591007f, 0.05550410866482158f,
-                                0.009618129107628477f, 0.0013333558146428443f, 1.5403530393381608e-4f,
-                                1.5252733804059841e-5f};
-
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = uint32_t(h) << 16;
   float f;

@@ -1,8 +1,8 @@
 // The paged attention kernel, written once over a SIMD vector type. Each instruction-set
-// translation unit defines, before including this file, the same V as the flash attention
-// TUs (L floats a vector, zero/set1/load/store/fma/add/sub/mul/max/hmax/hsum/sum_lanes/exp2,
-// load_f16/load_bf16, f16_n/bf16_n) plus
-//   SR: rows of a score block (SR rows by L / SR keys fill the L lanes of one sum_lanes),
+// translation unit includes, before this file, its attention_simd_<isa>.h (the V the flash attention
+// TUs use: L floats a vector, zero/set1/load/store/fma/add/sub/mul/max/hmax/hsum/sum_lanes/exp2,
+// load_f16/load_bf16, f16_n/bf16_n) and defines
+//   kScoreRows (SR): rows of a score block (SR rows by L / SR keys fill the L lanes of one sum_lanes),
 //   RB x NV: rows by vectors of the P @ V register block,
 // and half_to_float / float_to_half. Internal linkage throughout, as in flash_attention_impl.h.
 // Every TU is compiled with -ffp-contract=off: the only FMAs are the explicit V::fma calls, so
@@ -44,12 +44,6 @@ using tiny_llm::pa::Problem;
 constexpr int BC = kKeyTile;
 constexpr float kLog2e = 1.44269504088896340736f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// 2^x for x <= 0 as in flash_attention_impl.h: 2^n from the exponent bits, 2^f by a degree-7
-// Taylor series; -inf (a masked score) gives exactly 0.
-constexpr float kExp2Poly[8] = {1.0f, 0.6931471805599453f, 0.2402265069591007f, 0.05550410866482158f,
-                                0.009618129107628477f, 0.0013333558146428443f, 1.5403530393381608e-4f,
-                                1.5252733804059841e-5f};
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = uint32_t(h) << 16;
@@ -198,7 +192,7 @@ inline void score_rows(const float* Q, int Dp, const E* const* kp, int nr, int n
   if (ahead) ahead->rows(nk, BC);  // a short tile: the rest of the next one
 }
 
-template <class E, class A, int R = V::SR>
+template <class E, class A, int R = kScoreRows>
 inline void score_rest(int nr, const float* Q, int Dp, const E* const* kp, int nk, float* S, const A* ahead) {
   if constexpr (R > 0) {
     if (nr == R) return score_rows<R>(Q, Dp, kp, nr, nk, S, ahead);
@@ -210,8 +204,8 @@ inline void score_rest(int nr, const float* Q, int Dp, const E* const* kp, int n
 template <class E, class A>
 void scores(const float* Q, int rows, int Dp, const E* const* kp, int nk, float* S, const A* ahead) {
   int r = 0;
-  for (; r + V::SR <= rows; r += V::SR, ahead = nullptr)
-    score_rows<V::SR>(Q + r * Dp, Dp, kp, V::SR, nk, S + r * BC, ahead);
+  for (; r + kScoreRows <= rows; r += kScoreRows, ahead = nullptr)
+    score_rows<kScoreRows>(Q + r * Dp, Dp, kp, kScoreRows, nk, S + r * BC, ahead);
   if (r < rows) score_rest<E, A>(rows - r, Q + r * Dp, Dp, kp, nk, S + r * BC, ahead);
 }
 
