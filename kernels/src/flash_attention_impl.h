@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_scalar.h"
 #include "flash_attention_kernels.h"
 
 namespace {
@@ -27,22 +28,6 @@ using tiny_llm::fa::Problem;
 using tiny_llm::fa::Tensor;
 
 constexpr int BC = kKeyTile;
-constexpr float kLog2e = 1.44269504088896340736f;
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // n values of t at (i0, i1, i2, c0...c0+n) as fp32.
 void load_row(const Tensor& t, int64_t i0, int64_t i1, int64_t i2, int64_t c0, int n, float* dst) {

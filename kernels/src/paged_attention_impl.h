@@ -31,6 +31,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_scalar.h"
 #include "paged_attention_kernels.h"
 
 namespace {
@@ -42,22 +43,6 @@ using tiny_llm::pa::kSegment;
 using tiny_llm::pa::Problem;
 
 constexpr int BC = kKeyTile;
-constexpr float kLog2e = 1.44269504088896340736f;
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // An fp16 or bf16 element of a pool row, read as fp32 L at a time (load_kv) or one at a time.
 struct Half {
