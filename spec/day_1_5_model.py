@@ -106,7 +106,7 @@ def test_dequantize_matches_mx(impl, data):
 # type: (values, bytes) per block and the byte ranges of its fp16 scale fields
 BLOCKS = {"Q4_0": (32, 18, [0]), "Q4_1": (32, 20, [0, 2]), "Q5_0": (32, 22, [0]), "Q5_1": (32, 24, [0, 2]),
           "Q8_0": (32, 34, [0]), "Q4_K": (256, 144, [0, 2]), "Q5_K": (256, 176, [0, 2]), "Q6_K": (256, 210, [208])}
-# Exact as MLX affine triples, group 32 (Q6_K's groups of 16 are not: impl keeps it dense).
+# Exact as MLX affine triples, group 32 (Q6_K's groups of 16 are not: impl requantizes it to 8 bits).
 AFFINE = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8, "Q4_K": 4, "Q5_K": 8}
 # fp16 extremes: the largest, the smallest subnormal and normal, negatives, zero and -0.
 F16_EXTREMES = np.array([65504.0, -65504.0, 2**-24, 2**-14, -1.5, 0.0, -0.0, 1.0], dtype=np.float16)
@@ -192,6 +192,35 @@ def test_gguf_blocks_map_exactly_to_affine_triples(impl, qtype):
     assert_bits_equal(np.array(got), gguf_reference(blocks, qtype).reshape(rows.shape[0], 256),
                       f"{qtype} as a {bits}-bit triple")
 
+
+
+def test_q6_k_requantizes_to_8_bits_within_half_a_step(impl):
+    """Q6_K has no exact triple (16-value sub-blocks): impl.gguf_quants.to_affine_8bit puts each group
+    of 32 of llama.cpp's values on an 8-bit grid from its min to its max. Every value moves by at most
+    half a grid step, scale / 2, plus fp32 rounding (of the scale and of scale * q + bias: 4 ulps of the
+    group's largest magnitude). A sub-block's values d sc (q - 32) span [-32, 31] steps of |d sc|, or
+    [-31, 32] for a negative sc, so a group's range is at most 64 of the coarser sub-block's steps and
+    the grid's step at most 64/255 of it: the requantization moves a value by at most 32/255 (about
+    an eighth) of Q6_K's own step, a quarter of its rounding error."""
+    blocks = np.concatenate([random_blocks("Q6_K", 16, seed=4), crafted_blocks("Q6_K")])
+    rows = blocks.reshape(-1, 2 * 210)  # rows of 512 values, two blocks a row
+    w_q, scales, biases, bits = impl.gguf_quants.to_affine_8bit(rows, "Q6_K", rows_at_once=3)  # slices
+    assert (bits, w_q.dtype, w_q.shape, scales.shape) == (8, np.uint32, (rows.shape[0], 128), (rows.shape[0], 16))
+    got = np.array(impl.quantize.dequantize(mx.array(w_q), mx.array(scales), mx.array(biases), 32, 8, mx.float32))
+    want = gguf_reference(blocks, "Q6_K").reshape(got.shape)
+    g = want.reshape(rows.shape[0], 16, 32)
+    ulp = np.spacing(np.abs(g).max(axis=-1, keepdims=True).astype(np.float32))
+    bound = scales[..., None] / 2 + 4 * ulp  # (rows, 16, 1)
+    err = np.abs(got.reshape(g.shape) - g)
+    assert (err <= bound).all(), f"Q6_K requantized: error {err.max()} over the bound at {np.argwhere(err > bound)[0]}"
+    sub = np.abs(_q6_k_steps(blocks)).reshape(rows.shape[0], 16, 2).max(axis=-1)  # coarser sub-block's step
+    assert (scales <= sub * np.float32(64 / 255) * (1 + 2**-20)).all(), "an 8-bit step over 64/255 of Q6_K's"
+
+
+def _q6_k_steps(blocks: np.ndarray) -> np.ndarray:
+    """(n, 210) Q6_K blocks -> (n, 16) their sub-blocks' steps d * sc, read from llama.cpp's layout."""
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+    return d * blocks[:, 192:208].view(np.int8).astype(np.float32)
 
 METADATA = {  # one key per GGUF value type, arrays of numbers and of strings
     "t.u8": ("uint8", 200), "t.i8": ("int8", -100), "t.u16": ("uint16", 60000), "t.i16": ("int16", -30000),
