@@ -128,10 +128,9 @@ class Attention:
         H, D = self.num_heads, self.head_dim
         q, k, v = self._project(x)
         if hasattr(cache, "attend"):  # the engine's batched caches (topic 2.6): RoPE, append and attention are theirs
-            if self.window is not None or self.scale is not None:  # they attend causally with D ** -0.5
-                raise ValueError("the engine's batched attention has no sliding window or query scale (Gemma 3)")
             qkv = mx.concatenate([q, k, v], axis=2).reshape(N, L, -1)  # (N, L, (H + 2 H_kv) D)
-            return linear(cache.attend(qkv, self.rope, H, self.num_kv_heads), self.wo, self.bo)
+            out = cache.attend(qkv, self.rope, H, self.num_kv_heads, self.scale, self.window)  # (N, L, H D)
+            return linear(out, self.wo, self.bo)
         if cache is not None:
             offset = cache.offset
         q, k = self.rope(q, offset), self.rope(k, offset)

@@ -113,8 +113,9 @@ def _checked_sampler(args):
 
 
 def _prompt_ids(loaded, messages: list[dict]) -> list[int]:
-    if loaded.chat_template is None:  # a base model: plain text, no roles
-        return loaded.tokenizer.encode("\n".join(m["content"] for m in messages))
+    if loaded.chat_template is None:  # a base model: plain text, no roles (after <bos> where the model wants it)
+        bos = [loaded.tokenizer.bos_token_id] if getattr(loaded.tokenizer, "add_bos_token", False) else []
+        return bos + loaded.tokenizer.encode("\n".join(m["content"] for m in messages))
     return loaded.tokenizer.encode(loaded.chat_template.render(messages, add_generation_prompt=True))
 
 

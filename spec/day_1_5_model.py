@@ -537,3 +537,38 @@ def test_qwen_coder_logits_and_greedy_tokens_match_transformers(impl, coder_gguf
             yield seq[-1]
 
     assert_greedy_tokens(greedy(), want_tokens, gaps, "Qwen2.5-Coder-0.5B greedy tokens vs transformers")
+
+
+# --- a real Gemma 3 checkpoint: Gemma 3 270M (base), k-quants --------------------------
+# 18 layers, 5 of every 6 with a sliding window of 512 (RoPE base 10k) and every 6th global (1M),
+# q/k norms, pre- and post-norms, GELU-tanh, scaled embeddings, a tied head of 262,144 tokens.
+
+def gemma_long_prompt(tok) -> list[int]:
+    """<bos> and about 600 tokens of numbered lines, so the last queries of the local layers see
+    only the 512 positions before them (the reference tokenizer's ids)."""
+    text = "".join(f"Line {i}: the {w} walks to the {p} and counts {i * 7} stones.\n" for i, (w, p) in
+                   enumerate(zip(["fox", "miller", "baker", "sailor", "weaver"] * 8,
+                                 ["river", "market", "harbour", "mill", "tower", "field"] * 7, strict=False)))
+    return [tok.bos_token_id] + tok.encode(text, add_special_tokens=False)
+
+
+def test_gemma3_270m_logits_and_greedy_tokens_match_transformers(impl, gemma_gguf):
+    """One forward each over the prompt and transformers' 6 greedy tokens (teacher forcing): the
+    logits of the last 32 positions agree, and impl's argmax at each generated position is the
+    reference's token while its top-2 gap is clear, which is impl's greedy decode token for token."""
+    from reference.tokenizer import hf_tokenizer
+
+    loaded = impl.loader.load_model(gemma_gguf, quantized=False)  # week 1: dense fp32, the reference's weights
+    ref = transformers_model(str(hf_folder_from_gguf(gemma_gguf)))
+    ids = gemma_long_prompt(hf_tokenizer(gemma_gguf))
+    window = loaded.args.sliding_window
+    assert len(ids) > window + 32, f"a prompt of {len(ids)} tokens does not pass the {window}-token window"
+    steps = 6
+    want_tokens, gaps = _reference_greedy(ref, ids, steps)
+    seq = ids + want_tokens[:-1]  # position len(ids) - 1 + k predicts want_tokens[k]
+    with torch.no_grad():
+        want = ref(torch.tensor([seq]), logits_to_keep=32).logits  # (1, 32, V)
+    got = loaded.model(mx.array([seq]), logits_to_keep=32)  # (1, 32, V)
+    assert_close(got, want, MODEL_FP32, f"Gemma 3 270M logits of the last 32 positions of {len(seq)}")
+    argmax = np.array(mx.argmax(got[0, -steps:], axis=-1)).tolist()
+    assert_greedy_tokens(iter(argmax), want_tokens, gaps, "Gemma 3 270M greedy tokens vs transformers")

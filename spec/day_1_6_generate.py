@@ -181,6 +181,49 @@ def test_qwen2_pre_tokenizer_encodes_like_hf(coder_tokenizers, name):
     assert_same_ids(tokenizer.encode(text), hf_ids(hf, text), f"Qwen2.5-Coder: encode({text!r})")
 
 
+@pytest.fixture(scope="session")
+def gemma_tokenizers(impl, gemma_gguf):
+    """(impl's, transformers') tokenizers of Gemma 3 270M: SentencePiece-style BPE over characters
+    ("▁" for a space, byte fallback, merges in vocabulary order), 262,144 tokens."""
+    import gguf
+
+    reader = gguf.GGUFReader(gemma_gguf)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    return impl.tokenizer.Tokenizer.from_gguf_metadata(meta), _reference().hf_tokenizer(gemma_gguf)
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_sentencepiece_encodes_like_hf(gemma_tokenizers, name):
+    tokenizer, hf = gemma_tokenizers
+    text = CORPUS[name]
+    assert_same_ids(tokenizer.encode(text), hf_ids(hf, text), f"Gemma 3: encode({text!r})")
+    assert_same_text(tokenizer.decode(tokenizer.encode(text)), hf.decode(hf_ids(hf, text)),
+                     f"Gemma 3: decode(encode({text!r}))")
+
+
+@given(data=st.data())
+def test_sentencepiece_matches_hf_on_drawn_text_and_ids(gemma_tokenizers, data):
+    tokenizer, hf = gemma_tokenizers
+    text = data.draw(texts(), label="text")
+    assert_same_ids(tokenizer.encode(text), hf_ids(hf, text), f"Gemma 3: encode({text!r})")
+    ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=12), label="ids")
+    assert_same_text(tokenizer.decode(ids), hf.decode(ids), f"Gemma 3: decode({ids})")
+
+
+def test_sentencepiece_attributes_and_special_tokens_match_hf(gemma_tokenizers):
+    tokenizer, hf = gemma_tokenizers
+    assert (tokenizer.vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id) == (
+        len(hf), hf.bos_token_id, hf.eos_token_id), "Gemma 3: vocab size, bos or eos differ from HF's"
+    special = {i for i, t in hf.added_tokens_decoder.items() if t.special}
+    assert set(tokenizer.special_ids) == special, "Gemma 3: special ids differ from HF's"
+    turn = "<start_of_turn>user\nWrite a poem<end_of_turn>\n<start_of_turn>model\n"
+    assert_same_ids(tokenizer.encode(turn), hf_ids(hf, turn), "Gemma 3: a chat turn")
+    assert_same_ids(tokenizer.encode(turn, allow_special=False), hf_ids(hf, turn, allow_special=False),
+                    "Gemma 3: a chat turn with special tokens as text")
+    long = "\n".join(CORPUS.values()) * 4  # one sequence of symbols: no pre-tokenizer splits it
+    assert_same_ids(tokenizer.encode(long), hf_ids(hf, long), "Gemma 3: a long text")
+
+
 @given(data=st.data())
 def test_encode_matches_hf_on_drawn_text(tokenizer, hf, data):
     text = data.draw(texts(), label="text")
@@ -426,14 +469,14 @@ def test_greedy_answer_matches_transformers(impl, default_model, hf):
     print(f"answer {text!r}")
 
 
-@pytest.mark.parametrize("case", ["gguf-sentencepiece", "folder-without-tokenizer"])
+@pytest.mark.parametrize("case", ["gguf-unigram", "folder-without-tokenizer"])
 def test_bad_tokenizer_gives_one_line_error(impl, tmp_path, default_model, case):
     # The loader reads the tokenizer when it is first used (loading the model, 1.5, needs none).
     from reference.models import hf_folder_from_gguf
 
-    if case == "gguf-sentencepiece":  # as Llama 2's GGUFs have: not byte-level BPE
-        expect = "unsupported tokenizer model 'llama'"
-        metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<s>", "</s>", "a", "b"]}
+    if case == "gguf-unigram":  # as T5's GGUFs have: neither byte-level BPE nor SentencePiece's BPE
+        expect = "unsupported tokenizer model 't5'"
+        metadata = {"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["<s>", "</s>", "a", "b"]}
         loaded = impl.loader.LoadedModel(model=None, args=None, path=tmp_path / "model.gguf", metadata=metadata)
     else:
         path, expect = tmp_path / "folder", "tokenizer.json is missing"

@@ -261,7 +261,8 @@ def contiguous(impl, loaded, **kw):
     return impl.engine.LLMEngine(loaded.model, loaded.tokenizer, **kw)
 
 
-@pytest.fixture(scope="module", params=["llama-tied", "qwen2-untied"])
+# gemma3: a sliding window of 8 on most layers, its own query scale; the twin masks the window.
+@pytest.fixture(scope="module", params=["llama-tied", "qwen2-untied", "gemma3"])
 def tiny(request, impl, tmp_path_factory):
     _, folder = tiny_folder(tmp_path_factory.mktemp("tiny"), request.param, seed=9)
     return impl.loader.load_model(folder)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from impl.attention import scaled_dot_product_attention_grouped
+from impl.attention import scaled_dot_product_attention_grouped, sliding_window_mask
 from impl.engine.attention_metadata import AttentionMetadata
 from impl.engine.sequence import Sequence
 from impl.errors import TinyLLMError
@@ -77,8 +77,10 @@ class ContiguousLayerCache:
     def __init__(self, caches: list[KVCache], meta: AttentionMetadata):
         self.caches, self.meta = caches, meta
 
-    def attend(self, qkv: mx.array, rope, n_heads: int, n_kv_heads: int, scale: float | None = None) -> mx.array:
-        """qkv (1, T, (H + 2 H_kv) D) packed -> (1, T, H D), each sequence attending to its own cache."""
+    def attend(self, qkv: mx.array, rope, n_heads: int, n_kv_heads: int, scale: float | None = None,
+               window: int | None = None) -> mx.array:
+        """qkv (1, T, (H + 2 H_kv) D) packed -> (1, T, H D), each sequence attending to its own cache;
+        window: a sliding window's length (each query sees itself and window - 1 before it)."""
         width = qkv.shape[2]
         H, H_kv = n_heads, n_kv_heads
         D = width // (H + 2 * H_kv)
@@ -92,6 +94,7 @@ class ContiguousLayerCache:
             k, v = cache.update_and_fetch(k, v)  # (1, H_kv, offset + n, D)
             if k.dtype != q.dtype:
                 k, v = k.astype(q.dtype), v.astype(q.dtype)
-            out = scaled_dot_product_attention_grouped(q, k, v, scale=scale, mask="causal")  # (1, H, n, D)
+            mask = "causal" if window is None else sliding_window_mask(n, k.shape[2], window, q.dtype)
+            out = scaled_dot_product_attention_grouped(q, k, v, scale=scale, mask=mask)  # (1, H, n, D)
             outs.append(out.transpose(0, 2, 1, 3).reshape(1, n, H * D))
         return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]

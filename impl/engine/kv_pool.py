@@ -87,12 +87,13 @@ class PagedKVCache:
     def __init__(self, pool: KVPool, layer: int, meta: AttentionMetadata):
         self.pool, self.layer, self.meta = pool, layer, meta
 
-    def attend(self, qkv: mx.array, rope, n_heads: int, n_kv_heads: int, scale: float | None = None) -> mx.array:
-        """qkv (1, T, (H + 2 H_kv) D) packed -> (1, T, H D)."""
+    def attend(self, qkv: mx.array, rope, n_heads: int, n_kv_heads: int, scale: float | None = None,
+               window: int | None = None) -> mx.array:
+        """qkv (1, T, (H + 2 H_kv) D) packed -> (1, T, H D); window: a sliding window's length."""
         from impl.engine.paged_attention import paged_attention, paged_attention_mlx
 
         attend = paged_attention if self.pool.use_kernel else paged_attention_mlx
         i = self.layer
         out, self.pool.keys[i], self.pool.values[i] = attend(
-            qkv, self.pool.keys[i], self.pool.values[i], rope, self.meta, n_heads, n_kv_heads, scale)
+            qkv, self.pool.keys[i], self.pool.values[i], rope, self.meta, n_heads, n_kv_heads, scale, window)
         return out

@@ -25,14 +25,6 @@ from impl.errors import TinyLLMError
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes for keys and values when the user sets no budget
 
 
-def _check_attention(args) -> None:
-    """The batched caches attend causally over a whole cache with scale D ** -0.5: refuse a model that
-    needs a sliding window or another scale (Gemma 3) rather than compute it wrong."""
-    if "sliding_attention" in (getattr(args, "layer_types", None) or ()) or getattr(args, "query_pre_attn_scalar", None):
-        raise TinyLLMError(f"the engine cannot run {args.model_type}: its attention has no sliding window or query"
-                           " scale yet (run it with impl.generate)")
-
-
 class LLMEngine:
     """Continuous batching over one model. add_request, step, abort_request; `stats()` for metrics."""
 
@@ -45,7 +37,6 @@ class LLMEngine:
         kv_cache_memory: bytes for the KV cache (default 1 GiB), kv_cache_dtype: what it stores
         (default the activations' dtype). log: where the start-up line goes (default stderr; False: nowhere)."""
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
-        _check_attention(self.args)
         self.max_model_len = self.args.max_position_embeddings
         dtype = kv_cache_dtype or model.embed_tokens(mx.array([[0]])).dtype  # default: the activations'
         budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory

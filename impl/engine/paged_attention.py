@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from impl.attention import scaled_dot_product_attention_grouped
+from impl.attention import scaled_dot_product_attention_grouped, sliding_window_mask
 from impl.engine.attention_metadata import AttentionMetadata
 from impl.native import kernels
 
@@ -63,9 +63,10 @@ def check_block_ids(k_pool: mx.array, meta: AttentionMetadata) -> None:
 
 
 def paged_attention_mlx(qkv: mx.array, k_pool: mx.array, v_pool: mx.array, rope, meta: AttentionMetadata,
-                        n_heads: int, n_kv_heads: int, scale: float | None = None
+                        n_heads: int, n_kv_heads: int, scale: float | None = None, window: int | None = None
                         ) -> tuple[mx.array, mx.array, mx.array]:
-    """The twin (topic 3.1): qkv (1, T, (H + 2 H_kv) D) -> (out (1, T, H D), k_pool', v_pool')."""
+    """The twin (topic 3.1): qkv (1, T, (H + 2 H_kv) D) -> (out (1, T, H D), k_pool', v_pool').
+    window: each query sees itself and the window - 1 positions before it (Gemma 3's local layers)."""
     check_paged_attention(qkv, k_pool, v_pool, meta, n_heads, n_kv_heads)
     check_block_ids(k_pool, meta)
     T, H, H_kv = qkv.shape[1], n_heads, n_kv_heads
@@ -83,7 +84,8 @@ def paged_attention_mlx(qkv: mx.array, k_pool: mx.array, v_pool: mx.array, rope,
         values = gather(v_pool, table, context).astype(qkv.dtype)
         q_b = q[row:row + n, 0].transpose(1, 0, 2)[None]  # (1, H, n, D): positions context - n ...
         row += n
-        out = scaled_dot_product_attention_grouped(q_b, keys, values, scale=scale, mask="causal")  # lower-right
+        mask = "causal" if window is None else sliding_window_mask(n, context, window, q_b.dtype)  # lower-right
+        out = scaled_dot_product_attention_grouped(q_b, keys, values, scale=scale, mask=mask)
         outs.append(out[0].transpose(1, 0, 2).reshape(n, H * D))
     return mx.concatenate(outs, axis=0)[None], k_pool, v_pool
 
@@ -107,13 +109,14 @@ def gather(pool: mx.array, table: mx.array, context: int) -> mx.array:
 
 
 def paged_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.array, rope, meta: AttentionMetadata,
-                    n_heads: int, n_kv_heads: int, scale: float | None = None
+                    n_heads: int, n_kv_heads: int, scale: float | None = None, window: int | None = None
                     ) -> tuple[mx.array, mx.array, mx.array]:
     """RoPE, the cache write and attention through the block tables in one kernel node on the
-    CPU when built (topic 3.2); the twin otherwise. Returns (out (1, T, H D), k_pool', v_pool')."""
+    CPU when built (topic 3.2); the twin otherwise, and for a sliding window (Gemma 3's local
+    layers), which the kernel does not take. Returns (out (1, T, H D), k_pool', v_pool')."""
     kernel = getattr(kernels, "paged_attention", None)
-    if kernel is None or mx.default_device() != mx.cpu:
-        return paged_attention_mlx(qkv, k_pool, v_pool, rope, meta, n_heads, n_kv_heads, scale)
+    if kernel is None or mx.default_device() != mx.cpu or window is not None:
+        return paged_attention_mlx(qkv, k_pool, v_pool, rope, meta, n_heads, n_kv_heads, scale, window)
     check_paged_attention(qkv, k_pool, v_pool, meta, n_heads, n_kv_heads)
     rope._check(max(meta.context_lens_list) - 1)
     # The old pools go into the graph and nowhere else, so the kernel may write into them.
