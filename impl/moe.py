@@ -9,7 +9,9 @@ through, scaled by sigmoid(x . w_shared_gate).
 
 `experts_grouped` runs each expert once, on the rows routed to it (the token-expert pairs
 sorted by expert, then scatter-added back); `experts_dense_mlx` is its readable twin, each
-token's k experts gathered and applied to that token alone.
+token's k experts gathered and applied to that token alone. Quantized experts go through
+`gather_quantized_matmul` (each row times its expert's quantized weights: the C++ kernel when
+built, as mx.gather_qmm computes it), one call per projection for all the sorted rows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import mlx.core as mx
 from impl.basics import linear, silu, softmax
 from impl.config import ModelArgs
 from impl.mlp import MLP
+from impl.native import kernels
 from impl.quantize import dequantize
 from impl.quantized_weight import QuantizedWeight
 
@@ -92,23 +95,55 @@ def swiglu_expert(x: mx.array, gate, up, down) -> mx.array:
     return linear(silu(linear(x, gate)) * linear(x, up), down)
 
 
+def gather_quantized_matmul_mlx(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                                indices: mx.array, group_size: int = 64, bits: int = 4) -> mx.array:
+    """Row m of x times expert indices[m]'s quantized weights: x (M, K), w_q (X, N, K * bits / 32),
+    scales/biases (X, N, K / group_size), indices (M,) -> (M, N) in x's dtype, fp32 accumulation; a
+    row whose index is >= X (routed to no expert) is 0. The pure-MLX twin of the kernel (topic 3.3)."""
+    X = w_q.shape[0]
+    safe = mx.minimum(indices, X - 1)  # (M,): a valid expert to gather for every row
+    w = dequantize(w_q[safe], scales[safe], biases[safe], group_size, bits, mx.float32)  # (M, N, K)
+    y = (x.astype(mx.float32)[:, None, :] @ w.swapaxes(-1, -2))[:, 0]  # (M, N)
+    return mx.where((indices < X)[:, None], y, 0.0).astype(x.dtype)
+
+
+def gather_quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                            indices: mx.array, group_size: int = 64, bits: int = 4) -> mx.array:
+    """As gather_quantized_matmul_mlx, on the C++ kernel when it is built and MLX computes on the CPU;
+    rows sorted by expert make one quantized matmul per expert there (topic 3.3)."""
+    kernel = getattr(kernels, "gather_quantized_matmul", None)
+    if kernel is not None and mx.default_device() == mx.cpu:
+        return kernel(x, w_q, scales, biases, indices, group_size, bits)
+    return gather_quantized_matmul_mlx(x, w_q, scales, biases, indices, group_size, bits)
+
+
+def _gathered(x: mx.array, w: QuantizedWeight, ids: mx.array) -> mx.array:
+    return gather_quantized_matmul(x, w.w_q, w.scales, w.biases, ids, w.group_size, w.bits)
+
+
 def experts_grouped(x: mx.array, weights: mx.array, indices: mx.array, experts: Experts) -> mx.array:
     """sum_j weights[t, j] * expert_{indices[t, j]}(x[t]) for each token t: x (T, E), weights and
     indices (T, k) -> (T, E). Each expert runs once, on the rows routed to it: the T k token-expert
-    pairs sorted by expert, one matmul chain per expert hit, then scatter-added back to their tokens
-    (topic 3.3)."""
+    pairs sorted by expert, one matmul chain per expert hit, then scatter-added back to their tokens.
+    An index >= X (transformers' "no expert") adds nothing (topic 3.3)."""
     T, k = indices.shape
-    flat = indices.reshape(-1)  # (T k,): pair p is token p // k's j-th choice
+    flat = indices.reshape(-1).astype(mx.uint32)  # (T k,): pair p is token p // k's j-th choice
     order = mx.argsort(flat)  # (T k,): pairs grouped by expert
-    counts = mx.sum(flat[:, None] == mx.arange(experts.num_experts), axis=0).tolist()  # rows per expert
     tokens = order // k  # (T k,): each sorted pair's token
     rows = x[tokens]  # (T k, E)
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:  # an expert no token chose costs nothing
-            outs.append(swiglu_expert(rows[start:start + n], *experts.expert(e)))  # (n, E)
-            start += n
-    y = mx.concatenate(outs) * weights.reshape(-1)[order][:, None]  # (T k, E), each row weighted
+    if isinstance(experts.gate, QuantizedWeight):  # one gathered kernel call per projection, no host sync
+        ids = flat[order]  # (T k,) sorted: one run of rows per expert
+        y = _gathered(silu(_gathered(rows, experts.gate, ids)) * _gathered(rows, experts.up, ids), experts.down, ids)
+    else:
+        counts = mx.sum(flat[:, None] == mx.arange(experts.num_experts), axis=0).tolist()  # rows per expert
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:  # an expert no token chose costs nothing
+                outs.append(swiglu_expert(rows[start:start + n], *experts.expert(e)))  # (n, E)
+                start += n
+        outs.append(mx.zeros((T * k - start, x.shape[-1]), x.dtype))  # pairs routed to no expert (index >= X)
+        y = mx.concatenate(outs)  # (T k, E)
+    y = y * weights.reshape(-1)[order][:, None]  # (T k, E), each row weighted
     return mx.zeros_like(x).at[tokens].add(y.astype(x.dtype))  # (T, E): the k rows of a token summed
 
 
@@ -116,6 +151,9 @@ def experts_dense_mlx(x: mx.array, weights: mx.array, indices: mx.array, experts
     """The readable twin of `experts_grouped`: each token's k experts' weights gathered
     ((T, k, I, E), ...) and applied to that token alone, then the weighted sum over k (topic 3.3)."""
     gate, up, down = experts.dense(mx.float32)
+    X = gate.shape[0]
+    weights = mx.where(indices < X, weights, 0)  # an index >= X: no expert, nothing added
+    indices = mx.minimum(indices, X - 1)  # (T, k), valid for the gather
     xt = x.astype(mx.float32)[:, None, None, :]  # (T, 1, 1, E)
     g = xt @ gate[indices].swapaxes(-1, -2)  # (T, k, 1, I)
     u = xt @ up[indices].swapaxes(-1, -2)  # (T, k, 1, I)

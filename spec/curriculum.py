@@ -52,7 +52,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("2.7", "chunked prefill", ("2.6",), "invariances: chunked == whole prefill for every chunk size; decode never stalled by a long prompt", "day_2_7_chunked_prefill.py"),
     Topic("3.1", "paged KV cache and block manager", ("2.7",), "invariances: paged == contiguous for every block size, preempted == never preempted; block manager by a Hypothesis state machine", "day_3_1_paged_kv_cache.py"),
     Topic("3.2", "paged attention kernel, prefix caching", ("3.1",), "paged kernel == twin == torch SDPA; prefix-cache hit == miss", "day_3_2_paged_attention.py"),
-    Topic("3.3", "mixture of experts", ("1.5", "2.6"), "torch softmax/topk, pure-MLX twin, mlx-lm SwitchGLU; transformers Mixtral/Qwen2-MoE/Qwen3-MoE (HF folders and GGUF); engine batched == alone", "day_3_3_moe.py"),
+    Topic("3.3", "mixture of experts", ("1.5", "2.6"), "torch softmax/topk, pure-MLX twins, mlx-lm SwitchGLU, mx.gather_qmm; transformers Mixtral/Qwen2-MoE/Qwen3-MoE (HF folders and GGUF); engine batched == alone", "day_3_3_moe.py"),
     Topic("3.4", "speculative decoding (draft model, n-gram)", ("2.1",), ""),
     Topic("3.5", "prefill-decode separation", ("3.1",), ""),
     Topic("3.6", "parallelism: tensor parallel over mlx.distributed", ("1.5",), ""),

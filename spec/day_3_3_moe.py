@@ -6,6 +6,10 @@ for Mixtral and when `norm_topk_prob`); Qwen2-MoE adds a shared expert gated by 
 experts are computed grouped: the token-expert pairs sorted by expert, each expert run once on its
 rows, the results scatter-added back, never every expert on every token.
 
+Quantized experts (a GGUF's, kept quantized) go through a gathered quantized matmul, each row times
+its expert's quantized weights: a C++ kernel (tiny_llm_kernels.gather_quantized_matmul) checked
+against its pure-MLX twin, against mx.gather_qmm, and row for row against topic 2.2's kernel.
+
 Checked against: torch's softmax and topk (the router), the pure-MLX twin that gathers each token's
 experts (the grouped computation, at fp32), mlx-lm's SwitchGLU (the experts), transformers'
 MixtralForCausalLM, Qwen2MoeForCausalLM and Qwen3MoeForCausalLM on tiny random configs (the MoE
@@ -36,12 +40,14 @@ from spec.engine_cases import (
     random_prompts,
     run,
 )
-from spec.ladder import FP32, MODEL_FP32, assert_close, assert_greedy_tokens
+from spec.ladder import BY_DTYPE, FP32, MODEL_FP32, assert_close, assert_greedy_tokens
+
+BUILD = "pip install --no-build-isolation ./kernels  (needs a C++ compiler, cmake, mlx, nanobind>=3,<4)"
 
 NAMES = {
     "config": ["ModelArgs"],
     "moe": ["route", "top_k_experts", "Experts", "swiglu_expert", "experts_grouped", "experts_dense_mlx",
-            "SparseMoeBlock", "stack_experts"],
+            "SparseMoeBlock", "stack_experts", "gather_quantized_matmul", "gather_quantized_matmul_mlx"],
     "loader": ["load_model"],
 }
 ARCHITECTURES = ["mixtral", "qwen2-moe", "qwen3-moe"]  # one tiny config of each (reference/tiny_models.py)
@@ -167,6 +173,19 @@ def test_experts_grouped_matches_the_gathered_twin(impl, data):
     assert_close(got, want, FP32, f"grouped vs twin T={T} X={X} k={k} hot={hot}")
 
 
+def test_a_pair_routed_to_no_expert_adds_nothing(impl):
+    """transformers' experts skip index X (one past the last expert): so do the grouped form and the twin."""
+    X = 4
+    experts = random_experts(impl, 8, X, 32, 24)
+    weights, indices = random_routing(9, 6, X, 2)
+    x = mx.array(np.random.default_rng(10).standard_normal((6, 32)).astype(np.float32))
+    cut = mx.array(np.where(np.arange(12).reshape(6, 2) % 3 == 0, X, np.array(indices)).astype(np.uint32))
+    keep = mx.array(np.where(np.array(cut) == X, 0.0, np.array(weights)).astype(np.float32))
+    want = impl.moe.experts_dense_mlx(x, keep, mx.minimum(cut, X - 1), experts)  # those pairs weighted 0
+    for f in (impl.moe.experts_grouped, impl.moe.experts_dense_mlx):
+        assert_close(f(x, weights, cut, experts), want, FP32, f"{f.__name__} with pairs routed to no expert")
+
+
 def test_experts_grouped_runs_each_expert_once_on_its_rows(impl, monkeypatch):
     """Grouped, not dense: one call per expert that some token chose, on exactly its rows."""
     T, X, k = 10, 6, 2
@@ -193,6 +212,95 @@ def test_experts_match_mlx_lm_switch_glu(impl, T):
     x = mx.array(np.random.default_rng(5).standard_normal((T, E)).astype(np.float32))
     want = mx.sum(switch(x, indices) * weights[..., None], axis=-2)  # (T, k, E) weighted, summed over k
     assert_close(impl.moe.experts_grouped(x, weights, indices, experts), want, FP32, f"vs SwitchGLU, T={T}")
+
+
+# --- quantized experts: the gathered quantized matmul ------------------------------------------
+
+
+def quantized_experts(X: int, N: int, K: int, bits: int, group: int, dtype, seed: int):
+    """(w_q (X, N, K bits / 32), scales, biases (X, N, K / group)) of random experts, mx.quantize's."""
+    w = mx.random.normal((X, N, K), key=mx.random.key(seed)) / np.sqrt(K)
+    w_q, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    return w_q, scales.astype(dtype), biases.astype(dtype)
+
+
+@pytest.fixture
+def kernel(impl):
+    kernels = impl.native.kernels
+    if kernels is None or not hasattr(kernels, "gather_quantized_matmul"):
+        pytest.fail(f"tiny_llm_kernels is not built, or built before gather_quantized_matmul: {BUILD}")
+    return kernels.gather_quantized_matmul
+
+
+@given(data=st.data())
+def test_gather_quantized_matmul_kernel_matches_twin_and_mx(impl, kernel, data):
+    bits = data.draw(st.sampled_from([4, 8]), label="bits")
+    group = data.draw(st.sampled_from([32, 64, 128]), label="group_size")
+    dtype = data.draw(st.sampled_from([mx.float32, mx.float16, mx.bfloat16]), label="dtype")
+    X = data.draw(st.integers(1, 6), label="experts")
+    M = data.draw(st.integers(1, 40), label="rows (token-expert pairs)")
+    N = 8 * data.draw(st.integers(1, 12), label="N / 8")
+    K = group * data.draw(st.integers(1, 3), label="K / group")
+    ordered = data.draw(st.booleans(), label="rows sorted by expert")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    w_q, scales, biases = quantized_experts(X, N, K, bits, group, dtype, seed)
+    g = np.random.default_rng(seed)
+    ids = g.integers(0, X, M)
+    ids = np.sort(ids) if ordered else ids
+    indices = mx.array(ids.astype(np.uint32))
+    x = mx.array(g.standard_normal((M, K)).astype(np.float32)).astype(dtype)
+    twin = impl.moe.gather_quantized_matmul_mlx(x, w_q, scales, biases, indices, group, bits)
+    got = kernel(x, w_q, scales, biases, indices, group, bits)
+    what = f"M={M} X={X} N={N} K={K} bits={bits} group={group} {dtype} sorted={ordered}"
+    assert got.dtype == dtype and got.shape == (M, N), what
+    # Both accumulate in fp32 from the same dequantized values; in fp16/bf16 the output rounds once.
+    assert_close(got, twin, BY_DTYPE[str(dtype).removeprefix("mlx.core.")], f"kernel vs twin, {what}")
+    # mx.gather_qmm on fp32 inputs (its CPU path accumulates in the inputs' dtype), rounded once at the end.
+    f32 = [a.astype(mx.float32) for a in (x, scales, biases)]
+    want = mx.gather_qmm(f32[0][:, None, :], w_q, f32[1], f32[2], rhs_indices=indices, transpose=True,
+                         group_size=group, bits=bits)[:, 0]  # (M, 1, K) rows, one expert each -> (M, N)
+    assert_close(twin, want.astype(dtype), BY_DTYPE[str(dtype).removeprefix("mlx.core.")],
+                 f"twin vs mx.gather_qmm, {what}")
+
+
+def test_gather_quantized_matmul_rows_are_topic_2_2s(impl, kernel):
+    """Each row's bits are those the quantized-matmul kernel gives it on its expert's weights alone, and
+    a row with index >= X (no expert) is 0, in the twin too."""
+    X, N, K = 5, 40, 64
+    w_q, scales, biases = quantized_experts(X, N, K, 4, 32, mx.float32, 11)
+    ids = np.array([2, 2, 2, 0, 4, 4, 1, 5, 3, 3, 3, 3], np.uint32)  # 5: routed to no expert
+    x = mx.array(np.random.default_rng(12).standard_normal((len(ids), K)).astype(np.float32))
+    got = np.array(kernel(x, w_q, scales, biases, mx.array(ids), 32, 4))
+    for m, e in enumerate(ids):
+        if e < X:
+            alone = impl.native.kernels.quantized_matmul(x[m:m + 1], w_q[int(e)], scales[int(e)], biases[int(e)], 32, 4)
+            assert (got[m] == np.array(alone)[0]).all(), f"row {m} (expert {e}) differs from quantized_matmul's"
+    assert (got[7] == 0).all(), "a row routed to no expert is 0"
+    twin = impl.moe.gather_quantized_matmul_mlx(x, w_q, scales, biases, mx.array(ids), 32, 4)
+    assert (np.array(twin)[7] == 0).all(), "the twin: a row routed to no expert is 0"
+
+
+def test_gather_quantized_matmul_rejects_bad_shapes(kernel):
+    w_q, scales, biases = quantized_experts(3, 16, 64, 4, 32, mx.float32, 0)
+    x, ids = mx.zeros((4, 64)), mx.array([0, 1, 2, 0], dtype=mx.uint32)
+    cases = [(mx.zeros((4, 32)), w_q, ids, "K = 32"), (x, w_q, ids[:3], "indices must be"),
+             (x, w_q[0], ids, "3-D uint32")]
+    for xx, ww, ii, expect in cases:
+        with pytest.raises(ValueError, match=expect):
+            kernel(xx, ww, scales, biases, ii, 32, 4)
+
+
+def test_quantized_experts_use_the_gathered_kernel(impl, kernel):
+    """The MoE block on quantized experts == the twin on the same experts dequantized."""
+    X, E, I, T, k = 6, 64, 32, 9, 2
+    w = {n: quantized_experts(X, *shape, 4, 32, mx.float32, s)
+         for s, (n, shape) in enumerate({"gate": (I, E), "up": (I, E), "down": (E, I)}.items())}
+    Q = impl.quantized_weight.QuantizedWeight
+    experts = impl.moe.Experts(*(Q(*w[n], 32, 4) for n in ("gate", "up", "down")))
+    weights, indices = random_routing(13, T, X, k)
+    x = mx.array(np.random.default_rng(14).standard_normal((T, E)).astype(np.float32))
+    got = impl.moe.experts_grouped(x, weights, indices, experts)
+    assert_close(got, impl.moe.experts_dense_mlx(x, weights, indices, experts), FP32, "quantized experts vs the twin")
 
 
 # --- the block and the models against transformers -------------------------------------------
