@@ -24,7 +24,7 @@ from impl.basics import linear, silu, softmax
 from impl.config import ModelArgs
 from impl.mlp import MLP
 from impl.native import kernels
-from impl.quantize import dequantize
+from impl.quantize import FLOATS, dequantize
 from impl.quantized_weight import QuantizedWeight
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -95,11 +95,44 @@ def swiglu_expert(x: mx.array, gate, up, down) -> mx.array:
     return linear(silu(linear(x, gate)) * linear(x, up), down)
 
 
+def check_gather_quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                                  indices: mx.array, group_size: int, bits: int) -> None:
+    """One-line ValueErrors, the kernel's words, for what neither the twin nor the kernel computes: 4 or
+    8 bits, groups of 32, 64 or 128, w_q (X, N, K * bits / 32) uint32, x (M, K) float, scales and biases
+    (X, N, K / group_size) float, indices (M,) uint32 (topic 3.3)."""
+    def fail(what: str):
+        raise ValueError(f"gather_quantized_matmul: {what}")
+
+    def _name(dtype: mx.Dtype) -> str:
+        return str(dtype).removeprefix("mlx.core.")
+
+    if bits not in (4, 8):
+        fail(f"bits must be 4 or 8, got {bits}")
+    if group_size not in (32, 64, 128):
+        fail(f"group_size must be 32, 64 or 128, got {group_size}")
+    if w_q.ndim != 3 or w_q.dtype != mx.uint32:
+        fail(f"w_q must be a 3-D uint32 array (X, N, K * bits / 32), got {w_q.shape} {_name(w_q.dtype)}")
+    if x.ndim != 2 or x.dtype not in FLOATS:
+        fail(f"x must be float32, float16 or bfloat16 with shape (M, K), got {x.shape} {_name(x.dtype)}")
+    X, N, K = w_q.shape[0], w_q.shape[1], x.shape[1]
+    if w_q.shape[2] * 32 // bits != K:
+        fail(f"x has K = {K} but w_q {w_q.shape} holds {w_q.shape[2] * 32 // bits} {bits}-bit values per row")
+    if K == 0 or K % group_size:
+        fail(f"K = {K} must be a positive multiple of group_size = {group_size}")
+    if scales.shape != (X, N, K // group_size) or biases.shape != scales.shape:
+        fail(f"scales and biases must be {(X, N, K // group_size)}, got {scales.shape} and {biases.shape}")
+    if scales.dtype not in FLOATS or biases.dtype not in FLOATS:
+        fail("scales and biases must be float32, float16 or bfloat16")
+    if indices.ndim != 1 or indices.shape[0] != x.shape[0] or indices.dtype != mx.uint32:
+        fail(f"indices must be a uint32 (M,) = ({x.shape[0]},) array, got {indices.shape} {_name(indices.dtype)}")
+
+
 def gather_quantized_matmul_mlx(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
                                 indices: mx.array, group_size: int = 64, bits: int = 4) -> mx.array:
     """Row m of x times expert indices[m]'s quantized weights: x (M, K), w_q (X, N, K * bits / 32),
     scales/biases (X, N, K / group_size), indices (M,) -> (M, N) in x's dtype, fp32 accumulation; a
     row whose index is >= X (routed to no expert) is 0. The pure-MLX twin of the kernel (topic 3.3)."""
+    check_gather_quantized_matmul(x, w_q, scales, biases, indices, group_size, bits)
     X = w_q.shape[0]
     safe = mx.minimum(indices, X - 1)  # (M,): a valid expert to gather for every row
     w = dequantize(w_q[safe], scales[safe], biases[safe], group_size, bits, mx.float32)  # (M, N, K)

@@ -47,7 +47,8 @@ BUILD = "pip install --no-build-isolation ./kernels  (needs a C++ compiler, cmak
 NAMES = {
     "config": ["ModelArgs"],
     "moe": ["route", "top_k_experts", "Experts", "swiglu_expert", "experts_grouped", "experts_dense_mlx",
-            "SparseMoeBlock", "stack_experts", "gather_quantized_matmul", "gather_quantized_matmul_mlx"],
+            "SparseMoeBlock", "stack_experts", "gather_quantized_matmul", "gather_quantized_matmul_mlx",
+            "check_gather_quantized_matmul"],
     "loader": ["load_model"],
 }
 ARCHITECTURES = ["mixtral", "qwen2-moe", "qwen3-moe"]  # one tiny config of each (reference/tiny_models.py)
@@ -280,14 +281,47 @@ def test_gather_quantized_matmul_rows_are_topic_2_2s(impl, kernel):
     assert (np.array(twin)[7] == 0).all(), "the twin: a row routed to no expert is 0"
 
 
-def test_gather_quantized_matmul_rejects_bad_shapes(kernel):
+BAD_GATHER = {  # case -> (what changes, a word of the message)
+    "bits": (dict(bits=3), "bits must be 4 or 8"), "group": (dict(group_size=16), "group_size must be"),
+    "2-D w_q": (dict(w_q=0), "3-D uint32"), "x of other K": (dict(x=(4, 32)), "x has K = 32"),
+    "x 3-D": (dict(x=(1, 4, 64)), "shape (M, K)"), "x int": (dict(x="int32"), "x must be float32"),
+    "scales shape": (dict(scales=1), "scales and biases must be (3, 16, 2)"),
+    "indices length": (dict(indices=3), "indices must be a uint32 (M,) = (4,)"),
+    "indices int32": (dict(indices="int32"), "indices must be a uint32"),
+}
+
+
+def bad_gather_case(case: str) -> tuple:
     w_q, scales, biases = quantized_experts(3, 16, 64, 4, 32, mx.float32, 0)
-    x, ids = mx.zeros((4, 64)), mx.array([0, 1, 2, 0], dtype=mx.uint32)
-    cases = [(mx.zeros((4, 32)), w_q, ids, "K = 32"), (x, w_q, ids[:3], "indices must be"),
-             (x, w_q[0], ids, "3-D uint32")]
-    for xx, ww, ii, expect in cases:
-        with pytest.raises(ValueError, match=expect):
-            kernel(xx, ww, scales, biases, ii, 32, 4)
+    a = dict(x=mx.zeros((4, 64)), w_q=w_q, scales=scales, biases=biases,
+             indices=mx.array([0, 1, 2, 0], dtype=mx.uint32), group_size=32, bits=4)
+    change, _ = BAD_GATHER[case]
+    for k, v in change.items():
+        if k == "x":
+            a["x"] = mx.zeros(v) if isinstance(v, tuple) else mx.zeros((4, 64), dtype=mx.int32)
+        elif k == "w_q":
+            a["w_q"] = w_q[0]
+        elif k == "scales":
+            a["scales"] = scales[:, :, :1]
+        elif k == "indices":
+            a["indices"] = a["indices"][:v] if isinstance(v, int) else a["indices"].astype(mx.int32)
+        else:
+            a[k] = v
+    return tuple(a.values())
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GATHER))
+def test_gather_twin_and_kernel_reject_the_same_inputs(impl, kernel, case):
+    """check_gather_quantized_matmul states the contract; the twin calls it, the kernel checks the same in C++."""
+    messages = {}
+    for name, f in {"check": impl.moe.check_gather_quantized_matmul, "kernel": kernel,
+                    "twin": impl.moe.gather_quantized_matmul_mlx}.items():
+        with pytest.raises(ValueError) as e:
+            f(*bad_gather_case(case))
+        messages[name] = str(e.value)
+    assert BAD_GATHER[case][1] in messages["kernel"] and messages["kernel"].startswith("gather_quantized_matmul: "), \
+        f"{case}: {messages['kernel']}"
+    assert len(set(messages.values())) == 1, f"{case}: the three say different things: {messages}"
 
 
 def test_quantized_experts_use_the_gathered_kernel(impl, kernel):
