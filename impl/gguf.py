@@ -98,9 +98,10 @@ def _decoded(tensors: dict[str, GGUFTensor]) -> dict:
         if triple is None:
             out[name] = mx.array(dequantize(t.data, t.type, t.shape))
             continue
-        w_q, scales, biases, _bits = triple
+        lead = tuple(t.shape[:-1])  # (N,), or (X, N) for stacked experts (topic 3.3): the triple's rows
+        w_q, scales, biases = (mx.array(a).reshape(*lead, -1) for a in triple[:3])
         base = name.removesuffix(".weight")
-        out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(w_q), mx.array(scales), mx.array(biases)
+        out[name], out[f"{base}.scales"], out[f"{base}.biases"] = w_q, scales, biases
     return out
 
 

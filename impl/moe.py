@@ -164,11 +164,14 @@ def experts_grouped(x: mx.array, weights: mx.array, indices: mx.array, experts: 
     order = mx.argsort(flat)  # (T k,): pairs grouped by expert
     tokens = order // k  # (T k,): each sorted pair's token
     rows = x[tokens]  # (T k, E)
-    if isinstance(experts.gate, QuantizedWeight):  # one gathered kernel call per projection, no host sync
+    if all(isinstance(w, QuantizedWeight) for w in (experts.gate, experts.up, experts.down)):
+        # One gathered kernel call per projection, no host sync. (A GGUF may keep some projections
+        # dense, e.g. Q6_K ones: those experts take the loop below, which runs either kind.)
         ids = flat[order]  # (T k,) sorted: one run of rows per expert
         y = _gathered(silu(_gathered(rows, experts.gate, ids)) * _gathered(rows, experts.up, ids), experts.down, ids)
     else:
-        counts = mx.sum(flat[:, None] == mx.arange(experts.num_experts), axis=0).tolist()  # rows per expert
+        # Rows per expert, on the host (a sync): the group sizes are the bounds of the slices below.
+        counts = mx.sum(flat[:, None] == mx.arange(experts.num_experts), axis=0).tolist()
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n:  # an expert no token chose costs nothing

@@ -15,7 +15,7 @@ experts (the grouped computation, at fp32), mlx-lm's SwitchGLU (the experts), tr
 MixtralForCausalLM, Qwen2MoeForCausalLM and Qwen3MoeForCausalLM on tiny random configs (the MoE
 block alone; logits on the MODEL_FP32 rung; greedy tokens while the top-2 gap is clear), loaded
 from the HF folders transformers saves and from GGUFs the gguf package writes (llama.cpp's stacked
-ffn_*_exps tensors, F32 and Q8_0). No MoE checkpoint ships offline: every model here is a tiny
+ffn_*_exps tensors, F32, Q8_0 and Q5_0). No MoE checkpoint ships offline: every model here is a tiny
 random one with fixed seeds.
 
 The engine (impl.engine, topic 2.6's contiguous cache) runs a tiny MoE model: batched == alone.
@@ -335,6 +335,9 @@ def test_quantized_experts_use_the_gathered_kernel(impl, kernel):
     x = mx.array(np.random.default_rng(14).standard_normal((T, E)).astype(np.float32))
     got = impl.moe.experts_grouped(x, weights, indices, experts)
     assert_close(got, impl.moe.experts_dense_mlx(x, weights, indices, experts), FP32, "quantized experts vs the twin")
+    # A GGUF may keep one projection dense (Q6_K is decoded to fp32): the same sums.
+    mixed = impl.moe.Experts(experts.gate, experts.up, experts.dense()[2])
+    assert_close(impl.moe.experts_grouped(x, weights, indices, mixed), got, FP32, "dense down, quantized gate/up")
 
 
 # --- the block and the models against transformers -------------------------------------------
@@ -401,14 +404,16 @@ def test_moe_gguf_loads_to_the_same_logits(impl, tiny, tmp_path, kind):
         assert got == (b.model_type, b.num_experts, b.num_experts_per_tok, b.moe_intermediate_size,
                        b.norm_topk_prob), f"{kind}: GGUF's MoE metadata {got}"
         assert_close(loaded.model(ids), want, MODEL_FP32, f"{kind} from an F32 GGUF (quantized={quantized})")
-    # Q8_0 experts, kept quantized (stacked affine triples) vs the same file dequantized at load.
-    q8 = tiny_gguf(ref, tmp_path / f"{kind}-q8.gguf", "Q8_0")
-    kept = impl.loader.load_model(q8, quantized=True)
-    experts = kept.model.layers[0].mlp.experts
-    assert not isinstance(experts.gate, mx.array), f"{kind}: quantized=True keeps the experts quantized"
-    # The same dequantized values multiplied in fp32 (the kernel or the twin): summation order only.
-    assert_close(kept.model(ids), impl.loader.load_model(q8, quantized=False).model(ids), MODEL_FP32,
-                 f"{kind} Q8_0 experts kept quantized vs dequantized")
+    # Quantized experts kept quantized (stacked affine triples) vs the same file dequantized at load:
+    # Q8_0 as mx.load reads it, Q5_0 through impl's own GGUF decoding.
+    for qtype in ("Q8_0", "Q5_0"):
+        path = tiny_gguf(ref, tmp_path / f"{kind}-{qtype}.gguf", qtype)
+        kept = impl.loader.load_model(path, quantized=True)
+        experts = kept.model.layers[0].mlp.experts
+        assert not isinstance(experts.gate, mx.array), f"{kind}: quantized=True keeps {qtype} experts quantized"
+        # The same dequantized values multiplied in fp32 (the kernel or the twin): summation order only.
+        assert_close(kept.model(ids), impl.loader.load_model(path, quantized=False).model(ids), MODEL_FP32,
+                     f"{kind} {qtype} experts kept quantized vs dequantized")
 
 
 def test_hf_folder_experts_are_stacked(impl, tiny):
