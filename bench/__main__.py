@@ -1,6 +1,7 @@
 """`python -m bench [--quick] ...`: the batch-1 benchmark (bench.single);
 `python -m bench --serving [--quick] ...`: the serving benchmark (bench.serving);
-`python -m bench --online [--quick] ...`: the online serving benchmark (bench.online)."""
+`python -m bench --online [--quick] ...`: the online serving benchmark (bench.online);
+`python -m bench --moe [--quick]`: mixture of experts, layer and kernel (bench.moe)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--moe" in argv:
+        from bench import moe
+
+        return moe.main([a for a in argv if a != "--moe"])
     if "--online" in argv:
         from bench import online
 

@@ -1,18 +1,20 @@
-"""The model configuration, with Hugging Face field names (topic 1.5)."""
+"""The model configuration, with Hugging Face field names (topic 1.5; the mixture-of-experts fields:
+topic 3.3)."""
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SLIDING, FULL = "sliding_attention", "full_attention"  # HF's layer_types
 
 
 @dataclass
 class ModelArgs:
-    """Llama / Qwen2 / Qwen3 / Gemma 3 hyper-parameters; `from_dict` reads an HF config.json and
-    ignores unknown keys."""
+    """Llama / Qwen2 / Qwen3 / Gemma 3 (and Mixtral / Qwen2-MoE / Qwen3-MoE) hyper-parameters;
+    `from_dict` reads an HF config.json and ignores unknown keys."""
 
     model_type: str
     hidden_size: int
@@ -40,6 +42,15 @@ class ModelArgs:
     final_logit_softcapping: float | None = None  # logits -> tanh(logits / c) * c
     hidden_activation: str | None = None  # Gemma's gate activation
     use_sliding_window: bool = False  # Qwen2/Qwen3's switch (unsupported)
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE)
+    num_experts: int | None = None  # Qwen's name; Mixtral's is num_local_experts
+    num_local_experts: int | None = None
+    num_experts_per_tok: int = 2  # top-k
+    moe_intermediate_size: int | None = None  # an expert's hidden size (Mixtral: intermediate_size)
+    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE's always-on expert; None or 0: none
+    norm_topk_prob: bool | None = None  # renormalize the top-k probabilities to sum 1 (Mixtral: always)
+    decoder_sparse_step: int = 1  # every n-th layer is sparse (Qwen)
+    mlp_only_layers: list[int] | None = None  # these layers keep a dense MLP (Qwen)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_ARCHITECTURES:
@@ -48,6 +59,7 @@ class ModelArgs:
             raise ValueError("mlp_bias=True is not supported (no Llama or Qwen checkpoint here uses it)")
         if self.use_sliding_window:
             raise ValueError(f"use_sliding_window=True is not supported for {self.model_type}")
+        self._check_experts()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -71,6 +83,26 @@ class ModelArgs:
             act = self.hidden_activation or "gelu_pytorch_tanh"
             if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
                 raise ValueError(f"hidden_activation {act!r} is not supported (Gemma 3 uses gelu_pytorch_tanh)")
+
+    def _check_experts(self) -> None:
+        if self.model_type not in MOE_ARCHITECTURES:
+            return
+        self.num_experts = self.num_experts or self.num_local_experts
+        if not self.num_experts or not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"{self.model_type} needs num_experts >= num_experts_per_tok >= 1, got"
+                             f" {self.num_experts} and {self.num_experts_per_tok}")
+        if self.model_type == "mixtral" and self.sliding_window:
+            raise ValueError("mixtral with a sliding_window is not supported (Mixtral 8x7B sets none)")
+        if self.model_type == "mixtral":  # Mixtral's experts are intermediate_size wide; it always renormalizes
+            self.moe_intermediate_size, self.norm_topk_prob = self.intermediate_size, True
+        self.moe_intermediate_size = self.moe_intermediate_size or self.intermediate_size
+        self.norm_topk_prob = bool(self.norm_topk_prob)  # transformers' default for Qwen: False
+        self.mlp_only_layers = list(self.mlp_only_layers or [])
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has a sparse MoE block (else a dense MLP), as transformers decides (topic 3.3)."""
+        return (self.model_type in MOE_ARCHITECTURES and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def window(self, layer: int) -> int | None:
         """Layer `layer`'s sliding window; None for a global (full-attention) layer."""

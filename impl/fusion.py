@@ -68,7 +68,7 @@ class KernelTransformerBlock(TransformerBlock):
         mlp.swiglu = swiglu  # the unfused path too: silu(gate) * up on the kernel
         # What the fused path needs of the weights, decided once (the decode loop calls this block 30
         # times a token): stacked quantized q/k/v and gate/up, no o bias, no q/k norm (Qwen3), a RoPE with tables.
-        self.fusable = (isinstance(attn.wqkv, QuantizedWeight) and isinstance(mlp.w_gate_up, QuantizedWeight)
+        self.fusable = (isinstance(attn.wqkv, QuantizedWeight) and isinstance(getattr(mlp, "w_gate_up", None), QuantizedWeight)
                         and attn.bo is None and attn.q_norm is None and isinstance(attn.rope, RoPE))
 
     def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,

@@ -25,7 +25,10 @@ GGUF_GROUP_SIZE = GROUP
 MX_LOAD_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
 
 # GGUF architecture -> HF model_type
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text",
+                 "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # Mixtral's GGUFs say llama, with experts
+# Whether an architecture renormalizes its top-k router weights when the file does not say (llama.cpp's).
+EXPERT_WEIGHTS_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 _NAMES = {
     "token_embd": "model.embed_tokens",
@@ -42,6 +45,15 @@ _NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_q_norm": "self_attn.q_norm",  # Qwen3, Gemma 3
     "attn_k_norm": "self_attn.k_norm",
+    # Mixture of experts (topic 3.3): the router, the experts stacked (X, out, in), Qwen2-MoE's shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # Gemma 3 has a norm before and after attention and the MLP: llama.cpp's ffn_norm is HF's pre-MLP norm.
 _GEMMA_NAMES = _NAMES | {
@@ -89,9 +101,10 @@ def _decoded(tensors: dict[str, GGUFTensor], requantize: bool) -> dict:
         if triple is None:
             out[name] = mx.array(dequantize(t.data, t.type, t.shape))
             continue
-        w_q, scales, biases, _bits = triple
+        lead = tuple(t.shape[:-1])  # (N,), or (X, N) for stacked experts (topic 3.3): the triple's rows
+        w_q, scales, biases = (mx.array(a).reshape(*lead, -1) for a in triple[:3])
         base = name.removesuffix(".weight")
-        out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(w_q), mx.array(scales), mx.array(biases)
+        out[name], out[f"{base}.scales"], out[f"{base}.biases"] = w_q, scales, biases
     return out
 
 
@@ -110,8 +123,15 @@ def args_from_metadata(meta: dict, tensor_names) -> ModelArgs:
     if arch == "gemma3":  # llama.cpp's: a window on 5 of 6 layers, local base 10k, scale head_dim ** -0.5
         gemma = dict(sliding_window=a("attention.sliding_window"), sliding_window_pattern=6,
                      rope_local_base_freq=10000.0)
+    experts = {}
+    if a("expert_count"):  # a mixture of experts (topic 3.3); llama with experts is Mixtral
+        experts = dict(num_experts=a("expert_count"), num_experts_per_tok=a("expert_used_count"),
+                       moe_intermediate_size=a("expert_feed_forward_length"),
+                       shared_expert_intermediate_size=a("expert_shared_feed_forward_length"),
+                       norm_topk_prob=bool(a("expert_weights_norm", EXPERT_WEIGHTS_NORM.get(arch, False))))
+    model_type = "mixtral" if arch == "llama" and experts else ARCHITECTURES[arch]
     return ModelArgs(
-        model_type=ARCHITECTURES[arch],
+        model_type=model_type,
         hidden_size=a("embedding_length"),
         num_hidden_layers=a("block_count"),
         intermediate_size=a("feed_forward_length"),
@@ -127,6 +147,7 @@ def args_from_metadata(meta: dict, tensor_names) -> ModelArgs:
         bos_token_id=_meta(meta, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_meta(meta, "tokenizer.ggml.eos_token_id"),
         **gemma,
+        **experts,
     )
 
 
@@ -148,12 +169,14 @@ def gguf_weights(tensors: dict, args: ModelArgs) -> dict:
     out = {}
     for name, t in tensors.items():
         key = hf_name(name, args.model_type)
-        # llama.cpp permutes Q/K rows for its interleaved RoPE, for llama only (qwen2 uses NEOX).
-        if args.model_type == "llama" and (".q_proj." in key or ".k_proj." in key):
+        # llama.cpp permutes Q/K rows for its interleaved RoPE, for llama (and Mixtral) only (qwen2 uses NEOX).
+        if args.model_type in ("llama", "mixtral") and (".q_proj." in key or ".k_proj." in key):
             heads = args.num_attention_heads if ".q_proj." in key else args.num_key_value_heads
             t = unpermute_rows(t, heads)
         if args.model_type == "gemma3_text" and key.endswith("norm.weight"):
             t = t - 1  # llama.cpp stores Gemma's norms as 1 + weight; HF's (and GemmaRMSNorm's) is the weight
+        if key.endswith("shared_expert_gate.weight") and t.ndim == 1:
+            t = t[None]  # llama.cpp keeps Qwen2-MoE's shared-expert gate as a vector (E,); HF's is (1, E)
         out[key] = t
     return out
 

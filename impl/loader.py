@@ -13,7 +13,7 @@ import mlx.core as mx
 from jinja2 import TemplateError
 
 from impl.chat_template import ChatTemplate
-from impl.config import ModelArgs
+from impl.config import MOE_ARCHITECTURES, ModelArgs
 from impl.errors import TinyLLMError
 from impl.gemma import GemmaModel
 from impl.gguf import (
@@ -25,6 +25,7 @@ from impl.gguf import (
 )
 from impl.model import Model
 from impl.model_files import KNOWN_MODELS, known_model_path
+from impl.moe import stack_experts
 from impl.quantize import dequantize
 from impl.quantized_weight import QuantizedWeight
 from impl.tokenizer import Tokenizer
@@ -184,6 +185,8 @@ def load_hf_folder(path: Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
         except (RuntimeError, ValueError) as e:
             raise TinyLLMError(f"cannot read {f}: {e}") from None
     weights = {k: v.astype(dtype) for k, v in weights.items()}
+    if args.model_type in MOE_ARCHITECTURES:  # per-expert tensors -> one stack per projection (topic 3.3)
+        weights = stack_experts(weights, args.num_hidden_layers)
     return LoadedModel(_build(args, weights, path), args, path)
 
 

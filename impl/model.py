@@ -1,6 +1,7 @@
 """The Llama / Qwen2 / Qwen3 model (topic 1.5): embedding, transformer block, the full stack.
 Qwen3 is Qwen2 without q/k/v biases and with an RMSNorm on each q and k head; Gemma 3 is in
-impl/gemma.py.
+impl/gemma.py. Mixtral, Qwen2-MoE and Qwen3-MoE are Llama, Qwen2 and Qwen3 with a sparse MoE
+block in place of the MLP (impl/moe.py, topic 3.3).
 
 Weights come in a dict with Hugging Face parameter names (see impl/loader.py),
 so loading is an identity map.
@@ -14,6 +15,7 @@ from impl.attention import Attention
 from impl.basics import linear
 from impl.config import ModelArgs
 from impl.mlp import MLP
+from impl.moe import SparseMoeBlock
 from impl.norm import RMSNorm
 from impl.rope import RoPE
 
@@ -53,8 +55,11 @@ class TransformerBlock:
             opt("self_attn.o_proj.bias"), rope=rope, sdpa=sdpa, wqkv=qkv, bqkv=opt("self_attn.qkv_proj.bias"),
             q_norm=head_norm("q_norm"), k_norm=head_norm("k_norm"),
         )
-        self.mlp = MLP(args.hidden_size, args.intermediate_size, unless(gate_up, "mlp.gate_proj.weight"),
-                       unless(gate_up, "mlp.up_proj.weight"), w("mlp.down_proj.weight"), w_gate_up=gate_up)
+        if opt("mlp.gate.weight") is not None:  # a router: a sparse MoE layer (topic 3.3)
+            self.mlp = SparseMoeBlock.from_weights(args, weights, f"{prefix}.mlp")
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size, unless(gate_up, "mlp.gate_proj.weight"),
+                           unless(gate_up, "mlp.up_proj.weight"), w("mlp.down_proj.weight"), w_gate_up=gate_up)
         self.input_layernorm = norm(args.hidden_size, w("input_layernorm.weight"), args.rms_norm_eps)
         self.post_attention_layernorm = norm(args.hidden_size, w("post_attention_layernorm.weight"),
                                              args.rms_norm_eps)

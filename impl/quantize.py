@@ -12,16 +12,17 @@ from impl.native import gpu_kernel, gpu_works, kernels
 
 def dequantize(w_q: mx.array, scales: mx.array, biases: mx.array, group_size: int = 64,
                bits: int = 4, dtype: mx.Dtype = mx.float32) -> mx.array:
-    """(N, K * bits / 32) uint32 + (N, K / group_size) scales/biases -> (N, K) `dtype`."""
+    """(..., N, K * bits / 32) uint32 + (..., N, K / group_size) scales/biases -> (..., N, K) `dtype`
+    (leading axes: the stacked experts of a mixture of experts)."""
     per_word = 32 // bits
-    N = w_q.shape[0]
+    lead = w_q.shape[:-1]  # (..., N)
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)  # (per_word,)
     # Value i of a word sits at bits [i*bits, (i+1)*bits): the first value is the low bits.
-    q = (w_q[..., None] >> shifts) & ((1 << bits) - 1)  # (N, K/per_word, per_word)
-    K = w_q.shape[1] * per_word
-    q = q.reshape(N, K // group_size, group_size).astype(mx.float32)  # (N, K/group_size, group_size)
+    q = (w_q[..., None] >> shifts) & ((1 << bits) - 1)  # (..., N, K/per_word, per_word)
+    K = w_q.shape[-1] * per_word
+    q = q.reshape(*lead, K // group_size, group_size).astype(mx.float32)  # (..., N, K/group_size, group_size)
     w = q * scales[..., None].astype(mx.float32) + biases[..., None].astype(mx.float32)
-    return w.reshape(N, K).astype(dtype)
+    return w.reshape(*lead, K).astype(dtype)
 
 
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)

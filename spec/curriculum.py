@@ -15,7 +15,9 @@ beyond the course outline's table, because the code does:
   CPU engine (test_topic_order checks the CPU topics; the GPU ones follow the same rule);
 - 2.6 needs 1.7 and 2.4: a request's SamplingParams are checked and sampled by 1.7's sampler,
   and the serving engine runs the week-2 model (2.4's kernels, 2.2's fused projections);
-- 3.1 needs 2.7: the engine prefills in chunks by default, and the paged specs run it so.
+- 3.1 needs 2.7: the engine prefills in chunks by default, and the paged specs run it so;
+- 3.3 needs 2.6 besides 1.5: its spec runs a tiny MoE model in the engine (batched == alone), on
+  topic 2.6's own contiguous cache and whole prefills.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("2.7", "chunked prefill", ("2.6",), "invariances: chunked == whole prefill for every chunk size; decode never stalled by a long prompt", "day_2_7_chunked_prefill.py"),
     Topic("3.1", "paged KV cache and block manager", ("2.7",), "invariances: paged == contiguous for every block size, preempted == never preempted; block manager by a Hypothesis state machine", "day_3_1_paged_kv_cache.py"),
     Topic("3.2", "paged attention kernel, prefix caching", ("3.1",), "paged kernel == twin == torch SDPA; prefix-cache hit == miss", "day_3_2_paged_attention.py"),
-    Topic("3.3", "mixture of experts", ("1.5",), ""),
+    Topic("3.3", "mixture of experts", ("1.5", "2.6"), "torch softmax/topk, pure-MLX twins, mlx-lm SwitchGLU, mx.gather_qmm; transformers Mixtral/Qwen2-MoE/Qwen3-MoE (HF folders and GGUF); engine batched == alone", "day_3_3_moe.py"),
     Topic("3.4", "speculative decoding (draft model, n-gram)", ("2.1",), ""),
     Topic("3.5", "prefill-decode separation", ("3.1",), ""),
     Topic("3.6", "parallelism: tensor parallel over mlx.distributed", ("1.5",), ""),

@@ -37,6 +37,15 @@ NB_MODULE(_ext, m) {
         "accumulated in float32 (twin: impl.quantize.quantized_matmul_bf16_mlx). From bf16_min_m\n"
         "rows on a CPU with AVX512-BF16 this runs VDPBF16PS (about 2x the float32 FLOPS), else the\n"
         "float32 kernels on the same rounded operands; only the order of the additions differs.");
+  m.def("gather_quantized_matmul", &tiny_llm::gather_quantized_matmul, "x"_a, "w_q"_a, "scales"_a, "biases"_a,
+        "indices"_a, "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
+        "y[m] = x[m] @ dequantize(w_q[e], scales[e], biases[e]).T with e = indices[m]: each row times\n"
+        "its expert's quantized weights (mixture of experts), on the CPU (twin:\n"
+        "impl.moe.gather_quantized_matmul_mlx; as mx.gather_qmm with rhs_indices).\n\n"
+        "x (M, K) float32/float16/bfloat16; w_q (X, N, K * bits / 32) uint32; scales and biases\n"
+        "(X, N, K / group_size); indices (M,) uint32. Returns (M, N) in x's dtype, accumulated in\n"
+        "float32. Rows sorted by expert run as one quantized_matmul per expert; a row whose index is\n"
+        ">= X is 0. Lazy, like any MLX op.");
   m.def("quantized_matmul_info", &tiny_llm::quantized_matmul_info,
         "Which code quantized_matmul runs: instruction set, threads, panel_min_m, bf16 ('avx512_bf16'\n"
         "or 'emulated'), bf16_min_m.");

@@ -307,6 +307,52 @@ void run(const mx::array& x, const mx::array& w, const mx::array& scales, const 
   if (residual) add_residual(out, *residual);
 }
 
+// y (M, N) in f32: rows of x (M, K, already the kernels' input: see kernel_input) through the
+// fused or panel kernel of the isa, as `run` sends M rows.
+void run_rows(const Config& cfg, const Weights& W, const float* x, long M, float* y) {
+  if (cfg.min_m() > 0 && M >= cfg.min_m()) {
+    run_panels(*cfg.isa, W, x, M, y, false);
+  } else {
+    run_fused(*cfg.isa, W, x, M, y, false);
+  }
+}
+
+// gather_quantized_matmul: each run of equal expert ids is one matmul of its rows with that
+// expert's (N, K) slice of the stacked weights; an id >= X gives rows of 0.
+void run_gather(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                const mx::array& indices, mx::array& out, int group_size, int bits) {
+  const int X = w.shape(0), N = w.shape(1), K = int(int64_t(w.shape(2)) * 32 / bits);
+  const long M = x.shape(0);
+  if (M == 0 || N == 0) return;
+  std::vector<char> tx, tw, ts, tb, ti;
+  const auto* wq = static_cast<const uint32_t*>(row_major(w, tw));
+  const auto* sc = static_cast<const char*>(row_major(scales, ts));
+  const auto* bi = static_cast<const char*>(row_major(biases, tb));
+  const auto* ids = static_cast<const uint32_t*>(row_major(indices, ti));
+  const size_t words = size_t(N) * w.shape(2), groups = size_t(N) * (K / group_size) * scales.itemsize();
+  const Config& cfg = config();
+  std::vector<float> xbuf, ybuf;
+  const float* xf = kernel_input(*cfg.isa, row_major(x, tx), dtype_of(x), M, K, bits, false, xbuf);
+  const DType yt = dtype_of(out);
+  float* y = out.data<float>();
+  if (yt != DType::f32) {
+    ybuf.resize(size_t(M) * N);
+    y = ybuf.data();
+  }
+  for (long m0 = 0, m1; m0 < M; m0 = m1) {
+    const uint32_t e = ids[m0];
+    for (m1 = m0 + 1; m1 < M && ids[m1] == e;) ++m1;
+    float* yr = y + size_t(m0) * N;
+    if (e >= uint32_t(X)) {
+      std::fill(yr, yr + size_t(m1 - m0) * N, 0.0f);
+      continue;
+    }
+    const Weights W{wq + e * words, sc + e * groups, bi + e * groups, dtype_of(scales), N, K, group_size, bits};
+    run_rows(cfg, W, xf + size_t(m0) * K, m1 - m0, yr);
+  }
+  if (yt != DType::f32) cfg.isa->from_f32(y, out.data<uint16_t>(), yt, long(M) * N);
+}
+
 std::string dtype_name(const mx::Dtype& t) {
   const std::pair<mx::Dtype, const char*> names[] = {
       {mx::float32, "float32"}, {mx::float16, "float16"}, {mx::bfloat16, "bfloat16"}, {mx::float64, "float64"},
@@ -379,6 +425,56 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
   return mx::array(shape, x.dtype(),
                    std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion, precision == "bf16"),
                    std::move(inputs));
+}
+
+mx::array gather_quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
+                                  const mx::array& biases, const mx::array& indices, int group_size, int bits,
+                                  mx::StreamOrDevice s) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("gather_quantized_matmul: " + what); };
+  if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (w_q.ndim() != 3 || w_q.dtype() != mx::uint32)
+    fail("w_q must be a 3-D uint32 array (X, N, K * bits / 32), got " + shape_str(w_q.shape()) + " " +
+         dtype_name(w_q.dtype()));
+  if (x.ndim() != 2 || !is_float(x.dtype()))
+    fail("x must be float32, float16 or bfloat16 with shape (M, K), got " + shape_str(x) + " " + dtype_name(x.dtype()));
+  const int X = w_q.shape(0), N = w_q.shape(1), K = x.shape(1);
+  if (int64_t(w_q.shape(2)) * 32 / bits != K)
+    fail("x has K = " + std::to_string(K) + " but w_q " + shape_str(w_q.shape()) + " holds " +
+         std::to_string(int64_t(w_q.shape(2)) * 32 / bits) + " " + std::to_string(bits) + "-bit values per row");
+  if (K == 0 || K % group_size != 0)
+    fail("K = " + std::to_string(K) + " must be a positive multiple of group_size = " + std::to_string(group_size));
+  const mx::Shape sb{X, N, K / group_size};
+  if (scales.shape() != sb || biases.shape() != sb)
+    fail("scales and biases must be " + shape_str(sb) + ", got " + shape_str(scales.shape()) + " and " +
+         shape_str(biases.shape()));
+  if (!is_float(scales.dtype()) || !is_float(biases.dtype()))
+    fail("scales and biases must be float32, float16 or bfloat16");
+  if (indices.ndim() != 1 || indices.shape(0) != x.shape(0) || indices.dtype() != mx::uint32)
+    fail("indices must be a uint32 (M,) = (" + std::to_string(x.shape(0)) + ",) array, got " +
+         shape_str(indices.shape()) + " " + dtype_name(indices.dtype()));
+  const mx::Stream stream = cpu_stream(s, "gather_quantized_matmul");
+  const bool mixed = biases.dtype() != scales.dtype();  // the kernels read one dtype: mixed ones go to fp32
+  const mx::array s32 = mixed ? mx::astype(scales, mx::float32, stream) : scales;
+  const mx::array b32 = mixed ? mx::astype(biases, mx::float32, stream) : biases;
+  return mx::array({x.shape(0), N}, x.dtype(), std::make_shared<GatherQuantizedMatmul>(stream, group_size, bits),
+                   {x, w_q, s32, b32, indices});
+}
+
+void GatherQuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  std::vector<mx::array> in;
+  for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
+  encoder.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), gs = group_size_,
+                    bits = bits_]() mutable { run_gather(in[0], in[1], in[2], in[3], in[4], out, gs, bits); });
+}
+
+void GatherQuantizedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("tiny_llm_kernels.gather_quantized_matmul is a CPU kernel; run it with stream=mx.cpu");
 }
 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {

@@ -60,6 +60,35 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
   bool bf16_;  // precision="bf16"
 };
 
+// tiny_llm_kernels.gather_quantized_matmul (mixture of experts): row m of x times the quantized
+// weights of expert indices[m]: y[m] = x[m] @ dequantize(w_q[e], scales[e], biases[e]).T, e =
+// indices[m]. x (M, K) fp32/fp16/bf16; w_q (X, N, K * bits / 32) uint32; scales, biases
+// (X, N, K / group_size); indices (M,) uint32 -> (M, N) in x's dtype, fp32 accumulation. A run of
+// rows with one expert (rows sorted by expert: one run per expert) is one quantized_matmul on that
+// expert's weights, so each expert's weights stream once per run, and each row's bits are those
+// quantized_matmul gives it. A row whose index is >= X (routed to no expert) is 0.
+mx::array gather_quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
+                                  const mx::array& biases, const mx::array& indices, int group_size = 64,
+                                  int bits = 4, mx::StreamOrDevice s = {});
+
+class GatherQuantizedMatmul : public mx::UnaryPrimitive {
+ public:
+  GatherQuantizedMatmul(mx::Stream stream, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override { return "TinyLLMGatherQuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const GatherQuantizedMatmul&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+
+ private:
+  int group_size_, bits_;
+};
+
 // Which code runs: {"isa", "threads", "panel_min_m", "bf16" (what precision="bf16" runs from
 // bf16_min_m rows: "avx512_bf16", or "emulated": the isa's fp32 kernels on bf16-rounded
 // operands), "bf16_min_m"}, as text.

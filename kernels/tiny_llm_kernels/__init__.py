@@ -6,6 +6,7 @@ on top of it, both RTLD_GLOBAL, so MLX's matmuls resolve to OpenBLAS.
 
 Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4, stream=None)
+    gather_quantized_matmul(x, w_q, scales, biases, indices, group_size=64, bits=4, stream=None)
     flash_attention(q, k, v, scale=None, mask=None, stream=None)  (mask: None, "causal", array)
     rms_norm(x, weight, eps=1e-5, stream=None)
     rope(x, cos, sin, offset=0, traditional=False, stream=None)
@@ -75,6 +76,7 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         cached_attention,
         flash_attention_configure,
         flash_attention_info,
+        gather_quantized_matmul,
         paged_attention,
         paged_attention_configure,
         paged_attention_info,
