@@ -154,6 +154,7 @@ def to_affine_8bit(data: np.ndarray, qtype: str, rows_at_once: int = 4096
     """Raw bytes (N, row bytes) -> the nearest 8-bit affine triple, groups of 32, for a type with
     no exact one (Q6_K): per group, bias = min and scale = (max - min) / 255 of llama.cpp's
     values, q = round((w - bias) / scale). Not exact; see the module's note for the bound."""
+    data = data.reshape(-1, data.shape[-1])  # stacked experts (X, N, row bytes) -> rows
     n, k = data.shape[0], data.shape[1] // BLOCK_BYTES[qtype] * (QK_K if qtype.endswith("_K") else 32)
     w_q = np.empty((n, k // 4), np.uint32)
     scales, biases = np.empty((n, k // GROUP), np.float32), np.empty((n, k // GROUP), np.float32)
