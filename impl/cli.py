@@ -20,6 +20,7 @@ import sys
 import time
 
 from impl.errors import TinyLLMError
+from impl.tokenizer import encode_prompt
 
 # --kv-cache-dtype: what the KV cache stores (impl.kv_cache.KVCache's dtype; auto: the activations').
 KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -114,8 +115,7 @@ def _checked_sampler(args):
 
 def _prompt_ids(loaded, messages: list[dict]) -> list[int]:
     if loaded.chat_template is None:  # a base model: plain text, no roles (after <bos> where the model wants it)
-        bos = [loaded.tokenizer.bos_token_id] if getattr(loaded.tokenizer, "add_bos_token", False) else []
-        return bos + loaded.tokenizer.encode("\n".join(m["content"] for m in messages))
+        return encode_prompt(loaded.tokenizer, "\n".join(m["content"] for m in messages))
     return loaded.tokenizer.encode(loaded.chat_template.render(messages, add_generation_prompt=True))
 
 

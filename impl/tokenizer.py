@@ -285,6 +285,13 @@ def _hf_bos_eos(folder: Path, ids: dict[str, int]) -> tuple[int | None, int | No
     return found.get("bos"), found.get("eos")
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A plain-text prompt (no chat template) as ids, after <bos> where the tokenizer asks for
+    one (Gemma's GGUF does: tokenizer.ggml.add_bos_token; GPT-2-style ones here do not)."""
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
+    return bos + tokenizer.encode(text)
+
+
 class StreamingDetokenizer:
     """Turns ids into text one token at a time, never emitting a broken UTF-8 character."""
 

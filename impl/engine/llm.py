@@ -16,6 +16,7 @@ from impl.engine.llm_engine import LLMEngine
 from impl.engine.outputs import RequestOutput
 from impl.engine.sampling_params import SamplingParams
 from impl.errors import TinyLLMError
+from impl.tokenizer import encode_prompt
 
 Prompt = str | list[int] | dict
 
@@ -34,13 +35,14 @@ class LLM:
         self._ids = itertools.count()
 
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        """A prompt as (text or None, token ids): text is encoded as it is, with no chat template."""
+        """A prompt as (text or None, token ids): text is encoded as it is, with no chat template
+        (after <bos> where the tokenizer asks for one)."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             prompt = prompt.get("prompt")
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, encode_prompt(self.tokenizer, prompt)
         if isinstance(prompt, list):
             return None, prompt
         raise TinyLLMError(f"a prompt is text, a list of token ids or {{'prompt_token_ids': [...]}}, got {prompt!r:.60}")

@@ -28,6 +28,7 @@ from impl.errors import TinyLLMError
 from impl.server.async_engine import AsyncEngine, EngineStopped
 from impl.server.metrics import Metrics
 from impl.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from impl.tokenizer import encode_prompt
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # bytes: a prompt that fills the context is far smaller
@@ -149,7 +150,7 @@ def _chat_prompt_ids(served: ServedModel, body: ChatCompletionRequest) -> list[i
     template = served.loaded.chat_template
     try:
         if template is None:  # a base model: the messages' text, no roles
-            return served.tokenizer.encode("\n".join(m["content"] for m in messages))
+            return encode_prompt(served.tokenizer, "\n".join(m["content"] for m in messages))
         return served.tokenizer.encode(template.render(messages, add_generation_prompt=True))
     except TinyLLMError as e:
         raise APIError(str(e), param="messages") from None
@@ -161,7 +162,7 @@ def _completion_prompt_ids(served: ServedModel, body: CompletionRequest) -> list
     for p in prompts:
         if not isinstance(p, str) and any(not 0 <= t < vocab for t in p):
             raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-    return [served.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    return [encode_prompt(served.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
 
 
 def _max_tokens(served: ServedModel, prompts: list[list[int]], asked: int | None, where: str) -> int:
