@@ -224,6 +224,14 @@ def test_sentencepiece_attributes_and_special_tokens_match_hf(gemma_tokenizers):
     assert_same_ids(tokenizer.encode(long), hf_ids(hf, long), "Gemma 3: a long text")
 
 
+def test_a_plain_prompt_starts_as_hf_starts_it(impl, tokenizer, hf, gemma_tokenizers):
+    """A prompt with no chat template (a base model's; LLM.generate's text) gets what HF's tokenizer
+    adds by default: <bos> for Gemma (its GGUF's add_bos_token), nothing for SmolLM2."""
+    for (tok, ref), what in (((tokenizer, hf), "SmolLM2"), (gemma_tokenizers, "Gemma 3")):
+        text = CORPUS["english"]
+        assert_same_ids(impl.tokenizer.encode_prompt(tok, text), ref(text)["input_ids"], f"{what}: encode_prompt")
+
+
 @given(data=st.data())
 def test_encode_matches_hf_on_drawn_text(tokenizer, hf, data):
     text = data.draw(texts(), label="text")
