@@ -12,6 +12,7 @@ ships offline.
 from __future__ import annotations
 
 import json
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -487,6 +488,34 @@ def _gguf(path, arch="llama"):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@pytest.mark.parametrize("case", ["unknown-name", "altered-part", "missing-part"])
+def test_known_model_failures_are_one_line_and_leave_nothing_in_the_cache(impl, tmp_path, monkeypatch, case):
+    """A known name is assembled from part packages into the cache (impl.model_files): an unknown
+    name lists the known ones; parts that do not add up to the pinned sha256, or a part package
+    the registry lacks, fail in one line, and the cache holds no file afterwards, whole or half."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TINY_LLM_CACHE", str(cache))
+    parts = tmp_path / "site"  # two installed part packages: found by find_spec, never imported
+    for n, data in ((1, b"GGUF" + bytes(60)), (2, bytes(range(64)))):
+        (parts / f"tiny_part{n}" / "data").mkdir(parents=True)
+        (parts / f"tiny_part{n}" / "data" / f"part{n:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(parts))
+    packages = ("tiny-part1==1.0", "tiny-part2==1.0")
+    known = impl.model_files.KnownModel
+    models = {"altered-part": known("tiny.gguf", packages, "0" * 64, 128),
+              "missing-part": known("tiny.gguf", packages + ("tiny-llm-spec-no-such-part==0.0.1",), "0" * 64, 128)}
+    monkeypatch.setitem(impl.model_files.KNOWN_MODELS, "tiny", models.get(case, models["altered-part"]))
+    name, expect = ("gpt-9", "known: qwen2.5-coder-0.5b") if case == "unknown-name" else (
+        "tiny", {"altered-part": "sha256", "missing-part": "cannot download tiny-llm-spec-no-such-part"}[case])
+    with pytest.raises(impl.errors.TinyLLMError) as e:
+        impl.model_files.known_model_path(name, log=lambda line: None)
+    msg = str(e.value)
+    assert expect in msg and "\n" not in msg, f"{case}: {msg!r}"
+    left = sorted(p.name for p in cache.rglob("*")) if cache.exists() else []
+    assert not left, f"{case}: the cache holds {left} after the failure"
+    assert "tiny_part1" not in sys.modules, "a part package was imported"
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "not-gguf", "architecture", "quantization", "metadata"])
