@@ -58,6 +58,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("3.8", "RAG pipeline", ("1.7",), ""),
     Topic("3.9", "long context: sliding window, attention sinks, RoPE scaling", ("2.1",), ""),
     Topic("4.1", "training data: byte/char tokenizer, windows, shifted targets", (), "Python's UTF-8 codec, numpy sliding windows (exact)", "day_4_1_data.py"),
+    Topic("4.2", "causal cross-entropy, perplexity, accuracy", (), "transformers' causal-LM loss (LlamaForCausalLM), torch cross_entropy and autograd", "day_4_2_loss.py"),
 )
 
 BY_ID = {t.id: t for t in TOPICS}
