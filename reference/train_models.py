@@ -64,7 +64,7 @@ def hf_model(arch: str, weights: dict[str, np.ndarray], *, vocab_size: int, hidd
         config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=hidden_size, n_layer=num_layers,
                             n_head=num_heads, n_inner=intermediate_size, activation_function="gelu_new",
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=norm_eps,
-                            tie_word_embeddings=True)
+                            tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
         model = GPT2LMHeadModel._from_config(config, attn_implementation="eager")
     else:
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
