@@ -64,6 +64,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("4.2", "causal cross-entropy, perplexity, accuracy", (), "transformers' causal-LM loss (LlamaForCausalLM), torch cross_entropy and autograd", "day_4_2_loss.py"),
     Topic("4.3", "backpropagation: classic and modern blocks, every gradient vs torch", ("1.1", "1.2", "1.3", "1.4", "4.2"), "torch autograd through transformers' GPT2LMHeadModel and LlamaForCausalLM, same weights", "day_4_3_backprop.py"),
     Topic("4.4", "AdamW, gradient clipping, warmup + cosine schedule", ("4.3",), "torch.optim.AdamW, clip_grad_norm_, LinearLR/CosineAnnealingLR/LambdaLR; ten training steps of transformers' GPT-2 and Llama", "day_4_4_optimizer.py"),
+    Topic("4.5", "the training loop: accumulation, checkpoint/resume, validation", ("4.1", "4.4"), "invariances: k micro-batches == one batch (token-weighted), resumed == uninterrupted (bit for bit), validation == evaluate; a tiny model learns a text", "day_4_5_loop.py"),
 )
 
 BY_ID = {t.id: t for t in TOPICS}
