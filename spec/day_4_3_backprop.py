@@ -37,6 +37,7 @@ from spec.ladder import FP32, GRAD_FP32, MODEL_FP32, Tol, assert_close
 
 NAMES = {"model": ("TrainConfig", "ClassicLM", "ModernLM", "loss_and_grad"), "layers": ("layer_norm", "gelu")}
 ARCH = {"ClassicLM": "gpt2", "ModernLM": "llama"}
+EMBEDDINGS = {"wte", "wpe", "embed"}
 
 
 @pytest.mark.presence
@@ -83,9 +84,8 @@ def random_weights(model, rng) -> dict[str, np.ndarray]:
     out = {}
     for name, p in tree_flatten(model.trainable_parameters()):
         leaf = name.rsplit(".", 1)[-1]
-        if p.ndim == 2:  # matrices and embeddings: unit-variance outputs
-            a = rng.normal(0, 1 / math.sqrt(p.shape[1]) if leaf.startswith(("w", "lm_head")) and leaf not in
-                           ("wte", "wpe") else 1.0, p.shape)
+        if p.ndim == 2:  # embeddings N(0, 1); projections (out, in) N(0, 1 / in): outputs of unit variance
+            a = rng.normal(0, 1.0 if leaf in EMBEDDINGS else 1 / math.sqrt(p.shape[1]), p.shape)
         elif leaf.startswith("b") or leaf.endswith("_b"):  # biases
             a = rng.normal(0, 0.3, p.shape)
         else:  # norm weights

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten, tree_unflatten
 
 from reference.train_models import flat_from_hf, hf_model
-from spec.day_4_3_backprop import batch, check_every_tensor, config_fields, random_weights
+from spec.day_4_3_backprop import ARCH, batch, check_every_tensor, config_fields, random_weights
 from spec.draw import draw_rng
 from spec.ladder import FP32, GRAD_FP32, Tol, assert_close
 
@@ -178,7 +178,7 @@ def test_ten_training_steps_match_torch(impl, kind):
     c = train.model.TrainConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4,
                                 num_kv_heads=2 if kind == "ModernLM" else None, block_size=16, rope_theta=500.0)
     model = getattr(train.model, kind)(c, seed=1)
-    arch = {"ClassicLM": "gpt2", "ModernLM": "llama"}[kind]
+    arch = ARCH[kind]
     ref = hf_model(arch, random_weights(model, rng), **config_fields(c))
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=MAX_LR, betas=BETAS, eps=1e-8, weight_decay=WD)
     ref_sched = torch.optim.lr_scheduler.LambdaLR(
