@@ -43,6 +43,7 @@ class TrainConfig:
 
     @property
     def head_dim(self) -> int:
+        """hidden_size // num_heads (topic 4.3)."""
         return self.hidden_size // self.num_heads
 
 
@@ -61,6 +62,7 @@ class ClassicBlock(mlx.nn.Module):
     """x + attn(ln1(x)), then h + mlp(ln2(h)); the MLP is proj(gelu(fc(.))) (topic 4.3)."""
 
     def __init__(self, c: TrainConfig, key: mx.array):
+        """Projections N(0, init_std) drawn from `key`, biases 0, LayerNorms 1 and 0 (topic 4.3)."""
         super().__init__()
         E, I, std = c.hidden_size, c.intermediate_size, c.init_std
         keys = mx.random.split(key, 6)
@@ -72,7 +74,7 @@ class ClassicBlock(mlx.nn.Module):
         self.w_proj, self.b_proj = _normal(keys[5], (E, I), std), mx.zeros((E,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        """x: (N, L, E) -> (N, L, E)."""
+        """x: (N, L, E) -> (N, L, E) (topic 4.3)."""
         N, L, E = x.shape
         H, D = self.c.num_heads, self.c.head_dim
         a = layer_norm(x, self.ln1_w, self.ln1_b, self.c.norm_eps)
@@ -88,6 +90,7 @@ class ClassicLM(mlx.nn.Module):
     the token embedding (topic 4.3)."""
 
     def __init__(self, c: TrainConfig, seed: int = 0):
+        """Weights N(0, init_std) from `seed`, biases 0, LayerNorms 1 and 0 (topic 4.3)."""
         super().__init__()
         keys = mx.random.split(mx.random.key(seed), c.num_layers + 2)
         self.c = c
@@ -97,7 +100,7 @@ class ClassicLM(mlx.nn.Module):
         self.ln_f_w, self.ln_f_b = mx.ones((c.hidden_size,)), mx.zeros((c.hidden_size,))
 
     def __call__(self, ids: mx.array) -> mx.array:
-        """ids: (N, L) -> logits (N, L, V)."""
+        """ids: (N, L) -> logits (N, L, V) (topic 4.3)."""
         L = ids.shape[1]
         if L > self.c.block_size:
             raise ValueError(f"{L} tokens exceed the block size {self.c.block_size} (the positional table)")
@@ -111,6 +114,7 @@ class ModernBlock(mlx.nn.Module):
     """x + attn(norm(x)) with RoPE and grouped-query heads, then h + swiglu(norm(h)) (topic 4.3)."""
 
     def __init__(self, c: TrainConfig, key: mx.array):
+        """Projections N(0, init_std) drawn from `key`, RMSNorm weights 1 (topic 4.3)."""
         super().__init__()
         E, I, D, std = c.hidden_size, c.intermediate_size, c.head_dim, c.init_std
         H_kv = c.num_kv_heads or c.num_heads
@@ -123,7 +127,7 @@ class ModernBlock(mlx.nn.Module):
         self.w_down = _normal(keys[6], (E, I), std)
 
     def __call__(self, x: mx.array, rope: RoPE) -> mx.array:
-        """x: (N, L, E) -> (N, L, E); positions from 0."""
+        """x: (N, L, E) -> (N, L, E); positions from 0 (topic 4.3)."""
         N, L, E = x.shape
         H, D = self.c.num_heads, self.c.head_dim
         H_kv = self.c.num_kv_heads or H
@@ -141,6 +145,7 @@ class ModernLM(mlx.nn.Module):
     RMSNorm, an untied output head (topic 4.3)."""
 
     def __init__(self, c: TrainConfig, seed: int = 0):
+        """Weights N(0, init_std) from `seed`, RMSNorm weights 1, RoPE's tables (topic 4.3)."""
         super().__init__()
         keys = mx.random.split(mx.random.key(seed), c.num_layers + 2)
         self.c = c
@@ -151,7 +156,7 @@ class ModernLM(mlx.nn.Module):
         self.rope = RoPE(c.head_dim, c.block_size, c.rope_theta, traditional=False)  # tables, not weights
 
     def __call__(self, ids: mx.array) -> mx.array:
-        """ids: (N, L) -> logits (N, L, V)."""
+        """ids: (N, L) -> logits (N, L, V) (topic 4.3)."""
         x = self.embed[ids]  # (N, L, E)
         for layer in self.layers:
             x = layer(x, self.rope)
