@@ -32,7 +32,7 @@ PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 TORCH = "torch==2.13.0"  # exactly: the CPU wheel here; looser specs pull gigabytes of CUDA packages
 MLX_VERSION = ">=0.32,<0.33"  # the kernels are built against the installed mlx, ABI included
 SPEC_GROUPS = ("runtime", "reference", "test", "serve")  # the specification's and the tools' tests (tests/)
-WEEK_FILES = {w: sorted(str(p.relative_to(ROOT)) for p in (ROOT / "spec").glob(f"day_{w}_*.py")) for w in (1, 2, 3)}
+WEEK_FILES = {w: sorted(str(p.relative_to(ROOT)) for p in (ROOT / "spec").glob(f"day_{w}_*.py")) for w in (1, 2, 3, 4)}
 
 
 def _mlx_requirement() -> str:
@@ -191,6 +191,12 @@ def week2(session: nox.Session) -> None:
 def week3(session: nox.Session) -> None:
     """Week 3 specification, gated on weeks 1 and 2 passing first."""
     _run_spec(session, "week3", WEEK_FILES[3])
+
+
+@nox.session(default=False, requires=["week1"])
+def week4(session: nox.Session) -> None:
+    """Week 4 specification (training from scratch), gated on week 1, whose layers its model reuses."""
+    _run_spec(session, "week4", WEEK_FILES[4])
 
 
 @nox.session(default=False)

@@ -8,6 +8,7 @@
     FP16       1e-2   fp16: 10-bit mantissa, several roundings
     BF16       5e-2   bf16: 7-bit mantissa, several roundings
     MODEL_FP32 1e-3   whole model vs transformers fp32, same weights
+    GRAD_FP32  1e-5 (rtol 1e-4)  fp32 gradients vs torch autograd: sums over tokens, another order
     MODEL_FP16_KV 2e-2  the fp32 model with K/V rounded once to fp16
     GREEDY_MARGIN 1e-2 (FP16_KV_GREEDY_MARGIN 4e-2)  greedy tokens compared only
                while the reference's top-2 gap clears it, at least MIN_GREEDY_TOKENS (4)

@@ -17,7 +17,10 @@ beyond the course outline's table, because the code does:
   and the serving engine runs the week-2 model (2.4's kernels, 2.2's fused projections);
 - 3.1 needs 2.7: the engine prefills in chunks by default, and the paged specs run it so;
 - 3.3 needs 2.6 besides 1.5: its spec runs a tiny MoE model in the engine (batched == alone), on
-  topic 2.6's own contiguous cache and whole prefills.
+  topic 2.6's own contiguous cache and whole prefills;
+- 4.2 does not need 4.1: its checks feed logits and labels straight in, no tokenizer or windows;
+- 4.3 needs week 1's layers (1.1-1.4: linear, RoPE, grouped attention, RMSNorm, the SwiGLU MLP), of
+  which its trainable models are built, and 4.2's loss, which it differentiates.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ TOPICS: tuple[Topic, ...] = (
     Topic("3.7", "tool calling and agents", ("1.7",), ""),
     Topic("3.8", "RAG pipeline", ("1.7",), ""),
     Topic("3.9", "long context: sliding window, attention sinks, RoPE scaling", ("2.1",), ""),
+    Topic("4.1", "training data: byte/char tokenizer, windows, shifted targets", (), "Python's UTF-8 codec, numpy sliding windows (exact)", "day_4_1_data.py"),
+    Topic("4.2", "causal cross-entropy, perplexity, accuracy", (), "transformers' causal-LM loss (LlamaForCausalLM), torch cross_entropy and autograd", "day_4_2_loss.py"),
+    Topic("4.3", "backpropagation: classic and modern blocks, every gradient vs torch", ("1.1", "1.2", "1.3", "1.4", "4.2"), "torch autograd through transformers' GPT2LMHeadModel and LlamaForCausalLM, same weights", "day_4_3_backprop.py"),
+    Topic("4.4", "AdamW, gradient clipping, warmup + cosine schedule", ("4.3",), "torch.optim.AdamW, clip_grad_norm_, LinearLR/CosineAnnealingLR/LambdaLR; ten training steps of transformers' GPT-2 and Llama", "day_4_4_optimizer.py"),
+    Topic("4.5", "the training loop: accumulation, checkpoint/resume, validation", ("4.1", "4.4"), "invariances: k micro-batches == one batch (token-weighted), resumed == uninterrupted (bit for bit), validation == evaluate; a tiny model learns a text", "day_4_5_loop.py"),
 )
 
 BY_ID = {t.id: t for t in TOPICS}

@@ -41,6 +41,11 @@ MODEL_FP32 = Tol(atol=1e-3, rtol=0.0, reason="30 fp32 layers, logits ~20 in magn
 # not cancelling. (Measured on the default model: 8.3e-3.)
 MODEL_FP16_KV = Tol(atol=2e-2, rtol=0.0, reason="fp32 model, K/V rounded once to fp16; logits ~20")
 
+# fp32 gradients of a small model against torch autograd (topics 4.3, 4.4): each element is a sum
+# over the batch's tokens of products carried a few layers forward and back, in another order than
+# torch's. Measured worst: 6.7e-6 (CI profile), on GPT-2's tied embedding, where two such sums add.
+GRAD_FP32 = Tol(atol=1e-5, rtol=1e-4, reason="fp32 gradients: sums over the batch's tokens, another order")
+
 # Greedy tokens are compared only while the reference's top-2 logit gap is
 # above this: a gap smaller than a few times MODEL_FP32.atol can flip on
 # rounding alone, which says nothing about correctness.

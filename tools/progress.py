@@ -45,7 +45,7 @@ NOTES_MARKER = "<!-- your notes below survive regeneration -->"
 STATE_BEGIN = "<!-- spec-results v2 (read back by tools/progress.py; do not edit)"
 STATE_ANY = re.compile(r"<!-- spec-results v(\d+)")
 STATE_END = "-->"
-WEEK_TITLES = {1: "From Matmul to Text", 2: "Tiny vLLM", 3: "Advanced Serving"}
+WEEK_TITLES = {1: "From Matmul to Text", 2: "Tiny vLLM", 3: "Advanced Serving", 4: "Training an LLM from Scratch"}
 TOPIC_COLUMNS = ("Id", "Topic", "Status", "Tests passed", "Checked against", "When",
                  "Hours", "Mastery", "Notes")
 LEARNER_DEFAULT = ("0", "-", "")

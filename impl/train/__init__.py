@@ -1,0 +1,7 @@
+"""Training an LLM from scratch (week 4): data, loss, a trainable model, the optimizer, the loop.
+
+One small module per concern: `data` (4.1), `loss` (4.2), `layers` and `model` (4.3),
+`optim` (4.4), `loop` (4.5). The model reuses impl's own layers (linear, RoPE, grouped attention,
+RMSNorm, the SwiGLU MLP) and holds its weights in an mlx.nn.Module tree, so that
+`mx.value_and_grad` differentiates them.
+"""

@@ -1,0 +1,159 @@
+"""Topic 4.5: the training loop, checked by its invariances.
+
+- `impl.train.loop.accumulate(model, micro_batches)` -> (loss, grads, tokens): k micro-batches give
+  the loss and every gradient that `loss_and_grad` (4.3) gives on one batch of all their rows,
+  token-weighted: the micro-batches' padding differs, so a mean of their means would not.
+- `save_checkpoint` / `load_checkpoint`: training 3 steps, saving, loading into a fresh model and
+  optimizer (other weights, other hyperparameters) and training 3 more gives bit for bit the
+  weights, optimizer moments and losses of 6 uninterrupted steps.
+- `train(..., val_batches, eval_every)`: the validation loss after every eval_every-th step, equal
+  to `evaluate` on the weights of that moment; a progress line with step, loss and tokens/s.
+- A tiny model trained on a byte-tokenized text (4.1's tokenizer and windows) learns it: the loss
+  falls well below the uniform distribution's log(256).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from spec.ladder import FP32, GRAD_FP32, assert_close
+
+NAMES = {"accumulate", "evaluate", "save_checkpoint", "load_checkpoint", "progress_line", "train"}
+
+
+@pytest.mark.presence
+def test_has_names(impl):
+    missing = sorted(n for n in NAMES if not hasattr(impl.train.loop, n))
+    assert not missing, f"impl.train.loop lacks {missing}"
+
+
+def tiny(train, kind: str = "ModernLM", seed: int = 0):
+    c = train.model.TrainConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                                num_kv_heads=2, block_size=16, init_std=0.1)
+    return getattr(train.model, kind)(c, seed=seed)
+
+
+def micro_batches(rng, k: int, rows: int, L: int, V: int, padding: list[float]):
+    """k micro-batches (inputs, targets), micro-batch i with about padding[i] of its targets -100."""
+    out = []
+    for i in range(k):
+        x = rng.integers(0, V, (rows, L))
+        y = np.where(rng.random((rows, L)) < padding[i], -100, rng.integers(0, V, (rows, L)))
+        y[0, 0] = 1
+        out.append((mx.array(x), mx.array(y)))
+    return out
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+@pytest.mark.parametrize("kind", ["ClassicLM", "ModernLM"])
+def test_accumulation_equals_one_batch(impl, kind):
+    train, rng = impl.train, np.random.default_rng(3)
+    model = tiny(train, kind)
+    mbs = micro_batches(rng, 3, 2, 10, 53, padding=[0.0, 0.5, 0.9])
+    loss, grads, tokens = train.loop.accumulate(model, mbs)
+    inputs, targets = (mx.concatenate([b[j] for b in mbs]) for j in (0, 1))
+    want_loss, want_grads = train.model.loss_and_grad(model, inputs, targets)
+    assert tokens == int((np.array(targets) != -100).sum()), "tokens: the counted targets of all micro-batches"
+    assert_close(loss, want_loss, FP32, f"{kind}: accumulated loss vs one batch of all rows")
+    got, want = flat(grads), flat(want_grads)
+    for name in want:
+        assert_close(got[name], want[name], GRAD_FP32, f"{kind}: accumulated gradient of {name} vs one batch")
+    # The premise: the micro-batches' means, averaged, are another number.
+    means = [float(train.model.loss_and_grad(model, x, y)[0]) for x, y in mbs]
+    assert abs(np.mean(means) - float(want_loss)) > 1e-3, "the padding should make a mean of means differ"
+
+
+STEPS = 6
+
+
+def run(train, model, opt, start: int = 0, **kw) -> list[dict]:
+    """Steps start .. STEPS - 1 of one run: the batches of step s depend on s alone (resumable)."""
+    data = np.random.default_rng(11)
+    batches = [micro_batches(data, 2, 2, 12, 53, padding=[0.1, 0.3]) for _ in range(STEPS)]
+    return train.loop.train(model, opt, lambda s: batches[s], STEPS, max_lr=1e-2, min_lr=1e-3, warmup_steps=2,
+                            clip=1.0, start_step=start, out=io.StringIO(), **kw)
+
+
+def adamw(train):
+    return train.optim.AdamW(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+
+
+def test_checkpoint_resume_is_bit_for_bit(impl, tmp_path):
+    train = impl.train
+    model, opt = tiny(train), adamw(train)
+    straight = run(train, model, opt, checkpoint_dir=tmp_path, checkpoint_every=3)
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["step_000003.safetensors", "step_000006.safetensors"], f"checkpoints written: {saved}"
+
+    # A fresh process would start from other weights and whatever optimizer settings it is given.
+    resumed, resumed_opt = tiny(train, seed=99), train.optim.AdamW(lr=1.0, weight_decay=0.0)
+    start = train.loop.load_checkpoint(train.loop.checkpoint_path(tmp_path, 3), resumed, resumed_opt)
+    assert start == 3, f"load_checkpoint returned step {start}, saved after 3"
+    tail = run(train, resumed, resumed_opt, start=start)
+    assert [h["step"] for h in tail] == [4, 5, 6]
+    assert [h["loss"] for h in tail] == [h["loss"] for h in straight[3:]], "losses after resuming"
+    for what, got, want in [("weight", resumed.trainable_parameters(), model.trainable_parameters()),
+                            ("AdamW m", resumed_opt.m, opt.m), ("AdamW v", resumed_opt.v, opt.v)]:
+        got, want = flat(got), flat(want)
+        assert got.keys() == want.keys()
+        differ = [n for n in want if not np.array_equal(got[n], want[n])]
+        assert not differ, f"{what} after resuming differs from the uninterrupted run's in {differ}"
+    assert resumed_opt.t == opt.t == STEPS
+
+
+def test_validation_every_n_steps(impl):
+    train, rng = impl.train, np.random.default_rng(5)
+    val = micro_batches(rng, 2, 2, 12, 53, padding=[0.0, 0.5])
+    model = tiny(train)
+    history = run(train, model, adamw(train), val_batches=val, eval_every=4)
+    with_val = [h["step"] for h in history if h["val_loss"] is not None]
+    assert with_val == [4], f"validation after steps {with_val}; expected after every 4th of {STEPS}"
+    # At step 6 there is none; evaluate the final weights and check evaluate's own arithmetic.
+    total = sum(float(train.loss.cross_entropy_sum(model(x), y)[0]) for x, y in val)
+    count = sum(int((np.array(y) != -100).sum()) for _, y in val)
+    assert train.loop.evaluate(model, val) == pytest.approx(total / count, rel=1e-6)
+
+
+def test_validation_loss_is_of_that_moments_weights(impl):
+    train, rng = impl.train, np.random.default_rng(6)
+    val = micro_batches(rng, 1, 2, 12, 53, padding=[0.2])
+    model = tiny(train)
+    history = run(train, model, adamw(train), val_batches=val, eval_every=STEPS)
+    assert history[-1]["val_loss"] == pytest.approx(train.loop.evaluate(model, val), rel=1e-6), \
+        "the validation loss after the last step is evaluate() on the final weights"
+
+
+def test_progress_line(impl):
+    train = impl.train
+    line = train.loop.progress_line(12, 100, 2.3456, 5123.4, 1e-3)
+    for part in ("12/100", "2.3456", "5123 tok/s"):
+        assert part in line, f"progress line {line!r} lacks {part!r}"
+    out = io.StringIO()
+    train.loop.train(tiny(train), adamw(train), lambda s: micro_batches(np.random.default_rng(s), 1, 1, 8, 53, [0.0]),
+                     3, max_lr=1e-3, out=out)
+    text = out.getvalue()
+    assert "\r" in text and "3/3" in text.split("\r")[-1] and "tok/s" in text, f"progress output {text!r}"
+
+
+def test_a_tiny_model_learns_a_text(impl):
+    train = impl.train
+    tok = train.data.ByteTokenizer()
+    text = "To be, or not to be, that is the question. " * 12
+    x, y = train.data.windows(tok.encode(text), 16, stride=5)
+    c = train.model.TrainConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                block_size=16)
+    model = train.model.ClassicLM(c, seed=0)
+    history = train.loop.train(model, train.optim.AdamW(weight_decay=0.0), lambda s: [(x, y)], 40, max_lr=1e-2,
+                               min_lr=1e-3, warmup_steps=4, out=io.StringIO())
+    first, last = history[0]["loss"], history[-1]["loss"]
+    assert first == pytest.approx(math.log(256), abs=0.2), f"an untrained model is near uniform: {first}"
+    assert last < 0.4 * first, f"after 40 steps on one repeated sentence the loss went from {first:.3f} to {last:.3f}"
