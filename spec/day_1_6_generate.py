@@ -316,7 +316,7 @@ def test_from_hf_folder_matches_tokenizers(impl, default_model, tmp_path, pre):
     assert (tok.bos_token_id, tok.eos_token_id) == want, f"bos/eos {(tok.bos_token_id, tok.eos_token_id)}, expected {want}"
 
 
-@pytest.mark.parametrize("key, value", [("tokenizer.ggml.model", "llama"), ("tokenizer.ggml.pre", "no-such-pre")])
+@pytest.mark.parametrize("key, value", [("tokenizer.ggml.model", "t5"), ("tokenizer.ggml.pre", "no-such-pre")])
 def test_unsupported_tokenizer_raises(impl, gguf_meta, key, value):
     meta = {**gguf_meta, key: value}
     with pytest.raises(ValueError, match="supported"):
