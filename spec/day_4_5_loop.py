@@ -10,6 +10,9 @@
   to `evaluate` on the weights of that moment; a progress line with step, loss and tokens/s.
 - A tiny model trained on a byte-tokenized text (4.1's tokenizer and windows) learns it: the loss
   falls well below the uniform distribution's log(256).
+- A small character model trained for 300 steps on four of Shakespeare's plays (the short version
+  of `nox -s train -- --preset shakespeare-char`) reads held-out text at least 0.8 nats per
+  character better than the text's own character frequencies (the unigram model) do.
 """
 
 from __future__ import annotations
@@ -157,3 +160,34 @@ def test_a_tiny_model_learns_a_text(impl):
     first, last = history[0]["loss"], history[-1]["loss"]
     assert first == pytest.approx(math.log(256), abs=0.2), f"an untrained model is near uniform: {first}"
     assert last < 0.4 * first, f"after 40 steps on one repeated sentence the loss went from {first:.3f} to {last:.3f}"
+
+
+def test_a_small_model_learns_shakespeare(impl):
+    """300 steps of batches of 8 random 32-character windows, about 0.1M parameters: measured 2.16
+    nats per character on the held-out tail, where the unigram model needs 3.32."""
+    import collections
+
+    from reference.texts import shakespeare_plays
+
+    train = impl.train
+    plays = shakespeare_plays()
+    text = "".join(plays[name] for name in ("hamlet", "macbeth", "othello", "king-lear"))
+    vocab = train.data.CharVocab(text)
+    train_ids, val_ids = train.data.train_val_split(vocab.encode(text), 0.1)
+    counts = collections.Counter(train_ids)  # the baseline: each character at its training frequency
+    unigram = -sum(math.log(counts.get(i, 0.5) / len(train_ids)) for i in val_ids) / len(val_ids)
+    tokens, L = mx.array(train_ids), 32
+    starts = mx.random.randint(0, len(train_ids) - L - 1, (300, 8, 1), key=mx.random.key(0))  # (steps, B, 1)
+    index = starts + mx.arange(L)  # (steps, B, L)
+    c = train.model.TrainConfig(vocab_size=vocab.vocab_size, hidden_size=64, intermediate_size=160, num_layers=2,
+                                num_heads=4, block_size=L)
+    model = train.model.ModernLM(c, seed=0)
+    vx, vy = train.data.windows(val_ids, L)
+    val = [(vx[:256], vy[:256])]
+    history = train.loop.train(model, train.optim.AdamW(weight_decay=0.1),
+                               lambda s: [(tokens[index[s]], tokens[index[s] + 1])], 300, max_lr=3e-3,
+                               min_lr=3e-4, warmup_steps=20, val_batches=val, eval_every=300, out=io.StringIO())
+    got = history[-1]["val_loss"]
+    assert got < unigram - 0.8, (f"after 300 steps the held-out loss is {got:.3f} nats per character; the"
+                                 f" unigram model's is {unigram:.3f}")
+    print(f"held-out loss {got:.3f} nats per character, unigram {unigram:.3f}")

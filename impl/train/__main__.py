@@ -1,0 +1,7 @@
+"""`python -m impl.train ...`: the training command (impl.train.cli)."""
+
+import sys
+
+from impl.train.cli import main
+
+sys.exit(main())

