@@ -113,6 +113,39 @@ def test_checkpoint_resume_is_bit_for_bit(impl, tmp_path):
     assert resumed_opt.t == opt.t == STEPS
 
 
+def test_a_checkpoint_of_another_model_is_refused(impl, tmp_path):
+    train = impl.train
+    path = tmp_path / "step_000001.safetensors"
+    train.loop.save_checkpoint(path, tiny(train, "ModernLM"), train.optim.AdamW(), 1)
+    assert not [p.name for p in tmp_path.iterdir() if p != path], "save_checkpoint left a partial file"
+    other = tiny(train, "ClassicLM")
+    before = flat(other.trainable_parameters())
+    with pytest.raises(ValueError, match="another model") as e:
+        train.loop.load_checkpoint(path, other, train.optim.AdamW())
+    assert "\n" not in str(e.value), str(e.value)
+    after = flat(other.trainable_parameters())
+    assert all(np.array_equal(before[k], after[k]) for k in before), "a refused checkpoint changed the model"
+
+
+def test_a_non_finite_loss_stops_before_the_step(impl, tmp_path):
+    """A batch whose loss is NaN (here: one weight set to NaN) stops training with the step number;
+    the checkpoints written before it are kept and nothing is written after."""
+    train, rng = impl.train, np.random.default_rng(5)
+    model = tiny(train, "ModernLM")
+    batches = micro_batches(rng, 1, 2, 10, 53, padding=[0.0])
+
+    def batches_at(step):
+        if step == 2:
+            model.layers[0].wq = model.layers[0].wq * mx.nan
+        return batches
+
+    with pytest.raises(FloatingPointError, match="at step 3") as e:
+        train.loop.train(model, train.optim.AdamW(), batches_at, 5, max_lr=1e-3, checkpoint_dir=tmp_path,
+                         checkpoint_every=1, out=io.StringIO())
+    assert "\n" not in str(e.value), str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001.safetensors", "step_000002.safetensors"]
+
+
 def test_validation_every_n_steps(impl):
     train, rng = impl.train, np.random.default_rng(5)
     val = micro_batches(rng, 2, 2, 12, 53, padding=[0.0, 0.5])

@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the run diverged: its last checkpoint is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     chart(histories, out / "loss.png")
     print(f"wrote {out / 'loss.png'} and history-*.json in {out}", file=sys.stderr)
     return 0

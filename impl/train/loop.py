@@ -3,6 +3,8 @@ validation, checkpoints that resume bit for bit, and a progress line with the lo
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -67,14 +69,24 @@ def save_checkpoint(path: str | Path, model, optimizer: AdamW, step: int) -> Non
     meta = {"step": str(step), "adam_t": str(optimizer.t), "lr": repr(optimizer.lr),
             "betas": f"{optimizer.betas[0]!r},{optimizer.betas[1]!r}", "eps": repr(optimizer.eps),
             "weight_decay": repr(optimizer.weight_decay)}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(path), arrays, metadata=meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=meta)
+    os.replace(tmp, path)  # the checkpoint appears whole or not at all
 
 
 def load_checkpoint(path: str | Path, model, optimizer: AdamW) -> int:
-    """Restore what save_checkpoint wrote into model and optimizer; returns the step to resume at
-    (topic 4.5)."""
+    """Restore what save_checkpoint wrote into model and optimizer; returns the step to resume at.
+    A checkpoint of another model (other weight names or shapes) is a one-line ValueError, and
+    nothing is changed (topic 4.5)."""
     arrays, meta = mx.load(str(path), return_metadata=True)
+    want = {f"model.{k}": v.shape for k, v in tree_flatten(model.trainable_parameters())}
+    have = {k: v.shape for k, v in arrays.items() if k.startswith("model.")}
+    if have != want:
+        odd = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        raise ValueError(f"{path} is a checkpoint of another model: {odd[0].removeprefix('model.')} is"
+                         f" {have.get(odd[0])} there and {want.get(odd[0])} here ({len(odd)} weights differ)")
 
     def part(prefix: str):
         return tree_unflatten([(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)])
@@ -105,12 +117,17 @@ def train(model, optimizer: AdamW, batches_at: Callable[[int], Sequence[Batch]],
     AdamW step at warmup_cosine's rate. After every eval_every-th step (counting from 1) the
     validation loss; after every checkpoint_every-th, checkpoint_dir/step_<n>.safetensors, from
     which load_checkpoint and start_step=n resume. The progress line is rewritten in place on
-    `out`. Returns one record per step: step, loss, lr, grad_norm, tokens, val_loss (or None)
-    (topic 4.5)."""
+    `out`. Returns one record per step: step, loss, lr, grad_norm, tokens, val_loss (or None).
+    A loss that is not finite stops it with a FloatingPointError naming the step, before that step
+    changes anything (topic 4.5)."""
     history, shown = [], 0
     for step in range(start_step, steps):
         start = time.perf_counter()
         loss, grads, tokens = accumulate(model, batches_at(step))
+        if not math.isfinite(loss.item()):  # before the update: the weights and checkpoints stay good
+            out.write("\n")
+            raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; the weights are those after"
+                                     f" step {step}" + (f" (checkpoints in {checkpoint_dir})" if checkpoint_dir else ""))
         grads, norm = clip_grad_norm(grads, clip) if clip is not None else (grads, global_norm(grads))
         lr = warmup_cosine(step, max_lr, min_lr, warmup_steps, steps)
         optimizer.update(model, grads, lr=lr)
