@@ -175,9 +175,13 @@ def peft_state(adapters: Adapters) -> dict[str, mx.array]:
     (topic 4.7)."""
     out = {}
     for i, target, adapter in adapters.named():
-        name = f"{PEFT_PREFIX}layers.{i}.{TARGETS[target][0]}.{target}"
+        name = _peft_name(i, target)
         out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = adapter.lora_A, adapter.lora_B
     return out
+
+
+def _peft_name(i: int, target: str) -> str:
+    return f"{PEFT_PREFIX}layers.{i}.{TARGETS[target][0]}.{target}"
 
 
 def save_adapters(folder: str | Path, adapters: Adapters) -> None:
@@ -203,14 +207,15 @@ def load_adapters(folder: str | Path, model) -> Adapters:
             or c.get("rank_pattern") or c.get("alpha_pattern"):
         raise ValueError(f"{folder / CONFIG_FILE}: only plain LoRA adapters are read")
     targets = c["target_modules"]
-    config = LoRAConfig(c["r"], c["lora_alpha"], tuple(sorted(targets) if isinstance(targets, (list, set)) else [targets]))
+    targets = [targets] if isinstance(targets, str) else sorted(targets)  # peft writes its set as a list
+    config = LoRAConfig(c["r"], c["lora_alpha"], tuple(targets))
     adapters = add_lora(model, config)
     state = mx.load(str(folder / WEIGHTS_FILE))
     for name, value in peft_state(adapters).items():
         if name not in state or state[name].shape != value.shape:
             raise ValueError(f"{folder / WEIGHTS_FILE}: {name} is missing or not {value.shape}")
     for i, target, adapter in adapters.named():
-        name = f"{PEFT_PREFIX}layers.{i}.{TARGETS[target][0]}.{target}"
+        name = _peft_name(i, target)
         adapter.lora_A = state[f"{name}.lora_A.weight"].astype(mx.float32)
         adapter.lora_B = state[f"{name}.lora_B.weight"].astype(mx.float32)
     return adapters
