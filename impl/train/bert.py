@@ -1,0 +1,144 @@
+"""BERT-style masked language modelling (topic 4.6): the masking of the inputs and an encoder.
+
+Masking (BERT's recipe, transformers' DataCollatorForLanguageModeling's): each token that is not
+special is chosen with probability 0.15; the label of a chosen token is the token, every other
+label -100 (ignored by 4.2's loss). Of the chosen inputs 80% become [MASK], 10% a random token,
+10% stay as they are, so the model cannot learn that only [MASK] positions matter.
+
+The encoder is BERT's: token + position + segment embeddings, LayerNorm; per layer, attention
+over every position (no causal mask: each token sees the ones after it too; padding is masked
+out as keys), then add and LayerNorm *after* each sublayer (post-norm), an exact-GELU MLP; the
+masked-LM head (dense, GELU, LayerNorm, the output tied to the token embedding, a bias). The
+weights sit in an mlx.nn.Module tree under Hugging Face's names (`bert.encoder.layer.0.attention
+.self.query.weight`), so BertForMaskedLM's state dict loads as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn
+from mlx.utils import tree_unflatten
+
+from impl.attention import scaled_dot_product_attention_simple
+from impl.basics import linear
+from impl.train.layers import layer_norm
+from impl.train.loss import IGNORE_INDEX, cross_entropy
+
+
+def mask_tokens(ids: mx.array, key: mx.array, mask_token_id: int, vocab_size: int,
+                special: mx.array | None = None, mlm_probability: float = 0.15,
+                mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1) -> tuple[mx.array, mx.array]:
+    """(inputs, labels) for masked-LM training from ids (N, L): each position not marked in `special`
+    (bool (N, L): [CLS], [SEP], padding) is chosen with probability mlm_probability; labels are the
+    ids at the chosen positions and -100 elsewhere; a chosen input becomes [MASK] with probability
+    mask_replace_prob, a uniformly random token id with random_replace_prob, else stays (topic 4.6)."""
+    k_choose, k_kind, k_word = mx.random.split(key, 3)
+    chosen = mx.random.uniform(shape=ids.shape, key=k_choose) < mlm_probability
+    if special is not None:
+        chosen = chosen & ~special
+    labels = mx.where(chosen, ids, IGNORE_INDEX)
+    # One draw decides the kind: [0, p_mask) masked, [p_mask, p_mask + p_random) random, the rest kept.
+    u = mx.random.uniform(shape=ids.shape, key=k_kind)
+    masked = chosen & (u < mask_replace_prob)
+    randomized = chosen & (u >= mask_replace_prob) & (u < mask_replace_prob + random_replace_prob)
+    words = mx.random.randint(0, vocab_size, ids.shape, key=k_word).astype(ids.dtype)
+    inputs = mx.where(masked, mask_token_id, mx.where(randomized, words, ids))
+    return inputs, labels
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The shape of a BERT encoder, with transformers' BertConfig field names (topic 4.6)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BertConfig:
+        """From config.json's fields, ignoring the ones this encoder does not use (topic 4.6)."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def gelu_exact(x: mx.array) -> mx.array:
+    """x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2))): BERT's GELU, not GPT-2's tanh approximation (topic 4.6)."""
+    return 0.5 * x * (1.0 + mx.erf(x / math.sqrt(2.0)))
+
+
+class BertMaskedLM(mlx.nn.Module):
+    """BERT's encoder and masked-LM head; the weights under Hugging Face's names (topic 4.6)."""
+
+    def __init__(self, config: BertConfig, weights: dict[str, mx.array]):
+        """weights: BertForMaskedLM's parameters by name; the decoder's weight and bias are tied to the
+        token embedding and cls.predictions.bias, so they are not given apart (topic 4.6)."""
+        super().__init__()
+        self.config = config
+        tree = tree_unflatten([(k, v) for k, v in weights.items() if not k.startswith("cls.predictions.decoder.")])
+        self.bert, self.cls = tree["bert"], tree["cls"]
+
+    def __call__(self, ids: mx.array, attention_mask: mx.array | None = None,
+                 token_type_ids: mx.array | None = None) -> mx.array:
+        """ids (N, L) -> logits (N, L, V); attention_mask (N, L): 1 for a token, 0 for padding (topic 4.6)."""
+        c, e = self.config, self.bert["embeddings"]
+        N, L = ids.shape
+        types = mx.zeros_like(ids) if token_type_ids is None else token_type_ids
+        h = (e["word_embeddings"]["weight"][ids] + e["position_embeddings"]["weight"][:L]
+             + e["token_type_embeddings"]["weight"][types])  # (N, L, E)
+        h = _norm(h, e["LayerNorm"], c.layer_norm_eps)
+        mask = None
+        if attention_mask is not None:  # padding is no key for anyone: (N, 1, 1, L), added to the scores
+            mask = mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, -mx.inf)
+        for layer in self.bert["encoder"]["layer"]:
+            h = _layer(h, layer, mask, c)
+        p = self.cls["predictions"]
+        t = _norm(gelu_exact(_dense(h, p["transform"]["dense"])), p["transform"]["LayerNorm"], c.layer_norm_eps)
+        return linear(t, e["word_embeddings"]["weight"], p["bias"])  # (N, L, V): the tied decoder
+
+
+def _dense(x: mx.array, w: dict) -> mx.array:
+    return linear(x, w["weight"], w["bias"])
+
+
+def _norm(x: mx.array, w: dict, eps: float) -> mx.array:
+    return layer_norm(x, w["weight"], w["bias"], eps)
+
+
+def _layer(h: mx.array, w: dict, mask: mx.array | None, c: BertConfig) -> mx.array:
+    """One post-norm encoder layer: h = LN(h + attn(h)); h = LN(h + mlp(h))."""
+    N, L, E = h.shape
+    H = c.num_attention_heads
+    a = w["attention"]
+
+    def heads(x):  # (N, L, E) -> (N, H, L, D)
+        return x.reshape(N, L, H, E // H).transpose(0, 2, 1, 3)
+
+    q, k, v = (heads(_dense(h, a["self"][n])) for n in ("query", "key", "value"))
+    out = scaled_dot_product_attention_simple(q, k, v, mask=mask)  # (N, H, L, D): every position, both ways
+    h = _norm(h + _dense(out.transpose(0, 2, 1, 3).reshape(N, L, E), a["output"]["dense"]),
+              a["output"]["LayerNorm"], c.layer_norm_eps)
+    f = _dense(gelu_exact(_dense(h, w["intermediate"]["dense"])), w["output"]["dense"])
+    return _norm(h + f, w["output"]["LayerNorm"], c.layer_norm_eps)
+
+
+def mlm_loss_and_grad(model: BertMaskedLM, inputs: mx.array, labels: mx.array,
+                      attention_mask: mx.array | None = None) -> tuple[mx.array, dict]:
+    """(mean cross-entropy over the labelled (chosen) positions, no shift, its gradient with respect
+    to every weight, a tree like model.trainable_parameters()) (topic 4.6)."""
+    weights = model.trainable_parameters()
+
+    def loss_of(w):
+        model.update(w)
+        return cross_entropy(model(inputs, attention_mask), labels)
+
+    try:
+        return mx.value_and_grad(loss_of)(weights)
+    finally:
+        model.update(weights)
