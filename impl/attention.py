@@ -133,7 +133,9 @@ class Attention:
             return linear(out, self.wo, self.bo)
         if cache is not None:
             offset = cache.offset
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        q = self.rope(q, offset)
+        if not getattr(cache, "rotates_keys", False):  # a SinkKVCache rotates keys by their place in it (topic 3.9)
+            k = self.rope(k, offset)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (N, heads, L, D)
         if cache is not None:  # attend over every cached position too: k, v (N, H_kv, offset + L, D)
             k, v = cache.update_and_fetch(k, v)

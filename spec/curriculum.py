@@ -58,7 +58,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("3.6", "parallelism: tensor parallel over mlx.distributed", ("1.5",), ""),
     Topic("3.7", "tool calling and agents", ("1.7",), ""),
     Topic("3.8", "RAG pipeline", ("1.7",), ""),
-    Topic("3.9", "long context: sliding window, attention sinks, RoPE scaling", ("2.1",), ""),
+    Topic("3.9", "long context: sliding window, attention sinks, RoPE scaling", ("2.1",), "transformers Gemma 3 (tiny, and 270M past its 512-token window); invariances: rolling cache == full cache with the window mask, sink cache == fresh forward over what it holds; StreamingLLM's perplexity result on the default model", "day_3_9_long_context.py"),
 )
 
 BY_ID = {t.id: t for t in TOPICS}
