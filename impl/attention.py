@@ -117,7 +117,8 @@ class Attention:
         self.q_norm, self.k_norm = q_norm, k_norm
         self.window, self.scale = window, scale
         # Hugging Face row order: half-split RoPE (GGUF's permuted Q/K rows are undone on load).
-        self.rope = rope or RoPE(self.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
+        self.rope = rope or RoPE(self.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False,
+                                 scaling=getattr(args, "rope_scaling", None))
         # The attention kernel: week 1's grouped SDPA, or flash attention (week 2) with the same contract.
         self.sdpa = sdpa or scaled_dot_product_attention_grouped
 

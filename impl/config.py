@@ -26,6 +26,7 @@ class ModelArgs:
     head_dim: int | None = None  # Qwen3 and Gemma 3 give it; it may differ from hidden_size // heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0  # Gemma 3: the global (full-attention) layers' base
+    rope_scaling: dict | None = None  # rope_parameters with a rope_type other than "default" (topic 3.9)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Llama: bias on q, k, v and o; Qwen2 always has q/k/v biases
@@ -124,13 +125,32 @@ class ModelArgs:
                 config["rope_local_base_freq"] = local["rope_theta"]
             _check_rope_type(local)
             rope = rope.get(FULL) or {}
-        _check_rope_type(rope)
+            _check_rope_type(rope)
         if "rope_theta" not in config and "rope_theta" in rope:
             config["rope_theta"] = rope["rope_theta"]
+        config["rope_scaling"] = _rope_scaling(rope, config.get("max_position_embeddings"))
         fields = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in config.items() if k in fields})
 
 
 def _check_rope_type(rope: dict) -> None:
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported (week 3 adds it)")
+        raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported for Gemma 3")
+
+
+def _rope_scaling(rope: dict, max_position_embeddings: int | None) -> dict | None:
+    """A config's rope_parameters when they scale RoPE (topic 3.9), as impl.rope reads them: the
+    rope_type checked, and dynamic's original context (transformers: max_position_embeddings)."""
+    from impl.rope import SCALINGS
+
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", None):
+        return None
+    if kind not in SCALINGS:
+        raise ValueError(f"RoPE scaling {kind!r} is not supported; supported: {', '.join(SCALINGS)}")
+    rope = dict(rope, rope_type=kind)
+    if kind == "dynamic":
+        rope["original_max_position_embeddings"] = max_position_embeddings or 4096  # transformers: always this
+    elif "original_max_position_embeddings" not in rope and kind != "linear":
+        raise ValueError(f"RoPE scaling {kind!r} needs original_max_position_embeddings in rope_parameters")
+    return rope

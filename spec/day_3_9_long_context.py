@@ -214,3 +214,65 @@ def _nll(logits: mx.array, targets: list[int]) -> np.ndarray:
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, mx.array(targets)[:, None], axis=-1)[:, 0]
     return np.array(mx.logsumexp(logits, axis=-1) - picked)
+
+
+# --- RoPE scaling ------------------------------------------------------------------
+
+# rope_parameters as transformers reads them: an original context of 32, stretched 4 (Llama 3.1's 8).
+SCALINGS = {
+    "linear": dict(rope_type="linear", factor=4.0),
+    "dynamic": dict(rope_type="dynamic", factor=4.0),  # original context: max_position_embeddings
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32),
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32),
+}
+
+
+def _hf_config(arch: str, rope: dict, D: int = 32, base: float = 50000.0):
+    from transformers import LlamaConfig, Qwen2Config
+
+    Config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    return Config(hidden_size=4 * D, num_attention_heads=4, num_key_value_heads=2, head_dim=D, num_hidden_layers=1,
+                  intermediate_size=64, vocab_size=64, max_position_embeddings=32 if rope["rope_type"] == "dynamic"
+                  else 128, rope_parameters=dict(rope_theta=base, **rope))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+def test_rope_scaling_matches_transformers_rotary_embedding(impl, arch, scaling):
+    """impl.rope.RoPE with a config's scaling rotates (N, L, H, D) as transformers' rotary embedding
+    class and apply_rotary_pos_emb do, over 100 positions, 3 times the original context of 32; and
+    differently from plain RoPE (the scaling must matter)."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    Rotary = getattr(module, {"llama": "LlamaRotaryEmbedding", "qwen2": "Qwen2RotaryEmbedding"}[arch])
+    config = _hf_config(arch, SCALINGS[scaling])
+    args = impl.config.ModelArgs.from_dict(config.to_dict())
+    assert args.rope_scaling and args.rope_scaling["rope_type"] == scaling, args.rope_scaling
+    L, D = 100, args.head_dim
+    x = np.random.default_rng(1).standard_normal((1, L, 4, D)).astype(np.float32)
+    rope = impl.rope.RoPE(D, args.max_position_embeddings if scaling != "dynamic" else 32, args.rope_theta,
+                          traditional=False, scaling=args.rope_scaling)
+    got = rope(mx.array(x), 0)
+    with torch.no_grad():
+        xt = torch.from_numpy(x).transpose(1, 2)  # (N, H, L, D)
+        cos, sin = Rotary(config)(xt, torch.arange(L)[None])
+        want, _ = module.apply_rotary_pos_emb(xt, xt, cos, sin)
+    assert_close(got, want.transpose(1, 2), FP32, f"{arch} {scaling} RoPE over {L} positions")
+    plain = impl.rope.RoPE(D, L, args.rope_theta, traditional=False)(mx.array(x), 0)
+    assert float(mx.abs(plain - got).max()) > 0.1, f"{scaling} scaling changes nothing"
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+def test_scaled_rope_model_logits_match_transformers(impl, tmp_path, scaling):
+    """A tiny Qwen3 (wide logits) with the scaling in its config.json: transformers' logits over 100
+    positions, past the original context of 32."""
+    rope = dict(rope_theta=50000.0, **SCALINGS[scaling])
+    ref, folder = tiny_folder(tmp_path, "qwen3-tied", seed=6, rope_parameters=rope,
+                              max_position_embeddings=32 if scaling == "dynamic" else 128)
+    model = impl.loader.load_model(folder).model
+    ids = np.random.default_rng(2).integers(0, 320, size=(1, 100))
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits
+    assert_close(model(mx.array(ids)), want, MODEL_FP32, f"tiny Qwen3 with {scaling} RoPE scaling")
