@@ -86,6 +86,8 @@ class Model:
         block = block or TransformerBlock
         self.layers = [block(args, weights, f"model.layers.{i}", rope, sdpa, norm)
                        for i in range(args.num_hidden_layers)]
+        for i, layer in enumerate(self.layers):  # Mistral's and Qwen's sliding windows (topic 3.9)
+            layer.self_attn.window = args.window(i)
         self.norm = norm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]
 

@@ -151,6 +151,27 @@ def test_gemma3_270m_window_cache_past_512(impl, gemma_gguf):
     assert local == {window * per_token}, f"local layers hold {local} bytes, not {window} positions' worth"
 
 
+@pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window"])
+def test_tiny_mistral_qwen2_sliding_window_matches_transformers(impl, tmp_path, kind):
+    """transformers applies `sliding_window` to Mistral (every layer) and to Qwen2 with
+    use_sliding_window (layers max_window_layers.. : here 1 and 2 of 3): uncached logits over 24
+    positions (window 8), then a rolling cache on the sliding layers, decoded in chunks, the same."""
+    ref, folder = tiny_folder(tmp_path, kind, seed=8)
+    model = impl.loader.load_model(folder).model
+    windows = [layer.self_attn.window for layer in model.layers]
+    assert windows == ([8, 8, 8] if kind == "mistral-window" else [None, 8, 8]), windows
+    chunks = [6, 1, 1, 1, 9, 1, 5]
+    ids = np.random.default_rng(3).integers(0, 320, size=(1, sum(chunks)))
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits
+    assert_close(model(mx.array(ids)), want, MODEL_FP32, f"{kind}, uncached")
+    cache, start, parts = impl.kv_cache.make_window_cache(model), 0, []
+    for n in chunks:
+        parts.append(model(mx.array(ids[:, start:start + n]), cache=cache))
+        start += n
+    assert_close(mx.concatenate(parts, axis=1), want, MODEL_FP32, f"{kind}, rolling cache, chunks {chunks}")
+
+
 # --- attention sinks ---------------------------------------------------------------
 
 def test_sink_cache_is_a_fresh_forward_over_what_it_holds(impl, tmp_path):
@@ -185,26 +206,31 @@ def test_sink_cache_before_it_rolls_is_the_full_cache(impl, tmp_path, sinks):
     assert_close(mx.concatenate(parts, axis=1), model(mx.array(ids)), FP32, f"{sinks} sinks, before rolling")
 
 
+TEXT = 160  # tokens of Hamlet the spec reads one at a time, twice
+
+
 def test_sinks_keep_the_model_past_the_window(impl, default_model):
-    """StreamingLLM's result, small: the default model reads 160 tokens of Hamlet one at a time
-    with a 16-token window. Past the window, the window alone loses it (perplexity several times
-    the full cache's); 4 sinks + the window stay within 2x of the full cache. (Measured: see
-    docs/long_context.md; bench/long_context.py runs longer texts and wider windows.)"""
+    """StreamingLLM's result, small: the default model (its 4-bit weights) reads 160 tokens of
+    Hamlet one at a time with a 32-token window. Past the window, the window alone loses it
+    (perplexity over 4 times the full cache's; measured 134 against 16.7); 4 sinks + the window
+    stay within 2x (measured 22.9). What is left of the gap is the context the window dropped.
+    bench/long_context.py runs longer texts and wider windows (docs/long_context.md)."""
     from reference.texts import play_text
 
-    loaded = impl.loader.load_model(default_model, quantized=False)
+    loaded = impl.loader.load_model(default_model)  # its 4-bit weights: a third of the time a token
     model = loaded.model
-    ids = loaded.tokenizer.encode(play_text())[:160]
+    ids = loaded.tokenizer.encode(play_text())[:TEXT]
     full = _nll(model(mx.array([ids[:-1]]))[0], ids[1:])
 
     def streamed(sinks: int) -> np.ndarray:
-        cache = impl.kv_cache.make_sink_cache(model, window=16, sinks=sinks)
+        cache = impl.kv_cache.make_sink_cache(model, window=32, sinks=sinks)
         logits = [model(mx.array([[t]]), cache=cache)[0, -1] for t in ids[:-1]]
         return _nll(mx.stack(logits), ids[1:])
 
-    past = slice(40, None)  # well past the first eviction
+    past = slice(48, None)  # past the first eviction
     ppl = {name: float(np.exp(nll[past].mean())) for name, nll in
            (("full", full), ("window", streamed(0)), ("sinks", streamed(4)))}
+    print(f"perplexity of tokens 49-{TEXT} of Hamlet, window 32: {ppl}")
     assert ppl["window"] > 4 * ppl["full"], f"the window alone should lose the model: {ppl}"
     assert ppl["sinks"] < 2 * ppl["full"], f"4 sinks should keep it near the full cache: {ppl}"
 
