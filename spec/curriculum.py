@@ -18,6 +18,9 @@ beyond the course outline's table, because the code does:
 - 3.1 needs 2.7: the engine prefills in chunks by default, and the paged specs run it so;
 - 3.3 needs 2.6 besides 1.5: its spec runs a tiny MoE model in the engine (batched == alone), on
   topic 2.6's own contiguous cache and whole prefills.
+- 3.9 needs 2.4 besides 2.1: its attention-sink check reads a text one token at a time with the
+  default model's 4-bit weights, which run on week 2's kernels (2.2's matmul, 2.4's attention),
+  a third of the fp32 model's time a token.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("3.6", "parallelism: tensor parallel over mlx.distributed", ("1.5",), ""),
     Topic("3.7", "tool calling and agents", ("1.7",), ""),
     Topic("3.8", "RAG pipeline", ("1.7",), ""),
-    Topic("3.9", "long context: sliding window, attention sinks, RoPE scaling", ("2.1",), "transformers Gemma 3 (tiny, and 270M past its 512-token window); invariances: rolling cache == full cache with the window mask, sink cache == fresh forward over what it holds; StreamingLLM's perplexity result on the default model", "day_3_9_long_context.py"),
+    Topic("3.9", "long context: sliding window, attention sinks, RoPE scaling", ("2.1", "2.4"), "transformers Gemma 3 (tiny; 270M past its 512-token window), Mistral and Qwen2 sliding windows, Llama/Qwen2 rotary embeddings with linear, dynamic, YaRN and Llama 3 scaling; invariances: rolling cache == full cache with the window mask, sink cache == fresh forward over what it holds; StreamingLLM's perplexity result on the default model", "day_3_9_long_context.py"),
 )
 
 BY_ID = {t.id: t for t in TOPICS}
