@@ -76,17 +76,19 @@ def measure(model, ids: list[int], windows: list[int]) -> dict:
             print(f"  W={w} {name}: ppl {row[f'{name}_ppl']:.2f} ({row[f'{name}_s']} s)", file=sys.stderr)
         row["full_past"] = ppl(full[w + SINKS:])
         rows.append(row)
-    return {"tokens": len(ids), "full": ppl(full), "rows": rows}
+    per_token = 2 * model.args.num_hidden_layers * model.args.num_key_value_heads * model.args.head_dim * 4
+    return {"tokens": len(ids), "full": ppl(full), "full_nbytes": per_token * len(ids), "rows": rows}
 
 
 def markdown(r: dict) -> str:
-    rows = ["| window W | window alone | 4 sinks + window | full cache | cache (sinks + window) |",
-            "|---:|---:|---:|---:|---:|"]
+    rows = ["| window W | window alone | 4 sinks + window | full cache | the same past the first eviction"
+            " (window / sinks / full) | cache held (sinks + window) |", "|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         rows.append(f"| {row['window']} | {row['window_ppl']:.2f} | {row['sinks_ppl']:.2f} | {r['full']:.2f} |"
+                    f" {row['window_past']:.2f} / {row['sinks_past']:.2f} / {row['full_past']:.2f} |"
                     f" {row['sinks_nbytes'] / 2**20:.1f} MiB |")
-    return (f"Perplexity of the first {r['tokens']} tokens of Hamlet (SmolLM2-135M-Instruct, fp32),"
-            f" read one token at a time.\n\n" + "\n".join(rows) + "\n")
+    return (f"Perplexity of the first {r['tokens']} tokens of Hamlet (SmolLM2-135M-Instruct, fp32), read one token"
+            f" at a time; the full cache holds {r['full_nbytes'] / 2**20:.0f} MiB at the end.\n\n" + "\n".join(rows) + "\n")
 
 
 def chart(r: dict, path: Path) -> bool:

@@ -77,6 +77,8 @@ class ModelArgs:
         if SLIDING in self.layer_types and (not self.sliding_window or self.model_type in MOE_ARCHITECTURES):
             raise ValueError(f"sliding-window layers are supported for gemma3_text, mistral, qwen2 and qwen3 with a"
                              f" sliding_window, not {self.model_type} with sliding_window={self.sliding_window}")
+        if gemma and self.rope_scaling:
+            raise ValueError(f"RoPE scaling {self.rope_scaling.get('rope_type')!r} is not supported for Gemma 3")
         if gemma and self.attn_logit_softcapping is not None:
             raise ValueError("attn_logit_softcapping is not supported (Gemma 3 sets none; transformers' Gemma 3"
                              " ignores it)")
