@@ -2,7 +2,8 @@
 `python -m bench --serving [--quick] ...`: the serving benchmark (bench.serving);
 `python -m bench --online [--quick] ...`: the online serving benchmark (bench.online);
 `python -m bench --moe [--quick]`: mixture of experts, layer and kernel (bench.moe);
-`python -m bench --train [--quick]`: training steps against PyTorch (bench.train)."""
+`python -m bench --train [--quick]`: training steps against PyTorch (bench.train);
+`python -m bench --long-context [--quick]`: attention sinks, perplexity by window (bench.long_context)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import train
 
         return train.main([a for a in argv if a != "--train"])
+    if "--long-context" in argv:
+        from bench import long_context
+
+        return long_context.main([a for a in argv if a != "--long-context"])
     if "--moe" in argv:
         from bench import moe
 

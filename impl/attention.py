@@ -117,7 +117,8 @@ class Attention:
         self.q_norm, self.k_norm = q_norm, k_norm
         self.window, self.scale = window, scale
         # Hugging Face row order: half-split RoPE (GGUF's permuted Q/K rows are undone on load).
-        self.rope = rope or RoPE(self.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
+        self.rope = rope or RoPE(self.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False,
+                                 scaling=getattr(args, "rope_scaling", None))
         # The attention kernel: week 1's grouped SDPA, or flash attention (week 2) with the same contract.
         self.sdpa = sdpa or scaled_dot_product_attention_grouped
 
@@ -133,7 +134,9 @@ class Attention:
             return linear(out, self.wo, self.bo)
         if cache is not None:
             offset = cache.offset
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        q = self.rope(q, offset)
+        if not getattr(cache, "rotates_keys", False):  # a SinkKVCache rotates keys by their place in it (topic 3.9)
+            k = self.rope(k, offset)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (N, heads, L, D)
         if cache is not None:  # attend over every cached position too: k, v (N, H_kv, offset + L, D)
             k, v = cache.update_and_fetch(k, v)

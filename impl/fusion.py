@@ -78,7 +78,8 @@ class KernelTransformerBlock(TransformerBlock):
         L = x.shape[1]
         causal = mask == "causal" if isinstance(mask, str) else (mask is None and L == 1)  # L = 1: the same
         batched = hasattr(cache, "attend")  # the engine's batched caches (topic 2.6): positions are theirs
-        if not (self.fusable and (causal or batched) and (batched or type(cache) is KVCache)):
+        if not (self.fusable and (causal or batched) and (batched or type(cache) is KVCache)) or attn.window:
+            # a sliding window (Mistral, Qwen2's, topic 3.9): the twin, whose attention masks it
             return super().__call__(x, mask, offset, cache)
         qkv = fused_linear(x, attn.wqkv, norm=self.input_layernorm)  # (N, L, (H + 2 H_kv) D)
         if attn.bqkv is not None:  # Qwen2's q/k/v biases

@@ -79,7 +79,8 @@ class KernelRoPE(RoPE):
         check_rope(x, self.dims)  # on both paths: the kernel would word a dims mismatch as one of its tables
         rope = _kernel("rope")
         start = 0 if offset is None else offset
-        if rope is None or not isinstance(start, numbers.Integral):  # slices, per-sequence offsets: the twin
+        if rope is None or not isinstance(start, numbers.Integral) or self.dynamic:  # slices, per-sequence
+            # offsets, dynamic NTK scaling (tables of the sequence's length): the twin
             return super().__call__(x, offset)
         self._check(int(start) + x.shape[1] - 1, first=int(start))
         return rope(x, self.cos, self.sin, int(start), self.traditional)

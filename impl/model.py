@@ -81,10 +81,13 @@ class Model:
         passes the kernel-backed subclasses of impl.layer_kernels and impl.fusion)."""
         self.args = args
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, weights["model.embed_tokens.weight"])
-        rope = rope(args.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False)
+        rope = rope(args.head_dim, args.max_position_embeddings, args.rope_theta, traditional=False,
+                    scaling=args.rope_scaling)
         block = block or TransformerBlock
         self.layers = [block(args, weights, f"model.layers.{i}", rope, sdpa, norm)
                        for i in range(args.num_hidden_layers)]
+        for i, layer in enumerate(self.layers):  # Mistral's and Qwen's sliding windows (topic 3.9)
+            layer.self_attn.window = args.window(i)
         self.norm = norm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]
 

@@ -27,6 +27,10 @@ TINY = {
     "qwen3-mqa": ("qwen3", dict(initializer_range=0.1, tie_word_embeddings=False, num_key_value_heads=1,
                                 num_attention_heads=8)),
     "gemma3": ("gemma3_text", GEMMA3),
+    # sliding windows of 8 (topic 3.9): Mistral's on every layer; Qwen2's from layer max_window_layers on
+    "mistral-window": ("mistral", dict(initializer_range=0.1, sliding_window=8, num_hidden_layers=3)),
+    "qwen2-window": ("qwen2", dict(initializer_range=0.1, use_sliding_window=True, sliding_window=8,
+                                   max_window_layers=1, num_hidden_layers=3)),
     "gemma3-mqa-softcap": ("gemma3_text", GEMMA3 | dict(num_hidden_layers=3, final_logit_softcapping=3.0,
                                                          num_key_value_heads=1, rope_local_base_freq=100.0)),
 }
@@ -47,7 +51,7 @@ TINY_MOE = {
 ROUTER_STD = 0.5
 # Which of the architectures' weights start at a constant (biases at 0, Qwen3's norms at 1, Gemma's at 0):
 # those are drawn at random too, so that they matter.
-RANDOMIZED = {"llama": (".bias",), "qwen2": (".bias",), "qwen3": (".bias", "norm.weight"),
+RANDOMIZED = {"llama": (".bias",), "mistral": (), "qwen2": (".bias",), "qwen3": (".bias", "norm.weight"),
               "gemma3_text": (".bias", "norm.weight"), "mixtral": (), "qwen2_moe": (".bias",),
               "qwen3_moe": (".bias", "norm.weight")}
 
@@ -61,6 +65,8 @@ def tiny_folder(tmp_path: Path, kind: str, seed: int, **overrides):
         Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
         MixtralConfig,
         MixtralForCausalLM,
         Qwen2Config,
@@ -78,7 +84,8 @@ def tiny_folder(tmp_path: Path, kind: str, seed: int, **overrides):
                num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0,
                max_position_embeddings=128, rms_norm_eps=1e-6) | extra | overrides
     torch.manual_seed(seed)
-    Config, Model = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    Config, Model = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                      "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
                      "mixtral": (MixtralConfig, MixtralForCausalLM), "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
                      "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[arch]

@@ -18,6 +18,9 @@ beyond the course outline's table, because the code does:
 - 3.1 needs 2.7: the engine prefills in chunks by default, and the paged specs run it so;
 - 3.3 needs 2.6 besides 1.5: its spec runs a tiny MoE model in the engine (batched == alone), on
   topic 2.6's own contiguous cache and whole prefills;
+- 3.9 needs 2.4 besides 2.1: its attention-sink check reads a text one token at a time with the
+  default model's 4-bit weights, which run on week 2's kernels (2.2's matmul, 2.4's attention),
+  a third of the fp32 model's time a token;
 - 4.2 does not need 4.1: its checks feed logits and labels straight in, no tokenizer or windows;
 - 4.3 needs week 1's layers (1.1-1.4: linear, RoPE, grouped attention, RMSNorm, the SwiGLU MLP), of
   which its trainable models are built, and 4.2's loss, which it differentiates;
@@ -63,7 +66,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("3.6", "parallelism: tensor parallel over mlx.distributed", ("1.5",), ""),
     Topic("3.7", "tool calling and agents", ("1.7",), ""),
     Topic("3.8", "RAG pipeline", ("1.7",), ""),
-    Topic("3.9", "long context: sliding window, attention sinks, RoPE scaling", ("2.1",), ""),
+    Topic("3.9", "long context: sliding window, attention sinks, RoPE scaling", ("2.1", "2.4"), "transformers Gemma 3 (tiny; 270M past its 512-token window), Mistral and Qwen2 sliding windows, Llama/Qwen2 rotary embeddings with linear, dynamic, YaRN and Llama 3 scaling; invariances: rolling cache == full cache with the window mask, sink cache == fresh forward over what it holds; StreamingLLM's perplexity result on the default model", "day_3_9_long_context.py"),
     Topic("4.1", "training data: byte/char tokenizer, windows, shifted targets", (), "Python's UTF-8 codec, numpy sliding windows (exact)", "day_4_1_data.py"),
     Topic("4.2", "causal cross-entropy, perplexity, accuracy", (), "transformers' causal-LM loss (LlamaForCausalLM), torch cross_entropy and autograd", "day_4_2_loss.py"),
     Topic("4.3", "backpropagation: classic and modern blocks, every gradient vs torch", ("1.1", "1.2", "1.3", "1.4", "4.2"), "torch autograd through transformers' GPT2LMHeadModel and LlamaForCausalLM, same weights", "day_4_3_backprop.py"),
