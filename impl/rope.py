@@ -88,7 +88,7 @@ class RoPE:
 
     def __init__(self, dims: int, seq_len: int, base: float = 10000.0, traditional: bool = False,
                  scaling: dict | None = None):
-        """scaling: a config's rope_parameters with a rope_type (topic 3.9; see rope_frequencies)."""
+        """scaling: a config's rope_parameters with a rope_type, which topic 3.9 adds (rope_frequencies)."""
         assert dims % 2 == 0, "RoPE needs an even number of dims"
         self.dims, self.seq_len, self.traditional = dims, seq_len, traditional
         self.base, self.scaling = base, scaling
@@ -98,7 +98,10 @@ class RoPE:
 
     def _angles(self, positions: mx.array, seq_len: int | None) -> tuple[mx.array, mx.array]:
         """cos, sin (..., D/2) of `positions`, for a sequence of seq_len (dynamic scaling only)."""
-        inv_freq, mscale = rope_frequencies(self.dims, self.base, self.scaling, seq_len)  # (D/2,)
+        if self.scaling:  # topic 3.9's
+            inv_freq, mscale = rope_frequencies(self.dims, self.base, self.scaling, seq_len)  # (D/2,)
+        else:  # plain RoPE: pair i turns at base ** (-2i / D)
+            inv_freq, mscale = 1.0 / (self.base ** (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims)), 1.0
         angles = positions.astype(mx.float32)[..., None] * inv_freq  # (..., D/2)
         return mx.cos(angles) * mscale, mx.sin(angles) * mscale
 

@@ -484,14 +484,16 @@ def _module_topic(tree: ast.Module) -> str | None:
 
 # Layers above the course's topics that a learner's package does not re-implement: the HTTP
 # server (impl/server/) serves whichever engine it is given, and is not a topic of its own.
-NOT_SCAFFOLDED = frozenset({"server"})
+# Left out of a learner's package: the HTTP server (a layer above the engine) and week 4's training
+# command and its M3 run (tools that run impl/, not exercises).
+NOT_SCAFFOLDED = frozenset({"server", "train/cli.py", "train/__main__.py", "train/finetune.py"})
 
 
 def _sources(src: Path) -> dict[Path, ast.Module]:
     trees = {}
     for path in sorted(src.rglob("*.py")):
         rel = path.relative_to(src)
-        if "__pycache__" in rel.parts or rel.parts[0] in NOT_SCAFFOLDED:
+        if "__pycache__" in rel.parts or rel.parts[0] in NOT_SCAFFOLDED or rel.as_posix() in NOT_SCAFFOLDED:
             continue
         try:
             trees[rel] = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
