@@ -1,7 +1,8 @@
 """`python -m bench [--quick] ...`: the batch-1 benchmark (bench.single);
 `python -m bench --serving [--quick] ...`: the serving benchmark (bench.serving);
 `python -m bench --online [--quick] ...`: the online serving benchmark (bench.online);
-`python -m bench --moe [--quick]`: mixture of experts, layer and kernel (bench.moe)."""
+`python -m bench --moe [--quick]`: mixture of experts, layer and kernel (bench.moe);
+`python -m bench --speculative [--quick]`: speculative decoding, n-gram and draft model (bench.speculative)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--speculative" in argv:
+        from bench import speculative
+
+        return speculative.main([a for a in argv if a != "--speculative"])
     if "--moe" in argv:
         from bench import moe
 
