@@ -38,6 +38,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
+from spec.chat_command import assert_one_line_error, run_chat, stats_lines
 from spec.ladder import FP32, GREEDY_MARGIN, MIN_GREEDY_TOKENS, assert_close, assert_greedy_tokens
 
 NAMES = ("NgramProposer", "DraftModel", "Sampling", "SpeculativeStats", "accept_greedy", "accept_sampled",
@@ -381,3 +382,29 @@ def test_real_ngram_on_an_edit_equals_the_targets_greedy(impl, spec_mod, coder_p
     assert_greedy_tokens(steps, want, gaps, "n-gram lookup on an edit, k=6")
     print(f"n-gram: {stats}, acceptance rate {stats.acceptance_rate:.2f}")
     assert stats.tokens_per_step > 1.5, f"lookup on a repeated file should keep drafts: {stats}"
+
+
+# --- the chat command -----------------------------------------------------------------------
+
+
+def test_chat_with_ngram_speculation_gives_the_greedy_answer(impl, default_model):
+    # The default model on week 2's kernels (as 2.4's chat check), n-gram lookup drafting: the reply is
+    # transformers' greedy answer while its top-2 gaps are clear, and the stats line says what was accepted.
+    from spec.day_1_6_generate import CONVERSATIONS, assert_answer, transformers_answer
+
+    messages = CONVERSATIONS["one_user"]
+    r = run_chat(impl, "--speculative", "ngram", messages[0]["content"], "--max-tokens", "24")
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = stats_lines(r.stderr)
+    assert stats and "drafts accepted" in stats[-1], f"the stats line says nothing of speculation: {stats}"
+    assert_answer(r.stdout.removesuffix("\n"), *transformers_answer(default_model, messages),
+                  "the chat command with --speculative ngram")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--speculative", "ngram", "--no-kv-cache"), "drop --no-kv-cache"),
+    (("--speculative", "ngram", "--draft-model", "qwen2.5-coder-0.5b"), "give one"),
+    (("--speculative", "ngram", "--num-draft-tokens", "0"), "--num-draft-tokens must be at least 1"),
+])
+def test_chat_speculation_flags_out_of_range(impl, flags, message):
+    assert_one_line_error(run_chat(impl, *flags, "hi"), message)
