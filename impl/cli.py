@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.model, quantized=False if args.dequantize else None)
         print(f"[loaded {loaded.path.name} in {time.perf_counter() - t:.1f} s]", file=sys.stderr)
         _ = loaded.tokenizer, loaded.chat_template  # read now: a bad tokenizer fails before the chat
-        proposer = make_proposer(loaded, args)
+        proposer = make_proposer(loaded, args) if args.speculative or args.draft_model else None
         if args.prompt is None:
             chat(loaded, args, sampler, proposer)
         else:
