@@ -259,7 +259,7 @@ def test_tiny_pair_greedy_equals_the_targets_greedy(impl, spec_mod, target, targ
     k = data.draw(st.integers(0, 6), label="k")
     noise = data.draw(st.sampled_from([0.0, 0.05, 0.1, 0.3, 1.0]), label="draft noise")
     seed = data.draw(st.integers(0, 2**16), label="prompt seed")
-    prompt = [int(t) for t in np.random.default_rng(seed).integers(0, V_TINY, data.draw(st.integers(1, 12)))]
+    prompt = [int(t) for t in np.random.default_rng(seed).integers(0, V_TINY, data.draw(st.integers(1, 12), label="prompt length"))]
     want, gaps = greedy_reference(target, prompt, STEPS)
     assume_clear_start(gaps)
     draft = spec_mod.DraftModel(draft_of(impl, target_weights, noise))
