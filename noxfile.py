@@ -274,7 +274,8 @@ def scaffold(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark impl/ against mlx-lm, transformers and llama.cpp at batch 1 (`-- --quick` for a short run);
     `-- --serving`: 64 requests at once against vLLM-CPU, llama-server and mlx-lm; `-- --online`: the
-    servers under load at concurrency 1-64; `-- --moe`, `-- --long-context`: topics 3.3 and 3.9 (docs/bench.md)."""
+    servers under load at concurrency 1-64; `-- --moe`, `-- --speculative`, `-- --long-context`: topics 3.3,
+    3.4 and 3.9; `-- --train`: week 4's training steps against PyTorch (docs/bench.md)."""
     python = _env(session, "bench", ("runtime", "reference", "test", "serve", "bench"))
     # --serving and --online install their peers on first use (.nox/_vllm, .nox/_llama_server): see bench/peers/.
     session.run(str(python), "-m", "bench", *session.posargs, external=True)

@@ -3,7 +3,8 @@
 `python -m bench --online [--quick] ...`: the online serving benchmark (bench.online);
 `python -m bench --moe [--quick]`: mixture of experts, layer and kernel (bench.moe);
 `python -m bench --train [--quick]`: training steps against PyTorch (bench.train);
-`python -m bench --long-context [--quick]`: attention sinks, perplexity by window (bench.long_context)."""
+`python -m bench --long-context [--quick]`: attention sinks, perplexity by window (bench.long_context);
+`python -m bench --speculative [--quick]`: speculative decoding, n-gram and draft model (bench.speculative)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import long_context
 
         return long_context.main([a for a in argv if a != "--long-context"])
+    if "--speculative" in argv:
+        from bench import speculative
+
+        return speculative.main([a for a in argv if a != "--speculative"])
     if "--moe" in argv:
         from bench import moe
 

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequantize", action="store_true",
                    help="dequantize a GGUF's weights to fp32 at load and run week 1's model, without week 2's"
                         " kernels (slower; 4 to 8 times the weights' memory)")
+    p.add_argument("--speculative", choices=["ngram"],
+                   help="speculative decoding by n-gram prompt lookup (topic 3.4; implies --single-stream)")
+    p.add_argument("--draft-model", metavar="MODEL",
+                   help="speculative decoding with this smaller model drafting (same vocabulary as --model;"
+                        " a path or known name, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b; implies --single-stream)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K",
+                   help="tokens drafted per step of speculative decoding (default 4)")
     return p
 
 
@@ -101,6 +108,12 @@ def _checked_sampler(args):
         raise TinyLLMError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.no_kv_cache and args.kv_cache_dtype != "auto":
         raise TinyLLMError(f"--kv-cache-dtype {args.kv_cache_dtype} needs the KV cache; drop --no-kv-cache")
+    if args.speculative and args.draft_model:
+        raise TinyLLMError("--speculative ngram and --draft-model are two ways to draft; give one")
+    if (args.speculative or args.draft_model) and args.no_kv_cache:
+        raise TinyLLMError("speculative decoding rewinds the KV cache; drop --no-kv-cache")
+    if args.num_draft_tokens < 1:
+        raise TinyLLMError(f"--num-draft-tokens must be at least 1, got {args.num_draft_tokens}")
     given = {f: getattr(args, f) for f in SAMPLING_FLAGS if getattr(args, f) is not None}
     if not given:  # greedy, topic 1.6's decode loop
         from impl.generate import greedy
@@ -131,7 +144,7 @@ def _prompt_cache(loaded, args):
 def make_engine(loaded, args):
     """The batched engine (topic 2.6) for one conversation: its prefix cache keeps each turn's
     blocks, so the next turn prefills only what it adds; None with --single-stream or --no-kv-cache."""
-    if args.single_stream or args.no_kv_cache:
+    if args.single_stream or args.no_kv_cache or args.speculative or args.draft_model:
         return None
     from impl.engine import LLMEngine
 
@@ -182,22 +195,59 @@ def engine_reply(engine, loaded, ids: list[int], args) -> str:
 _REQUEST_IDS = itertools.count()  # one engine per chat; each reply is a request
 
 
-def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None, engine=None) -> str:
+def make_proposer(loaded, args):
+    """The speculative decoding drafter the flags ask for (topic 3.4), or None: an NgramProposer, or a
+    DraftModel on --draft-model (loaded as --model is, its vocabulary checked against the target's)."""
+    from impl.speculative import DraftModel, NgramProposer
+
+    if args.speculative == "ngram":
+        return NgramProposer(3, 2)  # a 1-gram match mostly drafts wrong tokens, each a row of the target's pass
+    if not args.draft_model:
+        return None
+    from impl.loader import load_model
+
+    t = time.perf_counter()
+    draft = load_model(args.draft_model, quantized=False if args.dequantize else None)
+    if draft.args.vocab_size != loaded.args.vocab_size:
+        raise TinyLLMError(f"the draft model's vocabulary has {draft.args.vocab_size} tokens, the model's"
+                           f" {loaded.args.vocab_size}: a draft must share the model's tokenizer")
+    print(f"[loaded the draft model {draft.path.name} in {time.perf_counter() - t:.1f} s]", file=sys.stderr)
+    return DraftModel(draft.model)
+
+
+def _speculative_step(proposer, args):
+    """(a stream_generate step drafting with `proposer`, its SpeculativeStats), sampling as the flags say."""
+    from impl.speculative import Sampling, SpeculativeStats, speculative_step
+
+    given = {f: getattr(args, f) for f in SAMPLING_FLAGS if getattr(args, f) is not None}
+    if given:
+        given.setdefault("temperature", 1.0)
+    stats = SpeculativeStats()
+    return speculative_step(proposer, args.num_draft_tokens, Sampling(**given), stats), stats
+
+
+def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None, engine=None, proposer=None) -> str:
     """Stream one assistant reply to stdout; return its text. prompt_cache: a PromptCache kept
     across a chat's turns, so each turn prefills only what the conversation added (a new one when
     None, none with --no-kv-cache). Then one line to stderr: `[prefill N tokens (M more from the
     cache) at X tok/s, G tokens generated (1 by the prefill, G-1 decoded at X tok/s), finish: REASON,
     KV cache DTYPE SIZE MB]` (the first parenthesis only when the cache served some; `no KV cache`
-    with --no-kv-cache)."""
+    with --no-kv-cache; `, speculative: A of D drafts accepted (R%)` with a proposer, which
+    decodes on a fresh cache each reply)."""
     from impl.generate import generate_step, stream_generate
 
     ids = _prompt_ids(loaded, messages)
     if engine is not None:
         return engine_reply(engine, loaded, ids, args)
-    prompt_cache = prompt_cache or _prompt_cache(loaded, args)
+    spec_stats = None
+    if proposer is not None:
+        step, spec_stats = _speculative_step(proposer, args)
+        prompt_cache = None
+    else:
+        prompt_cache = prompt_cache or _prompt_cache(loaded, args)
+        step = prompt_cache.steps if prompt_cache else generate_step
     text, stats = [], None
-    for g in stream_generate(loaded.model, loaded.tokenizer, ids, args.max_tokens, sampler,
-                             step=prompt_cache.steps if prompt_cache else generate_step):
+    for g in stream_generate(loaded.model, loaded.tokenizer, ids, args.max_tokens, sampler, step=step):
         print(g.text, end="", flush=True)
         text.append(g.text)
         stats = g.stats
@@ -208,6 +258,9 @@ def reply(loaded, messages: list[dict], args, sampler, prompt_cache=None, engine
         keys = prompt_cache.cache[0].state[0]  # (N, H_kv, S, D), in the dtype the cache stores
         held = sum(c.nbytes for c in prompt_cache.cache) / 2**20
         kv = f"KV cache {str(keys.dtype).removeprefix('mlx.core.')} {held:.1f} MB"
+    if spec_stats is not None:
+        kv = (f"speculative: {spec_stats.accepted} of {spec_stats.drafted} drafts accepted"
+              f" ({spec_stats.acceptance_rate:.0%})")
     _print_stats(stats, reused, kv)
     return "".join(text)
 
@@ -231,7 +284,7 @@ def _generated(stats) -> str:
     return f"{_tokens(n)} generated (1 by the prefill, {decoded})"
 
 
-def chat(loaded, args, sampler) -> None:
+def chat(loaded, args, sampler, proposer=None) -> None:
     """Interactive multi-turn chat until Ctrl-D."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     # Kept across the turns: each turn prefills only what the conversation added.
@@ -249,7 +302,7 @@ def chat(loaded, args, sampler) -> None:
         messages.append({"role": "user", "content": user})
         try:
             messages.append({"role": "assistant",
-                             "content": reply(loaded, messages, args, sampler, prompt_cache, engine)})
+                             "content": reply(loaded, messages, args, sampler, prompt_cache, engine, proposer)})
         except KeyboardInterrupt:
             _stopped()
             messages.pop()  # the turn is dropped: the next one does not see it
@@ -288,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[loaded {loaded.path.name}{' + ' + args.adapter if args.adapter else ''} in"
               f" {time.perf_counter() - t:.1f} s]", file=sys.stderr)
         _ = loaded.tokenizer, loaded.chat_template  # read now: a bad tokenizer fails before the chat
+        proposer = make_proposer(loaded, args) if args.speculative or args.draft_model else None
         if args.prompt is None:
-            chat(loaded, args, sampler)
+            chat(loaded, args, sampler, proposer)
         else:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             reply(loaded, messages + [{"role": "user", "content": args.prompt}], args, sampler,
-                  engine=make_engine(loaded, args))
+                  engine=make_engine(loaded, args), proposer=proposer)
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -229,6 +229,15 @@ def coder_gguf(impl) -> Path:
 
 
 @pytest.fixture(scope="session")
+def coder_15b_gguf(impl) -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct's GGUF (the 0.5B's tokenizer: a draft/target pair), assembled into the
+    model cache by impl from its registry part packages; its sha256 checked by the reference's own means."""
+    from reference.models import QWEN_CODER_15B_SHA256, check_sha256
+
+    return check_sha256(impl.model_files.known_model_path("qwen2.5-coder-1.5b"), QWEN_CODER_15B_SHA256)
+
+
+@pytest.fixture(scope="session")
 def gemma_gguf(impl) -> Path:
     """Gemma 3 270M's GGUF (the base model), assembled into the model cache by impl from its four
     registry part packages; its sha256 checked by the reference's own means."""

@@ -1,0 +1,147 @@
+"""Speculative decoding (topic 3.4) on Qwen2.5-Coder 1.5B: plain greedy decode vs n-gram prompt lookup
+vs the 0.5B drafting, decode tokens/s and acceptance rates, in one run.
+
+Two prompts: an edit (the answer copies a code file from the prompt: what prompt lookup is for) and
+a fresh code question (nothing to look up: the draft model's case). Tok/s is the median of
+interleaved runs (the machine's load changes between runs). Every method decodes the same greedy
+tokens (checked: "same" counts the leading tokens equal to plain decode's). The verify-cost
+table times one target pass over 1, k + 1 positions: speculation pays while that stays near one
+token's cost (batch-1 decode reads every weight once, whatever the rows).
+
+    python -m bench --speculative [--quick] [--tokens 96] [--reps 3] [--k 4] [--ngram-k 6] [--ngram-n 2] [--ngram-min 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import impl  # noqa: F401  (loads tiny_llm_kernels, and the BLAS fix, before mlx)
+from impl.generate import generate_step_cached
+from impl.kv_cache import make_cache
+from impl.loader import load_model
+from impl.speculative import DraftModel, NgramProposer, SpeculativeStats, speculative_generate_step
+
+# isort: split
+import mlx.core as mx  # noqa: E402
+
+SOURCE = '''import json
+from dataclasses import dataclass
+
+
+@dataclass
+class Order:
+    order_id: int
+    customer: str
+    items: list[str]
+    total: float
+
+
+def load_orders(path):
+    with open(path) as f:
+        rows = json.load(f)
+    orders = []
+    for row in rows:
+        orders.append(Order(row["order_id"], row["customer"], row["items"], row["total"]))
+    return orders
+
+
+def total_by_customer(orders):
+    totals = {}
+    for order in orders:
+        totals[order.customer] = totals.get(order.customer, 0.0) + order.total
+    return totals
+
+
+def biggest_orders(orders, n):
+    return sorted(orders, key=lambda order: order.total, reverse=True)[:n]
+'''
+PROMPTS = {
+    "edit": "Rename the class `Order` to `Purchase` everywhere in this file. Reply with the whole file only.\n\n"
+            + SOURCE,
+    "code": "Write a Python function that parses an ISO 8601 date string without using datetime, with a docstring.",
+}
+
+
+def chat_ids(loaded, text: str) -> list[int]:
+    return loaded.tokenizer.encode(loaded.chat_template.render([{"role": "user", "content": text}]))
+
+
+def run(steps, n: int) -> tuple[list[int], float]:
+    """(n tokens, decode tok/s): the clock starts once the prefill's token is out."""
+    tokens = [next(steps)]
+    start = time.perf_counter()
+    while len(tokens) < n:
+        tokens.append(next(steps))
+    return tokens, (n - 1) / (time.perf_counter() - start)
+
+
+def verify_cost(model, prompt: list[int], ks: list[int], reps: int) -> dict[int, float]:
+    """Seconds of one target pass over 1 or k + 1 positions after the prompt (the cache rewound each time)."""
+    cache = make_cache(model)
+    mx.eval(model(mx.array([prompt]), cache=cache, logits_to_keep=1))
+    out = {}
+    for k in ks:
+        times = []
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            mx.eval(model(mx.array([prompt[-k - 1:]]), cache=cache))
+            times.append(time.perf_counter() - t)
+            for c in cache:
+                c.trim(k + 1)
+        out[k] = min(times[1:])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench --speculative", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="32 tokens a run")
+    p.add_argument("--tokens", type=int, default=96, help="tokens decoded per run (default 96)")
+    p.add_argument("--reps", type=int, default=3, help="runs of each method, tok/s their median (default 3)")
+    p.add_argument("--k", type=int, default=4, help="draft-model tokens per step (default 4)")
+    p.add_argument("--ngram-k", type=int, default=6, help="n-gram tokens per step (default 6)")
+    p.add_argument("--ngram-n", type=int, default=2, help="n-gram size (default 2)")
+    p.add_argument("--ngram-min", type=int, default=2, help="shortest n-gram looked up when n has no match"
+                   " (default 2: a 1-gram match mostly drafts wrong tokens, and each costs a row of the pass)")
+    args = p.parse_args(argv)
+    n, reps = (32, 1) if args.quick else (args.tokens, args.reps)
+    results: dict[str, tuple[SpeculativeStats, int]] = {}
+    t = time.perf_counter()
+    target = load_model("qwen2.5-coder-1.5b", quantized=True)
+    draft = load_model("qwen2.5-coder-0.5b", quantized=True)
+    print(f"loaded the 1.5B target and 0.5B draft (quantized) in {time.perf_counter() - t:.1f} s; {n} tokens a run, median of {reps}")
+    print(f"{'prompt':<6} {'method':<16} {'tok/s':>7} {'speedup':>8} {'accept':>7} {'tok/pass':>9} {'same':>6}")
+    for name, text in PROMPTS.items():
+        prompt = chat_ids(target, text)
+        methods = {"greedy decode": None, f"n-gram k={args.ngram_k}": (args.ngram_n, args.ngram_k),
+                   f"0.5B draft k={args.k}": ("draft", args.k)}
+        rates: dict[str, list[float]] = {m: [] for m in methods}
+        for _ in range(reps):  # interleaved, so a change of load on the machine hits every method alike
+            for label, how in methods.items():
+                stats = SpeculativeStats()
+                if how is None:
+                    steps = generate_step_cached(target.model, prompt)
+                else:
+                    proposer = DraftModel(draft.model) if how[0] == "draft" else NgramProposer(how[0], args.ngram_min)
+                    steps = speculative_generate_step(target.model, prompt, proposer, how[1], stats=stats)
+                got, tps = run(steps, n)
+                rates[label].append(tps)
+                if how is None:
+                    want = got
+                same = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), n)
+                results[label] = (stats, same)
+        base = statistics.median(rates["greedy decode"])
+        for label in methods:
+            stats, same = results[label]
+            tps = statistics.median(rates[label])
+            accept = f"{stats.acceptance_rate:7.2f}" if stats.steps else f"{'':>7}"
+            per_pass = stats.tokens_per_step if stats.steps else 1.0
+            print(f"{name:<6} {label:<16} {tps:7.2f} {tps / base:7.2f}x {accept} {per_pass:9.2f} {same:>3}/{n}")
+    prompt = chat_ids(target, PROMPTS["code"])
+    for label, model in (("1.5B", target.model), ("0.5B", draft.model)):
+        cost = verify_cost(model, prompt, [0, 4, 8], reps=2 if args.quick else 5)
+        print(f"{label} pass over 1 / 5 / 9 positions: "
+              + " / ".join(f"{cost[k] * 1e3:.0f} ms" for k in cost)
+              + f" ({cost[4] / cost[0]:.2f}x, {cost[8] / cost[0]:.2f}x one token)")
+    return 0

@@ -1,0 +1,410 @@
+"""Topic 3.4, speculative decoding: a proposer drafts k tokens (a smaller draft model, or n-gram
+prompt lookup), the target checks them in one forward pass, and both caches are rewound past the
+first rejected draft.
+
+Checked against:
+- the n-gram proposer's drafts, exactly, against a brute-force search written here (the latest
+  earlier occurrence of the last n tokens, falling back to shorter n-grams);
+- greedy verification, exactly, on logits built here;
+- modified rejection sampling: analytically, q * min(1, p/q) + (rejection mass) * norm(max(0, p - q))
+  equals p (fp32), for random p, q and for a one-hot q (an n-gram draft); and statistically, the
+  tokens that `accept_sampled` emits over many seeded trials follow the target's p at every
+  position (chi-squared at a fixed seed, as 1.7's sampler tests);
+- invariances on tiny random pairs (a target and a draft that is the target's weights plus noise,
+  sharing the vocabulary; Hypothesis draws k, the noise, the n-gram size and the prompt):
+  speculative greedy == the target's own greedy, the target's cache after the run == a fresh
+  prefill of the same tokens, the draft's cache == a fresh prefill of what it records, and the
+  stats add up (tokens emitted = passes + accepted drafts);
+- the real pair: Qwen2.5-Coder 0.5B drafting for the 1.5B (both quantized, week 2's kernels),
+  and n-gram lookup on a prompt that asks for an edited copy of a code file: the target's own
+  greedy tokens.
+
+Greedy equality and rounding: the verify pass runs the target on k + 1 positions where plain decode
+runs it on one; the fp32 matmuls of the two shapes sum in different orders, so logits differ by
+ulps and a near tie can flip. Greedy tokens are therefore compared by the ladder's top-2 gap rule
+(assert_greedy_tokens, GREEDY_MARGIN): token for token while the reference's gap is clear. The tiny
+models' heads are scaled up so that their gaps are clear at every step compared.
+
+Prerequisites beyond 2.1 (the cache it rewinds): 1.7 (sampling: the target's filtered
+distribution is 1.7's) and 2.4 (the real pair runs quantized on week 2's kernels).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from spec.chat_command import assert_one_line_error, run_chat, stats_lines
+from spec.ladder import FP32, GREEDY_MARGIN, MIN_GREEDY_TOKENS, assert_close, assert_greedy_tokens
+
+NAMES = ("NgramProposer", "DraftModel", "Sampling", "SpeculativeStats", "accept_greedy", "accept_sampled",
+         "acceptance_probability", "residual_distribution", "speculative_generate_step")
+
+
+@pytest.mark.presence
+def test_has_names(impl):
+    missing = [n for n in NAMES if not hasattr(impl.speculative, n)]
+    assert not missing, f"impl.speculative lacks {missing}"
+
+
+@pytest.fixture(scope="module")
+def spec_mod(impl):
+    return impl.speculative
+
+
+# --- the n-gram proposer: exact -------------------------------------------------------------
+
+
+def ngram_reference(tokens: list[int], k: int, n: int, min_n: int) -> list[int]:
+    """Brute force: for n down to min_n, every earlier start whose n tokens equal the last n; the latest wins."""
+    for m in range(n, min_n - 1, -1):
+        if m >= len(tokens):
+            continue
+        starts = [s for s in range(len(tokens) - m) if tokens[s:s + m] == tokens[-m:]]
+        if starts:
+            s = max(starts)
+            return tokens[s + m:s + m + k]
+    return []
+
+
+@given(data=st.data())
+def test_ngram_proposes_the_continuation_of_the_latest_match(spec_mod, data):
+    # A small alphabet makes matches (and repeated ones) common.
+    tokens = data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=40), label="tokens")
+    n = data.draw(st.integers(1, 4), label="n")
+    min_n = data.draw(st.integers(1, n), label="min_n")
+    k = data.draw(st.integers(0, 6), label="k")
+    drafts, q = spec_mod.NgramProposer(n, min_n).propose(tokens, k)
+    assert q is None, "n-gram drafts are deterministic: q is None (one-hot)"
+    assert drafts == ngram_reference(tokens, k, n, min_n), f"tokens {tokens}, n {n}, min_n {min_n}, k {k}"
+
+
+def test_ngram_cases(spec_mod):
+    P = spec_mod.NgramProposer
+    assert P(2).propose([1, 2, 3, 4, 1, 2], 3)[0] == [3, 4, 1], "the continuation may run into the tail"
+    assert P(2).propose([1, 2, 7, 1, 2, 8, 1, 2], 1)[0] == [8], "the latest earlier match wins"
+    assert P(3).propose([1, 2, 3, 9, 2, 3], 2)[0] == [], "no earlier 3-gram: nothing (no fallback)"
+    assert P(3, 1).propose([1, 2, 3, 9, 2, 3], 2)[0] == [9, 2], "falls back to the 2-gram"
+    assert P(2).propose([5, 5], 4)[0] == [], "the tail is not its own match"
+    with pytest.raises(ValueError):
+        P(2, 3)
+
+
+# --- greedy verification: exact -------------------------------------------------------------
+
+
+def test_accept_greedy(spec_mod):
+    V = 10
+    best = [3, 1, 4, 1]  # the target's argmax at [last, d1, d2, d3]
+    logits = mx.array(np.eye(V, dtype=np.float32)[best])  # (4, V)
+    assert spec_mod.accept_greedy(logits, [3, 1, 4]) == (3, 1), "all kept, then the bonus token"
+    assert spec_mod.accept_greedy(logits, [3, 2, 4]) == (1, 1), "stops at the first mismatch, with the target's token"
+    assert spec_mod.accept_greedy(logits, [0, 1, 4]) == (0, 3)
+    assert spec_mod.accept_greedy(logits[:1], []) == (0, 3), "no drafts: a plain decode step"
+
+
+# --- rejection sampling: analytic and statistical ----------------------------------------
+
+
+def dirichlet(rng, V, zeros=0):
+    p = rng.dirichlet(np.ones(V))
+    p[rng.choice(V, zeros, replace=False)] = 0  # tokens a filter masked out
+    return (p / p.sum()).astype(np.float32)
+
+
+@given(data=st.data())
+def test_one_step_output_distribution_is_p_analytically(spec_mod, data):
+    # The first emitted token is x = draft with probability q(x) min(1, p(x)/q(x)) = min(q, p)(x),
+    # or, after a rejection (probability 1 - sum min(p, q)), a draw from norm(max(0, p - q)):
+    # together p exactly. Computed here from impl's two pieces.
+    V = data.draw(st.integers(2, 12), label="V")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    p = dirichlet(rng, V, data.draw(st.integers(0, V - 1), label="zeros in p"))
+    kind = data.draw(st.sampled_from(["dense", "zeros", "one-hot", "equal"]), label="q")
+    q = {"dense": lambda: dirichlet(rng, V), "zeros": lambda: dirichlet(rng, V, V // 2),
+         "one-hot": lambda: np.eye(V, dtype=np.float32)[rng.integers(V)], "equal": lambda: p.copy()}[kind]()
+    acc = np.array(spec_mod.acceptance_probability(mx.array(p), mx.array(q)))
+    assert ((acc >= 0) & (acc <= 1)).all(), f"acceptance probabilities {acc}"
+    kept = q * acc
+    residual = np.array(spec_mod.residual_distribution(mx.array(p), mx.array(q)))
+    assert abs(residual.sum() - 1) < 1e-5 and (residual >= 0).all(), f"the residual is no distribution: {residual}"
+    assert_close(kept + (1 - kept.sum()) * residual, p, FP32, f"the emitted token's distribution, q {kind}")
+
+
+N_TRIALS = 12_000  # a probability off by 0.02 moves chi-squared by ~ 12000 * 0.02**2 / 0.2 = 24
+ALPHA = 1e-3  # as 1.7: a fixed seed fails with probability 1e-3 for a correct sampler, and never flips
+
+
+@pytest.mark.parametrize("case", ["k=1", "k=3", "k=2 q with zeros", "k=2 one-hot q"])
+def test_emitted_tokens_follow_p(spec_mod, case):
+    # Context-free distributions per position (p_0 .. p_k, q_1 .. q_k), so the draft at position j is
+    # independent of the earlier ones: emitted token j, over the trials that reach it, follows p_j.
+    V, k = 5, int(case[2])
+    rng = np.random.default_rng(42)
+    p = np.stack([dirichlet(rng, V, 1 if j == 1 else 0) for j in range(k + 1)])  # (k + 1, V)
+    if "one-hot" in case:  # deterministic drafts (n-gram): q one-hot, passed as None
+        drafts_fixed = [int(x) for x in rng.integers(0, V, k)]
+        q = None
+    else:
+        q = np.stack([dirichlet(rng, V, 2 if "zeros" in case else 0) for _ in range(k)])
+    emitted = [[] for _ in range(k + 1)]
+    key = mx.random.key(1234)
+    for _ in range(N_TRIALS):
+        key, k_draft, k_check = mx.random.split(key, 3)
+        drafts = drafts_fixed if q is None else mx.random.categorical(mx.log(mx.array(q)), key=k_draft).tolist()
+        a, token = spec_mod.accept_sampled(mx.array(p), None if q is None else mx.array(q), drafts, k_check)
+        assert 0 <= a <= k, f"{a} accepted of {k}"
+        if q is not None:
+            assert all(q[j, drafts[j]] > 0 for j in range(a)), "a draft q could not have drawn"
+        for j, t in enumerate([*drafts[:a], token]):
+            emitted[j].append(t)
+    for j in range(k + 1):
+        counts = np.bincount(emitted[j], minlength=V)
+        n = counts.sum()
+        if n < 500:  # too few trials reach this position for the test to say anything
+            continue
+        ok = p[j] > 0
+        assert counts[~ok].sum() == 0, f"{case}, position {j}: emitted tokens p gives 0: {counts}"
+        want = p[j][ok].astype(np.float64)
+        stat, pvalue = chisquare(counts[ok], want / want.sum() * n)
+        assert pvalue > ALPHA, (f"{case}, position {j}: chi-squared {stat:.1f}, p={pvalue:.2e}; counts {counts.tolist()},"
+                                f" expected {np.round(p[j] * n).astype(int).tolist()}")
+
+
+# --- tiny random pairs: invariances ---------------------------------------------------------
+
+V_TINY = 128
+HEAD_SCALE = 6.0  # the head scaled so the tiny target's top-2 logit gaps clear GREEDY_MARGIN (measured >= 0.026)
+
+
+def tiny_weights(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = {"model.embed_tokens.weight": (V_TINY, 64), "model.norm.weight": (64,), "lm_head.weight": (V_TINY, 64)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (64, 64), p + "self_attn.k_proj.weight": (32, 64),
+                   p + "self_attn.v_proj.weight": (32, 64), p + "self_attn.o_proj.weight": (64, 64),
+                   p + "self_attn.q_proj.bias": (64,), p + "self_attn.k_proj.bias": (32,),
+                   p + "self_attn.v_proj.bias": (32,), p + "mlp.gate_proj.weight": (96, 64),
+                   p + "mlp.up_proj.weight": (96, 64), p + "mlp.down_proj.weight": (64, 96),
+                   p + "input_layernorm.weight": (64,), p + "post_attention_layernorm.weight": (64,)}
+    w = {k: rng.standard_normal(s).astype(np.float32) * 0.2 for k, s in shapes.items()}
+    w["lm_head.weight"] *= HEAD_SCALE
+    return w
+
+
+def tiny_model(impl, weights: dict[str, np.ndarray]):
+    args = impl.config.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=V_TINY,
+                                 max_position_embeddings=256, rope_theta=10000.0)
+    return impl.model.Model(args, {k: mx.array(v) for k, v in weights.items()})
+
+
+@pytest.fixture(scope="module")
+def target_weights():
+    return tiny_weights(1)
+
+
+@pytest.fixture(scope="module")
+def target(impl, target_weights):
+    return tiny_model(impl, target_weights)
+
+
+def draft_of(impl, target_weights, noise: float, seed: int = 2):
+    """The target's weights plus noise: a draft that agrees with the target often, not always."""
+    extra = tiny_weights(seed)
+    return tiny_model(impl, {k: v + noise * extra[k] for k, v in target_weights.items()})
+
+
+def greedy_reference(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """The target's greedy tokens by recomputing the whole sequence, with each step's top-2 gap."""
+    seq, gaps = list(prompt), []
+    for _ in range(steps):
+        logits = np.array(model(mx.array([seq]))[0, -1])
+        top2 = np.sort(logits)[-2:]
+        gaps.append(float(top2[1] - top2[0]))
+        seq.append(int(logits.argmax()))
+    return seq[len(prompt):], gaps
+
+
+def take(it, n: int) -> list[int]:
+    return [next(it) for _ in range(n)]
+
+
+def assume_clear_start(gaps: list[float]) -> None:
+    """A prompt whose first greedy steps are near ties (a random tiny model has some) checks
+    nothing: Hypothesis draws another."""
+    assume(min(gaps[:MIN_GREEDY_TOKENS]) >= GREEDY_MARGIN)
+
+
+def assert_cache_matches_prefill(impl, model, cache, tokens: list[int], what: str) -> None:
+    """A rewound cache holds what a fresh prefill of `tokens` holds (same fp32 math, other shapes)."""
+    fresh = impl.kv_cache.make_cache(model)
+    model(mx.array([tokens]), cache=fresh)
+    for i, (c, f) in enumerate(zip(cache, fresh, strict=True)):
+        assert c.offset == len(tokens), f"{what}: layer {i} holds {c.offset} positions, {len(tokens)} tokens"
+        for got, want in zip(c.state, f.state, strict=True):
+            assert_close(got, want, FP32, f"{what}: layer {i}'s cache vs a fresh prefill")
+
+
+STEPS = 24
+
+
+@given(data=st.data())
+def test_tiny_pair_greedy_equals_the_targets_greedy(impl, spec_mod, target, target_weights, data):
+    k = data.draw(st.integers(0, 6), label="k")
+    noise = data.draw(st.sampled_from([0.0, 0.05, 0.1, 0.3, 1.0]), label="draft noise")
+    seed = data.draw(st.integers(0, 2**16), label="prompt seed")
+    prompt = [int(t) for t in np.random.default_rng(seed).integers(0, V_TINY, data.draw(st.integers(1, 12), label="prompt length"))]
+    want, gaps = greedy_reference(target, prompt, STEPS)
+    assume_clear_start(gaps)
+    draft = spec_mod.DraftModel(draft_of(impl, target_weights, noise))
+    stats, cache = spec_mod.SpeculativeStats(), impl.kv_cache.make_cache(target)
+    steps = spec_mod.speculative_generate_step(target, prompt, draft, k, stats=stats, cache=cache)
+    compared = assert_greedy_tokens(steps, want, gaps, f"draft model, k={k}, noise {noise}")
+    # The generator stopped inside its last pass: that pass's tokens are counted, maybe not all taken.
+    assert 1 + stats.steps + stats.accepted >= compared, f"{stats}: fewer tokens made than {compared} compared"
+    assert stats.accepted <= stats.drafted <= k * stats.steps, stats
+    if noise == 0.0 and k > 0:
+        assert stats.acceptance_rate == 1.0, f"a draft identical to the target had drafts rejected: {stats}"
+
+
+@given(data=st.data())
+def test_tiny_ngram_greedy_equals_the_targets_greedy(impl, spec_mod, target, data):
+    k = data.draw(st.integers(1, 6), label="k")
+    n = data.draw(st.integers(1, 4), label="n")
+    seed = data.draw(st.integers(0, 2**16), label="prompt seed")
+    # A prompt that repeats a random span: lookups find matches in it.
+    span = [int(t) for t in np.random.default_rng(seed).integers(0, V_TINY, 8)]
+    prompt = span + [5] + span[:data.draw(st.integers(1, 8), label="repeated")]
+    want, gaps = greedy_reference(target, prompt, STEPS)
+    assume_clear_start(gaps)
+    stats = spec_mod.SpeculativeStats()
+    steps = spec_mod.speculative_generate_step(target, prompt, spec_mod.NgramProposer(n, 1), k, stats=stats)
+    assert_greedy_tokens(steps, want, gaps, f"n-gram n={n}, k={k}")
+    assert stats.accepted <= stats.drafted <= k * stats.steps, stats
+
+
+@pytest.mark.parametrize("proposer", ["draft", "ngram"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_caches_after_rewinds_equal_a_fresh_prefill(impl, spec_mod, target, target_weights, proposer, temperature):
+    # After many accept/reject rounds the target's cache holds every emitted token but the last
+    # (the invariant), exactly what a fresh prefill of them gives; the draft's holds its recorded tokens.
+    # Tokens from a 12-token alphabet: the lookup finds (mostly wrong) matches everywhere.
+    prompt = [int(t) for t in np.random.default_rng(7).integers(0, 12, 16)]
+    draft = spec_mod.DraftModel(draft_of(impl, target_weights, 0.1)) if proposer == "draft" else spec_mod.NgramProposer(2, 1)
+    stats, cache = spec_mod.SpeculativeStats(), impl.kv_cache.make_cache(target)
+    sampling = spec_mod.Sampling(temperature=temperature, seed=11)
+    steps = spec_mod.speculative_generate_step(target, prompt, draft, 4, sampling, stats, cache)
+    tokens = []
+    while stats.steps < 12 or len(tokens) < 1 + stats.steps + stats.accepted:  # end on a pass's last token
+        tokens.append(next(steps))
+    assert len(tokens) == 1 + stats.steps + stats.accepted, f"{len(tokens)} tokens, {stats}"
+    assert 0 < stats.accepted < stats.drafted, f"no rejection (or no acceptance) to check: {stats}"
+    assert_cache_matches_prefill(impl, target, cache, prompt + tokens[:-1], "the target's cache")
+    if proposer == "draft":
+        # It records the sequence it last drafted from, then that proposal's drafts but the last.
+        assert draft.tokens[:len(prompt)] == prompt, "the draft's cache records another prompt"
+        assert_cache_matches_prefill(impl, draft.model, draft.cache, draft.tokens, "the draft's cache")
+
+
+def test_sampling_is_seeded(impl, spec_mod, target, target_weights):
+    draft = draft_of(impl, target_weights, 0.1)
+    runs = []
+    for _ in range(2):
+        steps = spec_mod.speculative_generate_step(target, [1, 2, 3], spec_mod.DraftModel(draft), 3,
+                                                   spec_mod.Sampling(temperature=0.8, top_k=20, seed=5))
+        runs.append(take(steps, 16))
+    assert runs[0] == runs[1], f"the same seed gave {runs[0]} and {runs[1]}"
+
+
+# --- the real pair --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coder_pair(impl, coder_gguf, coder_15b_gguf):
+    """(target 1.5B, draft 0.5B), both quantized (week 2's kernels), one tokenizer."""
+    return impl.loader.load_model(coder_15b_gguf, quantized=True), impl.loader.load_model(coder_gguf, quantized=True)
+
+
+def decode_reference(impl, model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """The target's plain one-token-at-a-time greedy decode, with each step's top-2 gap."""
+    cache, tokens, gaps = impl.kv_cache.make_cache(model), [], []
+    logits = model(mx.array([prompt]), cache=cache, logits_to_keep=1)[0, -1]
+    for _ in range(steps):
+        top2 = np.sort(np.array(logits))[-2:]
+        gaps.append(float(top2[1] - top2[0]))
+        tokens.append(int(mx.argmax(logits).item()))
+        logits = model(mx.array([[tokens[-1]]]), cache=cache)[0, -1]
+    return tokens, gaps
+
+
+def chat_prompt(loaded, text: str) -> list[int]:
+    return loaded.tokenizer.encode(loaded.chat_template.render([{"role": "user", "content": text}]))
+
+
+def test_real_draft_model_greedy_equals_the_targets(impl, spec_mod, coder_pair):
+    target, draft = coder_pair
+    prompt = chat_prompt(target, "Write a Python function that returns the n-th Fibonacci number.")
+    want, gaps = decode_reference(impl, target.model, prompt, 16)
+    stats = spec_mod.SpeculativeStats()
+    steps = spec_mod.speculative_generate_step(target.model, prompt, spec_mod.DraftModel(draft.model), 4, stats=stats)
+    compared = assert_greedy_tokens(steps, want, gaps, "0.5B drafting for the 1.5B, k=4")
+    print(f"0.5B draft: {stats}, acceptance rate {stats.acceptance_rate:.2f}")
+    assert compared >= MIN_GREEDY_TOKENS and stats.accepted > 0, f"the 0.5B draft never agreed with the 1.5B: {stats}"
+
+
+EDIT_SOURCE = '''def mean(values):
+    total = 0
+    for v in values:
+        total += v
+    return total / len(values)
+
+
+def variance(values):
+    m = mean(values)
+    return sum((v - m) ** 2 for v in values) / len(values)
+'''
+
+
+def test_real_ngram_on_an_edit_equals_the_targets_greedy(impl, spec_mod, coder_pair):
+    # The answer copies most of the file: prompt lookup drafts whole runs of it.
+    target, _ = coder_pair
+    prompt = chat_prompt(target, "Rename the parameter `values` to `xs` in this code. Reply with the whole code only.\n\n"
+                         + EDIT_SOURCE)
+    want, gaps = decode_reference(impl, target.model, prompt, 24)
+    stats = spec_mod.SpeculativeStats()
+    steps = spec_mod.speculative_generate_step(target.model, prompt, spec_mod.NgramProposer(3, 1), 6, stats=stats)
+    assert_greedy_tokens(steps, want, gaps, "n-gram lookup on an edit, k=6")
+    print(f"n-gram: {stats}, acceptance rate {stats.acceptance_rate:.2f}")
+    assert stats.tokens_per_step > 1.5, f"lookup on a repeated file should keep drafts: {stats}"
+
+
+# --- the chat command -----------------------------------------------------------------------
+
+
+def test_chat_with_ngram_speculation_gives_the_greedy_answer(impl, default_model):
+    # The default model on week 2's kernels (as 2.4's chat check), n-gram lookup drafting: the reply is
+    # transformers' greedy answer while its top-2 gaps are clear, and the stats line says what was accepted.
+    from spec.day_1_6_generate import CONVERSATIONS, assert_answer, transformers_answer
+
+    messages = CONVERSATIONS["one_user"]
+    r = run_chat(impl, "--speculative", "ngram", messages[0]["content"], "--max-tokens", "24")
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = stats_lines(r.stderr)
+    assert stats and "drafts accepted" in stats[-1], f"the stats line says nothing of speculation: {stats}"
+    assert_answer(r.stdout.removesuffix("\n"), *transformers_answer(default_model, messages),
+                  "the chat command with --speculative ngram")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--speculative", "ngram", "--no-kv-cache"), "drop --no-kv-cache"),
+    (("--speculative", "ngram", "--draft-model", "qwen2.5-coder-0.5b"), "give one"),
+    (("--speculative", "ngram", "--num-draft-tokens", "0"), "--num-draft-tokens must be at least 1"),
+])
+def test_chat_speculation_flags_out_of_range(impl, flags, message):
+    assert_one_line_error(run_chat(impl, *flags, "hi"), message)
