@@ -29,9 +29,22 @@ def test_a_short_run_writes_its_history_chart_and_checkpoint(tmp_path):
     assert "validation loss" in r.stdout and "sample:" in r.stdout
 
 
+def test_bf16_runs_in_mixed_precision(tmp_path):
+    """--bf16: topic 4.5's mixed precision through run(); the checkpoint's weights stay fp32."""
+    r = train("--preset", "shakespeare-char-quick", "--steps", "5", "--bf16", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads((tmp_path / "history-modern.json").read_text())
+    assert run["summary"]["compute"] == "bfloat16" and len(run["history"]) == 5
+    from safetensors.numpy import load_file
+
+    weights = load_file(tmp_path / "modern" / "step_000005.safetensors")
+    assert weights and {str(v.dtype) for v in weights.values()} == {"float32"}
+
+
 @pytest.mark.parametrize("args, expect", [
     (("--preset", "gpt-5"), "unknown preset 'gpt-5'; known: shakespeare-char"),
     (("--steps", "0"), "--steps must be at least 1"),
+    (("--preset", "smollm2-lora-qa", "--bf16"), "--bf16 is for the from-scratch presets"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, args, expect):
     r = train(*args, "--out", str(tmp_path))

@@ -39,6 +39,7 @@ class Preset:
     weight_decay: float = 0.1
     eval_every: int = 250
     target_val_loss: float | None = None  # nats per character
+    bf16: bool = False  # mixed precision: bf16 forward and backward, fp32 master weights (topic 4.5)
 
 
 PRESETS = {
@@ -75,8 +76,9 @@ def build_model(preset: Preset, vocab_size: int, seed: int):
     return (ClassicLM if preset.block == "classic" else ModernLM)(config, seed=seed)
 
 
-def run(preset: Preset, out: Path, seed: int = 0, log=sys.stderr) -> dict:
-    """Train one preset; write history.json, a checkpoint and the loss curve into `out`; return the summary."""
+def run(preset: Preset, out: Path, seed: int = 0, log=sys.stderr, compute_dtype=None) -> dict:
+    """Train one preset; write history.json, a checkpoint and the loss curve into `out`; return the summary.
+    compute_dtype (default: mx.bfloat16 if preset.bf16, else fp32) is the forward and backward's dtype."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -84,6 +86,8 @@ def run(preset: Preset, out: Path, seed: int = 0, log=sys.stderr) -> dict:
     from impl.train.loop import evaluate, train
     from impl.train.optim import AdamW
 
+    if compute_dtype is None and preset.bf16:
+        compute_dtype = mx.bfloat16
     text = plays_text()
     vocab = CharVocab(text)
     train_ids, val_ids = train_val_split(vocab.encode(text), 0.1)
@@ -108,10 +112,11 @@ def run(preset: Preset, out: Path, seed: int = 0, log=sys.stderr) -> dict:
     history = train(model, AdamW(weight_decay=preset.weight_decay), batch,
                     preset.steps, max_lr=preset.max_lr, min_lr=preset.min_lr, warmup_steps=preset.warmup_steps,
                     val_batches=val_batches, eval_every=preset.eval_every, checkpoint_dir=out / preset.block,
-                    checkpoint_every=preset.steps, out=log)
+                    checkpoint_every=preset.steps, out=log, compute_dtype=compute_dtype)
     seconds = time.perf_counter() - start
     val = evaluate(model, val_batches)
-    summary = {"block": preset.block, "parameters": params, "steps": preset.steps, "seconds": seconds,
+    compute = "fp32" if compute_dtype is None else str(compute_dtype).rsplit(".", 1)[-1]  # mlx.core.bfloat16
+    summary = {"block": preset.block, "compute": compute, "parameters": params, "steps": preset.steps, "seconds": seconds,
                "val_loss": val, "target_val_loss": preset.target_val_loss, "sample": sample(model, vocab, seed)}
     (out / f"history-{preset.block}.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
     return summary
@@ -161,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="train the classic and the modern block on the same budget")
     p.add_argument("--steps", type=int, help="override the preset's number of steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches (default 0)")
+    p.add_argument("--bf16", action="store_true",
+                   help="mixed precision: bf16 forward and backward, fp32 master weights, AdamW and checkpoints")
     p.add_argument("--out", default="build/train", help="folder for histories, checkpoints and charts (default build/train)")
     return p
 
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown preset {args.preset!r}; known: {', '.join([*PRESETS, *LORA_PRESETS])}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, not {args.steps}")
+    if args.bf16 and args.preset in LORA_PRESETS:
+        parser.error("--bf16 is for the from-scratch presets (topic 4.5's loop), not LoRA")
     import impl  # noqa: F401  (the BLAS fix, before mlx)
 
     if args.preset in LORA_PRESETS:
@@ -180,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     if args.steps is not None:
         preset = replace(preset, steps=args.steps, eval_every=min(preset.eval_every, args.steps))
+    if args.bf16:
+        preset = replace(preset, bf16=True)
     runs = [replace(preset, block=b) for b in ("classic", "modern")] if args.compare else [preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The training loop (topic 4.5): gradient accumulation over micro-batches (token-weighted),
-validation, checkpoints that resume bit for bit, and a progress line with the loss and tokens/s."""
+mixed precision (bf16 compute, fp32 master weights), validation, checkpoints that resume bit for
+bit, and a progress line with the loss and tokens/s."""
 
 from __future__ import annotations
 
@@ -19,23 +20,42 @@ from impl.train.optim import AdamW, clip_grad_norm, global_norm, warmup_cosine
 Batch = tuple[mx.array, mx.array]  # inputs (N, L), targets (N, L): targets already shifted
 
 
-def accumulate(model, micro_batches: Sequence[Batch]) -> tuple[mx.array, dict, int]:
+def cast_weights(weights, dtype: mx.Dtype):
+    """A copy of the weight tree with every floating array cast to dtype (integers are left as
+    they are): the compute copy of mixed precision (topic 4.5)."""
+    return tree_map(lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w, weights)
+
+
+def accumulate(model, micro_batches: Sequence[Batch], compute_dtype: mx.Dtype | None = None
+               ) -> tuple[mx.array, dict, int]:
     """(mean loss, its gradient, counted tokens) over all the micro-batches' counted targets together:
     the gradients of the loss sums are added and divided by the total count once, so k micro-batches
     give what one batch of all their rows gives, however their padding differs. A mean of the
-    micro-batches' means would weigh a token of a mostly padded micro-batch more (topic 4.5)."""
+    micro-batches' means would weigh a token of a mostly padded micro-batch more.
+
+    Mixed precision, compute_dtype=mx.bfloat16: the model's fp32 (master) weights are cast to bf16
+    inside the differentiated function, so the forward and backward run in bf16 while the loss is
+    taken in fp32 from the bf16 logits (cross_entropy_sum's log-softmax is fp32). The gradient
+    with respect to the fp32 weights comes back through the cast, cast up to fp32, and is
+    accumulated and scaled in fp32; the model holds its fp32 weights again afterwards, and no bf16
+    copy outlives the call (topic 4.5)."""
     weights = model.trainable_parameters()
 
     def loss_sum(w, inputs, targets):
-        model.update(w)
+        model.update(w if compute_dtype is None else cast_weights(w, compute_dtype))
         total, count = cross_entropy_sum(model(inputs), targets)
         return total, count
+
+    def fp32(g):  # a gradient as the master weight's dtype; a no-op without compute_dtype
+        return g.astype(mx.float32) if mx.issubdtype(g.dtype, mx.floating) else g
 
     step = mx.value_and_grad(loss_sum)
     total, grads, count = mx.array(0.0), None, 0
     try:
         for inputs, targets in micro_batches:
             (s, n), g = step(weights, inputs, targets)
+            if compute_dtype is not None:
+                s, g = s.astype(mx.float32), tree_map(fp32, g)
             total, count = total + s, count + int(n.item())
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(total, grads)  # one micro-batch's activations at a time: the point of accumulating
@@ -112,18 +132,22 @@ def progress_line(step: int, steps: int, loss: float, tokens_per_s: float, lr: f
 def train(model, optimizer: AdamW, batches_at: Callable[[int], Sequence[Batch]], steps: int, *,
           max_lr: float, min_lr: float = 0.0, warmup_steps: int = 0, clip: float | None = 1.0,
           val_batches: Sequence[Batch] = (), eval_every: int = 0, start_step: int = 0,
-          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, out=sys.stderr) -> list[dict]:
+          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, out=sys.stderr,
+          compute_dtype: mx.Dtype | None = None) -> list[dict]:
     """Steps start_step .. steps - 1: the micro-batches batches_at(step) accumulated, clipped, an
     AdamW step at warmup_cosine's rate. After every eval_every-th step (counting from 1) the
     validation loss; after every checkpoint_every-th, checkpoint_dir/step_<n>.safetensors, from
     which load_checkpoint and start_step=n resume. The progress line is rewritten in place on
-    `out`. Returns one record per step: step, loss, lr, grad_norm, tokens, val_loss (or None).
+    `out`. compute_dtype=mx.bfloat16 is mixed precision (see accumulate): bf16 forward and
+    backward, while clipping, AdamW, its moments and the checkpoints stay fp32, so a resumed
+    mixed-precision run is the uninterrupted one bit for bit too. Validation runs on the fp32
+    weights. Returns one record per step: step, loss, lr, grad_norm, tokens, val_loss (or None).
     A loss that is not finite stops it with a FloatingPointError naming the step, before that step
     changes anything (topic 4.5)."""
     history, shown = [], 0
     for step in range(start_step, steps):
         start = time.perf_counter()
-        loss, grads, tokens = accumulate(model, batches_at(step))
+        loss, grads, tokens = accumulate(model, batches_at(step), compute_dtype)
         if not math.isfinite(loss.item()):  # before the update: the weights and checkpoints stay good
             out.write("\n")
             raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; the weights are those after"
