@@ -90,6 +90,57 @@ def torch_steps(block: str, steps: int, batches, weights: dict) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def lora_steps(steps: int) -> tuple[float, float, int, int]:
+    """(impl s/step, peft s/step, tokens a step, trainable parameters): M3's LoRA step on SmolLM2
+    (r 8 on every projection, the 16 question-answer pairs as one padded batch), impl's on its dense
+    fp32 base, peft's on transformers' LlamaForCausalLM from the same GGUF, torch's AdamW."""
+    import impl  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    from impl.loader import default_model_path, load_model
+    from impl.train.finetune import TARGETS, answer_loss_and_grad, load_pairs, qa_batch
+    from impl.train.lora import LoRAConfig, add_lora
+    from impl.train.optim import AdamW
+    from impl.train.qlora import load_base
+    from reference.lora_models import peft_model
+    from reference.models import hf_folder_from_gguf
+
+    path = default_model_path()
+    loaded, model = load_model(path, quantized=False), load_base(path, quantized=False)
+    ids, labels = qa_batch(loaded, load_pairs())
+    adapters = add_lora(model, LoRAConfig(8, 16.0, TARGETS))
+    opt = AdamW(lr=1e-3, weight_decay=0.0)
+
+    def impl_step():
+        _, grads = answer_loss_and_grad(model, adapters, ids, labels)
+        opt.update(adapters, grads)
+        mx.eval(adapters.trainable_parameters(), opt.m, opt.v)
+
+    pm = peft_model(str(hf_folder_from_gguf(path)), 8, 16.0, list(TARGETS)).train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    topt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    x, y = (torch.from_numpy(np.array(a)).long() for a in (ids, labels))
+
+    def torch_step():
+        loss = pm(x, labels=y).loss
+        topt.zero_grad()
+        loss.backward()
+        topt.step()
+
+    times = []
+    for step in (impl_step, torch_step):
+        step()
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - t) / steps)
+    return times[0], times[1], int(ids.size), sum(p.numel() for p in params)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the training benchmark; write train.json and train.md."""
     p = argparse.ArgumentParser(prog="python -m bench --train", description="Training steps: impl against PyTorch.")
@@ -122,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                        "limit_s": limit, "tokens_per_step": tokens})
         rows.append(f"| {block} | {params / 1e6:.2f}M | {tokens / impl_s:.0f} | {tokens / torch_s:.0f} |"
                     f" {torch_s / impl_s:.2f}x | {tokens / limit:.0f} | {limit / impl_s:.0%} |")
+    lora_steps_n = max(2, steps // 10)
+    print("bench: training, LoRA on SmolLM2 ...", file=sys.stderr, flush=True)
+    impl_s, torch_s, tokens, trainable = lora_steps(lora_steps_n)
+    report.append({"block": "lora-smollm2", "parameters": trainable, "impl_s": impl_s, "torch_s": torch_s,
+                   "tokens_per_step": tokens})
+    rows.append(f"| LoRA on SmolLM2-135M (r 8, every projection; {lora_steps_n} steps) | {trainable / 1e6:.2f}M"
+                f" trainable | {tokens / impl_s:.0f} | {tokens / torch_s:.0f} | {torch_s / impl_s:.2f}x | - | - |")
     md = ["# Training benchmark", "",
           f"Batch {BATCH} x {L} tokens, fp32, {torch.get_num_threads()} threads; {steps} timed steps each;"
           f" fp32 matmul here: {gflops:.0f} GFLOPS.", "",
