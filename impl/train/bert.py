@@ -11,12 +11,19 @@ out as keys), then add and LayerNorm *after* each sublayer (post-norm), an exact
 masked-LM head (dense, GELU, LayerNorm, the output tied to the token embedding, a bias). The
 weights sit in an mlx.nn.Module tree under Hugging Face's names (`bert.encoder.layer.0.attention
 .self.query.weight`), so BertForMaskedLM's state dict loads as it is.
+
+The same encoder without the head (`BertEncoder`, BertModel's names) loads all-MiniLM-L6-v2, a
+6-layer, 384-wide BERT trained for sentence embeddings: `sentence_embeddings` averages its last
+hidden states over each sentence's tokens (padding left out) and scales the mean to unit length,
+so a dot product of two is their cosine similarity (week 3's retrieval uses it).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn
@@ -87,20 +94,69 @@ class BertMaskedLM(mlx.nn.Module):
     def __call__(self, ids: mx.array, attention_mask: mx.array | None = None,
                  token_type_ids: mx.array | None = None) -> mx.array:
         """ids (N, L) -> logits (N, L, V); attention_mask (N, L): 1 for a token, 0 for padding (topic 4.6)."""
-        c, e = self.config, self.bert["embeddings"]
-        N, L = ids.shape
-        types = mx.zeros_like(ids) if token_type_ids is None else token_type_ids
-        h = (e["word_embeddings"]["weight"][ids] + e["position_embeddings"]["weight"][:L]
-             + e["token_type_embeddings"]["weight"][types])  # (N, L, E)
-        h = _norm(h, e["LayerNorm"], c.layer_norm_eps)
-        mask = None
-        if attention_mask is not None:  # padding is no key for anyone: (N, 1, 1, L), added to the scores
-            mask = mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, -mx.inf)
-        for layer in self.bert["encoder"]["layer"]:
-            h = _layer(h, layer, mask, c)
+        c = self.config
+        h = encode(self.bert, c, ids, attention_mask, token_type_ids)
         p = self.cls["predictions"]
         t = _norm(gelu_exact(_dense(h, p["transform"]["dense"])), p["transform"]["LayerNorm"], c.layer_norm_eps)
-        return linear(t, e["word_embeddings"]["weight"], p["bias"])  # (N, L, V): the tied decoder
+        return linear(t, self.bert["embeddings"]["word_embeddings"]["weight"], p["bias"])  # (N, L, V): the tied decoder
+
+
+def encode(bert: dict, c: BertConfig, ids: mx.array, attention_mask: mx.array | None = None,
+           token_type_ids: mx.array | None = None) -> mx.array:
+    """The encoder's last hidden states (N, L, E) from ids (N, L), given BertModel's weights as a tree
+    (`embeddings`, `encoder`); attention_mask (N, L): 1 for a token, 0 for padding (topic 4.6)."""
+    e = bert["embeddings"]
+    N, L = ids.shape
+    types = mx.zeros_like(ids) if token_type_ids is None else token_type_ids
+    h = (e["word_embeddings"]["weight"][ids] + e["position_embeddings"]["weight"][:L]
+         + e["token_type_embeddings"]["weight"][types])  # (N, L, E)
+    h = _norm(h, e["LayerNorm"], c.layer_norm_eps)
+    mask = None
+    if attention_mask is not None:  # padding is no key for anyone: (N, 1, 1, L), added to the scores
+        mask = mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, -mx.inf)
+    for layer in bert["encoder"]["layer"]:
+        h = _layer(h, layer, mask, c)
+    return h
+
+
+class BertEncoder(mlx.nn.Module):
+    """BERT's encoder alone (transformers' BertModel without its pooler), weights under BertModel's
+    names (`embeddings.word_embeddings.weight`, `encoder.layer.0.attention.self.query.weight`) (topic 4.6)."""
+
+    def __init__(self, config: BertConfig, weights: dict[str, mx.array]):
+        """weights: BertModel's parameters by name; the pooler and the position_ids buffer are
+        dropped, a `bert.` prefix (BertForMaskedLM's names) is taken off (topic 4.6)."""
+        super().__init__()
+        self.config = config
+        kept = [(k.removeprefix("bert."), v) for k, v in weights.items()
+                if k.removeprefix("bert.").split(".")[0] in ("embeddings", "encoder") and not k.endswith("position_ids")]
+        tree = tree_unflatten(kept)
+        self.embeddings, self.encoder = tree["embeddings"], tree["encoder"]
+
+    def __call__(self, ids: mx.array, attention_mask: mx.array | None = None,
+                 token_type_ids: mx.array | None = None) -> mx.array:
+        """ids (N, L) -> last hidden states (N, L, E); attention_mask (N, L): 1 for a token, 0 for
+        padding (topic 4.6)."""
+        return encode({"embeddings": self.embeddings, "encoder": self.encoder}, self.config, ids,
+                      attention_mask, token_type_ids)
+
+
+def load_bert_encoder(folder: str | Path) -> BertEncoder:
+    """The encoder of a Hugging Face BERT folder: config.json and model.safetensors, read with mx.load,
+    fp32 as stored (all-MiniLM-L6-v2's, impl.model_files.minilm_folder()) (topic 4.6)."""
+    folder = Path(folder)
+    config = BertConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    return BertEncoder(config, mx.load(str(folder / "model.safetensors")))
+
+
+def sentence_embeddings(encoder: BertEncoder, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
+    """(N, E) unit vectors, one per sentence: the mean of the last hidden states over the sentence's
+    tokens ([CLS] and [SEP] included, padding not), then divided by its L2 norm, as all-MiniLM-L6-v2's
+    sentence-transformers pipeline does (modules.json: Transformer, Pooling (mean), Normalize) (topic 4.6)."""
+    h = encoder(input_ids, attention_mask)  # (N, L, E)
+    m = attention_mask.astype(h.dtype)[:, :, None]  # (N, L, 1)
+    mean = (h * m).sum(axis=1) / mx.maximum(m.sum(axis=1), 1e-9)
+    return mean / mx.maximum(mx.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
 def _dense(x: mx.array, w: dict) -> mx.array:
