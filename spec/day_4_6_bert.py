@@ -20,6 +20,9 @@
   embeddings of eight varied sentences, batched with padding, against sentence-transformers'
   `SentenceTransformer(folder).encode` (mean pooling, then L2 normalization), the ranking of their
   cosine similarities, and each sentence of the padded batch against the sentence alone.
+- `WordPieceTokenizer.from_folder(folder).encode(text)`: the same ids as HF tokenizers with the
+  model's tokenizer.json, on every non-empty line of Hamlet and a set of hard strings (accents, CJK,
+  emoji, control characters, Unicode spaces and punctuation, over-long words, special tokens).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from spec.day_4_3_backprop import check_every_tensor
 from spec.ladder import FP32, GRAD_FP32, assert_close
 
 NAMES = ("mask_tokens", "BertConfig", "BertMaskedLM", "gelu_exact", "mlm_loss_and_grad", "BertEncoder",
-         "load_bert_encoder", "sentence_embeddings")
+         "load_bert_encoder", "sentence_embeddings", "WordPieceTokenizer")
 PAD, UNK, CLS, SEP, MASK = range(5)
 VOCAB = 100
 CONFIGS = {  # tiny, and unlike each other: heads, layers, an intermediate size that is no multiple of anything
@@ -291,3 +294,22 @@ def test_minilm_padded_batch_equals_each_sentence_alone(impl, minilm):
         one, one_mask = padded(tok, [text])
         alone = np.array(impl.train.bert.sentence_embeddings(encoder, mx.array(one), mx.array(one_mask)))[0]
         assert_close(batch[i], alone, FP32, f"sentence {i} padded to {ids.shape[1]} vs alone ({one.shape[1]} tokens)")
+
+
+HARD_STRINGS = [
+    "Café naïve résumé — “quoted” ‘text’…", "北京欢迎你 and 東京", "emoji 😀👍 here", "tab\there\r\nnew\x00null\ufffd\x07bell",
+    "a" * 101, "x" * 100, "[MASK] is a [CLS]word[SEP]", "  leading and trailing  ", "",
+    "\u2028line\u2029sep\u00a0nbsp\u200bzero-width", "Ǆemo ÅNGSTRÖM İstanbul ß ﬁ",
+    "co-operate, don't; (yes) [no] {maybe} <a> $5.00 #1 @me ~ ^ ` | \\ /", "١٢٣ العربية हिन्दी ไทย",
+    "unaffable antidisestablishmentarianism",
+]
+
+
+def test_wordpiece_matches_hf_tokenizers(impl, minilm):
+    from reference.texts import play_text
+
+    folder, _, tok = minilm
+    ours = impl.train.bert.WordPieceTokenizer.from_folder(folder)
+    texts = [line for line in play_text("hamlet").splitlines() if line.strip()] + HARD_STRINGS
+    wrong = [(t, ours.encode(t), tok.encode(t).ids) for t in texts if ours.encode(t) != tok.encode(t).ids]
+    assert not wrong, f"{len(wrong)} of {len(texts)} texts differ; the first: {wrong[0]}"

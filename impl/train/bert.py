@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,3 +200,87 @@ def mlm_loss_and_grad(model: BertMaskedLM, inputs: mx.array, labels: mx.array,
         return mx.value_and_grad(loss_of)(weights)
     finally:
         model.update(weights)
+
+
+# CJK ideographs (BERT's ranges): each becomes a word of its own, as BERT's normalizer spaces them out.
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+class WordPieceTokenizer:
+    """BERT's uncased tokenizer from a vocab.txt (topic 4.6): text -> [CLS] ids [SEP].
+
+    Normalize: drop NUL, U+FFFD and control characters (not tab, newline, return), turn whitespace
+    into spaces, put spaces around CJK ideographs, strip accents (NFD, then no combining marks),
+    lowercase. Split on whitespace and around each punctuation character. Each word becomes the
+    longest vocabulary entry that starts it, then the longest `##` entry that continues it, and so on;
+    a word with no such split, or over 100 characters, is [UNK] as a whole. The special tokens
+    ([CLS], [SEP], [MASK], ...) written in the text are kept as they are."""
+
+    def __init__(self, vocab: list[str], max_input_chars_per_word: int = 100):
+        """vocab: the tokens by id (vocab.txt's lines) (topic 4.6)."""
+        self.vocab = {t: i for i, t in enumerate(vocab)}
+        self.max_chars = max_input_chars_per_word
+        self.specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in self.vocab]
+        self.cls_id, self.sep_id, self.unk_id = self.vocab["[CLS]"], self.vocab["[SEP]"], self.vocab["[UNK]"]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> WordPieceTokenizer:
+        """From a Hugging Face BERT folder's vocab.txt (topic 4.6)."""
+        return cls((Path(folder) / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1])
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids of text, between [CLS] and [SEP] unless add_special_tokens is False (topic 4.6)."""
+        ids = []
+        for part in re.split("(" + "|".join(map(re.escape, self.specials)) + ")", text):
+            if part in self.vocab and part in self.specials:
+                ids.append(self.vocab[part])
+                continue
+            for word in _pre_split(_normalize(part)):
+                ids += self._word(word)
+        return [self.cls_id, *ids, self.sep_id] if add_special_tokens else ids
+
+    def _word(self, word: str) -> list[int]:
+        if len(word) > self.max_chars:
+            return [self.unk_id]
+        out, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    out.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                return [self.unk_id]
+        return out
+
+
+def _normalize(text: str) -> str:
+    chars = []
+    for c in text:
+        if c in "\0\ufffd" or (unicodedata.category(c)[0] == "C" and c not in "\t\n\r"):
+            continue
+        if c in "\t\n\r" or unicodedata.category(c) == "Zs":
+            chars.append(" ")
+        elif any(lo <= ord(c) <= hi for lo, hi in _CJK):
+            chars.append(f" {c} ")
+        else:
+            chars.append(c)
+    text = "".join(c for c in unicodedata.normalize("NFD", "".join(chars)) if unicodedata.category(c) != "Mn")
+    return text.lower()
+
+
+def _pre_split(text: str) -> list[str]:
+    words = []
+    for chunk in text.split():
+        word = ""
+        for c in chunk:
+            if (c.isascii() and not c.isalnum() and c.isprintable() and c != " ") or unicodedata.category(c)[0] == "P":
+                words += [word, c] if word else [c]
+                word = ""
+            else:
+                word += c
+        if word:
+            words.append(word)
+    return words
