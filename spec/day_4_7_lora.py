@@ -15,7 +15,9 @@
   tiny text lower the loss and change only A and B (every base weight bit-identical).
 - QLoRA, `impl.train.qlora`: `quantized_matmul_dx(dy, w_q, scales, biases)`, the x-gradient of
   y = x W^T (dy @ W), against mx.quantized_matmul(transpose=False) and torch on the dequantized
-  weight; `quantized_matmul_trainable` differentiates through week 2's kernel to x as a dense
+  weight; on the CPU it is the C++ kernel tiny_llm_kernels.quantized_matmul_dx, held to its twin
+  `quantized_matmul_dx_mlx`, torch (float64) and MLX within 1e-5 of each sum's magnitude on the
+  model's shapes and Hypothesis' small ones, with the twin's one-line errors; `quantized_matmul_trainable` differentiates through week 2's kernel to x as a dense
   matmul does; `load_base(path, quantized)` gives the quantized model and its dense twin (the
   same triples dequantized), whose adapters' gradients agree; the quantized weights never change.
 
