@@ -2,7 +2,7 @@
 // W = dequantize(w_q, scales, biases) in MLX's affine format, on the CPU.
 //
 // Plain C++ that the compiler vectorizes: the baseline's SSE2 (x86-64) or NEON (arm64), and on
-// x86-64 Linux AVX2 and AVX-512 clones of the inner loop too (axpy_rows). The columns of dx are
+// x86-64 Linux AVX2 and AVX-512 clones of the inner loops too (add_rows). The columns of dx are
 // split over the thread pool in slices of whole groups, so each task owns its slice of every row of
 // dx (no races, no reduction). Per task, for n = 0 .. N - 1 in blocks of 8 rows: dequantize each
 // row's slice group by group into fp32 (w = s * q + b, multiply then add: -ffp-contract=off,
@@ -45,9 +45,9 @@ void dequantize_slice(const uint32_t* wq, const float* s, const float* b, int K,
   }
 }
 
-// acc[0, width) += d[0] * w[0] + d[1] * w[1] + ... + d[R - 1] * w[R - 1]: the R products summed in
-// order into a fresh partial, then added to acc. One load and store of acc per R products, and a
-// chain of N / R + R additions per output instead of N: measured through the model's 30 layers of
+// acc[0, width) += d[0] * w[0] + d[1] * w[1] + ... + d[7] * w[7]: the 8 products summed in
+// order into a fresh partial, then added to acc. One load and store of acc per 8 products, and a
+// chain of N / 8 + 8 additions per output instead of N: measured through the model's 30 layers of
 // backward, summing all N in one chain put layer 0's adapter gradients 1.6e-4 (of their largest)
 // off the dense model's, beyond the spec's 1e-4 (QLORA_GRAD). On x86-64 Linux a copy for AVX-512
 // and one for AVX2 too (16 and 8 lanes; the loader picks one per CPU), else the baseline's 4 lanes.
@@ -56,17 +56,21 @@ void dequantize_slice(const uint32_t* wq, const float* s, const float* b, int K,
 #else
 #define TINY_LLM_DX_CLONES
 #endif
-template <int R>
-TINY_LLM_DX_CLONES void axpy_rows(float* __restrict acc, const float* __restrict w, size_t stride, const float* d,
-                                  int width) {
+constexpr int kRows = 8;  // rows of W dequantized and added per pass over dx's slice
+
+// Plain functions, not a template over the row count: clang's target_clones takes no templates.
+TINY_LLM_DX_CLONES void add_rows(float* __restrict acc, const float* __restrict w, size_t stride, const float* d,
+                                 int width) {
   for (int k = 0; k < width; ++k) {
     float a = d[0] * w[k];
-    for (int r = 1; r < R; ++r) a += d[r] * w[size_t(r) * stride + k];
+    for (int r = 1; r < kRows; ++r) a += d[r] * w[size_t(r) * stride + k];
     acc[k] += a;
   }
 }
 
-constexpr int kRows = 8;  // rows of W dequantized and added per pass over dx's slice
+TINY_LLM_DX_CLONES void add_row(float* __restrict acc, const float* __restrict w, float d, int width) {
+  for (int k = 0; k < width; ++k) acc[k] += d * w[k];
+}
 
 void run_dx(const float* dy, const uint32_t* wq, const float* s, const float* b, float* dx, long M, int N, int K,
             int group_size, int bits) {
@@ -91,9 +95,9 @@ void run_dx(const float* dy, const uint32_t* wq, const float* s, const float* b,
         float* acc = dx + size_t(m) * K + k0;
         for (int r = 0; r < rows; ++r) d[r] = dy[size_t(m) * N + n0 + r];
         if (rows == kRows) {
-          axpy_rows<kRows>(acc, w.data(), width, d, width);
+          add_rows(acc, w.data(), width, d, width);
         } else {
-          for (int r = 0; r < rows; ++r) axpy_rows<1>(acc, w.data() + size_t(r) * width, width, d + r, width);
+          for (int r = 0; r < rows; ++r) add_row(acc, w.data() + size_t(r) * width, d[r], width);
         }
       }
     }
