@@ -15,7 +15,9 @@
   tiny text lower the loss and change only A and B (every base weight bit-identical).
 - QLoRA, `impl.train.qlora`: `quantized_matmul_dx(dy, w_q, scales, biases)`, the x-gradient of
   y = x W^T (dy @ W), against mx.quantized_matmul(transpose=False) and torch on the dequantized
-  weight; `quantized_matmul_trainable` differentiates through week 2's kernel to x as a dense
+  weight; on the CPU it is the C++ kernel tiny_llm_kernels.quantized_matmul_dx, held to its twin
+  `quantized_matmul_dx_mlx`, torch (float64) and MLX within 1e-5 of each sum's magnitude on the
+  model's shapes and Hypothesis' small ones, with the twin's one-line errors; `quantized_matmul_trainable` differentiates through week 2's kernel to x as a dense
   matmul does; `load_base(path, quantized)` gives the quantized model and its dense twin (the
   same triples dequantized), whose adapters' gradients agree; the quantized weights never change.
 
@@ -31,6 +33,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reference.lora_models import (
     base_model,
@@ -335,6 +339,130 @@ def test_quantized_matmul_trainable_gradient(impl):
     assert_close(got, want, FP32, "x-gradient through the quantized matmul vs the dense one")
 
 
+# -- QLoRA's x-gradient kernel: tiny_llm_kernels.quantized_matmul_dx --------------------------------
+
+# dx[m, k] = sum_n dy[m, n] W[n, k] sums N products: the kernel in order n = 0 .. N - 1, the twin's
+# sgemm in its own blocks, torch here in float64. Each fp32 order is off the exact sum by about
+# sqrt(N) 2^-24 (worst case N 2^-24) of the sum's magnitude sum_n |dy[m, n] W[n, k]|, not of |dx|,
+# which may cancel to ~0: so the bound is relative to that magnitude. 1e-5 of it covers N = 1536
+# (sqrt(N) 2^-24 = 2.3e-6) 4x over. Measured worst on the cases below: 3.6e-7.
+SUM_FP32 = 1e-5
+# (N, K): q/o, gate/up, down, k/v; 576 = 4.5 x 128, so groups of 128 run on K = 1536 only.
+DX_SHAPES = [(576, 576), (1536, 576), (576, 1536), (192, 576)]
+
+
+def dx_kernel(impl):
+    """tiny_llm_kernels.quantized_matmul_dx; a failure, not a skip, when the kernels are not built."""
+    kernels = impl.native.kernels
+    assert kernels is not None and hasattr(kernels, "quantized_matmul_dx"), (
+        f"tiny_llm_kernels has no quantized_matmul_dx ({getattr(kernels, 'ext_error', 'not built')}): rebuild:"
+        " pip install --no-build-isolation ./kernels")
+    return kernels.quantized_matmul_dx
+
+
+def assert_sum_close(got, want, dy, dense, what: str, rel: float = SUM_FP32) -> None:
+    """|got - want| <= rel * (|dy| @ |W|) elementwise: rel of the sum's magnitude (see SUM_FP32)."""
+    g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert g.shape == w.shape, f"{what}: shape {g.shape} != {w.shape}"
+    mag = np.abs(np.asarray(dy, np.float64)) @ np.abs(np.asarray(dense, np.float64))
+    ratio = np.abs(g - w) / np.maximum(mag, np.finfo(np.float32).tiny)
+    assert ratio.max() <= rel, f"{what}: off by {ratio.max():.3g} of the sum's magnitude (bound {rel})"
+
+
+def check_dx(impl, dy: mx.array, w_q, scales, biases, group_size: int, bits: int) -> None:
+    """kernel == twin == torch (float64, rounded to fp32) == mx.quantized_matmul(transpose=False)."""
+    qlora = impl.train.qlora
+    got = dx_kernel(impl)(dy, w_q, scales, biases, group_size, bits)
+    assert got.dtype == dy.dtype and got.shape == (*dy.shape[:-1], w_q.shape[1] * 32 // bits)
+    s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)  # exact: the kernel reads them so
+    dense = np.array(mx.dequantize(w_q, s32, b32, group_size=group_size, bits=bits))
+    dy64 = np.array(dy.astype(mx.float32), np.float64)
+    torch_dx = (torch.from_numpy(dy64) @ torch.from_numpy(dense.astype(np.float64))).float().numpy()
+    got = np.array(got.astype(mx.float32))
+    twin = np.array(qlora.quantized_matmul_dx_mlx(dy, w_q, scales, biases, group_size, bits).astype(mx.float32))
+    ref = np.array(mx.quantized_matmul(dy.astype(mx.float32), w_q, s32, b32, transpose=False, group_size=group_size,
+                                       bits=bits).astype(mx.float32))
+    if dy.dtype == mx.float32:
+        assert_sum_close(got, twin, dy64, dense, "kernel vs twin")
+        assert_sum_close(got, torch_dx, dy64, dense, "kernel vs torch (float64)")
+        assert_sum_close(got, ref, dy64, dense, "kernel vs mx.quantized_matmul(transpose=False)")
+    else:  # the result rounded once to dy's dtype: its half ulp on top (FP16 / BF16 rungs' reason)
+        rounding = 2.0 ** -10 if dy.dtype == mx.float16 else 2.0 ** -7
+        assert_close(got, twin, Tol(atol=0.0, rtol=rounding, reason="one rounding to dy's dtype"), "kernel vs twin")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M", [1, 7, 64])
+@pytest.mark.parametrize("N, K, group_size", [(N, K, g) for N, K in DX_SHAPES for g in (32, 64, 128) if K % g == 0])
+def test_quantized_matmul_dx_kernel_model_shapes(impl, bits, M, N, K, group_size):
+    w_q, scales, biases = quantized_triple(21, N, K, bits, group_size)
+    dy = mx.array(np.random.default_rng(22).normal(0, 1, (M, N)).astype(np.float32))
+    check_dx(impl, dy, w_q, scales, biases, group_size, bits)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_quantized_matmul_dx_kernel_small_shapes(impl, data):
+    bits, group_size = data.draw(st.sampled_from([4, 8])), data.draw(st.sampled_from([32, 64, 128]))
+    N, groups = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 4))
+    lead = tuple(data.draw(st.lists(st.integers(1, 4), max_size=2)))  # leading batch dims, flattened by the op
+    sdtype = data.draw(st.sampled_from([mx.float32, mx.float16, mx.bfloat16]))
+    dtype = data.draw(st.sampled_from([mx.float32, mx.float32, mx.float16, mx.bfloat16]))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    w_q, scales, biases = quantized_triple(seed, N, groups * group_size, bits, group_size)
+    dy = mx.array(np.random.default_rng(seed + 1).normal(0, 1, (*lead, N)).astype(np.float32)).astype(dtype)
+    check_dx(impl, dy, w_q, scales.astype(sdtype), biases.astype(sdtype), group_size, bits)
+
+
+def bad_dx_inputs():
+    w_q, scales, biases = quantized_triple(31, 8, 64, 4, 32)  # N = 8, K = 64
+    dy = mx.zeros((3, 8))
+    return {
+        "bits": ((dy, w_q, scales, biases, 32, 3), "bits must be 4 or 8"),
+        "group_size": ((dy, w_q, scales, biases, 16, 4), "group_size must be 32, 64 or 128"),
+        "w_q dtype": ((dy, w_q.astype(mx.int32), scales, biases, 32, 4), "w_q must be a 2-D uint32"),
+        "dy dtype": ((dy.astype(mx.int32), w_q, scales, biases, 32, 4), "dy must be float32"),
+        "dy's N": ((mx.zeros((3, 9)), w_q, scales, biases, 32, 4), "dy has N = 9"),
+        "K vs group": ((dy, w_q, scales, biases, 128, 4), "K = 64 must be a positive multiple"),
+        "scales shape": ((dy, w_q, scales[:, :1], biases, 32, 4), "scales and biases must be (8, 2)"),
+        "scales dtype": ((dy, w_q, scales.astype(mx.int32), biases, 32, 4), "scales and biases must be float"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_dx_inputs()))
+def test_quantized_matmul_dx_bad_inputs_are_one_line_errors(impl, case):
+    args, words = bad_dx_inputs()[case]
+    calls = {"kernel": dx_kernel(impl), "twin": impl.train.qlora.quantized_matmul_dx_mlx}
+    messages = {}
+    for name, fn in calls.items():
+        with pytest.raises(ValueError) as e:
+            mx.eval(fn(*args))
+        messages[name] = str(e.value)
+        assert "\n" not in messages[name] and messages[name].startswith("quantized_matmul_dx: "), messages[name]
+        assert words in messages[name], f"{name}: {messages[name]!r} lacks {words!r}"
+    assert messages["kernel"] == messages["twin"], messages
+
+
+def test_quantized_matmul_dx_gradients_kernel_path_equal_twin_path(impl, monkeypatch):
+    """mx.grad through quantized_matmul_trainable: the kernel's x-gradient (on the CPU) and the twin's."""
+    qlora = impl.train.qlora
+    dx_kernel(impl)
+    w_q, scales, biases = quantized_triple(41, 1536, 576, 4, 32)
+    x = mx.array(np.random.default_rng(42).normal(0, 1, (2, 5, 576)).astype(np.float32))
+    probe = mx.array(np.random.default_rng(43).normal(0, 1, (2, 5, 1536)).astype(np.float32))
+
+    def grad():
+        return mx.grad(lambda x: mx.sum(qlora.quantized_matmul_trainable(x, w_q, scales, biases, 32, 4) * probe))(x)
+
+    with mx.stream(mx.cpu):
+        kernel = grad()
+        monkeypatch.setattr(qlora, "_dx_kernel", None)
+        twin = grad()
+    dense = np.array(mx.dequantize(w_q, scales, biases, group_size=32, bits=4))
+    assert_sum_close(np.array(kernel).reshape(-1, 576), np.array(twin).reshape(-1, 576), np.array(probe).reshape(-1, 1536),
+                     dense, "kernel path vs twin path")
+
+
 def test_qlora_gradients_match_the_dense_twin(impl, default_model):
     qlora, lora = impl.train.qlora, impl.train.lora
     ids = ids_of(1, 12, seed=9)
@@ -369,3 +497,4 @@ def test_qlora_training_leaves_the_quantized_weights(impl, default_model, folder
     after = base_arrays(model)
     for k in before:
         np.testing.assert_array_equal(after[k], before[k], f"quantized weight {k} changed")
+

@@ -4,8 +4,10 @@ Training needs the gradient of every projection with respect to its input, quant
 included, since the adapters of layer 0 learn from what flows back through layers 1..29. For
 y = x W^T, dL/dx = dL/dy @ W: the same weight, multiplied from the other side. Week 2's kernel
 computes only x W^T, so the quantized matmul gets a custom vjp here whose x-gradient is
-`quantized_matmul_dx`, the pure-MLX twin dy @ dequantize(W) (a C++ kernel for it would be
-the next step). The quantized weights themselves are frozen: they get no gradient.
+`quantized_matmul_dx`: the C++ kernel tiny_llm_kernels.quantized_matmul_dx on the CPU when built
+(it streams the packed weights once and dequantizes them a slice at a time), else the pure-MLX
+twin `quantized_matmul_dx_mlx`, dy @ dequantize(W). The quantized weights themselves are frozen:
+they get no gradient.
 """
 
 from __future__ import annotations
@@ -23,16 +25,56 @@ from impl.gguf import (
     read_gguf,
 )
 from impl.model import Model
-from impl.quantize import dequantize, quantized_matmul
+from impl.native import kernels
+from impl.quantize import FLOATS, dequantize, quantized_matmul
 from impl.quantized_weight import QuantizedWeight
+
+
+def check_quantized_matmul_dx(dy: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                              group_size: int, bits: int) -> None:
+    """One-line ValueErrors, worded as the C++ kernel's: 4 or 8 bits, groups of 32, 64 or 128, w_q
+    (N, K * bits / 32) uint32, dy (..., N) and scales/biases (N, K / group_size), float (topic 4.7)."""
+    def fail(what: str):
+        raise ValueError(f"quantized_matmul_dx: {what}")
+
+    if bits not in (4, 8):
+        fail(f"bits must be 4 or 8, got {bits}")
+    if group_size not in (32, 64, 128):
+        fail(f"group_size must be 32, 64 or 128, got {group_size}")
+    if w_q.ndim != 2 or w_q.dtype != mx.uint32:
+        fail(f"w_q must be a 2-D uint32 array (N, K * bits / 32), got {w_q.shape}")
+    if dy.ndim < 1 or dy.dtype not in FLOATS:
+        fail(f"dy must be float32, float16 or bfloat16 with shape (..., N), got {dy.shape}")
+    N, K = w_q.shape[0], w_q.shape[1] * 32 // bits
+    if dy.shape[-1] != N:
+        fail(f"dy has N = {dy.shape[-1]} but w_q {w_q.shape} has {N} rows")
+    if K == 0 or K % group_size:
+        fail(f"K = {K} must be a positive multiple of group_size = {group_size}")
+    if scales.shape != (N, K // group_size) or biases.shape != scales.shape:
+        fail(f"scales and biases must be {(N, K // group_size)}, got {scales.shape} and {biases.shape}")
+    if scales.dtype not in FLOATS or biases.dtype not in FLOATS:
+        fail("scales and biases must be float32, float16 or bfloat16")
+
+
+def quantized_matmul_dx_mlx(dy: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                            group_size: int = 64, bits: int = 4) -> mx.array:
+    """dy (..., N) @ dequantize(w_q, scales, biases) (N, K) -> (..., K) in dy's dtype: the x-gradient
+    of y = x W^T, the pure-MLX twin, accumulated in fp32 (topic 4.7)."""
+    check_quantized_matmul_dx(dy, w_q, scales, biases, group_size, bits)
+    w = dequantize(w_q, scales, biases, group_size, bits, mx.float32)  # (N, K)
+    return (dy.astype(mx.float32) @ w).astype(dy.dtype)
+
+
+_dx_kernel = getattr(kernels, "quantized_matmul_dx", None)  # None when tiny_llm_kernels is absent or older
 
 
 def quantized_matmul_dx(dy: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
                         group_size: int = 64, bits: int = 4) -> mx.array:
-    """dy (..., N) @ dequantize(w_q, scales, biases) (N, K) -> (..., K) in dy's dtype: the x-gradient
-    of y = x W^T, the pure-MLX twin, accumulated in fp32 (topic 4.7)."""
-    w = dequantize(w_q, scales, biases, group_size, bits, mx.float32)  # (N, K)
-    return (dy.astype(mx.float32) @ w).astype(dy.dtype)
+    """dy (..., N) @ dequantize(w_q, scales, biases) -> (..., K) in dy's dtype, fp32 accumulation: the
+    C++ kernel on the CPU when built (it checks the same in C++), else the twin (topic 4.7)."""
+    if _dx_kernel is not None and mx.default_device() == mx.cpu:
+        return _dx_kernel(dy, w_q, scales, biases, group_size, bits)
+    return quantized_matmul_dx_mlx(dy, w_q, scales, biases, group_size, bits)
 
 
 @cache

@@ -12,6 +12,7 @@
 #include "flash_attention.h"
 #include "paged_attention.h"
 #include "quantized_matmul.h"
+#include "quantized_matmul_dx.h"
 #include "rms_norm.h"
 #include "rope.h"
 #include "swiglu.h"
@@ -46,6 +47,13 @@ NB_MODULE(_ext, m) {
         "(X, N, K / group_size); indices (M,) uint32. Returns (M, N) in x's dtype, accumulated in\n"
         "float32. Rows sorted by expert run as one quantized_matmul per expert; a row whose index is\n"
         ">= X is 0. Lazy, like any MLX op.");
+  m.def("quantized_matmul_dx", &tiny_llm::quantized_matmul_dx, "dy"_a, "w_q"_a, "scales"_a, "biases"_a,
+        "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
+        "dx = dy @ dequantize(w_q, scales, biases): the x-gradient of y = x @ W.T (QLoRA), on the CPU\n"
+        "(twin: impl.train.qlora.quantized_matmul_dx_mlx).\n\n"
+        "dy (..., N) float32/float16/bfloat16; w_q (N, K * bits / 32) uint32; scales and biases\n"
+        "(N, K / group_size). Returns (..., K) in dy's dtype, accumulated in float32 over n in order.\n"
+        "bits 4 or 8, group_size 32, 64 or 128. Lazy, like any MLX op.");
   m.def("quantized_matmul_info", &tiny_llm::quantized_matmul_info,
         "Which code quantized_matmul runs: instruction set, threads, panel_min_m, bf16 ('avx512_bf16'\n"
         "or 'emulated'), bf16_min_m.");

@@ -6,6 +6,7 @@ on top of it, both RTLD_GLOBAL, so MLX's matmuls resolve to OpenBLAS.
 
 Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4, stream=None)
+    quantized_matmul_dx(dy, w_q, scales, biases, group_size=64, bits=4, stream=None)  (dy @ W)
     gather_quantized_matmul(x, w_q, scales, biases, indices, group_size=64, bits=4, stream=None)
     flash_attention(q, k, v, scale=None, mask=None, stream=None)  (mask: None, "causal", array)
     rms_norm(x, weight, eps=1e-5, stream=None)
@@ -82,6 +83,7 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         paged_attention_info,
         quantized_matmul,
         quantized_matmul_configure,
+        quantized_matmul_dx,
         quantized_matmul_info,
         rms_norm,
         rope,
