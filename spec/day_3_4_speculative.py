@@ -15,6 +15,13 @@ Checked against:
   speculative greedy == the target's own greedy, the target's cache after the run == a fresh
   prefill of the same tokens, the draft's cache == a fresh prefill of what it records, and the
   stats add up (tokens emitted = passes + accepted drafts);
+- inside the batched engine (n-gram drafts per sequence, verified in the step's one call, the paged
+  cache rewound): the engine without speculation is the oracle. Batched requests joining at
+  different steps give its greedy tokens and log-probabilities (a tiny dense model: GREEDY_MARGIN and
+  DENSE_BATCH; the default model on the kernels: exactly), a request that never drafts is undisturbed,
+  streaming delivers each token once, the counts add up, every block is free at the end; prefix hits
+  on blocks filled while speculating, preemption while speculating, lengths and the context's end,
+  stop tokens and strings inside an accepted run, seeded sampling alone == batched, one-line errors;
 - the real pair: Qwen2.5-Coder 0.5B drafting for the 1.5B (both quantized, week 2's kernels),
   and n-gram lookup on a prompt that asks for an edited copy of a code file: the target's own
   greedy tokens.
@@ -26,7 +33,8 @@ ulps and a near tie can flip. Greedy tokens are therefore compared by the ladder
 models' heads are scaled up so that their gaps are clear at every step compared.
 
 Prerequisites beyond 2.1 (the cache it rewinds): 1.7 (sampling: the target's filtered
-distribution is 1.7's) and 2.4 (the real pair runs quantized on week 2's kernels).
+distribution is 1.7's), 2.4 (the real pair runs quantized on week 2's kernels) and, for the
+engine's section, 3.1 (the paged cache it rewinds; the engine of 2.6 and 2.7).
 """
 
 from __future__ import annotations

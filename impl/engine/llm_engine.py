@@ -43,10 +43,11 @@ class LLMEngine:
         {"method": "ngram", "num_speculative_tokens": 4} (topic 3.4); a one-line ValueError if bad."""
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.max_model_len = self.args.max_position_embeddings
-        config = SpeculativeConfig.of(speculative_config)
-        if config is not None and not paged:
-            raise ValueError("speculative decoding rewinds the paged KV cache; drop paged=False")
-        self.spec = SpecDecoder(config, self.max_model_len) if config is not None else None
+        self.spec = None  # speculative decoding (topic 3.4), when configured
+        if speculative_config is not None:
+            if not paged:
+                raise ValueError("speculative decoding rewinds the paged KV cache; drop paged=False")
+            self.spec = SpecDecoder(SpeculativeConfig.of(speculative_config), self.max_model_len)
         self.num_draft_tokens = self.num_accepted_tokens = 0  # over all requests (topic 3.4)
         dtype = kv_cache_dtype or model.embed_tokens(mx.array([[0]])).dtype  # default: the activations'
         budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
