@@ -40,7 +40,8 @@ class LLMEngine:
         kv_cache_memory: bytes for the KV cache (default 1 GiB), kv_cache_dtype: what it stores
         (default the activations' dtype). log: where the start-up line goes (default stderr; False: nowhere).
         speculative_config: a SpeculativeConfig, or a dict (or JSON) of its fields, e.g.
-        {"method": "ngram", "num_speculative_tokens": 4} (topic 3.4); a one-line ValueError if bad."""
+        {"method": "ngram", "num_speculative_tokens": 4}, speculative decoding's (spec_decode.py); a one-line
+        ValueError if bad."""
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.max_model_len = self.args.max_position_embeddings
         self.spec = None  # speculative decoding (topic 3.4), when configured
@@ -119,7 +120,7 @@ class LLMEngine:
         """One step: schedule, run, postprocess. The run is launched, not awaited: the step
         before it, still computing meanwhile, is the one postprocessed, so building this step's
         graph overlaps that step's compute. Returns the requests that got tokens or finished.
-        Speculating (topic 3.4), drafts need every token known: each step is proposed, run and
+        Speculating (spec_decode.py), drafts need every token known: each step is proposed, run and
         postprocessed in turn, with nothing in flight."""
         if self.spec is not None:
             self.propose()

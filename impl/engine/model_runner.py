@@ -51,7 +51,7 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> tuple[list[int], AttentionMetadata, list[int]]:
         """The packed input ids (PENDING where a token is still in flight), the attention
         metadata, and the packed rows whose logits are kept: a sequence's last token's, and one
-        per draft after it when it speculates (topic 3.4)."""
+        per draft after it when it speculates (spec_decode.py)."""
         ids, rows, starts, lens = [], [], [], []
         for seq, n in batch.scheduled:
             start = seq.num_computed_tokens
