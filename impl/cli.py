@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dequantize a GGUF's weights to fp32 at load and run week 1's model, without week 2's"
                         " kernels (slower; 4 to 8 times the weights' memory)")
     p.add_argument("--speculative", choices=["ngram"],
-                   help="speculative decoding by n-gram prompt lookup (topic 3.4; implies --single-stream)")
+                   help="speculative decoding by n-gram prompt lookup (topic 3.4), in the batched engine"
+                        " (or week 2's loop with --single-stream)")
     p.add_argument("--draft-model", metavar="MODEL",
                    help="speculative decoding with this smaller model drafting (same vocabulary as --model;"
                         " a path or known name, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b; implies --single-stream)")
@@ -144,13 +145,14 @@ def _prompt_cache(loaded, args):
 def make_engine(loaded, args):
     """The batched engine (topic 2.6) for one conversation: its prefix cache keeps each turn's
     blocks, so the next turn prefills only what it adds; None with --single-stream or --no-kv-cache."""
-    if args.single_stream or args.no_kv_cache or args.speculative or args.draft_model:
+    if args.single_stream or args.no_kv_cache or args.draft_model:
         return None
     from impl.engine import LLMEngine
 
+    spec = {"method": "ngram", "num_speculative_tokens": args.num_draft_tokens} if args.speculative else None
     try:
         return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=1, kv_cache_memory=args.kv_cache_memory,
-                         kv_cache_dtype=kv_dtype(args.kv_cache_dtype))
+                         kv_cache_dtype=kv_dtype(args.kv_cache_dtype), speculative_config=spec)
     except ValueError as e:
         raise TinyLLMError(str(e)) from None
 
@@ -188,7 +190,11 @@ def engine_reply(engine, loaded, ids: list[int], args) -> str:
     blocks = -(-(len(ids) + n) // engine.kv_pool.block_size) if engine.kv_pool else 0
     held = blocks * engine.kv_pool.nbytes / engine.kv_pool.num_blocks / 2**20 if engine.kv_pool else 0.0
     dtype = str(engine.kv_pool.dtype).removeprefix("mlx.core.") if engine.kv_pool else "contiguous"
-    _print_stats(stats, cached, f"KV cache {dtype} {held:.1f} MB")
+    kv = f"KV cache {dtype} {held:.1f} MB"
+    if engine.spec is not None:
+        a, d = m.num_accepted_tokens, m.num_draft_tokens
+        kv += f", speculative: {a} of {d} drafts accepted ({a / d if d else 0:.0%})"
+    _print_stats(stats, cached, kv)
     return "".join(text)
 
 
@@ -341,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[loaded {loaded.path.name}{' + ' + args.adapter if args.adapter else ''} in"
               f" {time.perf_counter() - t:.1f} s]", file=sys.stderr)
         _ = loaded.tokenizer, loaded.chat_template  # read now: a bad tokenizer fails before the chat
-        proposer = make_proposer(loaded, args) if args.speculative or args.draft_model else None
+        single = args.single_stream or args.no_kv_cache or args.draft_model
+        proposer = make_proposer(loaded, args) if single and (args.speculative or args.draft_model) else None
         if args.prompt is None:
             chat(loaded, args, sampler, proposer)
         else:

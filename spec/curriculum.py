@@ -16,8 +16,9 @@ beyond the course outline's table, because the code does:
 - 2.6 needs 1.7 and 2.4: a request's SamplingParams are checked and sampled by 1.7's sampler,
   and the serving engine runs the week-2 model (2.4's kernels, 2.2's fused projections);
 - 3.1 needs 2.7: the engine prefills in chunks by default, and the paged specs run it so;
-- 3.4 needs 1.7 and 2.4 (2.4 brings 2.1, the cache it rewinds): rejection sampling draws from 1.7's
-  filtered distribution, and the real draft/target pair runs quantized on week 2's kernels;
+- 3.4 needs 1.7, 2.4 and 3.2 (2.4 brings 2.1, the cache it rewinds): rejection sampling draws from 1.7's
+  filtered distribution, the real draft/target pair runs quantized on week 2's kernels, and the
+  engine speculates on the paged cache, with its prefix cache and kernel (3.2 brings 3.1, 2.7, 2.6);
 - 3.3 needs 2.6 besides 1.5: its spec runs a tiny MoE model in the engine (batched == alone), on
   topic 2.6's own contiguous cache and whole prefills;
 - 3.9 needs 2.4 besides 2.1: its attention-sink check reads a text one token at a time with the
@@ -63,7 +64,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("3.1", "paged KV cache and block manager", ("2.7",), "invariances: paged == contiguous for every block size, preempted == never preempted; block manager by a Hypothesis state machine", "day_3_1_paged_kv_cache.py"),
     Topic("3.2", "paged attention kernel, prefix caching", ("3.1",), "paged kernel == twin == torch SDPA; prefix-cache hit == miss", "day_3_2_paged_attention.py"),
     Topic("3.3", "mixture of experts", ("1.5", "2.6"), "torch softmax/topk, pure-MLX twins, mlx-lm SwitchGLU, mx.gather_qmm; transformers Mixtral/Qwen2-MoE/Qwen3-MoE (HF folders and GGUF); engine batched == alone", "day_3_3_moe.py"),
-    Topic("3.4", "speculative decoding (draft model, n-gram)", ("1.7", "2.4"), "n-gram drafts by brute force; rejection sampling analytically (== p) and by a chi-squared test; invariances on tiny pairs: speculative greedy == target greedy, rewound caches == fresh prefill; Qwen2.5-Coder 0.5B drafting for the 1.5B", "day_3_4_speculative.py"),
+    Topic("3.4", "speculative decoding (draft model, n-gram)", ("1.7", "2.4", "3.2"), "n-gram drafts by brute force; rejection sampling analytically (== p) and by a chi-squared test; invariances on tiny pairs: speculative greedy == target greedy, rewound caches == fresh prefill; in the engine: n-gram speculation == the engine without it; Qwen2.5-Coder 0.5B drafting for the 1.5B", "day_3_4_speculative.py"),
     Topic("3.5", "prefill-decode separation", ("3.1",), ""),
     Topic("3.6", "parallelism: tensor parallel over mlx.distributed", ("1.5",), ""),
     Topic("3.7", "tool calling and agents", ("1.7",), ""),

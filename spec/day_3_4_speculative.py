@@ -15,6 +15,13 @@ Checked against:
   speculative greedy == the target's own greedy, the target's cache after the run == a fresh
   prefill of the same tokens, the draft's cache == a fresh prefill of what it records, and the
   stats add up (tokens emitted = passes + accepted drafts);
+- inside the batched engine (n-gram drafts per sequence, verified in the step's one call, the paged
+  cache rewound): the engine without speculation is the oracle. Batched requests joining at
+  different steps give its greedy tokens and log-probabilities (a tiny dense model: GREEDY_MARGIN and
+  DENSE_BATCH; the default model on the kernels: exactly), a request that never drafts is undisturbed,
+  streaming delivers each token once, the counts add up, every block is free at the end; prefix hits
+  on blocks filled while speculating, preemption while speculating, lengths and the context's end,
+  stop tokens and strings inside an accepted run, seeded sampling alone == batched, one-line errors;
 - the real pair: Qwen2.5-Coder 0.5B drafting for the 1.5B (both quantized, week 2's kernels),
   and n-gram lookup on a prompt that asks for an edited copy of a code file: the target's own
   greedy tokens.
@@ -26,7 +33,8 @@ ulps and a near tie can flip. Greedy tokens are therefore compared by the ladder
 models' heads are scaled up so that their gaps are clear at every step compared.
 
 Prerequisites beyond 2.1 (the cache it rewinds): 1.7 (sampling: the target's filtered
-distribution is 1.7's) and 2.4 (the real pair runs quantized on week 2's kernels).
+distribution is 1.7's), 2.4 (the real pair runs quantized on week 2's kernels) and, for the
+engine's section, 3.1 (the paged cache it rewinds; the engine of 2.6 and 2.7).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from spec.chat_command import assert_one_line_error, run_chat, stats_lines
+from spec.engine_cases import DENSE_BATCH, Request, assert_same_logprobs, run
 from spec.ladder import FP32, GREEDY_MARGIN, MIN_GREEDY_TOKENS, assert_close, assert_greedy_tokens
 
 NAMES = ("NgramProposer", "DraftModel", "Sampling", "SpeculativeStats", "accept_greedy", "accept_sampled",
@@ -408,3 +417,242 @@ def test_chat_with_ngram_speculation_gives_the_greedy_answer(impl, default_model
 ])
 def test_chat_speculation_flags_out_of_range(impl, flags, message):
     assert_one_line_error(run_chat(impl, *flags, "hi"), message)
+
+
+# --- inside the batched engine --------------------------------------------------------------
+#
+# The oracle is the engine itself without speculation: the same requests, batched the same way,
+# give the same greedy tokens (while the plain run's top-2 gap is clear: a verify chunk's rows go
+# through OpenBLAS as a block of 1 + k rows where a decode is one, DENSE_BATCH's reason) and the same
+# log-probabilities within DENSE_BATCH. A paged cache left wrong by a rewind (a rejected draft's keys
+# read, a verified one's lost) moves every later log-probability far beyond that.
+
+NGRAM_ENGINE = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(impl, tmp_path_factory):
+    """A tiny random Qwen2 with the SmolLM2 tokenizer (vocab 320, context 128); initializer_range 0.1
+    (not 0.02) so its greedy top-2 gaps are mostly clear of GREEDY_MARGIN."""
+    from reference.tiny_models import tiny_folder
+
+    _, folder = tiny_folder(tmp_path_factory.mktemp("tiny-spec"), "qwen2-tied", seed=5, initializer_range=0.1)
+    return impl.loader.load_model(folder)
+
+
+def engine_of(impl, loaded, spec=None, **kw):
+    """The paged engine (the twin, blocks of 4: rewinds cross and free blocks), speculating as `spec` says."""
+    kw = {"block_size": 4, "use_kernels": False, "log": False, "max_num_seqs": 8, "max_num_batched_tokens": 64} | kw
+    return impl.engine.LLMEngine(loaded.model, loaded.tokenizer, speculative_config=spec, **kw)
+
+
+def engine_prompts(seed: int, n: int, vocab: int = 320) -> list[list[int]]:
+    """Even ones repeat a span (lookups find it and drafts are accepted), odd ones are random."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        span = rng.integers(3, vocab, int(rng.integers(6, 12))).tolist()  # 3..: not an end-of-text token
+        out.append(span + span + span[:3] if i % 2 == 0 else rng.integers(3, vocab, int(rng.integers(4, 30))).tolist())
+    return out
+
+
+def run_streamed(engine, requests) -> tuple[dict, dict]:
+    """run(), also collecting each request's streamed new_token_ids per step: (outputs, request id -> chunks)."""
+    chunks: dict[str, list[list[int]]] = {}
+    step = engine.step
+
+    def recording_step():
+        outs = step()
+        for out in outs:
+            chunks.setdefault(out.request_id, []).append(list(out.new_token_ids))
+        return outs
+
+    engine.step = recording_step
+    return run(engine, requests), chunks
+
+
+def greedy_gaps(out) -> list[float]:
+    """Each step's top-2 log-probability gap (the logit gap) from a run with logprobs >= 2."""
+    return [sorted(d.values())[-1] - sorted(d.values())[-2] for d in out.logprobs]
+
+
+def assert_same_as_plain(got, want, what: str) -> int:
+    """got (speculative) == want (plain) token for token while want's top-2 gap is clear, with the same
+    log-probabilities (DENSE_BATCH) there; returns how many tokens were compared."""
+    n = 0
+    for gap in greedy_gaps(want):
+        if gap < GREEDY_MARGIN:
+            break
+        n += 1
+    assert got.token_ids[:n] == want.token_ids[:n], f"{what}: tokens {got.token_ids} vs plain {want.token_ids}"
+    assert_same_logprobs(got.logprobs[:n], want.logprobs[:n], DENSE_BATCH, what)
+    if n == len(want.token_ids):
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason, what
+    return n
+
+
+@pytest.mark.presence
+def test_engine_has_speculative_config(impl):
+    assert hasattr(impl.engine.spec_decode, "SpeculativeConfig"), "impl.engine.spec_decode lacks SpeculativeConfig"
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_engine_greedy_with_ngram_equals_the_engine_without(impl, tiny_loaded, k):
+    # Six requests joining over the first steps, half of them repeating a span; one asks for 2 tokens,
+    # so it never drafts (k is clipped by max_tokens) and shares steps with verify chunks.
+    P = impl.engine.SamplingParams
+    requests = [Request(str(i), p, P(max_tokens=2 if i == 5 else 32, ignore_eos=True, logprobs=2), join_step=i % 3)
+                for i, p in enumerate(engine_prompts(3, 6))]
+    spec = engine_of(impl, tiny_loaded, NGRAM_ENGINE | {"num_speculative_tokens": k})
+    got, chunks = run_streamed(spec, requests)
+    want = run(engine_of(impl, tiny_loaded), requests)
+    compared = sum(assert_same_as_plain(got[r.request_id], want[r.request_id], f"k={k}, request {r.request_id}")
+                   for r in requests)
+    assert compared >= len(requests) * MIN_GREEDY_TOKENS, f"only {compared} tokens had a clear top-2 gap"
+    stats = spec.stats()
+    drafted, accepted = stats["spec_num_draft_tokens"], stats["spec_num_accepted_tokens"]
+    assert 0 < accepted < drafted, f"no acceptance (or no rejection) to check: {stats}"
+    per_request = [(got[r.request_id].metrics.num_draft_tokens, got[r.request_id].metrics.num_accepted_tokens)
+                   for r in requests]
+    assert [sum(c) for c in zip(*per_request, strict=True)] == [drafted, accepted], \
+        f"the requests' counts {per_request} do not add up to the engine's {drafted} drafted, {accepted} accepted"
+    assert per_request[5] == (0, 0), f"a 2-token request drafted: {per_request[5]}"
+    assert max(len(c) for cs in chunks.values() for c in cs) > 1, "no step delivered several tokens"
+    for r in requests:
+        streamed = [t for c in chunks[r.request_id] for t in c]
+        assert streamed == got[r.request_id].token_ids, f"request {r.request_id}: streamed {streamed}"
+    assert stats["blocks_free"] == stats["num_blocks"], f"blocks held after every request ended: {stats}"
+
+
+def test_engine_prefix_cache_holds_only_verified_blocks(impl, tiny_loaded):
+    # A second wave whose prompts are the first wave's prompts and outputs: their leading blocks are
+    # prefix hits on blocks filled while speculating. Had a block holding a rejected draft's keys been
+    # hashed (or a verified one's lost in a rewind), the hit would feed the second wave wrong keys.
+    P = impl.engine.SamplingParams
+    first = [Request(str(i), p, P(max_tokens=24, ignore_eos=True)) for i, p in enumerate(engine_prompts(4, 4, vocab=16))]
+    spec = engine_of(impl, tiny_loaded, NGRAM_ENGINE)
+    out1 = run(spec, first)
+    assert spec.stats()["spec_num_accepted_tokens"] < spec.stats()["spec_num_draft_tokens"], "no rejection"
+    second = [Request(f"b{r.request_id}", r.prompt_token_ids + out1[r.request_id].token_ids[:-1],
+                      P(max_tokens=12, ignore_eos=True, logprobs=2)) for r in first]
+    got = run(spec, second)
+    want = run(engine_of(impl, tiny_loaded, enable_prefix_caching=False), second)
+    assert sum(o.num_cached_tokens for o in got.values()) > 0, "the second wave hit no cached block"
+    for r in second:
+        assert_same_as_plain(got[r.request_id], want[r.request_id], f"second wave, request {r.request_id}")
+    assert spec.kv.num_free_blocks == spec.kv.num_blocks, "blocks held after every request ended"
+
+
+def test_engine_preempted_while_speculating_equals_never_preempted(impl, tiny_loaded):
+    P = impl.engine.SamplingParams
+    requests = [Request(str(i), p, P(max_tokens=30, ignore_eos=True, logprobs=2)) for i, p in enumerate(engine_prompts(5, 4))]
+    per_block = impl.engine.kv_pool.bytes_per_block(tiny_loaded.args, 4, mx.float32)
+    small = engine_of(impl, tiny_loaded, NGRAM_ENGINE, kv_cache_memory=28 * per_block)  # 112 positions for up to 4 x 60
+    got = run(small, requests)
+    assert small.num_preemptions > 0, "nothing was preempted: the check is vacuous"
+    assert small.stats()["spec_num_accepted_tokens"] > 0, "nothing was accepted"
+    want = run(engine_of(impl, tiny_loaded), requests)
+    for r in requests:
+        assert_same_as_plain(got[r.request_id], want[r.request_id], f"request {r.request_id} after preemption")
+    assert small.kv.num_free_blocks == small.kv.num_blocks, "blocks held after every request ended"
+
+
+def test_engine_max_tokens_and_the_context_cut_like_the_engine_without(impl, tiny_loaded):
+    # Drafts are clipped so that all of them and the target's token stay within max_tokens and the
+    # context (128 here): every length ends exactly where the plain engine's does.
+    P = impl.engine.SamplingParams
+    prompt = engine_prompts(6, 1)[0]
+    requests = [Request(f"m{n}", prompt, P(max_tokens=n, ignore_eos=True)) for n in range(1, 10)]
+    requests.append(Request("context", [7] * (120 - len(prompt)) + prompt, P(max_tokens=40, ignore_eos=True)))
+    spec = engine_of(impl, tiny_loaded, NGRAM_ENGINE)
+    got, want = run(spec, requests), run(engine_of(impl, tiny_loaded), requests)
+    assert spec.stats()["spec_num_accepted_tokens"] > 0, "nothing was accepted"
+    for r in requests:
+        g, w = got[r.request_id], want[r.request_id]
+        assert (g.token_ids, g.finish_reason) == (w.token_ids, w.finish_reason), \
+            f"{r.request_id}: {g.token_ids} {g.finish_reason} vs plain {w.token_ids} {w.finish_reason}"
+    assert len(got["context"].token_ids) == 128 - 120, "the context's end"
+
+
+def test_engine_seeded_sampling_is_the_same_alone_and_batched(impl, tiny_loaded):
+    # Rejection sampling draws from the request's own key (from its seed): other requests and their
+    # drafts change nothing. (That each emitted token follows the target's p is test_emitted_tokens_follow_p's,
+    # on the same accept_sampled the engine calls, with n-gram drafts as one-hot q.)
+    P = impl.engine.SamplingParams
+    prompts = engine_prompts(8, 4, vocab=24)
+    params = P(max_tokens=24, ignore_eos=True, temperature=0.7, top_k=8, seed=3)
+    alone = run(engine_of(impl, tiny_loaded, NGRAM_ENGINE), [Request("s", prompts[0], params)])["s"]
+    batch = [Request("s", prompts[0], params)] + [Request(str(i), p, P(max_tokens=24, ignore_eos=True), join_step=i)
+                                                  for i, p in enumerate(prompts[1:])]
+    spec = engine_of(impl, tiny_loaded, NGRAM_ENGINE)
+    got = run(spec, batch)["s"]
+    assert got.token_ids == alone.token_ids, f"batched {got.token_ids} vs alone {alone.token_ids}"
+    assert got.metrics.num_draft_tokens > 0, "the sampled request drafted nothing"
+
+
+@pytest.fixture(scope="module")
+def smol(impl, default_model):
+    """The default model, quantized on week 2's kernels (the engine's default)."""
+    return impl.loader.load_model(default_model)
+
+
+COPY_TEXT = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step."
+
+
+def test_real_engine_with_ngram_equals_the_engine_without_and_stops_inside_a_run(impl, smol):
+    # On quantized weights with the kernels a row is computed the same way in any batch and chunk (topic
+    # 3.2's bitwise claim), so a verify chunk's rows are a plain decode's: the tokens are equal exactly.
+    tok, P = smol.tokenizer, impl.engine.SamplingParams
+    chat = [f"Repeat this sentence exactly: {COPY_TEXT}", "Write a haiku about the sea."]
+    prompts = [tok.encode(smol.chat_template.render([{"role": "user", "content": m}])) for m in chat]
+    prompts.append(tok.encode("def fib(n):\n    "))
+    requests = [Request(str(i), p, P(max_tokens=32)) for i, p in enumerate(prompts)]
+
+    def engine(spec=None):
+        return impl.engine.LLMEngine(smol.model, tok, speculative_config=spec, log=False)
+
+    spec = engine(NGRAM_ENGINE)
+    got, chunks = run_streamed(spec, requests)
+    want = run(engine(), requests)
+    for r in requests:
+        g, w = got[r.request_id], want[r.request_id]
+        assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason), \
+            f"request {r.request_id}: {g.token_ids} vs plain {w.token_ids}"
+    print(f"the default model, n-gram k=4: {spec.stats()}")
+    # A stop token, and a stop string, first met inside a step that accepted tokens after it: the
+    # request ends there and what came after it in that step is dropped, as the plain engine never made it.
+    tokens, pos, start = got["0"].token_ids, None, 0
+    for chunk in chunks["0"]:
+        firsts = [start + j for j, t in enumerate(chunk[:-1]) if t not in tokens[:start + j]]
+        if firsts:
+            pos = firsts[0]
+            break
+        start += len(chunk)
+    assert pos is not None, f"no step accepted a new token with tokens after it: {chunks['0']}"
+    piece = tok.decode(tokens[pos:pos + 1])
+    cases = {"stop token": P(max_tokens=32, stop_token_ids=[tokens[pos]]), "stop string": P(max_tokens=32, stop=[piece])}
+    for what, params in cases.items():
+        g = run(engine(NGRAM_ENGINE), [Request("0", prompts[0], params)])["0"]
+        w = run(engine(), [Request("0", prompts[0], params)])["0"]
+        assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason), \
+            f"{what} {piece!r}: {g.token_ids} {g.text!r} vs plain {w.token_ids} {w.text!r}"
+        assert g.finish_reason == "stop" and len(g.token_ids) <= pos + 1, f"{what}: did not stop at {pos}: {g.token_ids}"
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
+    ({"method": "eagle", "num_speculative_tokens": 2}, "'eagle' is not one the engine has"),
+    ({"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min <= prompt_lookup_max"),
+    ({"method": "ngram", "k": 2}, "unknown speculative config fields ['k']"),
+    ('{"method": "ngram", ', "not JSON"),
+])
+def test_engine_bad_speculative_config_is_one_line(impl, tiny_loaded, config, message):
+    with pytest.raises(ValueError) as e:
+        engine_of(impl, tiny_loaded, config)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_engine_speculation_needs_the_paged_cache(impl, tiny_loaded):
+    with pytest.raises(ValueError, match="paged") as e:
+        engine_of(impl, tiny_loaded, NGRAM_ENGINE, paged=False)
+    assert "\n" not in str(e.value)

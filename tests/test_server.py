@@ -418,7 +418,9 @@ def test_sigterm_finishes_running_streams_then_exits_0_without_a_traceback():
 
 
 @pytest.mark.parametrize("flags", [["--port", "99999"], ["--max-num-seqs", "0"], ["--model", "/nope.gguf"],
-                                   ["--kv-cache-memory", "1K"], ["--graceful-timeout", "-1"], ["--bogus"]],
+                                   ["--kv-cache-memory", "1K"], ["--graceful-timeout", "-1"], ["--bogus"],
+                                   ["--speculative-config", '{"method": "eagle"}'],
+                                   ["--speculative-config", '{"num_speculative_tokens": 0}']],
                          ids=lambda f: " ".join(f))
 def test_bad_flags_get_one_line_and_exit_code_2(flags):
     """A bad flag (or a model or budget that cannot be served) is one `error:` line, exit code 2,
@@ -472,3 +474,19 @@ def test_bf16_matmuls_give_the_engines_bf16_answer(offline, hf):
     assert r.choices[0].message.content == bf16.text
     assert [e.logprob for e in content] == [t[i] for i, t in zip(bf16.token_ids, bf16.logprobs, strict=True)]
     assert content[0].logprob != fp32.logprobs[0][fp32.token_ids[0]], "the first token's logprob is fp32's"
+
+
+def test_speculative_config_gives_the_engines_greedy_answer_and_counts_drafts(offline, hf):
+    """--speculative-config (vLLM's flag): n-gram drafts verified in the engine give the engine's plain
+    greedy answer (the default model on the kernels: exactly), and /metrics counts drafts and acceptances."""
+    messages = [{"role": "user", "content": "Repeat this sentence exactly: the cat sat on the mat, the cat sat on the mat."}]
+    (w,) = expected(offline, [chat_ids(hf, messages)])
+    config = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    with ServerProcess("--speculative-config", config, "--kv-cache-memory", "64M") as s:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model=c.models.list().data[0].id, messages=messages, temperature=0,
+                                      max_tokens=MAX_TOKENS)
+        m = metrics(s)
+    assert r.choices[0].message.content == w.text
+    drafted, accepted = m["tiny_llm:spec_decode_num_draft_tokens_total"], m["tiny_llm:spec_decode_num_accepted_tokens_total"]
+    assert drafted > 0 and 0 <= accepted <= drafted, m

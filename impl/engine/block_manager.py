@@ -142,6 +142,22 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
+    def rewind(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Speculative decoding (topic 3.4): after a verify step, only the first num_computed_tokens
+        positions hold verified keys and values; the rejected drafts' stay in their slots until
+        overwritten. Blocks wholly past seq's tokens go back to the pool (no other sequence holds
+        them: only leading full blocks are shared, and those are verified)."""
+        assert seq.num_hashed_blocks * self.block_size <= num_computed_tokens <= seq.num_computed_tokens, \
+            "a rewind past hashed blocks, or forwards"
+        seq.num_computed_tokens = num_computed_tokens
+        keep = self.num_blocks_for(seq.num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count == 0, f"block {block_id} past a rewind is shared"
+            self.free_block_ids[block_id] = None
+        del seq.block_table[keep:]
+
     def record_lookup(self, num_queried: int, num_hit: int) -> None:
         """Count a prefix-cache lookup for the hit rate (tokens looked up, tokens found)."""
         self.num_queried_tokens += num_queried

@@ -4,6 +4,8 @@ schedule, run, postprocess (nano-vllm's loop). Requests join (`add_request`) and
 
 The KV cache is paged by default (topic 3.1: KVPool and BlockManager, prefix caching 3.2);
 `paged=False` gives each sequence week 2.1's contiguous cache (topic 2.6's own).
+`speculative_config` drafts tokens by n-gram prompt lookup and verifies them in the step's one
+model call (topic 3.4: impl/engine/spec_decode.py).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import time
 import mlx.core as mx
 
 from impl.engine.contiguous_cache import ContiguousKVCache
-from impl.engine.model_runner import LaunchedStep, ModelRunner
+from impl.engine.model_runner import LaunchedStep, ModelRunner, top_logprobs
 from impl.engine.outputs import IncrementalText, RequestMetrics, RequestOutput
 from impl.engine.sampling_params import SamplingParams
 from impl.engine.scheduler import ScheduledBatch, Scheduler
 from impl.engine.sequence import PENDING, Sequence, SequenceStatus
+from impl.engine.spec_decode import SpecDecoder, SpeculativeConfig
 from impl.errors import TinyLLMError
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes for keys and values when the user sets no budget
@@ -32,12 +35,21 @@ class LLMEngine:
                  enable_chunked_prefill: bool = True, paged: bool = True, block_size: int = 16,
                  kv_cache_memory: int | None = None, kv_cache_dtype: mx.Dtype | None = None,
                  enable_prefix_caching: bool = True, use_kernels: bool = True, eos_token_ids=None,
-                 trace: str | None = None, log=None):
+                 trace: str | None = None, log=None, speculative_config=None):
         """model: an impl Model; tokenizer: for text and stop strings (None: token ids only).
         kv_cache_memory: bytes for the KV cache (default 1 GiB), kv_cache_dtype: what it stores
-        (default the activations' dtype). log: where the start-up line goes (default stderr; False: nowhere)."""
+        (default the activations' dtype). log: where the start-up line goes (default stderr; False: nowhere).
+        speculative_config: a SpeculativeConfig, or a dict (or JSON) of its fields, e.g.
+        {"method": "ngram", "num_speculative_tokens": 4}, speculative decoding's (spec_decode.py); a one-line
+        ValueError if bad."""
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.max_model_len = self.args.max_position_embeddings
+        self.spec = None  # speculative decoding (topic 3.4), when configured
+        if speculative_config is not None:
+            if not paged:
+                raise ValueError("speculative decoding rewinds the paged KV cache; drop paged=False")
+            self.spec = SpecDecoder(SpeculativeConfig.of(speculative_config), self.max_model_len)
+        self.num_draft_tokens = self.num_accepted_tokens = 0  # over all requests (topic 3.4)
         dtype = kv_cache_dtype or model.embed_tokens(mx.array([[0]])).dtype  # default: the activations'
         budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
         if paged:
@@ -107,15 +119,28 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One step: schedule, run, postprocess. The run is launched, not awaited: the step
         before it, still computing meanwhile, is the one postprocessed, so building this step's
-        graph overlaps that step's compute. Returns the requests that got tokens or finished."""
+        graph overlaps that step's compute. Returns the requests that got tokens or finished.
+        Speculating (spec_decode.py), drafts need every token known: each step is proposed, run and
+        postprocessed in turn, with nothing in flight."""
+        if self.spec is not None:
+            self.propose()
         batch = self.scheduler.schedule()
         launched = self.launch(batch) if batch else None
         outputs = self.postprocess(self.in_flight) if self.in_flight else []
+        if self.spec is not None and launched is not None:
+            outputs, launched = outputs + self.postprocess(launched), None
         self.in_flight = launched
         if not batch and not launched and self.scheduler.waiting and not self.scheduler.running:
             outputs.append(self._stuck())
         self.num_steps += 1
         return outputs
+
+    def propose(self) -> None:
+        """Speculative decoding (topic 3.4): drafts for each running sequence that decodes (its only
+        token to compute is its last), none for one still prefilling."""
+        for seq in self.scheduler.running:
+            decoding = seq.num_tokens - seq.num_computed_tokens == 1
+            seq.spec_token_ids = self.spec.propose(seq) if decoding else []
 
     def launch(self, batch: ScheduledBatch) -> LaunchedStep:
         """Start the step's compute and count its tokens as computed; each sequence that samples
@@ -143,28 +168,63 @@ class LLMEngine:
             gone = seq.request_id not in self.requests or (seq.is_finished and seq.request_id not in self.ending)
             if gone:  # aborted, or stopped by the step before: this token was computed past its end
                 continue
-            seq.token_ids[step.positions[i]] = tokens[i]
-            if i in step.logprobs:
-                ids, values = step.logprobs[i]
-                seq.logprobs.append(dict(zip(ids.tolist(), values.tolist(), strict=True)))
-            outputs.append(self._add_token(seq, tokens[i], now, ending=seq.request_id in step.ending))
+            ending = seq.request_id in step.ending
+            if seq.spec_token_ids:  # the drafts the target agrees with, then its own token
+                new = self.verify(step, i, seq)
+                ending = seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+            else:
+                new = [tokens[i]]
+                seq.token_ids[step.positions[i]] = tokens[i]
+                if i in step.logprobs:
+                    ids, values = step.logprobs[i]
+                    seq.logprobs.append(dict(zip(ids.tolist(), values.tolist(), strict=True)))
+            outputs.append(self._add_tokens(seq, new, now, ending))
         if self.kv.enable_prefix_caching:
             for seq, _ in step.batch.scheduled:
                 if seq.status == SequenceStatus.RUNNING:
                     self.kv.cache_full_blocks(seq)
         return outputs
 
-    def _add_token(self, seq: Sequence, token: int, now: float, ending: bool) -> RequestOutput:
+    def verify(self, step: LaunchedStep, i: int, seq: Sequence) -> list[int]:
+        """Speculative decoding (topic 3.4): the tokens sampling sequence i of the step gains (its
+        accepted drafts, then the target's token), in place of its PENDING; its cache rewound past
+        the rejected drafts."""
+        k, r = len(seq.spec_token_ids), step.first_rows[i]
+        rows = step.logits[r:r + 1 + k]  # (1 + k, V): at [last, d1 .. dk]
+        new = self.spec.verify(seq, rows)
+        self.num_draft_tokens += k
+        self.num_accepted_tokens += len(new) - 1
+        seq.spec_token_ids = []
+        seq.token_ids[step.positions[i]:] = new  # nothing after its PENDING: no step is in flight
+        self.kv.rewind(seq, seq.num_computed_tokens - (k + 1 - len(new)))  # the last new token is not computed
+        if seq.params.logprobs is not None:
+            for j, token in enumerate(new):
+                ids, values = top_logprobs(rows[j], mx.array(token), seq.params.logprobs)
+                seq.logprobs.append(dict(zip(ids.tolist(), values.tolist(), strict=True)))
+        return new
+
+    def _add_tokens(self, seq: Sequence, tokens: list[int], now: float, ending: bool) -> RequestOutput:
+        """Stream tokens (several when drafts were accepted); the first that stops the request
+        ends it, and those after it are dropped."""
         seq.first_token_time = seq.first_token_time or now
-        p = seq.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            text, stopped, reason = "", False, "stop"  # the stop token's own text is not output
-        else:
-            text, stopped = self.requests[seq.request_id][1].add(token)
-            reason = "stop" if stopped else "length" if ending else None
-        if reason:
-            text += self._finish(seq, reason, now, stopped)
-        return self._output(seq, text, [token])
+        p, text, reason, stopped = seq.params, "", None, False
+        for j, token in enumerate(tokens):
+            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = "stop"  # the stop token's own text is not output
+            else:
+                piece, stopped = self.requests[seq.request_id][1].add(token)
+                text += piece
+                reason = "stop" if stopped else "length" if ending and j == len(tokens) - 1 else None
+            if reason:
+                dropped = len(tokens) - j - 1
+                if dropped:
+                    del seq.token_ids[-dropped:]
+                    if p.logprobs is not None:
+                        del seq.logprobs[-dropped:]
+                tokens = tokens[:j + 1]
+                text += self._finish(seq, reason, now, stopped)
+                break
+        return self._output(seq, text, tokens)
 
     def _finish(self, seq: Sequence, reason: str, now: float, stopped: bool = False) -> str:
         if seq.is_finished:  # ended at launch, at its length; a stop token or string says "stop"
@@ -187,7 +247,8 @@ class LLMEngine:
     def _output(self, seq: Sequence, new_text: str, new_tokens: list[int]) -> RequestOutput:
         full = self.requests[seq.request_id][1].text
         finished = seq.is_finished and seq.request_id not in self.ending  # not while its last token is in flight
-        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time, len(seq.output_token_ids))
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time, len(seq.output_token_ids),
+                                 seq.num_draft_tokens, seq.num_accepted_tokens)
         out = RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], text=full,
                             token_ids=seq.output_token_ids, new_text=new_text, new_token_ids=new_tokens,
                             finished=finished, finish_reason=seq.finish_reason if finished else None,
@@ -201,7 +262,7 @@ class LLMEngine:
 
     def stats(self) -> dict:
         """Requests running and waiting, KV blocks used and free, the prefix cache's hit rate and
-        token counts, preemptions and steps so far."""
+        token counts, preemptions and steps so far; speculating, the drafts checked and accepted."""
         free = self.kv.num_free_blocks
         total = self.kv.num_blocks if self.kv_pool else self.kv_tokens
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
@@ -209,7 +270,14 @@ class LLMEngine:
                 "prefix_cache_hit_rate": getattr(self.kv, "prefix_cache_hit_rate", 0.0),
                 "prefix_cache_queried_tokens": getattr(self.kv, "num_queried_tokens", 0),
                 "prefix_cache_hit_tokens": getattr(self.kv, "num_hit_tokens", 0),
-                "preemptions": self.num_preemptions, "steps": self.num_steps}
+                "preemptions": self.num_preemptions, "steps": self.num_steps,
+                **(self.spec_stats() if self.spec is not None else {})}
+
+    def spec_stats(self) -> dict:
+        """Speculative decoding's counts over all requests so far (topic 3.4)."""
+        drafted, accepted = self.num_draft_tokens, self.num_accepted_tokens
+        return {"spec_num_draft_tokens": drafted, "spec_num_accepted_tokens": accepted,
+                "spec_acceptance_rate": accepted / drafted if drafted else 0.0}
 
     def _write_trace(self, batch: ScheduledBatch) -> None:
         if self.trace is not None:

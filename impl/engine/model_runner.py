@@ -33,6 +33,10 @@ class LaunchedStep:
     positions: list[int] = field(default_factory=list)  # index of each sampled token in its sequence
     logprobs: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict)  # row -> (ids, values)
     ending: set[str] = field(default_factory=set)  # requests that reach their length with this token
+    # Speculative decoding (topic 3.4): the logits of every kept row, (R, V) fp32, and each sampling
+    # sequence's first row in them (its rows: that one and one per draft). None without drafts.
+    logits: mx.array | None = None
+    first_rows: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         self.row_of = {s.request_id: i for i, s in enumerate(self.sampling)}  # request id -> its token's row
@@ -46,13 +50,15 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[list[int], AttentionMetadata, list[int]]:
         """The packed input ids (PENDING where a token is still in flight), the attention
-        metadata, and the packed rows whose logits are sampled."""
+        metadata, and the packed rows whose logits are kept: a sequence's last token's, and one
+        per draft after it when it speculates (spec_decode.py)."""
         ids, rows, starts, lens = [], [], [], []
         for seq, n in batch.scheduled:
             start = seq.num_computed_tokens
-            ids += seq.token_ids[start:start + n]
-            if start + n == seq.num_tokens:  # its last token: the logits give the next one
-                rows.append(len(ids) - 1)
+            tokens = seq.token_ids + seq.spec_token_ids if seq.spec_token_ids else seq.token_ids
+            ids += tokens[start:start + n]
+            if start + n == len(tokens):  # its last token (and drafts): the logits give the next one
+                rows += range(len(ids) - 1 - len(seq.spec_token_ids), len(ids))
             starts.append(start)
             lens.append(n)
         paged = hasattr(self.kv, "block_manager")
@@ -64,19 +70,27 @@ class ModelRunner:
         """Build the step's graph and start computing it; returns before its tokens are known."""
         ids, meta, rows = self.prepare(batch)
         inputs = mx.array([[max(t, 0) for t in ids]], mx.int32)  # (1, T)
-        # A PENDING input is the last token of its chunk, which is that sequence's last row.
-        pending = [(i, seq) for i, (seq, _) in zip(rows, self._ending(batch), strict=True) if ids[i] == PENDING]
+        sampling = [seq for seq, _ in self._ending(batch)]
+        first_rows, r = [], 0  # each sampling sequence's first kept row, in `rows`
+        for seq in sampling:
+            first_rows.append(r)
+            r += 1 + len(seq.spec_token_ids)
+        # A PENDING input is the last token of its chunk (no drafts follow it), that sequence's first kept row.
+        pending = [(rows[r], seq) for r, seq in zip(first_rows, sampling, strict=True) if ids[rows[r]] == PENDING]
         if pending:  # decode inputs still in flight: taken from that step's tokens, on the device
             src = mx.array([in_flight.row_of[seq.request_id] for _, seq in pending])
             inputs[0, mx.array([i for i, _ in pending])] = in_flight.tokens[src].astype(mx.int32)
         seqs = [seq for seq, _ in batch.scheduled]
         caches = self.kv.layer_views(seqs, meta)
-        step = LaunchedStep(batch, [seq for seq, _ in self._ending(batch)])
+        step = LaunchedStep(batch, sampling)
         if not rows:  # prefill chunks only: fill the cache, sample nothing
             mx.async_eval(self.model(inputs, cache=caches, logits_to_keep=1))
             return step
-        logits = self.model(inputs, cache=caches, logits_to_keep=mx.array(rows, mx.int32))[0]  # (S, V)
+        logits = self.model(inputs, cache=caches, logits_to_keep=mx.array(rows, mx.int32))[0]  # (R, V)
         logits = logits.astype(mx.float32)
+        if len(rows) > len(sampling):  # drafts to verify: the engine accepts them from all the rows
+            step.logits, step.first_rows = logits, first_rows
+            logits = logits[mx.array(first_rows)]  # (S, V): a sequence without drafts samples from its row
         step.tokens = self.sample(step.sampling, logits)
         for i, seq in enumerate(step.sampling):
             if seq.params.logprobs is not None:
@@ -86,8 +100,9 @@ class ModelRunner:
 
     @staticmethod
     def _ending(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
-        """The scheduled chunks that end their sequence's tokens (those whose last row is sampled)."""
-        return [(seq, n) for seq, n in batch.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        """The scheduled chunks that end their sequence's tokens, drafts included (those whose last row is sampled)."""
+        return [(seq, n) for seq, n in batch.scheduled
+                if seq.num_computed_tokens + n == seq.num_tokens + len(seq.spec_token_ids)]
 
     @staticmethod
     def sample(seqs: list[Sequence], logits: mx.array) -> mx.array:

@@ -18,6 +18,13 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_output_tokens: int = 0
+    num_draft_tokens: int = 0  # speculative decoding (topic 3.4): drafts the target checked
+    num_accepted_tokens: int = 0  # of those, kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted; None when nothing was drafted."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
     @property
     def ttft(self) -> float | None:

@@ -65,7 +65,8 @@ class Scheduler:
         batch = ScheduledBatch()
         decodes = [s for s in self.running if not s.is_prefill]
         prefills = [s for s in self.running if s.is_prefill]
-        for seq in decodes + prefills:
+        order = decodes + prefills
+        for i, seq in enumerate(order):
             budget = self.max_num_batched_tokens - batch.num_batched_tokens
             if budget == 0:
                 break
@@ -74,6 +75,8 @@ class Scheduler:
             n = self.num_new_tokens(seq, seq.num_computed_tokens, budget)
             if n == 0:
                 continue
+            if seq.spec_token_ids:  # a decode with drafts (topic 3.4): a chunk of 1 + k
+                n = self.fit_drafts(seq, budget - (len(order) - i - 1))
             if not self._make_room(seq, n, batch):
                 continue  # seq itself was preempted
             self.kv.allocate(seq, n)
@@ -99,6 +102,16 @@ class Scheduler:
         """Chunked prefill (topic 2.7): a prompt longer than what is left of the step's token
         budget is computed over several steps, one budget-sized chunk at a time."""
         return min(todo, budget)
+
+    def fit_drafts(self, seq: Sequence, budget: int) -> int:
+        """Speculative decoding (topic 3.4): seq's drafts clipped to what the budget (less a token for
+        each running sequence after it) and the free KV blocks hold; drafts never preempt anyone.
+        Returns the tokens to compute: the last token and the drafts kept."""
+        k = min(len(seq.spec_token_ids), max(budget - 1, 0))
+        while k and not self.kv.can_allocate(seq, 1 + k):
+            k -= 1
+        seq.spec_token_ids = seq.spec_token_ids[:k]
+        return 1 + k
 
     def _make_room(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
         """Preempt the newest running sequences until seq's next n tokens fit; False if seq
@@ -133,6 +146,7 @@ class Scheduler:
         """Free seq's cache and put it back at the front of the waiting queue (recomputed later)."""
         self.running.remove(seq)
         self.kv.deallocate(seq)
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -144,4 +158,5 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.deallocate(seq)
+        seq.spec_token_ids = []
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason

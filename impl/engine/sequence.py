@@ -36,6 +36,11 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: str | None = None  # "stop", "length", "abort"
         self.sampler = params.sampler()
+        # Speculative decoding (topic 3.4): this step's drafts (after token_ids; not in the cache until
+        # verified), the request's counts, and rejection sampling's key (impl/engine/spec_decode.py).
+        self.spec_token_ids: list[int] = []
+        self.num_draft_tokens = self.num_accepted_tokens = 0
+        self.spec_key = None
         self.logprobs: list[dict[int, float]] = []  # per output token, when params.logprobs asks
         self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None

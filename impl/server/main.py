@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-timeout", type=_seconds, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, let running requests finish for this long, then abort them"
                         " (default 30)")
+    p.add_argument("--speculative-config", metavar="JSON",
+                   help="speculative decoding in the engine (topic 3.4), vLLM's flag: e.g."
+                        " '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'")
     p.add_argument("--trace", metavar="FILE", help="write the engine's step trace (JSON lines) to FILE")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level; info logs every request (default warning)")
@@ -69,6 +72,12 @@ def make_served(args):
 
     if args.max_num_seqs < 1 or args.max_num_batched_tokens < args.max_num_seqs:
         raise TinyLLMError("--max-num-batched-tokens must be at least --max-num-seqs, and both at least 1")
+    from impl.engine.spec_decode import SpeculativeConfig
+
+    try:
+        spec = SpeculativeConfig.of(args.speculative_config)  # checked before the model loads
+    except ValueError as e:
+        raise TinyLLMError(f"--speculative-config: {e}") from None
     if args.max_body_bytes < 1024:
         raise TinyLLMError(f"--max-body-bytes must be at least 1K, got {args.max_body_bytes}")
     import impl.quantize
@@ -81,7 +90,7 @@ def make_served(args):
         loaded.tokenizer  # noqa: B018  (read the tokenizer now: a bad one fails the start, not a request)
         return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens,
-                         kv_cache_memory=args.kv_cache_memory, trace=args.trace)
+                         kv_cache_memory=args.kv_cache_memory, trace=args.trace, speculative_config=spec)
 
     path = Path(args.model) if args.model else default_model_path()
     name = args.served_model_name or path.name.removesuffix(".gguf")

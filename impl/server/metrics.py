@@ -76,7 +76,10 @@ class _EngineCounters:
     COUNTERS = (("prefix_cache_queries", "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."),
                 ("prefix_cache_hits", "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache."),
                 ("num_preemptions", "preemptions", "Sequences preempted (recomputed later) for want of KV blocks."),
-                ("engine_steps", "steps", "Engine steps (one model call each, at most)."))
+                ("engine_steps", "steps", "Engine steps (one model call each, at most)."),
+                ("spec_decode_num_draft_tokens", "spec_num_draft_tokens", "Draft tokens the model checked (speculative"
+                 " decoding; 0 without)."),
+                ("spec_decode_num_accepted_tokens", "spec_num_accepted_tokens", "Draft tokens accepted."))
 
     def __init__(self, stats, model_name: str):
         self.stats, self.model_name = stats, model_name
