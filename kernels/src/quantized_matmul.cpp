@@ -463,13 +463,8 @@ mx::array gather_quantized_matmul(const mx::array& x, const mx::array& w_q, cons
 }
 
 void GatherQuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
-  std::vector<mx::array> in;
-  for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
-  encoder.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), gs = group_size_,
+  auto& encoder = cpu_encoder(stream(), inputs, out);
+  encoder.dispatch([in = weak_copies(inputs), out = mx::array::unsafe_weak_copy(out), gs = group_size_,
                     bits = bits_]() mutable { run_gather(in[0], in[1], in[2], in[3], in[4], out, gs, bits); });
 }
 
@@ -478,13 +473,8 @@ void GatherQuantizedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) 
 }
 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
-  std::vector<mx::array> in;
-  for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
-  encoder.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
+  auto& encoder = cpu_encoder(stream(), inputs, out);
+  encoder.dispatch([in = weak_copies(inputs), out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
                     fusion = fusion_, bf16 = bf16_]() mutable {
     int next = 4;  // the fused pieces' inputs follow x, w_q, scales, biases
     const mx::array* norm_w = fusion.prologue == Fusion::kRMSNorm ? &in[next++] : nullptr;

@@ -140,13 +140,8 @@ mx::array quantized_matmul_dx(const mx::array& dy, const mx::array& w_q, const m
 }
 
 void QuantizedMatmulDx::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
-  std::vector<mx::array> in;
-  for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
-  encoder.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), gs = group_size_,
+  auto& encoder = cpu_encoder(stream(), inputs, out);
+  encoder.dispatch([in = weak_copies(inputs), out = mx::array::unsafe_weak_copy(out), gs = group_size_,
                     bits = bits_]() mutable {
     const int N = in[1].shape(0), K = int(int64_t(in[1].shape(1)) * 32 / bits);
     const long M = long(out.size() / std::max(1, K));
