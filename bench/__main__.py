@@ -8,38 +8,25 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+MODES = {  # flag -> its module of bench/, looked for in this order; no flag: bench.single
+    "--train": "train",
+    "--long-context": "long_context",
+    "--speculative": "speculative",
+    "--moe": "moe",
+    "--online": "online",
+    "--serving": "serving",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--train" in argv:
-        from bench import train
-
-        return train.main([a for a in argv if a != "--train"])
-    if "--long-context" in argv:
-        from bench import long_context
-
-        return long_context.main([a for a in argv if a != "--long-context"])
-    if "--speculative" in argv:
-        from bench import speculative
-
-        return speculative.main([a for a in argv if a != "--speculative"])
-    if "--moe" in argv:
-        from bench import moe
-
-        return moe.main([a for a in argv if a != "--moe"])
-    if "--online" in argv:
-        from bench import online
-
-        return online.main([a for a in argv if a != "--online"])
-    if "--serving" in argv:
-        from bench import serving
-
-        return serving.main([a for a in argv if a != "--serving"])
-    from bench import single
-
-    return single.main(argv)
+    for flag, module in MODES.items():
+        if flag in argv:
+            return importlib.import_module(f"bench.{module}").main([a for a in argv if a != flag])
+    return importlib.import_module("bench.single").main(argv)
 
 
 if __name__ == "__main__":

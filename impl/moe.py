@@ -24,7 +24,7 @@ from impl.basics import linear, silu, softmax
 from impl.config import ModelArgs
 from impl.mlp import MLP
 from impl.native import kernels
-from impl.quantize import FLOATS, dequantize
+from impl.quantize import FLOATS, check_bits_and_group_size, check_scales_and_biases, dequantize
 from impl.quantized_weight import QuantizedWeight
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -106,23 +106,15 @@ def check_gather_quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, 
     def _name(dtype: mx.Dtype) -> str:
         return str(dtype).removeprefix("mlx.core.")
 
-    if bits not in (4, 8):
-        fail(f"bits must be 4 or 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        fail(f"group_size must be 32, 64 or 128, got {group_size}")
+    check_bits_and_group_size("gather_quantized_matmul", group_size, bits)
     if w_q.ndim != 3 or w_q.dtype != mx.uint32:
         fail(f"w_q must be a 3-D uint32 array (X, N, K * bits / 32), got {w_q.shape} {_name(w_q.dtype)}")
     if x.ndim != 2 or x.dtype not in FLOATS:
         fail(f"x must be float32, float16 or bfloat16 with shape (M, K), got {x.shape} {_name(x.dtype)}")
-    X, N, K = w_q.shape[0], w_q.shape[1], x.shape[1]
-    if w_q.shape[2] * 32 // bits != K:
-        fail(f"x has K = {K} but w_q {w_q.shape} holds {w_q.shape[2] * 32 // bits} {bits}-bit values per row")
-    if K == 0 or K % group_size:
-        fail(f"K = {K} must be a positive multiple of group_size = {group_size}")
-    if scales.shape != (X, N, K // group_size) or biases.shape != scales.shape:
-        fail(f"scales and biases must be {(X, N, K // group_size)}, got {scales.shape} and {biases.shape}")
-    if scales.dtype not in FLOATS or biases.dtype not in FLOATS:
-        fail("scales and biases must be float32, float16 or bfloat16")
+    K = w_q.shape[2] * 32 // bits
+    if x.shape[1] != K:
+        fail(f"x has K = {x.shape[1]} but w_q {w_q.shape} holds {K} {bits}-bit values per row")
+    check_scales_and_biases("gather_quantized_matmul", w_q, scales, biases, group_size, bits)
     if indices.ndim != 1 or indices.shape[0] != x.shape[0] or indices.dtype != mx.uint32:
         fail(f"indices must be a uint32 (M,) = ({x.shape[0]},) array, got {indices.shape} {_name(indices.dtype)}")
 

@@ -35,23 +35,37 @@ def check_quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases:
     def fail(what: str):
         raise ValueError(f"quantized_matmul: {what}")
 
-    if bits not in (4, 8):
-        fail(f"bits must be 4 or 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        fail(f"group_size must be 32, 64 or 128, got {group_size}")
+    check_bits_and_group_size("quantized_matmul", group_size, bits)
     if w_q.ndim != 2 or w_q.dtype != mx.uint32:
         fail(f"w_q must be a 2-D uint32 array (N, K * bits / 32), got {w_q.shape} {_name(w_q.dtype)}")
     if x.ndim < 1 or x.dtype not in FLOATS:
         fail(f"x must be float32, float16 or bfloat16 with shape (..., K), got {x.shape} {_name(x.dtype)}")
-    N, K = w_q.shape[0], w_q.shape[1] * 32 // bits
+    K = w_q.shape[1] * 32 // bits
     if x.shape[-1] != K:
         fail(f"x has K = {x.shape[-1]} but w_q {w_q.shape} holds {K} {bits}-bit values per row")
+    check_scales_and_biases("quantized_matmul", w_q, scales, biases, group_size, bits)
+
+
+def check_bits_and_group_size(op: str, group_size: int, bits: int) -> None:
+    """ValueError "<op>: ..." unless 4 or 8 bits in groups of 32, 64 or 128, what the kernels compute (topic 2.2)."""
+    if bits not in (4, 8):
+        raise ValueError(f"{op}: bits must be 4 or 8, got {bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"{op}: group_size must be 32, 64 or 128, got {group_size}")
+
+
+def check_scales_and_biases(op: str, w_q: mx.array, scales: mx.array, biases: mx.array,
+                            group_size: int, bits: int) -> None:
+    """ValueError "<op>: ..." unless w_q (..., N, K * bits / 32) holds K, a positive multiple of group_size,
+    values per row and scales/biases are float (..., N, K / group_size) (topic 2.2)."""
+    K = w_q.shape[-1] * 32 // bits
+    groups = (*w_q.shape[:-1], K // group_size)  # (..., N, K / group_size)
     if K == 0 or K % group_size:
-        fail(f"K = {K} must be a positive multiple of group_size = {group_size}")
-    if scales.shape != (N, K // group_size) or biases.shape != scales.shape:
-        fail(f"scales and biases must be {(N, K // group_size)}, got {scales.shape} and {biases.shape}")
+        raise ValueError(f"{op}: K = {K} must be a positive multiple of group_size = {group_size}")
+    if scales.shape != groups or biases.shape != scales.shape:
+        raise ValueError(f"{op}: scales and biases must be {groups}, got {scales.shape} and {biases.shape}")
     if scales.dtype not in FLOATS or biases.dtype not in FLOATS:
-        fail("scales and biases must be float32, float16 or bfloat16")
+        raise ValueError(f"{op}: scales and biases must be float32, float16 or bfloat16")
 
 
 def _name(dtype: mx.Dtype) -> str:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import heapq
 import re
 
+from impl.tokenizer import added_tokens_regex, encode_with_added_tokens
+
 SPACE = "\u2581"
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6  # tokenizer.ggml.token_type values
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -43,8 +45,8 @@ class SentencePieceTokenizer:
         for i, (t, k) in enumerate(zip(tokens, types, strict=True)):
             if k == BYTE and (m := _BYTE_PIECE.fullmatch(t)):
                 self._byte_id[int(m.group(1), 16)] = i
-        self._added_re = _alternation(self.added)
-        self._user_re = _alternation(user)
+        self._added_re = added_tokens_regex(self.added)
+        self._user_re = added_tokens_regex(user)
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> SentencePieceTokenizer:
@@ -58,12 +60,7 @@ class SentencePieceTokenizer:
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Text -> token ids; control tokens written in the text become single ids when allow_special."""
         pattern = self._added_re if allow_special else self._user_re
-        ids, start = [], 0
-        for m in pattern.finditer(text) if pattern else ():
-            ids += self._encode_ordinary(text[start:m.start()])
-            ids.append(self.added[m.group()])
-            start = m.end()
-        return ids + self._encode_ordinary(text[start:])
+        return encode_with_added_tokens(text, pattern, self.added, self._encode_ordinary)
 
     def _encode_ordinary(self, text: str) -> list[int]:
         ids = []
@@ -141,11 +138,6 @@ def _run_text(run: bytes) -> str:
         return run.decode("utf-8")
     except UnicodeDecodeError:
         return "\ufffd" * len(run)
-
-
-def _alternation(words) -> re.Pattern | None:
-    ordered = sorted(words, key=len, reverse=True)  # longest first: at one position the longest wins
-    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
 
 def _int(v):

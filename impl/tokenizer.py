@@ -106,6 +106,25 @@ def _split_isolated(pattern: re.Pattern, pieces: list[str]) -> list[str]:
     return out
 
 
+def added_tokens_regex(words) -> re.Pattern | None:
+    """One regex for the added tokens `words`, None for none; longest first: at one position the longest
+    added token wins, as in HF."""
+    ordered = sorted(words, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+
+def encode_with_added_tokens(text: str, pattern: re.Pattern | None, added: dict[str, int],
+                             encode_ordinary) -> list[int]:
+    """Text -> token ids: each match of `pattern` (an added token written in the text) becomes its id in
+    `added`, the text around the matches goes through `encode_ordinary`."""
+    ids, start = [], 0
+    for m in pattern.finditer(text) if pattern else ():
+        ids += encode_ordinary(text[start:m.start()])
+        ids.append(added[m.group()])
+        start = m.end()
+    return ids + encode_ordinary(text[start:])
+
+
 def _value(x):
     """A GGUF metadata value as plain Python (mx.load gives 0-d arrays for scalars)."""
     return x.item() if hasattr(x, "item") and getattr(x, "ndim", 1) == 0 else x
@@ -130,14 +149,8 @@ class Tokenizer:
         self._byte_of = {c: b for b, c in bytes_to_unicode().items()}
         self._char_of = [bytes_to_unicode()[b] for b in range(256)]
         self._cache: dict[str, list[int]] = {}
-        self._added_re = self._alternation(self.added)
-        self._nonspecial_re = self._alternation({t: i for t, i in self.added.items() if t not in special})
-
-    @staticmethod
-    def _alternation(words) -> re.Pattern | None:
-        # Longest first: at one position the longest added token wins, as in HF.
-        ordered = sorted(words, key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self._added_re = added_tokens_regex(self.added)
+        self._nonspecial_re = added_tokens_regex({t: i for t, i in self.added.items() if t not in special})
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> Tokenizer:
@@ -186,12 +199,7 @@ class Tokenizer:
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Text -> token ids; special tokens written in the text become single ids when allow_special."""
         pattern = self._added_re if allow_special else self._nonspecial_re
-        ids, start = [], 0
-        for m in pattern.finditer(text) if pattern else ():
-            ids += self._encode_ordinary(text[start:m.start()])
-            ids.append(self.added[m.group()])
-            start = m.end()
-        return ids + self._encode_ordinary(text[start:])
+        return encode_with_added_tokens(text, pattern, self.added, self._encode_ordinary)
 
     def _encode_ordinary(self, text: str) -> list[int]:
         if self.nfc:

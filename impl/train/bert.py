@@ -34,7 +34,7 @@ from mlx.utils import tree_unflatten
 from impl.attention import scaled_dot_product_attention_simple
 from impl.basics import linear
 from impl.train.layers import layer_norm
-from impl.train.loss import IGNORE_INDEX, cross_entropy
+from impl.train.loss import IGNORE_INDEX, cross_entropy, value_and_grad_wrt
 
 
 def mask_tokens(ids: mx.array, key: mx.array, mask_token_id: int, vocab_size: int,
@@ -190,16 +190,7 @@ def mlm_loss_and_grad(model: BertMaskedLM, inputs: mx.array, labels: mx.array,
                       attention_mask: mx.array | None = None) -> tuple[mx.array, dict]:
     """(mean cross-entropy over the labelled (chosen) positions, no shift, its gradient with respect
     to every weight, a tree like model.trainable_parameters()) (topic 4.6)."""
-    weights = model.trainable_parameters()
-
-    def loss_of(w):
-        model.update(w)
-        return cross_entropy(model(inputs, attention_mask), labels)
-
-    try:
-        return mx.value_and_grad(loss_of)(weights)
-    finally:
-        model.update(weights)
+    return value_and_grad_wrt(model, lambda: cross_entropy(model(inputs, attention_mask), labels))
 
 
 # CJK ideographs (BERT's ranges): each becomes a word of its own, as BERT's normalizer spaces them out.

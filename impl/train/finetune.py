@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from impl.train.loss import IGNORE_INDEX, causal_lm_loss
+from impl.train.loss import IGNORE_INDEX, causal_lm_loss, value_and_grad_wrt
 from impl.train.optim import AdamW, warmup_cosine
 
 QA_PAIRS = Path(__file__).parent / "data" / "lora_qa.json"
@@ -51,16 +51,7 @@ def qa_batch(loaded, pairs: list[dict]) -> tuple[mx.array, mx.array]:
 
 def answer_loss_and_grad(model, adapters, ids: mx.array, labels: mx.array) -> tuple[mx.array, dict]:
     """The mean loss over the answers' tokens and its gradient for every adapter weight (topic 4.7)."""
-    weights = adapters.trainable_parameters()
-
-    def loss_of(w):
-        adapters.update(w)
-        return causal_lm_loss(model(ids), labels)
-
-    try:
-        return mx.value_and_grad(loss_of)(weights)
-    finally:
-        adapters.update(weights)
+    return value_and_grad_wrt(adapters, lambda: causal_lm_loss(model(ids), labels))
 
 
 def finetune(model, adapters, ids: mx.array, labels: mx.array, steps: int, max_lr: float = 2e-3,

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn
 
 from impl.basics import linear
-from impl.train.loss import causal_lm_loss
+from impl.train.loss import causal_lm_loss, value_and_grad_wrt
 
 # peft's name of a projection -> (the block's part, the attribute that holds its weight in impl's model)
 TARGETS = {
@@ -160,16 +160,7 @@ def loss_and_grad(model, adapters: Adapters, inputs: mx.array) -> tuple[mx.array
     """(causal-LM loss of model(inputs) with labels = inputs, its gradient with respect to every
     A and B, a tree shaped like adapters.trainable_parameters()); the base weights are constants
     of the function, so they get none (topic 4.7)."""
-    weights = adapters.trainable_parameters()
-
-    def loss_of(w):
-        adapters.update(w)  # the model computes with the adapters being differentiated
-        return causal_lm_loss(model(inputs), inputs)
-
-    try:
-        return mx.value_and_grad(loss_of)(weights)
-    finally:
-        adapters.update(weights)  # the arrays themselves, not the copies the transform traced
+    return value_and_grad_wrt(adapters, lambda: causal_lm_loss(model(inputs), inputs))
 
 
 def peft_state(adapters: Adapters) -> dict[str, mx.array]:

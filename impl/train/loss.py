@@ -4,6 +4,7 @@ and next-token accuracy, computed in fp32 whatever the logits' dtype."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -61,3 +62,19 @@ def next_token_accuracy(logits: mx.array, targets: mx.array, ignore_index: int =
     hits = mx.sum((mx.argmax(logits, axis=-1) == targets) & counted).item()
     count = mx.sum(counted).item()
     return hits / count if count else 0.0
+
+
+def value_and_grad_wrt(module, loss: Callable[[], mx.array]) -> tuple[mx.array, dict]:
+    """(loss(), its gradient with respect to every trainable weight of `module`, a tree shaped like
+    module.trainable_parameters()); loss() calls the module, which holds its own arrays again
+    afterwards (topic 4.3)."""
+    weights = module.trainable_parameters()
+
+    def loss_of(w):
+        module.update(w)  # the module computes with the weights being differentiated
+        return loss()
+
+    try:
+        return mx.value_and_grad(loss_of)(weights)
+    finally:
+        module.update(weights)  # the arrays themselves, not the copies the transform traced

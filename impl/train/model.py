@@ -23,7 +23,7 @@ from impl.mlp import MLP
 from impl.norm import RMSNorm
 from impl.rope import RoPE
 from impl.train.layers import gelu, layer_norm
-from impl.train.loss import cross_entropy
+from impl.train.loss import cross_entropy, value_and_grad_wrt
 
 
 @dataclass(frozen=True)
@@ -166,13 +166,4 @@ class ModernLM(mlx.nn.Module):
 def loss_and_grad(model: mlx.nn.Module, inputs: mx.array, targets: mx.array) -> tuple[mx.array, dict]:
     """(mean cross-entropy of model(inputs) against targets, its gradient with respect to every
     trainable weight, as a tree shaped like model.trainable_parameters()) (topic 4.3)."""
-    weights = model.trainable_parameters()
-
-    def loss_of(w):
-        model.update(w)  # the model computes with the weights being differentiated
-        return cross_entropy(model(inputs), targets)
-
-    try:
-        return mx.value_and_grad(loss_of)(weights)
-    finally:
-        model.update(weights)  # the arrays themselves, not the copies the transform traced
+    return value_and_grad_wrt(model, lambda: cross_entropy(model(inputs), targets))

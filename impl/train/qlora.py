@@ -26,7 +26,13 @@ from impl.gguf import (
 )
 from impl.model import Model
 from impl.native import kernels
-from impl.quantize import FLOATS, dequantize, quantized_matmul
+from impl.quantize import (
+    FLOATS,
+    check_bits_and_group_size,
+    check_scales_and_biases,
+    dequantize,
+    quantized_matmul,
+)
 from impl.quantized_weight import QuantizedWeight
 
 
@@ -37,23 +43,15 @@ def check_quantized_matmul_dx(dy: mx.array, w_q: mx.array, scales: mx.array, bia
     def fail(what: str):
         raise ValueError(f"quantized_matmul_dx: {what}")
 
-    if bits not in (4, 8):
-        fail(f"bits must be 4 or 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        fail(f"group_size must be 32, 64 or 128, got {group_size}")
+    check_bits_and_group_size("quantized_matmul_dx", group_size, bits)
     if w_q.ndim != 2 or w_q.dtype != mx.uint32:
         fail(f"w_q must be a 2-D uint32 array (N, K * bits / 32), got {w_q.shape}")
     if dy.ndim < 1 or dy.dtype not in FLOATS:
         fail(f"dy must be float32, float16 or bfloat16 with shape (..., N), got {dy.shape}")
-    N, K = w_q.shape[0], w_q.shape[1] * 32 // bits
+    N = w_q.shape[0]
     if dy.shape[-1] != N:
         fail(f"dy has N = {dy.shape[-1]} but w_q {w_q.shape} has {N} rows")
-    if K == 0 or K % group_size:
-        fail(f"K = {K} must be a positive multiple of group_size = {group_size}")
-    if scales.shape != (N, K // group_size) or biases.shape != scales.shape:
-        fail(f"scales and biases must be {(N, K // group_size)}, got {scales.shape} and {biases.shape}")
-    if scales.dtype not in FLOATS or biases.dtype not in FLOATS:
-        fail("scales and biases must be float32, float16 or bfloat16")
+    check_scales_and_biases("quantized_matmul_dx", w_q, scales, biases, group_size, bits)
 
 
 def quantized_matmul_dx_mlx(dy: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,

@@ -17,6 +17,7 @@
 #include "op_checks.h"
 #include "rope_row.h"
 #include "row_major.h"
+#include "take_buffer.h"
 
 namespace tiny_llm {
 
@@ -24,29 +25,6 @@ namespace {
 
 fa::DType fa_dtype(const mx::Dtype& t) {
   return t == mx::float16 ? fa::DType::f16 : t == mx::bfloat16 ? fa::DType::bf16 : fa::DType::f32;
-}
-
-// How many arrays hold `a` (its descriptor): MLX has no accessor for the count, and an
-// mx::array is that one shared pointer, nothing else.
-long holders(const mx::array& a) {
-  static_assert(sizeof(mx::array) == sizeof(std::shared_ptr<void>), "mx::array is one shared_ptr");
-  return reinterpret_cast<const std::shared_ptr<void>&>(a).use_count();
-}
-
-// The cache is written in place, as vLLM's cache write is: `out` takes `in`'s buffer when
-// nothing else can see it. MLX's own test (is_donatable: one holder) cannot pass on a node
-// with several outputs, since each output holds the inputs; so: held only by this node's
-// outputs (not by the caller's Python variable, not by another node of the graph), and no
-// other array views the buffer (say, a slice of the old cache kept across a rewind). Else
-// `out` gets a new buffer and the task copies `in` into it first; returns whether.
-bool take_buffer(const mx::array& in, mx::array& out, size_t n_outputs) {
-  if (holders(in) == long(n_outputs) && in.data_shared_ptr().use_count() == 1 && in.data_shared_ptr()->is_owned() &&
-      in.flags().row_contiguous) {
-    out.copy_shared_buffer(in);
-    return false;
-  }
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  return true;
 }
 
 struct Shapes {

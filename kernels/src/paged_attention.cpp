@@ -20,6 +20,7 @@
 #include "quantized_matmul_threads.h"
 #include "rope_row.h"
 #include "row_major.h"
+#include "take_buffer.h"
 
 namespace tiny_llm {
 
@@ -39,26 +40,6 @@ std::string dtype_str(const mx::Dtype& t) {
   for (const auto& [d, n] : names)
     if (d == t) return std::string("mlx.core.") + n;
   return "mlx.core.?";
-}
-
-// How many arrays hold `a` (its descriptor): MLX has no accessor for the count, and an
-// mx::array is that one shared pointer, nothing else. (As in cached_attention.cpp.)
-long holders(const mx::array& a) {
-  static_assert(sizeof(mx::array) == sizeof(std::shared_ptr<void>), "mx::array is one shared_ptr");
-  return reinterpret_cast<const std::shared_ptr<void>&>(a).use_count();
-}
-
-// The pools are written in place when nothing else can see them: `out` takes `in`'s buffer
-// when only this node's outputs hold `in` and no other array views its buffer, else gets a
-// new buffer that the task first fills with a copy of `in`; returns whether. (cached_attention.cpp's.)
-bool take_buffer(const mx::array& in, mx::array& out, size_t n_outputs) {
-  if (holders(in) == long(n_outputs) && in.data_shared_ptr().use_count() == 1 && in.data_shared_ptr()->is_owned() &&
-      in.flags().row_contiguous) {
-    out.copy_shared_buffer(in);
-    return false;
-  }
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  return true;
 }
 
 struct Shapes {

@@ -374,9 +374,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
   auto fail = [](const std::string& what) { throw std::invalid_argument("quantized_matmul: " + what); };
   if (precision != "fp32" && precision != "bf16")
     fail("precision must be 'fp32' or 'bf16', got '" + precision + "'");
-  if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  check_bits_and_group_size("quantized_matmul", group_size, bits);
   if (w_q.ndim() != 2 || w_q.dtype() != mx::uint32)
     fail("w_q must be a 2-D uint32 array (N, K * bits / 32), got " + shape_str(w_q.shape()) + " " +
          dtype_name(w_q.dtype()));
@@ -390,14 +388,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
     fail("x has K = " + std::to_string(K) + (swiglu ? " (after swiglu)" : "") + " but w_q " +
          shape_str(w_q.shape()) + " holds " + std::to_string(int64_t(w_q.shape(1)) * 32 / bits) + " " +
          std::to_string(bits) + "-bit values per row");
-  if (K == 0 || K % group_size != 0)
-    fail("K = " + std::to_string(K) + " must be a positive multiple of group_size = " + std::to_string(group_size));
-  const mx::Shape sb{N, K / group_size};
-  if (scales.shape() != sb || biases.shape() != sb)
-    fail("scales and biases must be " + shape_str(sb) + ", got " + shape_str(scales.shape()) + " and " +
-         shape_str(biases.shape()));
-  if (!is_float(scales.dtype()) || !is_float(biases.dtype()))
-    fail("scales and biases must be float32, float16 or bfloat16");
+  check_scales_and_biases("quantized_matmul", w_q, scales, biases, group_size, bits);
   const mx::Stream stream = cpu_stream(s, "quantized_matmul");
   // The kernels read scales and biases of one dtype: mixed ones go to fp32, exactly.
   const bool mixed = biases.dtype() != scales.dtype();
@@ -431,26 +422,17 @@ mx::array gather_quantized_matmul(const mx::array& x, const mx::array& w_q, cons
                                   const mx::array& biases, const mx::array& indices, int group_size, int bits,
                                   mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("gather_quantized_matmul: " + what); };
-  if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  check_bits_and_group_size("gather_quantized_matmul", group_size, bits);
   if (w_q.ndim() != 3 || w_q.dtype() != mx::uint32)
     fail("w_q must be a 3-D uint32 array (X, N, K * bits / 32), got " + shape_str(w_q.shape()) + " " +
          dtype_name(w_q.dtype()));
   if (x.ndim() != 2 || !is_float(x.dtype()))
     fail("x must be float32, float16 or bfloat16 with shape (M, K), got " + shape_str(x) + " " + dtype_name(x.dtype()));
-  const int X = w_q.shape(0), N = w_q.shape(1), K = x.shape(1);
+  const int N = w_q.shape(1), K = x.shape(1);
   if (int64_t(w_q.shape(2)) * 32 / bits != K)
     fail("x has K = " + std::to_string(K) + " but w_q " + shape_str(w_q.shape()) + " holds " +
          std::to_string(int64_t(w_q.shape(2)) * 32 / bits) + " " + std::to_string(bits) + "-bit values per row");
-  if (K == 0 || K % group_size != 0)
-    fail("K = " + std::to_string(K) + " must be a positive multiple of group_size = " + std::to_string(group_size));
-  const mx::Shape sb{X, N, K / group_size};
-  if (scales.shape() != sb || biases.shape() != sb)
-    fail("scales and biases must be " + shape_str(sb) + ", got " + shape_str(scales.shape()) + " and " +
-         shape_str(biases.shape()));
-  if (!is_float(scales.dtype()) || !is_float(biases.dtype()))
-    fail("scales and biases must be float32, float16 or bfloat16");
+  check_scales_and_biases("gather_quantized_matmul", w_q, scales, biases, group_size, bits);
   if (indices.ndim() != 1 || indices.shape(0) != x.shape(0) || indices.dtype() != mx::uint32)
     fail("indices must be a uint32 (M,) = (" + std::to_string(x.shape(0)) + ",) array, got " +
          shape_str(indices.shape()) + " " + dtype_name(indices.dtype()));
@@ -463,13 +445,8 @@ mx::array gather_quantized_matmul(const mx::array& x, const mx::array& w_q, cons
 }
 
 void GatherQuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
-  std::vector<mx::array> in;
-  for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
-  encoder.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), gs = group_size_,
+  auto& encoder = cpu_encoder(stream(), inputs, out);
+  encoder.dispatch([in = weak_copies(inputs), out = mx::array::unsafe_weak_copy(out), gs = group_size_,
                     bits = bits_]() mutable { run_gather(in[0], in[1], in[2], in[3], in[4], out, gs, bits); });
 }
 
@@ -478,13 +455,8 @@ void GatherQuantizedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) 
 }
 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
-  std::vector<mx::array> in;
-  for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
-  encoder.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
+  auto& encoder = cpu_encoder(stream(), inputs, out);
+  encoder.dispatch([in = weak_copies(inputs), out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
                     fusion = fusion_, bf16 = bf16_]() mutable {
     int next = 4;  // the fused pieces' inputs follow x, w_q, scales, biases
     const mx::array* norm_w = fusion.prologue == Fusion::kRMSNorm ? &in[next++] : nullptr;

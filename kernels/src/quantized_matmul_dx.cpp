@@ -109,9 +109,7 @@ void run_dx(const float* dy, const uint32_t* wq, const float* s, const float* b,
 mx::array quantized_matmul_dx(const mx::array& dy, const mx::array& w_q, const mx::array& scales,
                               const mx::array& biases, int group_size, int bits, mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("quantized_matmul_dx: " + what); };
-  if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  check_bits_and_group_size("quantized_matmul_dx", group_size, bits);
   if (w_q.ndim() != 2 || w_q.dtype() != mx::uint32)
     fail("w_q must be a 2-D uint32 array (N, K * bits / 32), got " + shape_str(w_q.shape()));
   if (dy.ndim() < 1 || !is_float(dy.dtype()))
@@ -121,14 +119,7 @@ mx::array quantized_matmul_dx(const mx::array& dy, const mx::array& w_q, const m
   if (dy.shape(-1) != N)
     fail("dy has N = " + std::to_string(dy.shape(-1)) + " but w_q " + shape_str(w_q.shape()) + " has " +
          std::to_string(N) + " rows");
-  if (K == 0 || K % group_size != 0)
-    fail("K = " + std::to_string(K) + " must be a positive multiple of group_size = " + std::to_string(group_size));
-  const mx::Shape sb{N, int(K / group_size)};
-  if (scales.shape() != sb || biases.shape() != sb)
-    fail("scales and biases must be " + shape_str(sb) + ", got " + shape_str(scales.shape()) + " and " +
-         shape_str(biases.shape()));
-  if (!is_float(scales.dtype()) || !is_float(biases.dtype()))
-    fail("scales and biases must be float32, float16 or bfloat16");
+  check_scales_and_biases("quantized_matmul_dx", w_q, scales, biases, group_size, bits);
   const mx::Stream stream = cpu_stream(s, "quantized_matmul_dx");
   // The kernel reads fp32 (exact conversions); the result goes back to dy's dtype.
   auto f32 = [&](const mx::array& a) { return a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, stream); };
@@ -140,13 +131,8 @@ mx::array quantized_matmul_dx(const mx::array& dy, const mx::array& w_q, const m
 }
 
 void QuantizedMatmulDx::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
-  std::vector<mx::array> in;
-  for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
-  encoder.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), gs = group_size_,
+  auto& encoder = cpu_encoder(stream(), inputs, out);
+  encoder.dispatch([in = weak_copies(inputs), out = mx::array::unsafe_weak_copy(out), gs = group_size_,
                     bits = bits_]() mutable {
     const int N = in[1].shape(0), K = int(int64_t(in[1].shape(1)) * 32 / bits);
     const long M = long(out.size() / std::max(1, K));

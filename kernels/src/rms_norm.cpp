@@ -44,10 +44,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 }
 
 void RMSNormPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
+  auto& encoder = cpu_encoder(stream(), inputs, out);
   encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
                     out = mx::array::unsafe_weak_copy(out), eps = eps_]() mutable { run(x, w, out, eps); });
 }

@@ -52,10 +52,7 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, i
 }
 
 void RoPEPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
+  auto& encoder = cpu_encoder(stream(), inputs, out);
   encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), c = mx::array::unsafe_weak_copy(inputs[1]),
                     s = mx::array::unsafe_weak_copy(inputs[2]), out = mx::array::unsafe_weak_copy(out),
                     offset = offset_, traditional = traditional_]() mutable {
