@@ -160,6 +160,11 @@ def test_activations_edges_and_twins(impl, train):
     assert np.isnan(got[3]).all(), f"a row holding NaN is NaN: {got[3]}"
     s = np.array(train.layers.sigmoid(mx.array([-200.0, -90.0, 0.0, 90.0, 200.0, float("nan"), -mx.inf, mx.inf])))
     assert (s[[0, 6]] == 0).all() and (s[[3, 4, 7]] == 1).all() and s[2] == 0.5 and np.isnan(s[5]), f"sigmoid: {s}"
+    for name in ("softmax", "sigmoid"):  # the kernel's words on every path
+        with pytest.raises(ValueError, match=f"^{name}: x must be float32, float16 or bfloat16$"):
+            getattr(train.layers, name)(mx.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="^softmax: x must have an axis to normalize over"):
+        train.layers.softmax(mx.array(1.0))
     # kernel against twin on ordinary values: the twins' exp is MLX's (up to 65 ulps), hence FP32
     rng = np.random.default_rng(0)
     y = mx.array(rng.normal(0, 5, (6, 300)).astype(np.float32))

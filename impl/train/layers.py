@@ -37,6 +37,15 @@ def sigmoid_mlx(x: mx.array) -> mx.array:
     return (mx.where(x32 >= 0, 1.0, e) / (1.0 + e)).astype(x.dtype)
 
 
+def check_activation(x: mx.array, name: str) -> None:
+    """The kernels' one-line ValueError, on every path: x must be float32, float16 or bfloat16
+    (softmax: with an axis to normalize over)."""
+    if x.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        raise ValueError(f"{name}: x must be float32, float16 or bfloat16")
+    if name == "softmax" and x.ndim < 1:
+        raise ValueError("softmax: x must have an axis to normalize over, got a scalar")
+
+
 def _kernel(name: str):
     """tiny_llm_kernels' `name` when it is built and MLX computes on the CPU; else None."""
     kernel = getattr(kernels, name, None)
@@ -59,6 +68,7 @@ def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis in fp32, in x's dtype: the C++ kernel when built (its exp is a
     vectorized polynomial: MLX's CPU exp was about a quarter of a training step here), else week
     1's softmax. Its vjp: dx = y * (dy - sum(dy * y)) over the last axis (topic 4.3)."""
+    check_activation(x, "softmax")
     return _softmax(x)
 
 
@@ -76,6 +86,7 @@ def _sigmoid_vjp(primals, cotangent, output):
 def sigmoid(x: mx.array) -> mx.array:
     """1 / (1 + exp(-x)) in fp32, in x's dtype: the C++ kernel when built, else sigmoid_mlx. Its
     vjp: dx = dy * y * (1 - y) (topic 4.3)."""
+    check_activation(x, "sigmoid")
     return _sigmoid(x)
 
 
