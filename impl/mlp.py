@@ -22,9 +22,10 @@ class MLP:
         self.dim, self.hidden_dim = dim, hidden_dim
         self.w_gate, self.w_up, self.w_down, self.w_gate_up = w_gate, w_up, w_down, w_gate_up
         self.swiglu = _swiglu  # for w_gate_up; week 2's impl.fusion swaps in the C++ kernel
+        self.act = silu  # for w_gate and w_up apart; week 4's (Q)LoRA swaps in its kernel-backed SiLU
 
     def __call__(self, x: mx.array) -> mx.array:
         """x: (..., E) -> (..., E)."""
         if self.w_gate_up is not None:  # one matmul for both, then silu(gate) * up
             return linear(self.swiglu(linear(x, self.w_gate_up)), self.w_down)  # (..., 2I) -> (..., I) -> (..., E)
-        return linear(silu(linear(x, self.w_gate)) * linear(x, self.w_up), self.w_down)  # (..., I) -> (..., E)
+        return linear(self.act(linear(x, self.w_gate)) * linear(x, self.w_up), self.w_down)  # (..., I) -> (..., E)

@@ -13,6 +13,10 @@ lists each tensor outside tolerance with its worst element.
   Against `model(ids, labels=labels).loss.backward()`: labels are the ids with some -100, and the
   targets given here are the labels shifted by one with -100 for the last position, the same loss.
 - `impl.train.layers.layer_norm`, `gelu`: against torch.nn.functional in fp64 (values and gradients).
+- `impl.train.layers.softmax` (last axis), `sigmoid`, `silu`: the models' activations, on C++ kernels
+  (tiny_llm_kernels.softmax / .sigmoid) whose exp is a vectorized polynomial; against torch in fp64
+  (values, to a few ulps in fp32, and gradients), against their pure-MLX twins, and at the edges
+  (masked -inf scores give exactly 0, saturated sigmoids exactly 0 and 1, NaN stays NaN).
 
 Every weight is drawn at random (norms around 1, biases around 0, not their initial constants), so
 that each one matters. Hypothesis draws the batch, the length, the heads and (Llama) the KV heads.
@@ -32,10 +36,11 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten, tree_unflatten
 
 from reference.train_models import flat_from_hf, grads, hf_model
-from spec.draw import draw_rng
-from spec.ladder import FP32, GRAD_FP32, MODEL_FP32, Tol, assert_close
+from spec.draw import DTYPES, draw_rng
+from spec.ladder import BY_DTYPE, FP32, GRAD_FP32, MODEL_FP32, Tol, assert_close
 
-NAMES = {"model": ("TrainConfig", "ClassicLM", "ModernLM", "loss_and_grad"), "layers": ("layer_norm", "gelu")}
+NAMES = {"model": ("TrainConfig", "ClassicLM", "ModernLM", "loss_and_grad"),
+         "layers": ("layer_norm", "gelu", "softmax", "sigmoid", "silu")}
 ARCH = {"ClassicLM": "gpt2", "ModernLM": "llama"}
 EMBEDDINGS = {"wte", "wpe", "embed"}
 
@@ -80,6 +85,91 @@ def test_layer_norm_and_gelu(train, data):
     for g, t, name in zip(mx.grad(f, argnums=(0, 1, 2))(mx.array(x), mx.array(w), mx.array(b)), (xt, wt, bt),
                           ("x", "weight", "bias"), strict=True):
         assert_close(g, t.grad, GRAD_FP32, f"d/d{name} of gelu(layer_norm(x)) vs torch autograd in fp64")
+
+
+# -- softmax, sigmoid and SiLU: the activations, on kernels ---------------------------------------
+
+BUILD = "pip install --no-build-isolation ./kernels  (needs a C++ compiler, cmake, mlx, nanobind>=3,<4)"
+T_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("name", ["softmax", "sigmoid"])
+@pytest.mark.presence
+def test_activation_kernel_is_built(impl, name):
+    kernels = impl.native.kernels
+    assert kernels is not None and hasattr(kernels, name), (
+        f"tiny_llm_kernels has no {name} ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+
+
+def ulps(got: np.ndarray, want: np.ndarray) -> float:
+    """The largest |got - want| in units of fp32's spacing at want (np.spacing of want in fp32)."""
+    spacing = np.abs(np.spacing(want.astype(np.float32))).astype(np.float64)
+    return float(np.max(np.abs(got.astype(np.float64) - want) / spacing))
+
+
+@given(data=st.data())
+def test_softmax_and_sigmoid_against_fp64(train, data):
+    dtype = data.draw(st.sampled_from(sorted(DTYPES)), label="dtype")
+    shape = data.draw(st.sampled_from([(3, 5), (2, 4, 64), (1, 1000), (7, 1), (33, 17)]), label="shape")
+    scale = data.draw(st.sampled_from([1.0, 10.0, 100.0]), label="scale (100: scores far apart)")
+    rng = draw_rng(data)
+    x = rng.normal(0, scale, shape).astype(np.float32)
+    x[rng.random(shape) < 0.2] = -np.inf  # masked scores (softmax); sigmoid(-inf) = 0
+    x[..., 0] = rng.normal(0, scale, shape[:-1])  # every softmax row sees at least one key
+    xm = mx.array(x).astype(DTYPES[dtype])
+    x64 = torch.from_numpy(np.array(xm.astype(mx.float32))).double()  # the rounded values, exactly
+    for name, fn, ref in (("softmax", train.layers.softmax, torch.softmax(x64, -1)),
+                          ("sigmoid", train.layers.sigmoid, torch.sigmoid(x64))):
+        got = fn(xm)
+        assert got.dtype == xm.dtype, f"{name}: output dtype {got.dtype}, expected {xm.dtype}"
+        what = f"{name} {dtype} {shape} scale {scale}"
+        assert_close(got, ref.to(T_DTYPES[dtype]), BY_DTYPE[dtype], f"{what} vs torch fp64")
+        if dtype == "float32" and name == "sigmoid":
+            # sigmoid's argument -|x| is exact, so this measures the kernel's exp: ~2 ulps, then
+            # 1 + e and a division, each rounded: 4 ulps. MLX's own CPU exp is off by up to 65
+            # (measured), which this would catch. (softmax's x - max is rounded before its exp,
+            # which alone costs |x - max| / 2 ulps of fp32's relative spacing; FP32 above covers it.)
+            got64, want = np.array(got).astype(np.float64), ref.numpy()
+            big = want > 1e-30  # below, fp32's spacing is denormal: the absolute check above holds
+            assert ulps(got64[big], want[big]) <= 4, f"{what}: {ulps(got64[big], want[big]):.1f} ulps from fp64"
+        zero = np.isneginf(x) if name == "softmax" else (x < -104)  # sigmoid: exp(-104) < the least denormal
+        assert (np.array(got.astype(mx.float32))[zero] == 0).all(), f"{what}: a masked input's output is not exactly 0"
+
+
+@given(data=st.data())
+def test_activation_gradients_against_torch(train, data):
+    shape = data.draw(st.sampled_from([(3, 5), (2, 4, 64), (5, 1)]), label="shape")
+    rng = draw_rng(data)
+    x = rng.normal(0, 4, shape).astype(np.float32)
+    up = rng.normal(0, 1, shape).astype(np.float32)  # a random upstream gradient
+    for name, fn, ref in (("softmax", train.layers.softmax, lambda t: torch.softmax(t, -1)),
+                          ("sigmoid", train.layers.sigmoid, torch.sigmoid),
+                          ("silu", train.layers.silu, F.silu)):
+        xt = torch.from_numpy(x).double().requires_grad_(True)
+        (ref(xt) * torch.from_numpy(up).double()).sum().backward()
+        got = mx.grad(lambda a, fn=fn: (fn(a) * mx.array(up)).sum())(mx.array(x))
+        assert_close(got, xt.grad, GRAD_FP32, f"d/dx of {name} {shape} vs torch autograd in fp64")
+
+
+def test_activations_edges_and_twins(impl, train):
+    x = mx.array([[-mx.inf, 0.0, 1.0, -mx.inf], [-mx.inf] * 4, [1e30, -1e30, 0.0, 3.0], [float("nan"), 0.0, 1.0, 2.0]])
+    got, twin = np.array(train.layers.softmax(x)), np.array(impl.basics.softmax(x, axis=-1))
+    assert got[0, 0] == got[0, 3] == 0 and abs(got[0, 1:3].sum() - 1) < 1e-6, f"masked row: {got[0]}"
+    assert np.isnan(got[1]).all() and np.isnan(twin[1]).all(), f"a row of -inf gives NaN, as the twin: {got[1]}"
+    assert (got[2] == [1, 0, 0, 0]).all(), f"far-apart scores: {got[2]}"
+    assert np.isnan(got[3]).all(), f"a row holding NaN is NaN: {got[3]}"
+    s = np.array(train.layers.sigmoid(mx.array([-200.0, -90.0, 0.0, 90.0, 200.0, float("nan"), -mx.inf, mx.inf])))
+    assert (s[[0, 6]] == 0).all() and (s[[3, 4, 7]] == 1).all() and s[2] == 0.5 and np.isnan(s[5]), f"sigmoid: {s}"
+    for name in ("softmax", "sigmoid"):  # the kernel's words on every path
+        with pytest.raises(ValueError, match=f"^{name}: x must be float32, float16 or bfloat16$"):
+            getattr(train.layers, name)(mx.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="^softmax: x must have an axis to normalize over"):
+        train.layers.softmax(mx.array(1.0))
+    # kernel against twin on ordinary values: the twins' exp is MLX's (up to 65 ulps), hence FP32
+    rng = np.random.default_rng(0)
+    y = mx.array(rng.normal(0, 5, (6, 300)).astype(np.float32))
+    assert_close(train.layers.softmax(y), impl.basics.softmax(y, axis=-1), FP32, "softmax vs its twin")
+    assert_close(train.layers.sigmoid(y), train.layers.sigmoid_mlx(y), FP32, "sigmoid vs its twin")
 
 
 # -- every gradient of a model --------------------------------------------------------------------

@@ -1,11 +1,16 @@
-"""The classic (GPT-2) block's own layers, which week 1's Llama-style model has no use for:
-LayerNorm and GELU (topic 4.3)."""
+"""The training models' own layers (topic 4.3): LayerNorm and GELU, which week 1's Llama-style model
+has no use for, and softmax, sigmoid and SiLU with their gradients, on C++ kernels when built: a
+training step of a small model spends much of its time in exp, and MLX's own CPU exp is slow
+(measured: 26 ms for a million floats, numpy's 1.8)."""
 
 from __future__ import annotations
 
 import math
 
 import mlx.core as mx
+
+from impl import basics
+from impl.native import kernels
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float = 1e-5) -> mx.array:
@@ -18,6 +23,73 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float = 1e-5)
 
 
 def gelu(x: mx.array) -> mx.array:
-    """GPT-2's GELU, the tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    (torch's approximate="tanh", transformers' gelu_new) (topic 4.3)."""
-    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    """GPT-2's GELU, the tanh approximation: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+    (torch's approximate="tanh", transformers' gelu_new), computed as x * sigmoid(2u), the same
+    function (1 + tanh(u) = 2 sigmoid(2u)) on the sigmoid kernel (topic 4.3)."""
+    return x * sigmoid(math.sqrt(8.0 / math.pi) * (x + 0.044715 * x * x * x))
+
+
+def sigmoid_mlx(x: mx.array) -> mx.array:
+    """1 / (1 + exp(-x)) from e = exp(-|x|), which never overflows: 1 / (1 + e) for x >= 0 and
+    e / (1 + e) below, in fp32, rounded to x's dtype: the twin of the sigmoid kernel (topic 4.3)."""
+    x32 = x.astype(mx.float32)
+    e = mx.exp(-mx.abs(x32))
+    return (mx.where(x32 >= 0, 1.0, e) / (1.0 + e)).astype(x.dtype)
+
+
+def check_activation(x: mx.array, name: str) -> None:
+    """The kernels' one-line ValueError, on every path: x must be float32, float16 or bfloat16
+    (softmax: with an axis to normalize over)."""
+    if x.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        raise ValueError(f"{name}: x must be float32, float16 or bfloat16")
+    if name == "softmax" and x.ndim < 1:
+        raise ValueError("softmax: x must have an axis to normalize over, got a scalar")
+
+
+def _kernel(name: str):
+    """tiny_llm_kernels' `name` when it is built and MLX computes on the CPU; else None."""
+    kernel = getattr(kernels, name, None)
+    return kernel if kernel is not None and mx.default_device() == mx.cpu else None
+
+
+@mx.custom_function
+def _softmax(x: mx.array) -> mx.array:
+    kernel = _kernel("softmax")
+    return kernel(x) if kernel is not None else basics.softmax(x, axis=-1)
+
+
+@_softmax.vjp
+def _softmax_vjp(primals, cotangent, output):
+    y, dy = output.astype(mx.float32), cotangent.astype(mx.float32)
+    return (y * (dy - mx.sum(dy * y, axis=-1, keepdims=True))).astype(primals[0].dtype)
+
+
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis in fp32, in x's dtype: the C++ kernel when built (its exp is a
+    vectorized polynomial: MLX's CPU exp was about a quarter of a training step here), else week
+    1's softmax. Its vjp: dx = y * (dy - sum(dy * y)) over the last axis (topic 4.3)."""
+    check_activation(x, "softmax")
+    return _softmax(x)
+
+
+@mx.custom_function
+def _sigmoid(x: mx.array) -> mx.array:
+    kernel = _kernel("sigmoid")
+    return kernel(x) if kernel is not None else sigmoid_mlx(x)
+
+
+@_sigmoid.vjp
+def _sigmoid_vjp(primals, cotangent, output):
+    return cotangent * output * (1 - output)
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    """1 / (1 + exp(-x)) in fp32, in x's dtype: the C++ kernel when built, else sigmoid_mlx. Its
+    vjp: dx = dy * y * (1 - y) (topic 4.3)."""
+    check_activation(x, "sigmoid")
+    return _sigmoid(x)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x): the SwiGLU MLP's activation (topic 4.3)."""
+    return x * sigmoid(x)

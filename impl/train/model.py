@@ -5,8 +5,9 @@
   biases, a GELU MLP, the output head tied to the token embedding;
 - `ModernLM`, Llama's block: RoPE, RMSNorm, grouped-query attention, the SwiGLU MLP, an untied head.
 
-The layers are week 1's (linear, RoPE, grouped attention, RMSNorm, MLP), built around the current
-weights on each call, so a gradient step changes what they compute. Weight names follow the
+The layers are week 1's (linear, RoPE, grouped attention, RMSNorm), built around the current
+weights on each call, so a gradient step changes what they compute; softmax, SiLU and GELU are
+impl.train.layers', whose kernels make a step about a quarter faster. Weight names follow the
 attributes (`layers.0.wq`); reference/train_models.py maps them to transformers' GPT-2 and Llama.
 """
 
@@ -19,10 +20,9 @@ import mlx.nn
 
 from impl.attention import scaled_dot_product_attention_grouped
 from impl.basics import linear
-from impl.mlp import MLP
 from impl.norm import RMSNorm
 from impl.rope import RoPE
-from impl.train.layers import gelu, layer_norm
+from impl.train.layers import gelu, layer_norm, silu, softmax
 from impl.train.loss import cross_entropy, value_and_grad_wrt
 
 
@@ -54,7 +54,8 @@ def _normal(key: mx.array, shape: tuple[int, ...], std: float) -> mx.array:
 def _attend(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """q (N, L, H, D), k/v (N, L, H_kv, D) -> (N, L, H * D): causal attention over the heads."""
     N, L, H, D = q.shape
-    out = scaled_dot_product_attention_grouped(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)), mask="causal")
+    out = scaled_dot_product_attention_grouped(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)), mask="causal",
+                                               softmax_fn=softmax)
     return out.transpose(0, 2, 1, 3).reshape(N, L, H * D)  # (N, H, L, D) -> (N, L, H * D)
 
 
@@ -136,8 +137,8 @@ class ModernBlock(mlx.nn.Module):
         k = rope(linear(a, self.wk).reshape(N, L, H_kv, D))
         v = linear(a, self.wv).reshape(N, L, H_kv, D)
         h = x + linear(_attend(q, k, v), self.wo)
-        mlp = MLP(E, self.c.intermediate_size, self.w_gate, self.w_up, self.w_down)
-        return h + mlp(RMSNorm(E, self.mlp_norm, self.c.norm_eps)(h))
+        m = RMSNorm(E, self.mlp_norm, self.c.norm_eps)(h)
+        return h + linear(silu(linear(m, self.w_gate)) * linear(m, self.w_up), self.w_down)  # SwiGLU
 
 
 class ModernLM(mlx.nn.Module):

@@ -8,6 +8,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
+#include "activations.h"
 #include "cached_attention.h"
 #include "flash_attention.h"
 #include "paged_attention.h"
@@ -124,4 +125,13 @@ NB_MODULE(_ext, m) {
   m.def("swiglu", &tiny_llm::swiglu, "x"_a, "stream"_a = nb::none(),
         "silu(gate) * up for x = [gate | up] on the last axis, on the CPU (twin: impl.layer_kernels.swiglu_mlx).\n\n"
         "x (..., 2I) float32/float16/bfloat16 -> (..., I) in x's dtype. Lazy, like any MLX op.");
+  m.def("softmax", &tiny_llm::softmax, "x"_a, "stream"_a = nb::none(),
+        "Softmax over the last axis, on the CPU (twin: impl.basics.softmax).\n\n"
+        "x (..., D) float32/float16/bfloat16 -> x's shape and dtype; max, exp and sum in float32,\n"
+        "exp to about 2 ulps (MLX's CPU exp: up to 65). A row of -inf gives NaN, as the twin's.\n"
+        "Forward only: impl.train.layers.softmax gives it a vjp. Lazy, like any MLX op.");
+  m.def("sigmoid", &tiny_llm::sigmoid, "x"_a, "stream"_a = nb::none(),
+        "1 / (1 + exp(-x)) elementwise, on the CPU (twin: impl.train.layers.sigmoid_mlx).\n\n"
+        "x float32/float16/bfloat16, any shape -> the same shape and dtype, computed in float32 from\n"
+        "exp(-|x|), which never overflows. Forward only: impl.train.layers.sigmoid gives it a vjp.");
 }

@@ -12,6 +12,7 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     rms_norm(x, weight, eps=1e-5, stream=None)
     rope(x, cos, sin, offset=0, traditional=False, stream=None)
     swiglu(x, stream=None)  (x = [gate | up] on the last axis)
+    softmax(x, stream=None), sigmoid(x, stream=None)  (training's activations; forward only)
     cached_attention(qkv, keys, values, cos, sin, offset, n_heads, n_kv_heads, scale=None,
                      traditional=False, stream=None) -> (out, keys, values)
     paged_attention(qkv, k_pool, v_pool, cos, sin, positions, slot_mapping, block_tables, cu_seqlens_q,
@@ -87,6 +88,8 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         quantized_matmul_info,
         rms_norm,
         rope,
+        sigmoid,
+        softmax,
         swiglu,
     )
     from tiny_llm_kernels._ext import flash_attention as _flash_attention
