@@ -183,8 +183,10 @@ def paged_case(rng, block_size, starts, lens, H, H_kv, D, num_blocks, dtype, sha
     return to(qkv), to(k_pool), to(v_pool), tables
 
 
-def reference_paged(qkv, k_pool, v_pool, rope_cos, rope_sin, tables, starts, lens, H, H_kv, D, block_size):
-    """numpy RoPE + slot write + gather, then torch SDPA per sequence: (T, H D) float64 numpy."""
+def reference_paged(qkv, k_pool, v_pool, rope_cos, rope_sin, tables, starts, lens, H, H_kv, D, block_size,
+                    window: int | None = None):
+    """numpy RoPE + slot write + gather, then torch SDPA per sequence: (T, H D) float64 numpy.
+    window: a query at p sees keys p - window < j <= p only."""
     q_all = np.array(qkv.astype(mx.float32))[0].reshape(-1, H + 2 * H_kv, D).astype(np.float64)
     kp = np.array(k_pool.astype(mx.float32)).astype(np.float64)
     vp = np.array(v_pool.astype(mx.float32)).astype(np.float64)
@@ -208,7 +210,8 @@ def reference_paged(qkv, k_pool, v_pool, rope_cos, rope_sin, tables, starts, len
         keys = np.concatenate([kp[b] for b in table], axis=1)[:, :ctx]  # (H_kv, ctx, D)
         values = np.concatenate([vp[b] for b in table], axis=1)[:, :ctx]
         q = torch.tensor(np.stack(qs, axis=1))[None]  # (1, H, n, D)
-        mask = torch.tensor(np.arange(ctx)[None, :] <= (s + np.arange(n))[:, None])
+        j, pos = np.arange(ctx)[None, :], (s + np.arange(n))[:, None]
+        mask = torch.tensor((j <= pos) & ((j > pos - window) if window else True))
         o = torch.nn.functional.scaled_dot_product_attention(
             q, torch.tensor(keys)[None], torch.tensor(values)[None], attn_mask=mask, enable_gqa=True)
         out.append(o[0].permute(1, 0, 2).reshape(n, H * D).numpy())

@@ -68,9 +68,9 @@ def test_has_names(impl):
 # --- the kernel ---------------------------------------------------------------------------
 
 
-def _run(impl, fn, qkv, k_pool, v_pool, rope, lens, starts, tables, block_size, H, H_kv):
+def _run(impl, fn, qkv, k_pool, v_pool, rope, lens, starts, tables, block_size, H, H_kv, window=None):
     meta = impl.engine.attention_metadata.AttentionMetadata.build(lens, starts, tables, block_size)
-    out, k2, v2 = fn(qkv, k_pool, v_pool, rope, meta, H, H_kv)
+    out, k2, v2 = fn(qkv, k_pool, v_pool, rope, meta, H, H_kv, window=window)
     mx.eval(out, k2, v2)
     return out, k2, v2
 
@@ -107,19 +107,53 @@ def _prefill_pools(impl, rng, block_size, L, H_kv, D, num_blocks):
     return mx.zeros(shape), mx.zeros(shape), rng.permutation(num_blocks).tolist()
 
 
-def test_kernel_rows_are_the_same_alone_batched_chunked_and_in_any_block_size(impl):
-    """What the engine's bitwise invariances rest on: a query row's output depends only on its
-    q, its position and its sequence's keys, computed in one order."""
+@given(data=st.data())
+@settings(max_examples=20)
+def test_kernel_with_a_sliding_window_matches_twin_and_torch(impl, data):
+    """Gemma 3's local layers: a query at p sees keys p - window + 1 .. p. Positions reach past two
+    segments of 256, so that segments and tiles wholly before the window are skipped."""
+    built_kernels(impl)
+    pa = impl.engine.paged_attention
+    block_size = data.draw(st.sampled_from([4, 16, 32]), label="block_size")
+    B = data.draw(st.integers(1, 3), label="sequences")
+    starts = data.draw(st.lists(st.integers(0, 700), min_size=B, max_size=B), label="cached positions")
+    lens = data.draw(st.lists(st.sampled_from([1, 1, 2, 9, 40]), min_size=B, max_size=B), label="chunk lengths")
+    window = data.draw(st.sampled_from([1, 3, 64, 65, 200, 256, 300, 512]), label="window")
+    H_kv, rep = data.draw(st.sampled_from([(1, 1), (1, 4), (2, 2)]), label="H_kv, H / H_kv")
+    D = data.draw(st.sampled_from([8, 64]), label="D")
+    dtype = data.draw(st.sampled_from(["float32", "float32", "bfloat16"]), label="dtype")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    H = H_kv * rep
+    need = sum(-(-(s + n) // block_size) for s, n in zip(starts, lens, strict=True))
+    qkv, k_pool, v_pool, tables = paged_case(rng, block_size, starts, lens, H, H_kv, D, need + 2, dtype)
+    rope = impl.rope.RoPE(D, 1024, 10000.0)
+    what = f"window {window}, block {block_size}, starts {starts}, lens {lens}, H {H}/{H_kv}, D {D}, {dtype}"
+    run = lambda fn: _run(impl, fn, qkv, k_pool, v_pool, rope, lens, starts, tables, block_size, H, H_kv,  # noqa: E731
+                          window)
+    (got, k_got, _), (twin, k_twin, _) = run(pa.paged_attention), run(pa.paged_attention_mlx)
+    tol = BY_DTYPE[dtype]
+    assert_close(got, twin, tol if dtype != "float32" else FP32, f"kernel vs twin ({what})")
+    assert_close(k_got, k_twin, tol, f"keys written, kernel vs twin ({what})")
+    want, _, _ = reference_paged(qkv, k_pool, v_pool, rope.cos, rope.sin, tables, starts, lens, H, H_kv, D,
+                                 block_size, window)
+    assert_close(got[0], want, tol, f"kernel vs torch SDPA with the window's mask ({what})")
+
+
+def check_rows_invariant(impl, lengths: tuple[int, ...], variants, window: int | None = None) -> None:
+    """Each sequence's rows, prefilled whole and batched, equal bit for bit those of every variant
+    (block size, chunk size, which sequences share the batch)."""
     built_kernels(impl)
     pa = impl.engine.paged_attention.paged_attention
     rng = np.random.default_rng(0)
-    H, H_kv, D, L = 9, 3, 64, 70
-    rope = impl.rope.RoPE(D, 256, 10000.0)
-    prompts = [rng.standard_normal((1, n, (H + 2 * H_kv) * D)).astype(np.float32) for n in (L, 23, 41)]
+    H, H_kv, D = 9, 3, 64
+    rope = impl.rope.RoPE(D, 1024, 10000.0)
+    prompts = [rng.standard_normal((1, n, (H + 2 * H_kv) * D)).astype(np.float32) for n in lengths]
+    num_blocks = sum(-(-n // 4) for n in lengths) + 4
 
-    def prefill(block_size, chunks, which=(0, 1, 2)):
+    def prefill(block_size, chunks, which=None):
         """Each sequence's rows, computed in the given chunk sizes, sequences batched together."""
-        k_pool, v_pool, ids = _prefill_pools(impl, rng, block_size, L, H_kv, D, 64)
+        which = tuple(range(len(lengths))) if which is None else which
+        k_pool, v_pool, ids = _prefill_pools(impl, rng, block_size, max(lengths), H_kv, D, num_blocks)
         tables = {i: [ids.pop() for _ in range(-(-prompts[i].shape[1] // block_size))] for i in which}
         done, outs = dict.fromkeys(which, 0), {i: [] for i in which}
         while any(done[i] < prompts[i].shape[1] for i in which):
@@ -127,7 +161,7 @@ def test_kernel_rows_are_the_same_alone_batched_chunked_and_in_any_block_size(im
             lens = [min(chunks, prompts[i].shape[1] - done[i]) for i in live]
             qkv = mx.array(np.concatenate([prompts[i][:, done[i]:done[i] + n] for i, n in zip(live, lens, strict=True)], axis=1))
             out, k_pool, v_pool = _run(impl, pa, qkv, k_pool, v_pool, rope, lens, [done[i] for i in live],
-                                       [tables[i] for i in live], block_size, H, H_kv)
+                                       [tables[i] for i in live], block_size, H, H_kv, window)
             row = 0
             for i, n in zip(live, lens, strict=True):
                 outs[i].append(np.array(out[0, row:row + n]))
@@ -136,11 +170,27 @@ def test_kernel_rows_are_the_same_alone_batched_chunked_and_in_any_block_size(im
         return {i: np.concatenate(o) for i, o in outs.items()}
 
     whole = prefill(16, 10_000)
-    for what, got in [("chunks of 7", prefill(16, 7)), ("chunks of 1 (decode steps)", prefill(16, 1)),
-                      ("block size 4", prefill(4, 10_000)), ("block size 32, chunks of 5", prefill(32, 5)),
-                      ("sequence 0 alone", prefill(16, 10_000, which=(0,)))]:
+    for what, (block_size, chunks, *which) in variants.items():
+        got = prefill(block_size, chunks, *which)
         for i in got:
-            assert np.array_equal(got[i], whole[i]), f"sequence {i}, {what}: not bitwise the whole batched prefill's"
+            assert np.array_equal(got[i], whole[i]), (
+                f"window {window}, sequence {i}, {what}: not bitwise the whole batched prefill's")
+
+
+def test_kernel_rows_are_the_same_alone_batched_chunked_and_in_any_block_size(impl):
+    """What the engine's bitwise invariances rest on: a query row's output depends only on its
+    q, its position and its sequence's keys, computed in one order."""
+    check_rows_invariant(impl, (70, 23, 41), {
+        "chunks of 7": (16, 7), "chunks of 1 (decode steps)": (16, 1), "block size 4": (4, 10_000),
+        "block size 32, chunks of 5": (32, 5), "sequence 0 alone": (16, 10_000, (0,))})
+
+
+def test_windowed_rows_are_the_same_alone_batched_chunked_and_in_any_block_size(impl):
+    """The same with a sliding window of 100 over 600 positions: rows whose window starts in
+    another segment share tasks, decode rows split their segments over the threads."""
+    check_rows_invariant(impl, (600, 130), {
+        "chunks of 37": (16, 37), "chunks of 1 (decode steps)": (16, 1), "block size 4": (4, 10_000),
+        "sequence 0 alone, chunks of 200": (32, 200, (0,))}, window=100)
 
 
 def bad_calls(impl):

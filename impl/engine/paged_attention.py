@@ -8,7 +8,8 @@ blocks in place, no gather. Both take qkv packed across sequences, (1, T, (H + 2
 a pool per layer, (num_blocks, H_kv, block_size, D).
 
 A query at position p of sequence b sees that sequence's keys at positions 0..p: causal within
-its chunk, everything cached before the chunk visible.
+its chunk, everything cached before the chunk visible; with a sliding window of W (Gemma 3's
+local layers), the keys p - W + 1 .. p only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def check_paged_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.array, meta: AttentionMetadata,
-                          n_heads: int, n_kv_heads: int) -> None:
+                          n_heads: int, n_kv_heads: int, window: int | None = None) -> None:
     """One-line ValueErrors for what neither the twin nor the kernel computes."""
     if qkv.ndim != 3 or qkv.shape[0] != 1 or qkv.dtype not in FLOATS:
         raise ValueError(f"paged_attention: qkv must be (1, T, (H + 2 H_kv) D) float32, float16 or bfloat16,"
@@ -41,6 +42,8 @@ def check_paged_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.array, met
                          f" got {k_pool.shape} and {v_pool.shape}")
     if k_pool.dtype not in FLOATS or v_pool.dtype != k_pool.dtype:
         raise ValueError("paged_attention: the pools must share one dtype, float32, float16 or bfloat16")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"paged_attention: window must be a positive number of positions or None, got {window!r}")
     if meta.slot_mapping is None or meta.block_tables is None:
         raise ValueError("paged_attention: the metadata has no slot mapping or block tables (a paged step's)")
     if sum(meta.query_lens) != qkv.shape[1]:
@@ -67,7 +70,7 @@ def paged_attention_mlx(qkv: mx.array, k_pool: mx.array, v_pool: mx.array, rope,
                         ) -> tuple[mx.array, mx.array, mx.array]:
     """The twin (topic 3.1): qkv (1, T, (H + 2 H_kv) D) -> (out (1, T, H D), k_pool', v_pool').
     window: each query sees itself and the window - 1 positions before it (Gemma 3's local layers)."""
-    check_paged_attention(qkv, k_pool, v_pool, meta, n_heads, n_kv_heads)
+    check_paged_attention(qkv, k_pool, v_pool, meta, n_heads, n_kv_heads, window)
     check_block_ids(k_pool, meta)
     T, H, H_kv = qkv.shape[1], n_heads, n_kv_heads
     D = qkv.shape[2] // (H + 2 * H_kv)
@@ -112,14 +115,14 @@ def paged_attention(qkv: mx.array, k_pool: mx.array, v_pool: mx.array, rope, met
                     n_heads: int, n_kv_heads: int, scale: float | None = None, window: int | None = None
                     ) -> tuple[mx.array, mx.array, mx.array]:
     """RoPE, the cache write and attention through the block tables in one kernel node on the
-    CPU when built (topic 3.2); the twin otherwise, and for a sliding window (Gemma 3's local
-    layers), which the kernel does not take. Returns (out (1, T, H D), k_pool', v_pool')."""
+    CPU when built (topic 3.2), a sliding window (Gemma 3's local layers) too; the twin otherwise.
+    Returns (out (1, T, H D), k_pool', v_pool')."""
     kernel = getattr(kernels, "paged_attention", None)
-    if kernel is None or mx.default_device() != mx.cpu or window is not None:
+    if kernel is None or mx.default_device() != mx.cpu:
         return paged_attention_mlx(qkv, k_pool, v_pool, rope, meta, n_heads, n_kv_heads, scale, window)
-    check_paged_attention(qkv, k_pool, v_pool, meta, n_heads, n_kv_heads)
+    check_paged_attention(qkv, k_pool, v_pool, meta, n_heads, n_kv_heads, window)
     rope._check(max(meta.context_lens_list) - 1)
     # The old pools go into the graph and nowhere else, so the kernel may write into them.
     return kernel(qkv, k_pool, v_pool, rope.cos, rope.sin, meta.positions, meta.slot_mapping, meta.block_tables,
                   meta.cu_seqlens_q, meta.context_lens, n_heads, n_kv_heads, scale=scale,
-                  traditional=rope.traditional)
+                  traditional=rope.traditional, window=window or 0)

@@ -91,7 +91,8 @@ NB_MODULE(_ext, m) {
         "input buffers when nothing else holds them. Lazy, like any MLX op.");
   m.def("paged_attention", &tiny_llm::paged_attention, "qkv"_a, "k_pool"_a, "v_pool"_a, "cos"_a, "sin"_a,
         "positions"_a, "slot_mapping"_a, "block_tables"_a, "cu_seqlens_q"_a, "context_lens"_a, "n_heads"_a,
-        "n_kv_heads"_a, nb::kw_only(), "scale"_a = nb::none(), "traditional"_a = false, "stream"_a = nb::none(),
+        "n_kv_heads"_a, nb::kw_only(), "scale"_a = nb::none(), "traditional"_a = false, "window"_a = 0,
+        "stream"_a = nb::none(),
         "RoPE, the paged KV-cache write and causal attention through block tables in one node, on the\n"
         "CPU (twin: impl.engine.paged_attention.paged_attention_mlx).\n\n"
         "qkv (1, T, (H + 2 H_kv) D): T tokens of B sequences end to end, q, k, v heads side by side.\n"
@@ -101,9 +102,10 @@ NB_MODULE(_ext, m) {
         "block_tables (B, max_blocks), cu_seqlens_q (B + 1,), context_lens (B,). Token t's rotated k and\n"
         "its v go to slot slot_mapping[t] (block slot // block_size, offset slot % block_size); then its\n"
         "query (sequence b, position p = positions[t]) attends to sequence b's keys at positions 0..p,\n"
-        "read in place through block_tables[b]. scale defaults to 1/sqrt(D). Returns (out (1, T, H D) in\n"
+        "read in place through block_tables[b]; window > 0: keys p - window + 1 .. p only (a sliding\n"
+        "window, Gemma 3's local layers). scale defaults to 1/sqrt(D). Returns (out (1, T, H D) in\n"
         "qkv's dtype, k_pool', v_pool'); the pools reuse the input buffers when nothing else holds them.\n"
-        "A row's bits depend only on its q, its position and its sequence's keys and values 0..p (not on\n"
+        "A row's bits depend only on its q, its position and its sequence's keys and values it sees (not on\n"
         "the batch, the chunk, the block size or layout, or the thread count). Out-of-range slots, block\n"
         "ids or positions raise ValueError. Lazy, like any MLX op.");
   m.def("paged_attention_info", &tiny_llm::paged_attention_info,

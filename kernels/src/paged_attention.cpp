@@ -134,7 +134,7 @@ std::tuple<mx::array, mx::array, mx::array> paged_attention(
     const mx::array& qkv, const mx::array& k_pool, const mx::array& v_pool, const mx::array& cos,
     const mx::array& sin, const mx::array& positions, const mx::array& slot_mapping, const mx::array& block_tables,
     const mx::array& cu_seqlens_q, const mx::array& context_lens, int n_heads, int n_kv_heads,
-    std::optional<float> scale, bool traditional, mx::StreamOrDevice s) {
+    std::optional<float> scale, bool traditional, int window, mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("paged_attention: " + what); };
   // The twin's checks (impl.engine.paged_attention.check_paged_attention), in its order and words.
   if (qkv.ndim() != 3 || qkv.shape(0) != 1 || !is_float(qkv.dtype()))
@@ -160,6 +160,7 @@ std::tuple<mx::array, mx::array, mx::array> paged_attention(
     if (total != T) fail("qkv holds " + std::to_string(T) + " tokens, the metadata " + std::to_string(total));
   }
   // The kernel's own.
+  if (window < 0) fail("window must be positive, or 0 for none, got " + std::to_string(window));
   if (D == 0 || D % 2 != 0) fail("D = " + std::to_string(D) + " must be even and positive (RoPE rotates pairs)");
   if (k_pool.shape(2) <= 0) fail("the pools' block_size must be positive, got " + shape_str(k_pool));
   if (cos.ndim() != 2 || cos.shape() != sin.shape() || cos.shape(1) != D / 2 || cos.dtype() != mx::float32 ||
@@ -191,7 +192,7 @@ std::tuple<mx::array, mx::array, mx::array> paged_attention(
   const float sc = scale.value_or(1.0f / std::sqrt(float(D)));
   auto outs = mx::array::make_arrays(
       {{1, T, n_heads * D}, k_pool.shape(), v_pool.shape()}, {qkv.dtype(), k_pool.dtype(), k_pool.dtype()},
-      std::make_shared<PagedAttention>(stream, n_heads, n_kv_heads, sc, traditional),
+      std::make_shared<PagedAttention>(stream, n_heads, n_kv_heads, sc, traditional, window),
       {qkv, k_pool, v_pool, cos, sin, positions, slot_mapping, block_tables, cu_seqlens_q, context_lens});
   return {outs[0], outs[1], outs[2]};
 }
@@ -218,7 +219,7 @@ void PagedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
                     sin = weak(inputs[4]), positions = weak(inputs[5]), slots = weak(inputs[6]),
                     tables = weak(inputs[7]), cu = weak(inputs[8]), context = weak(inputs[9]), out = weak(out),
                     k_out = weak(k_out), v_out = weak(v_out), copy_k, copy_v, sh, qbuf, scale = scale_,
-                    traditional = traditional_]() mutable {
+                    traditional = traditional_, window = window_]() mutable {
     const Meta m = read_meta(positions, slots, tables, cu, context);
     // Checked when the op was built if the metadata was ready then; else here, before any write.
     // (MLX hands an exception from a task back to the caller of eval.)
@@ -238,6 +239,7 @@ void PagedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
     p.T = sh.T, p.B = sh.B, p.H = sh.H, p.H_kv = sh.H_kv, p.D = sh.D;
     p.block_size = sh.block_size, p.num_blocks = sh.num_blocks, p.max_blocks = sh.max_blocks;
     p.scale = scale;
+    p.window = window;
     p.q_dtype = pa_dtype(qkv.dtype());
     p.kv_dtype = pa_dtype(k_out.dtype());
     p.q = qbuf;

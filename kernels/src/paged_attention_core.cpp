@@ -83,19 +83,18 @@ void run(const Problem& p, const int32_t* cu) {
   for (int b = 0; b < p.B; ++b) blocks += (cu[b + 1] - cu[b] + tokens - 1) / tokens;
   const bool all_heads = blocks >= 2 * pool.size();
   std::vector<Item> items;
-  std::vector<int> segs;  // how many segments each item's rows reach
+  std::vector<int> segs, firsts;  // how many segments each item's rows reach; the first any row sees
   for (int b = 0; b < p.B; ++b)
     for (int t0 = cu[b]; t0 < cu[b + 1]; t0 += tokens) {
       const int nt = std::min(tokens, cu[b + 1] - t0);
       const int last = *std::max_element(p.positions + t0, p.positions + t0 + nt);
-      if (all_heads && nt * p.H <= kTargetRows) {
-        items.push_back({b, 0, p.H_kv, t0, nt});
-        segs.push_back(last / kSegment + 1);
-        continue;
-      }
+      const int lo = p.lo(*std::min_element(p.positions + t0, p.positions + t0 + nt));
       for (int g = 0; g < p.H_kv; ++g) {
-        items.push_back({b, g, 1, t0, nt});
+        const bool whole = all_heads && nt * p.H <= kTargetRows;
+        items.push_back({b, whole ? 0 : g, whole ? p.H_kv : 1, t0, nt});
         segs.push_back(last / kSegment + 1);
+        firsts.push_back(lo / kSegment);
+        if (whole) break;
       }
     }
   // Too few items to keep the threads busy (a small decode batch): each segment of a long
@@ -113,23 +112,26 @@ void run(const Problem& p, const int32_t* cu) {
   for (size_t i = 0; i < items.size(); ++i) {
     const Item& it = items[i];
     const int64_t rows = int64_t(it.ng) * n_rep * it.nt;
-    if (!split || segs[i] == 1) {
-      tasks.push_back({int(i), -1, rows * segs[i] * kSegment, nullptr});
+    if (!split || segs[i] - firsts[i] == 1) {
+      tasks.push_back({int(i), -1, rows * (segs[i] - firsts[i]) * kSegment, nullptr});
       continue;
     }
     merges.push_back(int(i));
-    for (int s = 0; s < segs[i]; ++s) tasks.push_back({int(i), s, rows * kSegment, nullptr});
+    // Segments before the window have no task; their blocks of partials stay unread (merge
+    // starts each row at its own first segment).
+    for (int s = firsts[i]; s < segs[i]; ++s) tasks.push_back({int(i), s, rows * kSegment, nullptr});
     partial_floats += size_t(segs[i]) * rows * (p.Dp() + 2);
   }
   std::vector<float> partials(partial_floats);
-  std::vector<float*> first(items.size(), nullptr);  // each split item's partials
+  std::vector<float*> first(items.size(), nullptr);  // each split item's partials (segment 0's block)
   float* at = partials.data();
-  for (Task& t : tasks)
-    if (t.seg >= 0) {
-      if (t.seg == 0) first[t.item] = at;
-      t.partial = at;
-      at += size_t(items[t.item].ng) * n_rep * items[t.item].nt * (p.Dp() + 2);
+  for (size_t i = 0; i < items.size(); ++i)
+    if (split && segs[i] - firsts[i] > 1) {
+      first[i] = at;
+      at += size_t(segs[i]) * items[i].ng * n_rep * items[i].nt * (p.Dp() + 2);
     }
+  for (Task& t : tasks)
+    if (t.seg >= 0) t.partial = first[t.item] + size_t(t.seg) * items[t.item].ng * n_rep * items[t.item].nt * (p.Dp() + 2);
   // The longest first (the pool hands tasks out in order), so the short ones fill the end.
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
   pool.run(int(tasks.size()), [&](int i) { isa.attend(p, items[tasks[i].item], tasks[i].seg, tasks[i].partial); });

@@ -10,13 +10,15 @@
 //
 // One row's arithmetic, whichever task, block shape or path computes it:
 //   q' = fp32(q) * (scale * log2 e), zero padded to Dp (D rounded up to 16);
-//   for each segment of kSegment logical positions from 0 up to the row's position p, from
-//   (m, l, o) = (-inf, 0, 0), for each of its tiles of kKeyTile positions:
+//   for each segment of kSegment logical positions from the one holding lo (the row's first key:
+//   0, or p - window + 1) up to the one holding p, from (m, l, o) = (-inf, 0, 0), for each of its
+//   tiles of kKeyTile positions:
 //     s_j = sum_lanes tree of (acc = q'[0] k_j[0], then acc = fma(q'[c], k_j[c], acc) over the
 //       other Dp / L chunks c in order),
-//       for the keys j <= p of the tile; -inf for the rest of the tile;
+//       for the keys lo <= j <= p of the tile; -inf for the rest of the tile;
 //     the online softmax step (flash attention's) over the tile's kKeyTile scores;
-//     o[lane] = fma(w_j, v_j[lane], o[lane]) for the visible keys j in position order;
+//     o[lane] = fma(w_j, v_j[lane], o[lane]) for the keys j <= p of the tile in position order
+//       (those before lo weigh 0 and change nothing);
 //   the segments' (m, l, o) folded left to right by combine();
 //   out = o * (1 / l), rounded to the query's type.
 // sum_lanes applies one fixed tree of adds to each input vector, lane by lane, so which
@@ -316,15 +318,22 @@ void attend(const Problem& p, const Item& it, int seg, float* partial) {
   float* l = m + rows;
   float* Ma = l + rows;                // (rows) ... and of the fold
   float* La = Ma + rows;
-  int* vis = scratch<int, 1>(size_t(2) * rows);  // keys each row sees (p + 1); this tile's share
+  int* vis = scratch<int, 1>(size_t(4) * rows);  // keys each row sees (p + 1); this tile's share
   int* cnt = vis + rows;
+  int* lo = cnt + rows;  // each row's first key (0, or p - window + 1), and the segment holding it
+  int* first = lo + rows;
   float* kbuf = scratch<float, 2>(size_t(2) * BC * Dp);  // a converted tile, when used
   float* vbuf = kbuf + size_t(BC) * Dp;
 
   const float qmul = p.scale * kLog2e;  // scores come out in log2 units, for exp2
   const size_t qsize = p.q_dtype == DType::f32 ? 4 : 2;
-  int maxvis = 0;
-  for (int r = 0; r < rows; ++r) maxvis = std::max(maxvis, vis[r] = p.positions[row_token(it, r)] + 1);
+  int maxvis = 0, minlo = std::numeric_limits<int>::max();
+  for (int r = 0; r < rows; ++r) {
+    const int pos = p.positions[row_token(it, r)];
+    maxvis = std::max(maxvis, vis[r] = pos + 1);
+    minlo = std::min(minlo, lo[r] = p.lo(pos));
+    first[r] = lo[r] / kSegment;
+  }
   auto load_q = [&] {
     for (int r = 0; r < rows; ++r) {
       float* q = Q + size_t(r) * Dp;
@@ -341,7 +350,10 @@ void attend(const Problem& p, const Item& it, int seg, float* partial) {
   const int bs = p.block_size;
   const bool convert = D != Dp || (p.kv_dtype != DType::f32 && gr > kConvertRows);
   const int n_segs = (maxvis + kSegment - 1) / kSegment;
-  const int seg0 = seg < 0 ? 0 : seg, seg1 = seg < 0 ? n_segs : seg + 1;
+  // Segments and tiles wholly before every row's first key are skipped; tiles stay at their
+  // fixed places (multiples of BC), so a row computes the same whoever shares its task.
+  const int seg0 = seg < 0 ? minlo / kSegment : seg, seg1 = seg < 0 ? n_segs : seg + 1;
+  const int t0 = std::max(seg0 * kSegment, minlo / BC * BC);  // the first tile any row sees
   with_elem(p.kv_dtype, [&](auto elem) {
     using E = decltype(elem);
     const E* K = static_cast<const E*>(p.k);
@@ -365,8 +377,8 @@ void attend(const Problem& p, const Item& it, int seg, float* partial) {
     const int s_end = std::min(maxvis, seg1 * kSegment);
     int cur = 0;
     for (int i = 0; i < it.ng; ++i) {  // the first tile, asked for before the queries are loaded
-      const int n = std::min(BC, s_end - seg0 * kSegment);
-      locate(it.g0 + i, seg0 * kSegment, n, at(0, i, 0), at(0, i, 1));
+      const int n = std::clamp(s_end - t0, 0, BC);
+      locate(it.g0 + i, t0, n, at(0, i, 0), at(0, i, 1));
       Ahead<E>{at(0, i, 0), at(0, i, 1), n, row_bytes}.rows(0, BC);
     }
     load_q();
@@ -375,9 +387,10 @@ void attend(const Problem& p, const Item& it, int seg, float* partial) {
       std::fill(m, m + rows, -kInf);
       std::fill(l, l + rows, 0.0f);
       const int sg_end = std::min(maxvis, (sg + 1) * kSegment);
-      for (int s0 = sg * kSegment; s0 < sg_end; s0 += BC) {
+      for (int s0 = std::max(sg * kSegment, t0); s0 < sg_end; s0 += BC) {
         const int nk = std::min(BC, sg_end - s0), nn = std::clamp(s_end - s0 - BC, 0, BC);
-        for (int r = 0; r < rows; ++r) cnt[r] = std::clamp(vis[r] - s0, 0, BC);  // the last row sees them all
+        for (int r = 0; r < rows; ++r)  // keys 0 .. cnt - 1 of the tile; none if all are before lo
+          cnt[r] = lo[r] >= s0 + BC ? 0 : std::clamp(vis[r] - s0, 0, BC);
         for (int i = 0; i < it.ng; ++i) {  // each kv head and its rows
           const int r0 = i * gr;
           const E** kp = at(cur, i, 0);
@@ -390,6 +403,7 @@ void attend(const Problem& p, const Item& it, int seg, float* partial) {
               if (cnt[r] == 0) continue;  // sees none of this tile: nothing would change
               float* s = S + size_t(r) * BC;
               std::fill(s + cnt[r], s + BC, -kInf);
+              std::fill(s, s + std::clamp(lo[r] - s0, 0, BC), -kInf);  // before the window
               online_softmax(s, m[r], l[r], O + size_t(r) * Dp, Dp);
             }
             accumulate(S + size_t(r0) * BC, cnt + r0, gr, Dp, vs, O + size_t(r0) * Dp);
@@ -414,14 +428,14 @@ void attend(const Problem& p, const Item& it, int seg, float* partial) {
         cur ^= 1;
       }
       if (seg >= 0) break;  // one segment: its partials below
-      if (sg == 0) {  // every row's first segment: it is the fold so far
-        std::swap(O, Oa);
-        std::copy(m, m + rows, Ma);
-        std::copy(l, l + rows, La);
-        continue;
+      for (int r = 0; r < rows; ++r) {
+        if (sg == first[r]) {  // the row's first segment: it is the fold so far
+          std::copy(O + size_t(r) * Dp, O + size_t(r + 1) * Dp, Oa + size_t(r) * Dp);
+          Ma[r] = m[r], La[r] = l[r];
+        } else if (sg > first[r] && vis[r] > sg * kSegment) {
+          combine(Ma[r], La[r], Oa + size_t(r) * Dp, m[r], l[r], O + size_t(r) * Dp, Dp);
+        }
       }
-      for (int r = 0; r < rows; ++r)
-        if (vis[r] > sg * kSegment) combine(Ma[r], La[r], Oa + size_t(r) * Dp, m[r], l[r], O + size_t(r) * Dp, Dp);
     }
   });
 
@@ -443,9 +457,11 @@ void merge(const Problem& p, const Item& it, const float* partials, int n_segs) 
   float* o = scratch<float, 3>(Dp);
   for (int r = 0; r < rows; ++r) {
     const int t = row_token(it, r), last = std::min(n_segs - 1, p.positions[t] / kSegment);
-    std::memcpy(o, partials + size_t(r) * Dp, size_t(Dp) * 4);
-    float M = partials[size_t(rows) * Dp + r], L = partials[size_t(rows) * (Dp + 1) + r];
-    for (int sg = 1; sg <= last; ++sg) {
+    const int f = p.lo(p.positions[t]) / kSegment;  // the row's first segment
+    const float* part0 = partials + f * block;
+    std::memcpy(o, part0 + size_t(r) * Dp, size_t(Dp) * 4);
+    float M = part0[size_t(rows) * Dp + r], L = part0[size_t(rows) * (Dp + 1) + r];
+    for (int sg = f + 1; sg <= last; ++sg) {
       const float* part = partials + sg * block;
       combine(M, L, o, part[size_t(rows) * Dp + r], part[size_t(rows) * (Dp + 1) + r], part + size_t(r) * Dp, Dp);
     }

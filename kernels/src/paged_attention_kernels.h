@@ -3,13 +3,13 @@
 // first, then hands this the rotated queries and the pools.
 //
 // Query row (token t, head h) at position p = positions[t] of sequence b attends to that
-// sequence's keys at positions 0..p, read in place through block_tables[b] (position j at
+// sequence's keys at positions lo..p (lo = 0, or p - window + 1 with a sliding window), read in place through block_tables[b] (position j at
 // block table[j / block_size], offset j % block_size); query head h reads kv head
 // h / (H / H_kv). Online softmax, fp32 accumulation.
 //
 // Bitwise contract: a row's output is a function of its q, its position and the keys and
-// values at positions 0..p only, computed in one fixed order: segments of kSegment logical
-// positions from 0 up, each an online softmax over key tiles of kKeyTile positions (each score
+// values at positions lo..p only, computed in one fixed order: segments of kSegment logical
+// positions from 0 up (those wholly before lo skipped), each an online softmax over key tiles of kKeyTile positions (each score
 // a fixed chain of FMAs over D then a fixed tree of adds, each output lane a chain over the
 // visible keys in position order), the segments folded left to right. Which rows share a task,
 // whether a row's segments run in one task or several, how many rows and sequences there are,
@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -34,6 +35,7 @@ struct Problem {
   int T = 0, B = 0, H = 0, H_kv = 0, D = 0;
   int block_size = 0, num_blocks = 0, max_blocks = 0;
   float scale = 1.0f;
+  int window = 0;               // > 0: a row at position p sees keys p - window + 1 .. p only
   DType q_dtype = DType::f32;   // the queries' and the output's type
   DType kv_dtype = DType::f32;  // the pools' type
   const void* q = nullptr;      // (T, H, D) rotated queries, row-major
@@ -43,6 +45,7 @@ struct Problem {
   const int32_t* block_tables = nullptr;  // (B, max_blocks)
   void* out = nullptr;                    // (T, H, D) in q_dtype, row-major
   int Dp() const { return (D + 15) / 16 * 16; }
+  int lo(int position) const { return window > 0 ? std::max(0, position - window + 1) : 0; }  // first key seen
 };
 
 // One task's rows: the query heads of kv heads g0 .. g0 + ng - 1 for the tokens t0 .. t0 + nt - 1,

@@ -16,7 +16,7 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     cached_attention(qkv, keys, values, cos, sin, offset, n_heads, n_kv_heads, scale=None,
                      traditional=False, stream=None) -> (out, keys, values)
     paged_attention(qkv, k_pool, v_pool, cos, sin, positions, slot_mapping, block_tables, cu_seqlens_q,
-                    context_lens, n_heads, n_kv_heads, *, scale=None, traditional=False, stream=None)
+                    context_lens, n_heads, n_kv_heads, *, scale=None, traditional=False, window=0, stream=None)
                     -> (out, k_pool, v_pool)
 Imported only after the BLAS fix: `_ext` imports mlx.core, and the fix must come first.
 """
