@@ -183,7 +183,7 @@ def gguf_weights(tensors: dict, args: ModelArgs) -> dict:
         # llama.cpp permutes Q/K rows for its interleaved RoPE, for llama (and Mixtral) only (qwen2 uses NEOX).
         if args.model_type in ("llama", "mixtral") and (".q_proj." in key or ".k_proj." in key):
             heads = args.num_attention_heads if ".q_proj." in key else args.num_key_value_heads
-            t = t.map_rows(lambda w: unpermute_rows(w, heads)) if isinstance(t, KQuantWeight) else unpermute_rows(t, heads)
+            t = t.map_rows(lambda w, h=heads: unpermute_rows(w, h)) if isinstance(t, KQuantWeight) else unpermute_rows(t, heads)
         if args.model_type == "gemma3_text" and key.endswith("norm.weight"):
             t = t - 1  # llama.cpp stores Gemma's norms as 1 + weight; HF's (and GemmaRMSNorm's) is the weight
         if key.endswith("shared_expert_gate.weight") and t.ndim == 1:

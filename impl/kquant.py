@@ -93,7 +93,7 @@ def check_kquant_matmul(x: mx.array, parts, types) -> None:
     K = x.shape[-1]
     if K == 0 or K % QK:
         fail(f"x has K = {K}, which must be a positive multiple of 256 (a k-quant block)")
-    for i, (p, t) in enumerate(zip(parts, types)):
+    for i, (p, t) in enumerate(zip(parts, types, strict=True)):
         if t not in BLOCK_BYTES:
             fail(f"types must be 'Q4_K' or 'Q6_K', got '{t}'")
         row_bytes = K // QK * BLOCK_BYTES[t]
@@ -105,7 +105,7 @@ def kquant_matmul_mlx(x: mx.array, parts, types, x_int8: bool = False) -> mx.arr
     """x (..., K) @ W.T -> (..., N) in x's dtype, W the rows of `parts` (each (N_i, row bytes) uint8 of
     types[i]) decoded to fp32; x rounded by quantize_x_int8 first if x_int8. The pure-MLX twin."""
     check_kquant_matmul(x, parts, types)
-    w = mx.concatenate([dequantize_kquant(p, t) for p, t in zip(parts, types)])  # (N, K)
+    w = mx.concatenate([dequantize_kquant(p, t) for p, t in zip(parts, types, strict=True)])  # (N, K)
     xf = quantize_x_int8(x) if x_int8 else x.astype(mx.float32)
     return (xf @ w.T).astype(x.dtype)  # (..., N), accumulated in fp32
 

@@ -36,7 +36,7 @@ class KQuantWeight:
         if len(self.parts) == 1:
             dense = dequantize_kquant(self.parts[0][flat], self.types[0], dtype)
         else:  # stacked projections are never looked up by row: decode all, simply
-            dense = mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(self.parts, self.types)])[flat]
+            dense = mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(self.parts, self.types, strict=True)])[flat]
         return dense.reshape(*ids.shape, dense.shape[-1])
 
     def map_rows(self, fn) -> KQuantWeight:
@@ -51,7 +51,7 @@ class KQuantWeight:
         assert all(first.can_stack(w) for w in weights), "stacked weights need one K and one x mode"
         runs: list[tuple[str, list[mx.array]]] = []
         for w in weights:
-            for p, t in zip(w.parts, w.types):
+            for p, t in zip(w.parts, w.types, strict=True):
                 if runs and runs[-1][0] == t:
                     runs[-1][1].append(p)
                 else:

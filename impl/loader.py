@@ -99,7 +99,7 @@ def dequantize_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
     """Every affine triple becomes a dense 'x.weight' in `dtype` (week 1)."""
     def dense(q):
         if isinstance(q, KQuantWeight):
-            return mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(q.parts, q.types)])
+            return mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(q.parts, q.types, strict=True)])
         return dequantize(q.w_q, q.scales, q.biases, q.group_size, q.bits, dtype)
 
     return convert_triples(weights, dense, dtype)

@@ -1,6 +1,6 @@
 // The k-quant kernels for AVX-512 with VNNI (compiled with -mavx512f -mavx512bw -mavx512vl
 // -mavx512dq -mavx512vnni -mavx2 -mfma -mf16c; run only where the CPU reports them all).
-// fp32 mode and the panels: the portable code, vectorized by the compiler with these flags.
+// fp32 mode and the panels: each block decoded to fp32 in registers from the same unpacked bytes.
 // int8 mode: 64 weights a register as unsigned bytes, vpdpbusd against 64 int8 values of x
 // (16 int32 lanes, each the sum of 4 products), each lane times its sub-block's scale (vpmulld),
 // so a whole block's sum stays in exact integers until one conversion to fp32.
@@ -75,6 +75,72 @@ inline __m512i block_dot(const __m512i q[4], const __m512i s[4], const int8_t* x
   return acc;
 }
 
+// One block -> 256 fp32 weights, the values decode_block gives (every product is exact, so the
+// FMA's single rounding is the add's): 16 at a time from the bytes q4k_block / q6k_block unpack.
+void decode_block_avx512(Type t, const uint8_t* b, float* w) {
+  __m512i q[4], s[4], sv;
+  alignas(64) float scale[16], bias[16];
+  if (t == Type::q4_k) {
+    q4k_block(b, q, s, sv);
+    const __m512 f = _mm512_cvtepi32_ps(sv);  // sc in lanes 0-7, m in 8-15
+    _mm512_store_ps(scale, _mm512_mul_ps(f, _mm512_set1_ps(f16(b))));
+    _mm512_store_ps(bias, _mm512_mul_ps(f, _mm512_set1_ps(-f16(b + 2))));  // -(dmin m): lanes 8-15
+  } else {
+    q6k_block(b, q, s, sv);
+    _mm512_store_ps(scale, _mm512_mul_ps(_mm512_cvtepi32_ps(sv), _mm512_set1_ps(f16(b + 208))));
+  }
+  for (int c = 0; c < 4; ++c)
+    for (int k = 0; k < 4; ++k) {  // values 64c + 16k ..: sub-block 2c + k / 2 (Q4_K), 4c + k (Q6_K)
+      __m128i bytes;
+      switch (k) {
+        case 0: bytes = _mm512_extracti32x4_epi32(q[c], 0); break;
+        case 1: bytes = _mm512_extracti32x4_epi32(q[c], 1); break;
+        case 2: bytes = _mm512_extracti32x4_epi32(q[c], 2); break;
+        default: bytes = _mm512_extracti32x4_epi32(q[c], 3); break;
+      }
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+      __m512 out;
+      if (t == Type::q4_k) {
+        const int j = 2 * c + k / 2;
+        out = _mm512_fmadd_ps(v, _mm512_set1_ps(scale[j]), _mm512_set1_ps(bias[8 + j]));
+      } else {
+        out = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(32.0f)), _mm512_set1_ps(scale[4 * c + k]));
+      }
+      _mm512_storeu_ps(w + 64 * c + 16 * k, out);
+    }
+}
+
+void dot_f32_avx512(const Rows& W, int n0, int n1, const float* x, int M, float* y, long ldy) {
+  const int nb = W.K / QK;
+  const size_t bb = tiny_llm::kq::block_bytes(W.type);
+  alignas(64) float w[QK];
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = W.w + size_t(n) * W.row_bytes;
+    for (int m0 = 0; m0 < M; m0 += kRows) {
+      const int mr = std::min(kRows, M - m0);
+      __m512 acc[kRows];
+      for (int r = 0; r < mr; ++r) acc[r] = _mm512_setzero_ps();
+      for (int b = 0; b < nb; ++b) {
+        decode_block_avx512(W.type, row + b * bb, w);
+        for (int r = 0; r < mr; ++r) {
+          const float* xr = x + size_t(m0 + r) * W.K + b * QK;
+          for (int i = 0; i < QK; i += 16)
+            acc[r] = _mm512_fmadd_ps(_mm512_load_ps(w + i), _mm512_loadu_ps(xr + i), acc[r]);
+        }
+      }
+      for (int r = 0; r < mr; ++r) y[size_t(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
+    }
+  }
+}
+
+void dequantize_avx512(const Rows& W, int n0, int n1, float* out) {
+  const int nb = W.K / QK;
+  const size_t bb = tiny_llm::kq::block_bytes(W.type);
+  for (int n = n0; n < n1; ++n)
+    for (int b = 0; b < nb; ++b)
+      decode_block_avx512(W.type, W.w + size_t(n) * W.row_bytes + b * bb, out + size_t(n - n0) * W.K + b * QK);
+}
+
 void dot_q8_vnni(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, long ldy) {
   const int nb = W.K / QK;
   const size_t bb = tiny_llm::kq::block_bytes(W.type);
@@ -124,7 +190,7 @@ void dot_q8_vnni(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, lo
 namespace tiny_llm::kq {
 
 const Isa* isa_avx512() {
-  static const Isa isa{"avx512_vnni", dot_f32, dot_q8_vnni, dequantize, quantize_x};
+  static const Isa isa{"avx512_vnni", dot_f32_avx512, dot_q8_vnni, dequantize_avx512, quantize_x};
   return &isa;
 }
 

@@ -1,7 +1,8 @@
 // The k-quant kernels in plain C++, included by each instruction set's translation unit
 // (kquant_portable.cpp, kquant_avx2.cpp, kquant_avx512.cpp), which the compiler vectorizes
 // with that unit's flags. The AVX-512 unit replaces dot_q8 with VNNI intrinsics.
-// Defines, in an anonymous namespace: dot_f32, dot_q8, dequantize, quantize_x (kquant_kernels.h).
+// Defines, in an anonymous namespace: dot_f32, dot_q8_generic, dequantize, quantize_x (kquant_kernels.h);
+// a unit may replace any of them with its own ([[maybe_unused]]: then no warning).
 #pragma once
 
 #include <algorithm>
@@ -105,7 +106,7 @@ inline float sum_lanes(float* a) {
   return a[0];
 }
 
-void dot_f32(const Rows& W, int n0, int n1, const float* x, int M, float* y, long ldy) {
+[[maybe_unused]] void dot_f32(const Rows& W, int n0, int n1, const float* x, int M, float* y, long ldy) {
   const int nb = W.K / QK;
   const size_t bb = tiny_llm::kq::block_bytes(W.type);
   alignas(64) float w[QK];
@@ -129,7 +130,7 @@ void dot_f32(const Rows& W, int n0, int n1, const float* x, int M, float* y, lon
 
 // int8 mode in integers: sum_i q_i xq_i per sub-block times its 6/8-bit scale, exact in int32;
 // the mins (Q4_K) and the -32 (Q6_K) through the sub-block sums of xq (Q8::bs).
-void dot_q8_generic(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, long ldy) {
+[[maybe_unused]] void dot_q8_generic(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, long ldy) {
   const int nb = W.K / QK;
   const size_t bb = tiny_llm::kq::block_bytes(W.type);
   alignas(64) uint8_t q[QK];
@@ -174,7 +175,7 @@ void dot_q8_generic(const Rows& W, int n0, int n1, const Q8& X, int M, float* y,
   }
 }
 
-void dequantize(const Rows& W, int n0, int n1, float* out) {
+[[maybe_unused]] void dequantize(const Rows& W, int n0, int n1, float* out) {
   const int nb = W.K / QK;
   const size_t bb = tiny_llm::kq::block_bytes(W.type);
   for (int n = n0; n < n1; ++n)
