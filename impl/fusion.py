@@ -19,6 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from impl.basics import linear
+from impl.kquant_weight import KQuantWeight
 from impl.kv_cache import KVCache
 from impl.layer_kernels import _kernel, cached_attention, swiglu, swiglu_mlx
 from impl.model import TransformerBlock
@@ -46,11 +47,15 @@ def fused_linear_mlx(x: mx.array, w, norm: RMSNorm | None = None, swiglu: bool =
     return y + residual
 
 
-def fused_linear(x: mx.array, w: QuantizedWeight, norm: RMSNorm | None = None, swiglu: bool = False,
+def fused_linear(x: mx.array, w: QuantizedWeight | KQuantWeight, norm: RMSNorm | None = None, swiglu: bool = False,
                  residual: mx.array | None = None) -> mx.array:
     """x @ w.T with, in the same node, the RMSNorm `norm` or SwiGLU applied to x first and the
     residual (the output's shape and dtype) added after: the quantized-matmul kernel's fused
     prologue and epilogue; else the twin."""
+    fused = dict(norm_weight=None if norm is None else norm.weight, eps=1e-5 if norm is None else norm.eps,
+                 swiglu=swiglu, residual=residual)
+    if isinstance(w, KQuantWeight) and (kernel := _kernel("kquant_matmul")) is not None and not (norm is not None and swiglu):
+        return kernel(x, list(w.parts), list(w.types), x_int8=w.x_int8, **fused)  # a GGUF's blocks (impl.kquant)
     kernel = _kernel("quantized_matmul")
     if kernel is None or not isinstance(w, QuantizedWeight) or (norm is not None and swiglu):
         return fused_linear_mlx(x, w, norm, swiglu, residual)
@@ -68,7 +73,8 @@ class KernelTransformerBlock(TransformerBlock):
         mlp.swiglu = swiglu  # the unfused path too: silu(gate) * up on the kernel
         # What the fused path needs of the weights, decided once (the decode loop calls this block 30
         # times a token): stacked quantized q/k/v and gate/up, no o bias, no q/k norm (Qwen3), a RoPE with tables.
-        self.fusable = (isinstance(attn.wqkv, QuantizedWeight) and isinstance(getattr(mlp, "w_gate_up", None), QuantizedWeight)
+        kinds = (QuantizedWeight, KQuantWeight)
+        self.fusable = (isinstance(attn.wqkv, kinds) and isinstance(getattr(mlp, "w_gate_up", None), kinds)
                         and attn.bo is None and attn.q_norm is None and isinstance(attn.rope, RoPE))
 
     def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", offset: int = 0,

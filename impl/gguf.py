@@ -5,7 +5,8 @@ Q4_0/Q4_1/Q8_0 tensors as MLX affine triples (weight, scales, biases; group
 size 32). Files with other types (k-quants, Q5_0) are read by impl.gguf_reader
 and decoded by impl.gguf_quants into the same triples where that is exact. Q6_K
 has none: for the kernels it is requantized to the nearest 8-bit triple (impl.gguf_quants
-bounds the error), for a dense model it is dequantized exactly. This module renames them,
+bounds the error), for a dense model it is dequantized exactly. With the k-quant kernel
+(impl.kquant), Q4_K and Q6_K tensors instead stay in the file's blocks, one KQuantWeight each. This module renames them,
 restores Hugging Face's Q/K row order and reads the hyper-parameters from the metadata.
 """
 
@@ -14,11 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from impl.config import ModelArgs
 from impl.errors import TinyLLMError
 from impl.gguf_quants import GROUP, REQUANTIZED, dequantize, to_affine, to_affine_8bit
 from impl.gguf_reader import GGUFTensor, read_gguf_file
+from impl.kquant import BLOCK_BYTES as KQUANT_TYPES
+from impl.kquant_weight import KQuantWeight
 
 GGUF_GROUP_SIZE = GROUP
 # The tensor types mx.load reads (as arrays or affine triples); files with others go through gguf_quants.
@@ -77,26 +81,33 @@ def _meta(meta: dict, key: str, default=None):
     return v.item() if isinstance(v, mx.array) else v
 
 
-def read_gguf(path: str | Path, requantize: bool = True) -> tuple[dict, dict]:
+def read_gguf(path: str | Path, requantize: bool = True, kquant: str = "affine") -> tuple[dict, dict]:
     """(tensors, metadata) with one-line errors for missing, truncated or corrupt files and
     unsupported tensor types: mx.load where it reads every tensor type, else numpy's decoding.
-    requantize=False gives Q6_K tensors as exact dense fp32 (for a model that dequantizes anyway)."""
+    requantize=False gives Q6_K tensors as exact dense fp32 (for a model that dequantizes anyway).
+    kquant "int8" or "fp32" (impl.kquant's modes) keeps 2-D Q4_K and Q6_K tensors as the file's blocks,
+    a KQuantWeight each; "affine" maps them onto triples as above."""
     path = Path(path)
     tensors, meta = read_gguf_file(path)  # checks the header, the types and that every tensor is there
     if any(t.type not in MX_LOAD_TYPES for t in tensors.values()):
-        return _decoded(tensors, requantize), meta
+        return _decoded(tensors, requantize, kquant), meta
     try:
         return mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
         raise TinyLLMError(f"cannot read {path}: {str(e).removeprefix('[load_gguf] ')}") from None
 
 
-def _decoded(tensors: dict[str, GGUFTensor], requantize: bool) -> dict:
+def _decoded(tensors: dict[str, GGUFTensor], requantize: bool, kquant: str = "affine") -> dict:
     """GGUF tensors as mx.load names them: an affine triple 'x.weight', 'x.scales', 'x.biases'
     where exact, the nearest 8-bit triple for Q6_K if `requantize` (its 16-value groups are not the
-    kernel's), else one dense float32 'x.weight'."""
+    kernel's), else one dense float32 'x.weight'; with kquant "int8"/"fp32", a 2-D Q4_K or Q6_K
+    tensor is one KQuantWeight 'x.weight' holding the file's bytes."""
     out = {}
     for name, t in tensors.items():
+        if kquant != "affine" and t.type in KQUANT_TYPES and len(t.shape) == 2:
+            rows = mx.array(np.ascontiguousarray(t.data).reshape(t.shape[0], -1))  # (N, K / 256 * block bytes)
+            out[name] = KQuantWeight((rows,), (t.type,), x_int8=kquant == "int8")
+            continue
         triple = to_affine_8bit(t.data, t.type) if requantize and t.type in REQUANTIZED else to_affine(t.data, t.type)
         if triple is None:
             out[name] = mx.array(dequantize(t.data, t.type, t.shape))
@@ -172,7 +183,7 @@ def gguf_weights(tensors: dict, args: ModelArgs) -> dict:
         # llama.cpp permutes Q/K rows for its interleaved RoPE, for llama (and Mixtral) only (qwen2 uses NEOX).
         if args.model_type in ("llama", "mixtral") and (".q_proj." in key or ".k_proj." in key):
             heads = args.num_attention_heads if ".q_proj." in key else args.num_key_value_heads
-            t = unpermute_rows(t, heads)
+            t = t.map_rows(lambda w, h=heads: unpermute_rows(w, h)) if isinstance(t, KQuantWeight) else unpermute_rows(t, heads)
         if args.model_type == "gemma3_text" and key.endswith("norm.weight"):
             t = t - 1  # llama.cpp stores Gemma's norms as 1 + weight; HF's (and GemmaRMSNorm's) is the weight
         if key.endswith("shared_expert_gate.weight") and t.ndim == 1:

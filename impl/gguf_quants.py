@@ -21,6 +21,9 @@ grid step, (max - min) / 510, plus fp32 rounding. A group spans at most 64 steps
 sub-block (q - 32 is in [-32, 31]; a negative scale flips it), so the grid step is at most 64/255
 of that step and a value moves by at most 32/255 of it (about an eighth), a quarter of Q6_K's own
 rounding error. It keeps the tensor at 1.25 bytes a value instead of dense fp32's 4.
+With the k-quant kernel built, a quantized model keeps 2-D Q4_K and Q6_K tensors in their own
+blocks instead (impl.kquant, 0.5625 and 0.82 bytes a value); these triples are then the "affine"
+mode (TINY_LLM_KQUANT=affine) and what stacked experts of those types use.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ from impl.gguf import (
     quantization_bits,
     read_gguf,
 )
+from impl.kquant import KQUANT_MODE, KQUANT_MODES, dequantize_kquant
+from impl.kquant_weight import KQuantWeight
 from impl.model import Model
 from impl.model_files import KNOWN_MODELS, known_model_path
 from impl.moe import stack_experts
@@ -76,13 +78,15 @@ def default_model_path() -> Path:
 
 def convert_triples(weights: dict, to_weight, dtype: mx.Dtype = mx.float32) -> dict:
     """Replace each affine triple ('x.weight', 'x.scales', 'x.biases') by one 'x.weight' made by
-    to_weight(QuantizedWeight); every other tensor is cast to `dtype`."""
+    to_weight(QuantizedWeight), and each KQuantWeight w by to_weight(w); every other tensor is cast to `dtype`."""
     out = {}
     for key, w in weights.items():
         if key.endswith((".scales", ".biases")):
             continue
         base = key.removesuffix(".weight")
-        if key.endswith(".weight") and f"{base}.scales" in weights:
+        if isinstance(w, KQuantWeight):  # a GGUF's k-quant blocks (impl.kquant)
+            out[key] = to_weight(w)
+        elif key.endswith(".weight") and f"{base}.scales" in weights:
             scales, biases = weights[f"{base}.scales"], weights[f"{base}.biases"]
             bits = quantization_bits(w, scales, GGUF_GROUP_SIZE)
             out[key] = to_weight(QuantizedWeight(w, scales, biases, GGUF_GROUP_SIZE, bits))
@@ -93,8 +97,12 @@ def convert_triples(weights: dict, to_weight, dtype: mx.Dtype = mx.float32) -> d
 
 def dequantize_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
     """Every affine triple becomes a dense 'x.weight' in `dtype` (week 1)."""
-    return convert_triples(weights, lambda q: dequantize(q.w_q, q.scales, q.biases, q.group_size, q.bits, dtype),
-                           dtype)
+    def dense(q):
+        if isinstance(q, KQuantWeight):
+            return mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(q.parts, q.types, strict=True)])
+        return dequantize(q.w_q, q.scales, q.biases, q.group_size, q.bits, dtype)
+
+    return convert_triples(weights, dense, dtype)
 
 
 def quantized_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
@@ -106,7 +114,8 @@ def fuse_projections(weights: dict, num_layers: int) -> dict:
     """Stack each layer's q/k/v rows into one 'self_attn.qkv_proj' and gate/up rows into one
     'mlp.gate_up_proj' (Phi-3's names): one quantized matmul each where there were three and two.
 
-    Only QuantizedWeights of one layout are stacked (a GGUF may mix bit widths); biases go along.
+    Only QuantizedWeights of one layout are stacked (a GGUF may mix bit widths), or KQuantWeights of
+    one K (a stack may hold Q4_K and Q6_K rows: runs of each); biases go along.
     """
     for i in range(num_layers):
         p = f"model.layers.{i}"
@@ -118,17 +127,32 @@ def fuse_projections(weights: dict, num_layers: int) -> dict:
 def _stack(weights: dict, names: list[str], fused: str) -> None:
     parts = [weights.get(f"{n}.weight") for n in names]  # a missing one: Model says which
     biases = [weights.get(f"{n}.bias") for n in names]
-    if not all(isinstance(w, QuantizedWeight) and w.can_stack(parts[0]) for w in parts):
+    kind = type(parts[0])
+    if kind not in (QuantizedWeight, KQuantWeight) or not all(isinstance(w, kind) and parts[0].can_stack(w)
+                                                              for w in parts):
         return
     if any(b is None for b in biases) and any(b is not None for b in biases):
         return  # a bias on some projections only: keep them apart
-    weights[f"{fused}.weight"] = stacked = QuantizedWeight.stack(parts)
-    mx.eval(stacked.w_q, stacked.scales, stacked.biases)  # now, so the parts can be freed
+    weights[f"{fused}.weight"] = stacked = kind.stack(parts)
+    if kind is KQuantWeight:
+        mx.eval(*stacked.parts)  # now, so the parts can be freed
+    else:
+        mx.eval(stacked.w_q, stacked.scales, stacked.biases)
     if biases[0] is not None:
         weights[f"{fused}.bias"] = mx.concatenate(biases)
     for n in names:
         weights.pop(f"{n}.weight")
         weights.pop(f"{n}.bias", None)
+
+
+def kquant_mode(mode: str | None = None) -> str:
+    """`mode` (None: impl.kquant.KQUANT_MODE), checked; "affine" when the k-quant kernel is not built."""
+    mode = KQUANT_MODE if mode is None else mode
+    if mode not in KQUANT_MODES:
+        raise TinyLLMError(f"unknown k-quant mode {mode!r}; known: {', '.join(KQUANT_MODES)}")
+    from impl.native import kernels
+
+    return mode if kernels is not None and hasattr(kernels, "kquant_matmul") else "affine"
 
 
 def kernels_built() -> bool:
@@ -138,15 +162,21 @@ def kernels_built() -> bool:
     return kernels is not None and hasattr(kernels, "quantized_matmul")
 
 
-def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None = None) -> LoadedModel:
+def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None = None,
+              kquant: str | None = None) -> LoadedModel:
     """A GGUF file: the model now; its tokenizer and chat template, from the metadata, when first used.
 
     quantized=False dequantizes every weight to `dtype` (week 1); True keeps them quantized and
     attends with flash attention (week 2's kernels); None (default): True when the kernels are built.
+    kquant: how a quantized model keeps Q4_K and Q6_K tensors (impl.kquant.KQUANT_MODES): "int8" or
+    "fp32", the file's blocks on the k-quant kernel; "affine", MLX triples (Q6_K requantized to 8
+    bits). None: impl.kquant.KQUANT_MODE (TINY_LLM_KQUANT, default "int8") when the kernel is
+    built, else "affine".
     """
     if quantized is None:
         quantized = kernels_built()
-    tensors, meta = read_gguf(path, requantize=quantized)
+    kquant = kquant_mode(kquant) if quantized else "affine"
+    tensors, meta = read_gguf(path, requantize=quantized, kquant=kquant)
     args = args_from_metadata(meta, tensors.keys())
     convert = quantized_weights if quantized else dequantize_weights
     weights = convert(gguf_weights(tensors, args), dtype)
@@ -213,11 +243,11 @@ def _build(args: ModelArgs, weights: dict, path: Path, **layers) -> Model:
 
 
 def load_model(path: str | Path | None = None, dtype: mx.Dtype = mx.float32,
-               quantized: bool | None = None) -> LoadedModel:
+               quantized: bool | None = None, kquant: str | None = None) -> LoadedModel:
     """Load a GGUF file, an HF model folder (Llama, Qwen2, Qwen3, Gemma 3 text) or a known model by name
     ('qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b', 'gemma-3-270m': fetched into the cache on first use); the default model when path is None.
 
-    `quantized` applies to GGUF files: see load_gguf.
+    `quantized` and `kquant` apply to GGUF files: see load_gguf.
     """
     if isinstance(path, str) and path in KNOWN_MODELS:
         path = known_model_path(path)
@@ -227,4 +257,4 @@ def load_model(path: str | Path | None = None, dtype: mx.Dtype = mx.float32,
     if not path.exists():
         raise TinyLLMError(f"model not found: {path} (a GGUF file, a Hugging Face folder,"
                            f" or a known name: {', '.join(KNOWN_MODELS)})")
-    return load_gguf(path, dtype, quantized)
+    return load_gguf(path, dtype, quantized, kquant)

@@ -666,3 +666,184 @@ def test_fused_matmul_rejects_bad_pieces(impl):
         with pytest.raises(ValueError, match="quantized_matmul: ") as e:
             kernels.quantized_matmul(x_, w_q, scales, biases, 32, 4, **kw)
         assert "\n" not in str(e.value), f"{what}: the error is not one line"
+
+
+# --- GGUF k-quants as the file stores them: Q4_K and Q6_K (impl.kquant) -------------------
+# tiny_llm_kernels.kquant_matmul multiplies x by the file's blocks (no triple, no requantized
+# Q6_K). Checked: the twin's MLX decoding == the gguf package's dequantize, bit for bit (random and
+# crafted blocks); kernel == twin and both == float64 numpy on gguf's weights, for x as given
+# ("fp32" mode) and for x rounded to int8 per 256 values ("int8" mode, llama.cpp's Q8_K
+# activations), that rounding recomputed here with numpy; int8 mode within its stated bound of the
+# exact product; fused pieces and stacked Q4_K + Q6_K rows == the separate kernels, bit for bit.
+
+KQUANTS = ("Q4_K", "Q6_K")
+
+
+def kquant_rows(qtype: str, N: int, K: int, seed: int, crafted: bool = False) -> np.ndarray:
+    """(N, K / 256 * block bytes) uint8 rows of random blocks with scales of a model's size (|d| ~ 1e-3,
+    so that a row's sum is of order 1), crafted blocks (every fp16 extreme as d, dmin; bytes all 0,
+    all 0xFF, 0x80, 0x7F) first if `crafted`."""
+    from spec.day_1_5_model import crafted_blocks, random_blocks
+
+    n = N * K // 256
+    blocks = random_blocks(qtype, n, seed)
+    for at in BLOCKS_F16[qtype]:
+        d = np.random.default_rng(seed + 1).uniform(-2e-3, 2e-3, n).astype(np.float16)
+        blocks[:, at:at + 2] = d.view(np.uint8).reshape(n, 2)
+    if crafted:
+        c = crafted_blocks(qtype)[:n]
+        blocks[:len(c)] = c
+    return blocks.reshape(N, -1)
+
+
+BLOCKS_F16 = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def gguf_weights(rows: np.ndarray, qtype: str) -> np.ndarray:
+    """(N, K) float64: the gguf package's dequantize (llama.cpp's values), independent of impl."""
+    from spec.day_1_5_model import BLOCKS, gguf_reference
+
+    return gguf_reference(rows.reshape(-1, BLOCKS[qtype][1]), qtype).reshape(rows.shape[0], -1).astype(np.float64)
+
+
+def int8_rounded(x: np.ndarray) -> np.ndarray:
+    """x rounded as "int8" mode rounds it, in numpy: per 256 values d = max|x| / 127 (fp32),
+    d * round(x / d), ties to even; and the per-value bound of that rounding, d / 2."""
+    xb = x.astype(np.float32).reshape(*x.shape[:-1], -1, 256)
+    d = np.abs(xb).max(-1, keepdims=True) / np.float32(127)
+    q = np.where(d > 0, np.rint(xb / np.where(d > 0, d, 1)), 0)
+    return (q * d).reshape(x.shape), np.broadcast_to(d / 2, xb.shape).reshape(x.shape)
+
+
+@pytest.mark.presence
+def test_kquant_kernel_is_built(impl):
+    kernels = impl.native.kernels
+    assert kernels is not None and hasattr(kernels, "kquant_matmul"), (
+        f"tiny_llm_kernels has no kquant_matmul ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_kquant_twin_decodes_like_gguf(impl, qtype):
+    """impl.kquant.dequantize_kquant (MLX ops on the file's bytes) == gguf's dequantize, bit for bit,
+    including fp16 extremes as d and dmin and all-zero / all-max quants and scales."""
+    from spec.day_1_5_model import assert_bits_equal, crafted_blocks, gguf_reference, random_blocks
+
+    for name, blocks in {"random": random_blocks(qtype, 64, seed=1), "crafted": crafted_blocks(qtype)}.items():
+        rows = blocks.reshape(2 if name == "random" else 1, -1)  # several blocks a row
+        got = impl.kquant.dequantize_kquant(mx.array(rows), qtype)
+        assert_bits_equal(np.array(got), gguf_reference(blocks, qtype).reshape(got.shape), f"{qtype} {name}")
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+@pytest.mark.parametrize("x_int8", [False, True], ids=["fp32", "int8"])
+@pytest.mark.parametrize("M", [1, 3, 40])  # decode (integer dots in int8 mode) and prefill (fp32 panels)
+def test_kquant_matmul_matches_twin_and_gguf(impl, qtype, x_int8, M):
+    """kernel == twin == x' @ W.T in float64, W from gguf's dequantize and x' = x (fp32 mode) or x
+    rounded to int8 per 256 values, recomputed here (int8 mode)."""
+    K, N = 512, 40
+    rows = kquant_rows(qtype, N, K, seed=M, crafted=True)
+    w = gguf_weights(rows, qtype)
+    x = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)
+    xr, _ = int8_rounded(x) if x_int8 else (x, None)
+    parts = [mx.array(rows)]
+    got = impl.kquant.kquant_matmul(mx.array(x), parts, [qtype], x_int8)
+    twin = impl.kquant.kquant_matmul_mlx(mx.array(x), parts, [qtype], x_int8)
+    want = xr.astype(np.float64) @ w.T
+    # Every weight and every rounded x is exact in fp32 (11-bit d times a 6/8-bit scale times a
+    # 4/6-bit q; int8 mode: an int8 times d, up to one rounding): what remains is fp32 sums over K.
+    A = np.abs(xr).astype(np.float64) @ np.abs(w).T
+    what = f"{qtype}, {'int8' if x_int8 else 'fp32'} x, M={M}"
+    assert_close(got, twin, fp32_tol(K, A, 2), f"kernel vs twin, {what}")
+    assert_close(twin, want, fp32_tol(K, A, 1), f"twin vs float64, {what}")
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_kquant_int8_mode_stays_within_its_bound(impl, qtype):
+    """int8 mode moves each x by at most d / 2 (d = max|x| / 127 of its 256 values), so y moves by at
+    most sum_k d_k / 2 |w_k| from the exact x @ W.T (impl.kquant's stated bound), plus fp32 sums."""
+    K, N = 1536, 64
+    rows = kquant_rows(qtype, N, K, seed=7)
+    w = gguf_weights(rows, qtype)
+    x = (np.random.default_rng(7).standard_normal((1, K)) * np.exp(np.linspace(-3, 3, K))).astype(np.float32)
+    got = to_numpy(impl.kquant.kquant_matmul(mx.array(x), [mx.array(rows)], [qtype], True)).astype(np.float64)
+    xr, half_step = int8_rounded(x)
+    bound = half_step.astype(np.float64) @ np.abs(w).T
+    A = np.abs(xr).astype(np.float64) @ np.abs(w).T
+    err = np.abs(got - x.astype(np.float64) @ w.T)
+    assert (err <= bound + 2 * fp32_sum_bound(K, A)).all(), f"{qtype}: error {err.max():.3g} over the bound"
+    assert err.max() > 0, "int8 mode gave the exact product: is x rounded at all?"
+
+
+@pytest.mark.parametrize("x_int8", [False, True], ids=["fp32", "int8"])
+def test_kquant_stacked_rows_and_fused_pieces_equal_the_separate_kernels(impl, x_int8):
+    """A stacked q/k/v of Q4_K and Q6_K rows (two parts, one node) == each part alone, and the fused
+    RMSNorm / SwiGLU / residual == the separate kernels, bit for bit: a row's arithmetic does not
+    depend on the rows beside it."""
+    K = 512
+    fusion, lk, kw = impl.fusion, impl.layer_kernels, impl.kquant_weight
+    parts = [kw.KQuantWeight((mx.array(kquant_rows(t, n, K, seed=n)),), (t,), x_int8) for t, n in
+             (("Q4_K", 24), ("Q4_K", 8), ("Q6_K", 8))]
+    stacked = kw.KQuantWeight.stack(parts)
+    assert stacked.types == ("Q4_K", "Q6_K") and stacked.shape == (40, K), f"{stacked.types} {stacked.shape}"
+    rng = np.random.default_rng(0)
+    for M in (1, 5, 40):
+        x = mx.array(rng.standard_normal((M, K)).astype(np.float32))
+        whole = to_numpy(stacked.matmul_t(x))
+        alone = np.concatenate([to_numpy(p.matmul_t(x)) for p in parts], axis=-1)
+        assert np.array_equal(whole, alone), f"M={M}: stacked rows differ from the parts by {np.abs(whole - alone).max()}"
+        gate_up = mx.array(rng.standard_normal((M, 2 * K)).astype(np.float32))
+        r = mx.array(rng.standard_normal((M, 40)).astype(np.float32))
+        norm = lk.KernelRMSNorm(K, mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32)), 1e-5)
+        cases = {"rms_norm + residual": (fusion.fused_linear(x, stacked, norm=norm, residual=r),
+                                         stacked.matmul_t(norm(x)) + r),
+                 "swiglu": (fusion.fused_linear(gate_up, stacked, swiglu=True), stacked.matmul_t(lk.swiglu(gate_up)))}
+        for name, (fused, separate) in cases.items():
+            assert _ops(fused) == ["TinyLLMKQuantMatmul"], f"{name}, M={M}: not one node: {_ops(fused)}"
+            assert np.array_equal(to_numpy(fused), to_numpy(separate)), f"{name}, M={M}: fused != separate"
+
+
+@pytest.mark.parametrize("case", ["K", "type", "part width", "part dtype", "x dtype", "lengths"])
+def test_kquant_twin_and_kernel_reject_the_same_inputs(impl, case):
+    kq = impl.kquant
+    ok = mx.array(kquant_rows("Q4_K", 4, 256, seed=0))
+    x, parts, types = mx.zeros((1, 256)), [ok], ["Q4_K"]
+    if case == "K":
+        x = mx.zeros((1, 128))
+    elif case == "type":
+        types = ["Q5_K"]
+    elif case == "part width":
+        parts = [ok[:, :100]]
+    elif case == "part dtype":
+        parts = [ok.astype(mx.int32)]
+    elif case == "x dtype":
+        x = mx.zeros((1, 256), mx.int32)
+    else:
+        types = ["Q4_K", "Q6_K"]
+    assert_rejected_alike({"kernel": kq.kquant_matmul, "twin": kq.kquant_matmul_mlx},
+                          lambda: (x, parts, types), "^kquant_matmul: ", case)
+
+
+def test_real_kquant_model_keeps_the_files_blocks_and_its_logits(impl, coder_gguf):
+    """Qwen2.5-Coder-0.5B (Q4_K, Q6_K, Q5_0, Q8_0 tensors) loaded for week 2's kernels keeps each 2-D
+    Q4_K and Q6_K tensor as a KQuantWeight of the file's bytes; in "fp32" mode (exact weights, x as
+    given) its logits equal the dense week-1 model's within fp32 sums, and in "int8" mode (x rounded
+    to int8 per 256 values, llama.cpp's arithmetic) within a looser bound, with the same greedy token."""
+    from spec.ladder import MODEL_FP32
+
+    kw = impl.kquant_weight
+    ids = mx.array([[151644, 872, 198, 7985, 264, 13027, 729, 429, 17431, 264, 1140, 151645, 198]])
+    dense = impl.loader.load_model(coder_gguf, quantized=False).model(ids)[0, -1]
+    for mode in ("fp32", "int8"):
+        loaded = impl.loader.load_model(coder_gguf, quantized=True, kquant=mode)
+        native = [w for w in _linear_weights(loaded.model) if isinstance(w, kw.KQuantWeight)]
+        assert len(native) >= 24, f"{mode}: only {len(native)} weights kept as k-quant blocks"  # 1+ a layer
+        assert all(w.x_int8 == (mode == "int8") for w in native), f"{mode}: a weight in the other mode"
+        got = loaded.model(ids)[0, -1]
+        if mode == "fp32":
+            assert_close(got, dense, MODEL_FP32, "fp32 mode vs the dense model, last position's logits")
+        else:
+            # int8 x moves each matmul input by up to max|x| / 254 of its 256 values (about 0.4%
+            # of the block's largest value): through 24 layers the logits (~20) move by a few tenths.
+            err = float(mx.abs(got - dense).max())
+            assert err < 1.0, f"int8 mode moves the logits by {err:.3g} from the dense model's"
+            assert int(mx.argmax(got)) == int(mx.argmax(dense)), "int8 mode changed the greedy token"

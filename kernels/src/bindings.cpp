@@ -7,10 +7,12 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "activations.h"
 #include "cached_attention.h"
 #include "flash_attention.h"
+#include "kquant_matmul.h"
 #include "paged_attention.h"
 #include "quantized_matmul.h"
 #include "quantized_matmul_dx.h"
@@ -64,6 +66,22 @@ NB_MODULE(_ext, m) {
         "smallest M sent to the dequantized-panel kernel (0: never, -1: the isa's own) and the\n"
         "smallest M that precision='bf16' sends to the VDPBF16PS kernel (0: never, -1: the default).\n"
         "Returns quantized_matmul_info().");
+
+  m.def("kquant_matmul", &tiny_llm::kquant_matmul, "x"_a, "parts"_a, "types"_a, nb::kw_only(), "x_int8"_a = false,
+        "norm_weight"_a = nb::none(), "eps"_a = 1e-5f, "swiglu"_a = false, "residual"_a = nb::none(),
+        "stream"_a = nb::none(),
+        "y = x @ W.T with W in GGUF k-quant blocks as the file stores them, on the CPU (twin:\n"
+        "impl.kquant.kquant_matmul_mlx).\n\n"
+        "x (..., K) float32/float16/bfloat16, K a multiple of 256; parts: W's rows in runs, each a\n"
+        "(N_i, K / 256 * block bytes) uint8 array of types[i] ('Q4_K': 144 bytes a block, 'Q6_K': 210).\n"
+        "Returns (..., sum N_i) in x's dtype, accumulated in float32. x_int8: x first rounded per 256\n"
+        "values to int8 (d = max|x| / 127, q = round(x / d), ties to even; below panel_min_m rows dotted\n"
+        "with W's integer q, llama.cpp's arithmetic); else x as given. W decoded exactly.\n"
+        "norm_weight, eps, swiglu, residual: fused as in quantized_matmul. Lazy, like any MLX op.");
+  m.def("kquant_matmul_info", &tiny_llm::kquant_matmul_info, "Which code kquant_matmul runs: isa, threads, panel_min_m.");
+  m.def("kquant_matmul_configure", &tiny_llm::kquant_matmul_configure, "isa"_a = "", "panel_min_m"_a = -2,
+        "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto') and the smallest M\n"
+        "sent to the float32 panels (0: never, -1: the default). Returns kquant_matmul_info().");
 
   m.def("flash_attention", &tiny_llm::flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a = nb::none(),
         "causal"_a = false, "mask"_a = nb::none(), "stream"_a = nb::none(),

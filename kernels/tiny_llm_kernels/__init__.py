@@ -7,6 +7,8 @@ on top of it, both RTLD_GLOBAL, so MLX's matmuls resolve to OpenBLAS.
 Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4, stream=None)
     quantized_matmul_dx(dy, w_q, scales, biases, group_size=64, bits=4, stream=None)  (dy @ W)
+    kquant_matmul(x, parts, types, *, x_int8=False, norm_weight=None, eps=1e-5, swiglu=False, residual=None,
+                  stream=None)  (x @ W.T, W in GGUF Q4_K/Q6_K blocks)
     gather_quantized_matmul(x, w_q, scales, biases, indices, group_size=64, bits=4, stream=None)
     flash_attention(q, k, v, scale=None, mask=None, stream=None)  (mask: None, "causal", array)
     rms_norm(x, weight, eps=1e-5, stream=None)
@@ -79,6 +81,9 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         flash_attention_configure,
         flash_attention_info,
         gather_quantized_matmul,
+        kquant_matmul,
+        kquant_matmul_configure,
+        kquant_matmul_info,
         paged_attention,
         paged_attention_configure,
         paged_attention_info,

@@ -1,0 +1,197 @@
+// The k-quant kernels for AVX-512 with VNNI (compiled with -mavx512f -mavx512bw -mavx512vl
+// -mavx512dq -mavx512vnni -mavx2 -mfma -mf16c; run only where the CPU reports them all).
+// fp32 mode and the panels: each block decoded to fp32 in registers from the same unpacked bytes.
+// int8 mode: 64 weights a register as unsigned bytes, vpdpbusd against 64 int8 values of x
+// (16 int32 lanes, each the sum of 4 products), each lane times its sub-block's scale (vpmulld),
+// so a whole block's sum stays in exact integers until one conversion to fp32.
+#include <immintrin.h>
+
+#include "kquant_kernels_impl.h"
+
+namespace {
+
+// q4k_scales in one register, sc[0..7] then m[0..7] (bytes), without a round trip through memory
+// (bytes stored one by one and loaded as a vector stall the load). s: the 12 bytes (16 are read).
+inline __m128i q4k_scales_vec(const uint8_t* s) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+  // a: the byte holding each output's low bits; t: the byte holding the top 2 bits of outputs 4-7, 12-15
+  const __m128i a = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+  const __m128i t = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0, 4, 5, 6, 7));
+  const __m128i a2 = _mm_mask_blend_epi8(__mmask16(0xF000), a, _mm_srli_epi16(a, 4));  // m[4..7]: the high nibbles
+  const __m128i low = _mm_and_si128(a2, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+  const __m128i top = _mm_and_si128(_mm_srli_epi16(t, 2), _mm_setr_epi8(0, 0, 0, 0, 0x30, 0x30, 0x30, 0x30, 0, 0, 0,
+                                                                        0, 0x30, 0x30, 0x30, 0x30));
+  return _mm_or_si128(low, top);
+}
+
+// Q4_K: 4 registers a block, register c = values 64c..64c+63 = sub-blocks 2c (lanes 0-7) and
+// 2c+1 (lanes 8-15). The scales vector holds sc in lanes 0-7 and m in lanes 8-15.
+inline void q4k_block(const uint8_t* b, __m512i q[4], __m512i s[4], __m512i& scm) {
+  scm = _mm512_cvtepu8_epi32(q4k_scales_vec(b + 4));
+  const __m512i low4 = _mm512_set1_epi8(15);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
+    __m512i t = _mm512_inserti64x4(_mm512_castsi256_si512(raw), raw, 1);  // [bytes | bytes]
+    t = _mm512_mask_srli_epi16(t, __mmask32(0xFFFF0000u), t, 4);         // [bytes | bytes >> 4]
+    q[c] = _mm512_and_si512(t, low4);
+    s[c] = _mm512_permutexvar_epi32(_mm512_set_epi32(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1,
+                                                     2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c,
+                                                     2 * c, 2 * c),
+                                    scm);
+  }
+}
+
+// Q6_K: register k = values 64k..64k+63 (k = 2h + part of half h); lane i holds sub-block 4k + i/4.
+inline void q6k_block(const uint8_t* b, __m512i q[4], __m512i s[4], __m512i& sc) {
+  sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+  const __m512i low4 = _mm512_set1_epi8(15), bits45 = _mm512_set1_epi8(0x30);
+  // per 16-bit lane: shift the lower 256 bits by the first count, the upper by the second
+  const __m512i shl_a = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+  const __m512i shr_b = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+  for (int h = 0; h < 2; ++h) {
+    const __m512i l = _mm512_loadu_si512(b + 64 * h);  // ql[l], l = 0..63 of this half
+    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+    const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(hb), hb, 1);
+    // values 0..63: low nibbles of ql, qh bits (0,1) for the first 32, (2,3) for the next
+    q[2 * h] = _mm512_or_si512(_mm512_and_si512(l, low4), _mm512_and_si512(_mm512_sllv_epi16(hh, shl_a), bits45));
+    // values 64..127: high nibbles of ql, qh bits (4,5), then (6,7)
+    q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
+                                   _mm512_and_si512(_mm512_srlv_epi16(hh, shr_b), bits45));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const int a = 4 * k;
+    s[k] = _mm512_permutexvar_epi32(
+        _mm512_set_epi32(a + 3, a + 3, a + 3, a + 3, a + 2, a + 2, a + 2, a + 2, a + 1, a + 1, a + 1, a + 1, a, a, a, a), sc);
+  }
+}
+
+// sum_c (q[c] . x[64c..]) * s[c], per lane, in int32: exact (|lane| < 2^24).
+inline __m512i block_dot(const __m512i q[4], const __m512i s[4], const int8_t* x) {
+  __m512i acc = _mm512_setzero_si512();
+  for (int c = 0; c < 4; ++c) {
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[c], _mm512_loadu_si512(x + 64 * c));
+    acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(dot, s[c]));
+  }
+  return acc;
+}
+
+// One block -> 256 fp32 weights, the values decode_block gives (every product is exact, so the
+// FMA's single rounding is the add's): 16 at a time from the bytes q4k_block / q6k_block unpack.
+void decode_block_avx512(Type t, const uint8_t* b, float* w) {
+  __m512i q[4], s[4], sv;
+  alignas(64) float scale[16], bias[16];
+  if (t == Type::q4_k) {
+    q4k_block(b, q, s, sv);
+    const __m512 f = _mm512_cvtepi32_ps(sv);  // sc in lanes 0-7, m in 8-15
+    _mm512_store_ps(scale, _mm512_mul_ps(f, _mm512_set1_ps(f16(b))));
+    _mm512_store_ps(bias, _mm512_mul_ps(f, _mm512_set1_ps(-f16(b + 2))));  // -(dmin m): lanes 8-15
+  } else {
+    q6k_block(b, q, s, sv);
+    _mm512_store_ps(scale, _mm512_mul_ps(_mm512_cvtepi32_ps(sv), _mm512_set1_ps(f16(b + 208))));
+  }
+  for (int c = 0; c < 4; ++c)
+    for (int k = 0; k < 4; ++k) {  // values 64c + 16k ..: sub-block 2c + k / 2 (Q4_K), 4c + k (Q6_K)
+      __m128i bytes;
+      switch (k) {
+        case 0: bytes = _mm512_extracti32x4_epi32(q[c], 0); break;
+        case 1: bytes = _mm512_extracti32x4_epi32(q[c], 1); break;
+        case 2: bytes = _mm512_extracti32x4_epi32(q[c], 2); break;
+        default: bytes = _mm512_extracti32x4_epi32(q[c], 3); break;
+      }
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+      __m512 out;
+      if (t == Type::q4_k) {
+        const int j = 2 * c + k / 2;
+        out = _mm512_fmadd_ps(v, _mm512_set1_ps(scale[j]), _mm512_set1_ps(bias[8 + j]));
+      } else {
+        out = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(32.0f)), _mm512_set1_ps(scale[4 * c + k]));
+      }
+      _mm512_storeu_ps(w + 64 * c + 16 * k, out);
+    }
+}
+
+void dot_f32_avx512(const Rows& W, int n0, int n1, const float* x, int M, float* y, long ldy) {
+  const int nb = W.K / QK;
+  const size_t bb = tiny_llm::kq::block_bytes(W.type);
+  alignas(64) float w[QK];
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = W.w + size_t(n) * W.row_bytes;
+    for (int m0 = 0; m0 < M; m0 += kRows) {
+      const int mr = std::min(kRows, M - m0);
+      __m512 acc[kRows];
+      for (int r = 0; r < mr; ++r) acc[r] = _mm512_setzero_ps();
+      for (int b = 0; b < nb; ++b) {
+        decode_block_avx512(W.type, row + b * bb, w);
+        for (int r = 0; r < mr; ++r) {
+          const float* xr = x + size_t(m0 + r) * W.K + b * QK;
+          for (int i = 0; i < QK; i += 16)
+            acc[r] = _mm512_fmadd_ps(_mm512_load_ps(w + i), _mm512_loadu_ps(xr + i), acc[r]);
+        }
+      }
+      for (int r = 0; r < mr; ++r) y[size_t(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
+    }
+  }
+}
+
+void dequantize_avx512(const Rows& W, int n0, int n1, float* out) {
+  const int nb = W.K / QK;
+  const size_t bb = tiny_llm::kq::block_bytes(W.type);
+  for (int n = n0; n < n1; ++n)
+    for (int b = 0; b < nb; ++b)
+      decode_block_avx512(W.type, W.w + size_t(n) * W.row_bytes + b * bb, out + size_t(n - n0) * W.K + b * QK);
+}
+
+void dot_q8_vnni(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, long ldy) {
+  const int nb = W.K / QK;
+  const size_t bb = tiny_llm::kq::block_bytes(W.type);
+  const bool q4 = W.type == Type::q4_k;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = W.w + size_t(n) * W.row_bytes;
+    for (int m0 = 0; m0 < M; m0 += kRows) {
+      const int mr = std::min(kRows, M - m0);
+      __m512 acc[kRows];
+      for (int r = 0; r < mr; ++r) acc[r] = _mm512_setzero_ps();
+      for (int b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * bb;
+        if (b + 2 < nb) _mm_prefetch(reinterpret_cast<const char*>(blk + 2 * bb), _MM_HINT_T0);
+        __m512i q[4], s[4], sv;
+        if (q4) {
+          q4k_block(blk, q, s, sv);
+          const __m512 d = _mm512_set1_ps(f16(blk)), dmin = _mm512_set1_ps(-f16(blk + 2));
+          for (int r = 0; r < mr; ++r) {
+            const size_t xb = size_t(m0 + r) * nb + b;
+            const __m512 dx = _mm512_set1_ps(X.d[xb]);
+            const __m512i sum = block_dot(q, s, X.q + xb * QK);
+            // lanes 8-15: m_j times the sum of x's sub-block j of 32 (lanes 0-7 of bs + 16 are 0)
+            const __m512i mins = _mm512_mullo_epi32(sv, _mm512_loadu_si512(X.bs + xb * 32 + 16));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, dx), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_mul_ps(dmin, dx), acc[r]);
+          }
+        } else {
+          q6k_block(blk, q, s, sv);
+          const __m512 d = _mm512_set1_ps(f16(blk + 208));
+          for (int r = 0; r < mr; ++r) {
+            const size_t xb = size_t(m0 + r) * nb + b;
+            const __m512i sum = block_dot(q, s, X.q + xb * QK);
+            // q - 32: minus 32 sc_j times the sum of x's sub-block j of 16
+            const __m512i off = _mm512_mullo_epi32(sv, _mm512_loadu_si512(X.bs + xb * 32));
+            const __m512i total = _mm512_sub_epi32(sum, _mm512_slli_epi32(off, 5));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, _mm512_set1_ps(X.d[xb])), acc[r]);
+          }
+        }
+      }
+      for (int r = 0; r < mr; ++r) y[size_t(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
+    }
+  }
+}
+
+}  // namespace
+
+namespace tiny_llm::kq {
+
+const Isa* isa_avx512() {
+  static const Isa isa{"avx512_vnni", dot_f32_avx512, dot_q8_vnni, dequantize_avx512, quantize_x};
+  return &isa;
+}
+
+}  // namespace tiny_llm::kq
