@@ -44,7 +44,7 @@ class LLMEngine:
         speculative decoding's (spec_decode.py); a one-line ValueError if bad."""
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.max_model_len = self.args.max_position_embeddings
-        spec_config = SpeculativeConfig.of(speculative_config)  # checked before anything is made
+        spec_config = None if speculative_config is None else SpeculativeConfig.of(speculative_config)  # checked first
         if spec_config is not None and not paged:
             raise ValueError("speculative decoding rewinds the paged KV cache; drop paged=False")
         self.num_draft_tokens = self.num_accepted_tokens = 0  # over all requests (topic 3.4)
