@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " (or week 2's loop with --single-stream)")
     p.add_argument("--draft-model", metavar="MODEL",
                    help="speculative decoding with this smaller model drafting (same vocabulary as --model;"
-                        " a path or known name, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b; implies --single-stream)")
+                        " a path or known name, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b), in the batched"
+                        " engine (or week 2's loop with --single-stream)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K",
                    help="tokens drafted per step of speculative decoding (default 4)")
     return p
@@ -144,12 +145,18 @@ def _prompt_cache(loaded, args):
 
 def make_engine(loaded, args):
     """The batched engine (topic 2.6) for one conversation: its prefix cache keeps each turn's
-    blocks, so the next turn prefills only what it adds; None with --single-stream or --no-kv-cache."""
-    if args.single_stream or args.no_kv_cache or args.draft_model:
+    blocks, so the next turn prefills only what it adds; None with --single-stream or --no-kv-cache.
+    Speculating (topic 3.4), it drafts by n-gram lookup or with --draft-model."""
+    if args.single_stream or args.no_kv_cache:
         return None
     from impl.engine import LLMEngine
 
-    spec = {"method": "ngram", "num_speculative_tokens": args.num_draft_tokens} if args.speculative else None
+    spec = None
+    if args.speculative:
+        spec = {"method": "ngram", "num_speculative_tokens": args.num_draft_tokens}
+    elif args.draft_model:
+        spec = {"method": "draft_model", "model": load_draft(loaded, args),
+                "num_speculative_tokens": args.num_draft_tokens}
     try:
         return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=1, kv_cache_memory=args.kv_cache_memory,
                          kv_cache_dtype=kv_dtype(args.kv_cache_dtype), speculative_config=spec)
@@ -208,8 +215,11 @@ def make_proposer(loaded, args):
 
     if args.speculative == "ngram":
         return NgramProposer(3, 2)  # a 1-gram match mostly drafts wrong tokens, each a row of the target's pass
-    if not args.draft_model:
-        return None
+    return DraftModel(load_draft(loaded, args).model) if args.draft_model else None
+
+
+def load_draft(loaded, args):
+    """The --draft-model, loaded as --model is (topic 3.4), its vocabulary checked against the target's."""
     from impl.loader import load_model
 
     t = time.perf_counter()
@@ -218,7 +228,7 @@ def make_proposer(loaded, args):
         raise TinyLLMError(f"the draft model's vocabulary has {draft.args.vocab_size} tokens, the model's"
                            f" {loaded.args.vocab_size}: a draft must share the model's tokenizer")
     print(f"[loaded the draft model {draft.path.name} in {time.perf_counter() - t:.1f} s]", file=sys.stderr)
-    return DraftModel(draft.model)
+    return draft
 
 
 def _speculative_step(proposer, args):
@@ -347,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[loaded {loaded.path.name}{' + ' + args.adapter if args.adapter else ''} in"
               f" {time.perf_counter() - t:.1f} s]", file=sys.stderr)
         _ = loaded.tokenizer, loaded.chat_template  # read now: a bad tokenizer fails before the chat
-        single = args.single_stream or args.no_kv_cache or args.draft_model
+        single = args.single_stream or args.no_kv_cache
         proposer = make_proposer(loaded, args) if single and (args.speculative or args.draft_model) else None
         if args.prompt is None:
             chat(loaded, args, sampler, proposer)

@@ -64,7 +64,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("3.1", "paged KV cache and block manager", ("2.7",), "invariances: paged == contiguous for every block size, preempted == never preempted; block manager by a Hypothesis state machine", "day_3_1_paged_kv_cache.py"),
     Topic("3.2", "paged attention kernel, prefix caching", ("3.1",), "paged kernel == twin == torch SDPA; prefix-cache hit == miss", "day_3_2_paged_attention.py"),
     Topic("3.3", "mixture of experts", ("1.5", "2.6"), "torch softmax/topk, pure-MLX twins, mlx-lm SwitchGLU, mx.gather_qmm; transformers Mixtral/Qwen2-MoE/Qwen3-MoE (HF folders and GGUF); engine batched == alone", "day_3_3_moe.py"),
-    Topic("3.4", "speculative decoding (draft model, n-gram)", ("1.7", "2.4", "3.2"), "n-gram drafts by brute force; rejection sampling analytically (== p) and by a chi-squared test; invariances on tiny pairs: speculative greedy == target greedy, rewound caches == fresh prefill; in the engine: n-gram speculation == the engine without it; Qwen2.5-Coder 0.5B drafting for the 1.5B", "day_3_4_speculative.py"),
+    Topic("3.4", "speculative decoding (draft model, n-gram)", ("1.7", "2.4", "3.2"), "n-gram drafts by brute force; rejection sampling analytically (== p) and by a chi-squared test; invariances on tiny pairs: speculative greedy == target greedy, rewound caches == fresh prefill; in the engine: n-gram and draft-model speculation == the engine without it; Qwen2.5-Coder 0.5B drafting for the 1.5B (single-stream and in the engine)", "day_3_4_speculative.py"),
     Topic("3.5", "prefill-decode separation", ("3.1",), ""),
     Topic("3.6", "parallelism: tensor parallel over mlx.distributed", ("1.5",), ""),
     Topic("3.7", "tool calling and agents", ("1.7",), ""),

@@ -15,15 +15,19 @@ Checked against:
   speculative greedy == the target's own greedy, the target's cache after the run == a fresh
   prefill of the same tokens, the draft's cache == a fresh prefill of what it records, and the
   stats add up (tokens emitted = passes + accepted drafts);
-- inside the batched engine (n-gram drafts per sequence, verified in the step's one call, the paged
-  cache rewound): the engine without speculation is the oracle. Batched requests joining at
+- inside the batched engine (n-gram drafts, or a draft model's on a cache of its own per sequence,
+  verified in the step's one call, the paged cache rewound): the engine without speculation is the oracle. Batched requests joining at
   different steps give its greedy tokens and log-probabilities (a tiny dense model: GREEDY_MARGIN and
   DENSE_BATCH; the default model on the kernels: exactly), a request that never drafts is undisturbed,
   streaming delivers each token once, the counts add up, every block is free at the end; prefix hits
   on blocks filled while speculating, preemption while speculating, lengths and the context's end,
   stop tokens and strings inside an accepted run, seeded sampling alone == batched, one-line errors;
+  with a draft model (a tiny target's weights plus noise, saved as a folder): the same greedy and
+  preemption checks, an aborted request's draft cache freed at once, seeded sampling alone ==
+  batched, sampled drafts checked against the draft's q (the target drafting for itself keeps every
+  draft), one-line errors for a vocabulary mismatch, an unknown model, k < 1;
 - the real pair: Qwen2.5-Coder 0.5B drafting for the 1.5B (both quantized, week 2's kernels),
-  and n-gram lookup on a prompt that asks for an edited copy of a code file: the target's own
+  single-stream and in the engine (== the engine without, exactly), and n-gram lookup on a prompt that asks for an edited copy of a code file: the target's own
   greedy tokens.
 
 Greedy equality and rounding: the verify pass runs the target on k + 1 positions where plain decode
@@ -367,6 +371,24 @@ def test_real_draft_model_greedy_equals_the_targets(impl, spec_mod, coder_pair):
     assert compared >= MIN_GREEDY_TOKENS and stats.accepted > 0, f"the 0.5B draft never agreed with the 1.5B: {stats}"
 
 
+def test_real_draft_model_in_the_engine_equals_the_engine_without(impl, coder_pair):
+    # Quantized weights on the kernels: a verify chunk's rows are a plain decode's, bit for bit (topic
+    # 3.2's claim), so the tokens are equal exactly. The draft is given loaded (the fixture's).
+    target, draft = coder_pair
+    prompt = chat_prompt(target, "Write a Python function that returns the n-th Fibonacci number.")
+    request = [Request("0", prompt, impl.engine.SamplingParams(max_tokens=16))]
+
+    def engine(spec=None):
+        return impl.engine.LLMEngine(target.model, target.tokenizer, speculative_config=spec, log=False)
+
+    spec = engine({"method": "draft_model", "model": draft, "num_speculative_tokens": 4})
+    got, want = run(spec, request)["0"], run(engine(), request)["0"]
+    assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason), \
+        f"{got.token_ids} vs plain {want.token_ids}"
+    print(f"0.5B drafting in the engine: {spec.stats()}")
+    assert spec.stats()["spec_num_accepted_tokens"] > 0, f"the 0.5B draft never agreed with the 1.5B: {spec.stats()}"
+
+
 EDIT_SOURCE = '''def mean(values):
     total = 0
     for v in values:
@@ -410,10 +432,27 @@ def test_chat_with_ngram_speculation_gives_the_greedy_answer(impl, default_model
                   "the chat command with --speculative ngram")
 
 
+def test_chat_with_a_draft_model_runs_on_the_engine(impl, default_model):
+    # --draft-model drafts in the batched engine (the start-up line names the draft, the stats line
+    # counts its drafts). The default model drafting for itself keeps the check quick: the reply is
+    # transformers' greedy answer, as above.
+    from spec.day_1_6_generate import CONVERSATIONS, assert_answer, transformers_answer
+
+    messages = CONVERSATIONS["one_user"]
+    r = run_chat(impl, "--draft-model", str(default_model), messages[0]["content"], "--max-tokens", "24")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"[speculative decoding: draft model {default_model.name}" in r.stderr, r.stderr[-2000:]
+    stats = stats_lines(r.stderr)
+    assert stats and "drafts accepted" in stats[-1], f"the stats line says nothing of speculation: {stats}"
+    assert_answer(r.stdout.removesuffix("\n"), *transformers_answer(default_model, messages),
+                  "the chat command with --draft-model")
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--speculative", "ngram", "--no-kv-cache"), "drop --no-kv-cache"),
     (("--speculative", "ngram", "--draft-model", "qwen2.5-coder-0.5b"), "give one"),
     (("--speculative", "ngram", "--num-draft-tokens", "0"), "--num-draft-tokens must be at least 1"),
+    (("--draft-model", "no-such-draft"), "model not found: no-such-draft"),
 ])
 def test_chat_speculation_flags_out_of_range(impl, flags, message):
     assert_one_line_error(run_chat(impl, *flags, "hi"), message)
@@ -498,15 +537,21 @@ def test_engine_has_speculative_config(impl):
 
 @pytest.mark.parametrize("k", [1, 4])
 def test_engine_greedy_with_ngram_equals_the_engine_without(impl, tiny_loaded, k):
-    # Six requests joining over the first steps, half of them repeating a span; one asks for 2 tokens,
-    # so it never drafts (k is clipped by max_tokens) and shares steps with verify chunks.
+    assert_batched_greedy_equals_plain(impl, tiny_loaded, NGRAM_ENGINE | {"num_speculative_tokens": k}, f"k={k}")
+
+
+def assert_batched_greedy_equals_plain(impl, loaded, config: dict, what: str):
+    """Six requests joining over the first steps, half of them repeating a span; one asks for 2 tokens,
+    so it never drafts (k is clipped by max_tokens) and shares steps with verify chunks. Speculating as
+    `config` says gives the plain engine's tokens, streams each once, counts add up, frees every block.
+    Returns the speculating engine."""
     P = impl.engine.SamplingParams
     requests = [Request(str(i), p, P(max_tokens=2 if i == 5 else 32, ignore_eos=True, logprobs=2), join_step=i % 3)
                 for i, p in enumerate(engine_prompts(3, 6))]
-    spec = engine_of(impl, tiny_loaded, NGRAM_ENGINE | {"num_speculative_tokens": k})
+    spec = engine_of(impl, loaded, config)
     got, chunks = run_streamed(spec, requests)
-    want = run(engine_of(impl, tiny_loaded), requests)
-    compared = sum(assert_same_as_plain(got[r.request_id], want[r.request_id], f"k={k}, request {r.request_id}")
+    want = run(engine_of(impl, loaded), requests)
+    compared = sum(assert_same_as_plain(got[r.request_id], want[r.request_id], f"{what}, request {r.request_id}")
                    for r in requests)
     assert compared >= len(requests) * MIN_GREEDY_TOKENS, f"only {compared} tokens had a clear top-2 gap"
     stats = spec.stats()
@@ -522,6 +567,7 @@ def test_engine_greedy_with_ngram_equals_the_engine_without(impl, tiny_loaded, k
         streamed = [t for c in chunks[r.request_id] for t in c]
         assert streamed == got[r.request_id].token_ids, f"request {r.request_id}: streamed {streamed}"
     assert stats["blocks_free"] == stats["num_blocks"], f"blocks held after every request ended: {stats}"
+    return spec
 
 
 def test_engine_prefix_cache_holds_only_verified_blocks(impl, tiny_loaded):
@@ -590,6 +636,128 @@ def test_engine_seeded_sampling_is_the_same_alone_and_batched(impl, tiny_loaded)
     assert got.metrics.num_draft_tokens > 0, "the sampled request drafted nothing"
 
 
+# --- a draft model inside the engine ---------------------------------------------------------
+#
+# The same oracle. Each sequence drafts on its own contiguous cache of the draft model (outside the
+# paged pool), rewound after rejections and freed when the sequence ends, is aborted or preempted.
+
+DRAFT_NOISE = 0.5  # the draft's weights are the target's plus this much noise (in each tensor's std): some drafts rejected
+
+
+def noisy_copy(folder, into, noise: float, seed: int = 9):
+    """An HF folder holding `folder`'s model with noise * std(w) * N(0, 1) added to every weight: a draft
+    with the target's vocabulary and tokenizer that agrees with it often, not always."""
+    import shutil
+
+    into = shutil.copytree(folder, into)
+    rng = np.random.default_rng(seed)
+    for f in into.glob("*.safetensors"):
+        w = {k: np.array(v) for k, v in mx.load(str(f)).items()}
+        mx.save_safetensors(str(f), {k: mx.array(v + noise * v.std() * rng.standard_normal(v.shape).astype(np.float32))
+                                     for k, v in w.items()})
+    return into
+
+
+@pytest.fixture(scope="module")
+def draft_folder(tiny_loaded, tmp_path_factory):
+    return noisy_copy(tiny_loaded.path, tmp_path_factory.mktemp("tiny-draft") / "draft", DRAFT_NOISE)
+
+
+def draft_config(folder, k: int = 4) -> dict:
+    return {"method": "draft_model", "model": str(folder), "num_speculative_tokens": k}
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_engine_greedy_with_a_draft_model_equals_the_engine_without(impl, tiny_loaded, draft_folder, k):
+    spec = assert_batched_greedy_equals_plain(impl, tiny_loaded, draft_config(draft_folder, k), f"draft model, k={k}")
+    assert spec.stats()["spec_draft_cache_positions"] == 0, f"draft caches held after every request ended: {spec.stats()}"
+
+
+def test_engine_draft_model_preempted_while_speculating_equals_never_preempted(impl, tiny_loaded, draft_folder):
+    # A preempted sequence's draft cache goes with its blocks; readmitted, it prefills the draft again.
+    # The draft caches share the pool's budget in positions (112 here), so some steps draft nothing.
+    P = impl.engine.SamplingParams
+    requests = [Request(str(i), p, P(max_tokens=30, ignore_eos=True, logprobs=2)) for i, p in enumerate(engine_prompts(5, 4))]
+    per_block = impl.engine.kv_pool.bytes_per_block(tiny_loaded.args, 4, mx.float32)
+    small = engine_of(impl, tiny_loaded, draft_config(draft_folder), kv_cache_memory=28 * per_block)
+    step, most = small.step, []
+
+    def recording_step():
+        outs = step()
+        most.append(small.stats()["spec_draft_cache_positions"])
+        return outs
+
+    small.step = recording_step
+    got = run(small, requests)
+    assert small.num_preemptions > 0, "nothing was preempted: the check is vacuous"
+    assert small.stats()["spec_num_accepted_tokens"] > 0, "nothing was accepted"
+    assert 0 < max(most) <= 28 * 4, f"the draft caches held up to {max(most)} positions, the budget is 112"
+    want = run(engine_of(impl, tiny_loaded), requests)
+    for r in requests:
+        assert_same_as_plain(got[r.request_id], want[r.request_id], f"request {r.request_id} after preemption")
+    assert small.kv.num_free_blocks == small.kv.num_blocks, "blocks held after every request ended"
+    assert small.stats()["spec_draft_cache_positions"] == 0, "draft caches held after every request ended"
+
+
+def test_engine_draft_model_aborted_request_frees_its_draft_cache(impl, tiny_loaded, draft_folder):
+    P = impl.engine.SamplingParams
+    a, b = engine_prompts(7, 2)
+    params = P(max_tokens=24, ignore_eos=True, logprobs=2)
+    engine = engine_of(impl, tiny_loaded, draft_config(draft_folder))
+    engine.add_request("a", a, params)
+    engine.add_request("b", b, params)
+    outs = {}
+    while not (outs and all(o.metrics.num_draft_tokens for o in outs.values())):  # both have drafted
+        outs |= {o.request_id: o for o in engine.step()}
+    held = engine.stats()["spec_draft_cache_positions"]
+    engine.abort_request("a")
+    left = engine.stats()["spec_draft_cache_positions"]
+    b_tokens = len(b) + len(outs["b"].token_ids)
+    # b's own cache holds at most its tokens and k - 1 drafts; a's went with the abort, before any step.
+    assert left < held and left <= b_tokens + 3, f"{held} draft positions before a's abort, {left} after"
+    while engine.has_unfinished_requests():
+        outs |= {o.request_id: o for o in engine.step()}
+    want = run(engine_of(impl, tiny_loaded), [Request("b", b, params)])["b"]
+    assert_same_as_plain(outs["b"], want, "b after a was aborted")
+    stats = engine.stats()
+    assert stats["spec_draft_cache_positions"] == 0 and stats["blocks_free"] == stats["num_blocks"], stats
+
+
+def test_engine_draft_model_seeded_sampling_is_the_same_alone_and_batched(impl, tiny_loaded, draft_folder):
+    # The draft samples its drafts with the request's own key too: other requests change nothing.
+    P = impl.engine.SamplingParams
+    prompts = engine_prompts(8, 4, vocab=24)
+    params = P(max_tokens=24, ignore_eos=True, temperature=0.7, top_k=8, seed=3)
+    alone = run(engine_of(impl, tiny_loaded, draft_config(draft_folder)), [Request("s", prompts[0], params)])["s"]
+    batch = [Request("s", prompts[0], params)] + [Request(str(i), p, P(max_tokens=24, ignore_eos=True), join_step=i)
+                                                  for i, p in enumerate(prompts[1:])]
+    got = run(engine_of(impl, tiny_loaded, draft_config(draft_folder)), batch)["s"]
+    assert got.token_ids == alone.token_ids, f"batched {got.token_ids} vs alone {alone.token_ids}"
+    assert got.metrics.num_draft_tokens > 0, "the sampled request drafted nothing"
+
+
+def test_engine_sampled_drafts_are_checked_against_the_drafts_q(impl, tiny_loaded):
+    # The target drafting for itself, sampling at temperature 1: p == q at every draft (up to rounding:
+    # the draft's contiguous cache and the target's paged one sum in other orders), so min(1, p/q) keeps
+    # all of them. Had the engine checked a sampled draft as if deterministic (q one-hot), it would
+    # keep each only with probability p(x): almost none on this model, whose distributions are flat.
+    P = impl.engine.SamplingParams
+    requests = [Request(str(i), p, P(max_tokens=24, ignore_eos=True, temperature=1.0, seed=i))
+                for i, p in enumerate(engine_prompts(9, 4))]
+    spec = engine_of(impl, tiny_loaded, draft_config(tiny_loaded.path))
+    run(spec, requests)
+    stats = spec.stats()
+    assert stats["spec_num_draft_tokens"] > 40, stats
+    assert stats["spec_num_accepted_tokens"] >= stats["spec_num_draft_tokens"] - 1, f"drafts rejected: {stats}"
+
+
+def test_engine_draft_model_vocabulary_must_match(impl, tiny_loaded, target_weights):
+    # A given model (not a path) of 128 tokens for a target of 320.
+    with pytest.raises(ValueError) as e:
+        engine_of(impl, tiny_loaded, {"method": "draft_model", "model": tiny_model(impl, target_weights)})
+    assert "128" in str(e.value) and "320" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 @pytest.fixture(scope="module")
 def smol(impl, default_model):
     """The default model, quantized on week 2's kernels (the engine's default)."""
@@ -645,6 +813,11 @@ def test_real_engine_with_ngram_equals_the_engine_without_and_stops_inside_a_run
     ({"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min <= prompt_lookup_max"),
     ({"method": "ngram", "k": 2}, "unknown speculative config fields ['k']"),
     ('{"method": "ngram", ', "not JSON"),
+    ({"method": "draft_model", "model": "qwen9-nope"}, "'qwen9-nope' is not a file, a folder or a known name"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "method 'draft_model' needs 'model'"),
+    ({"method": "draft_model", "model": "qwen2.5-coder-0.5b", "num_speculative_tokens": 0},
+     "num_speculative_tokens must be an integer >= 1"),
+    ({"method": "ngram", "model": "qwen2.5-coder-0.5b"}, "'model' names a draft model"),
 ])
 def test_engine_bad_speculative_config_is_one_line(impl, tiny_loaded, config, message):
     with pytest.raises(ValueError) as e:

@@ -420,7 +420,8 @@ def test_sigterm_finishes_running_streams_then_exits_0_without_a_traceback():
 @pytest.mark.parametrize("flags", [["--port", "99999"], ["--max-num-seqs", "0"], ["--model", "/nope.gguf"],
                                    ["--kv-cache-memory", "1K"], ["--graceful-timeout", "-1"], ["--bogus"],
                                    ["--speculative-config", '{"method": "eagle"}'],
-                                   ["--speculative-config", '{"num_speculative_tokens": 0}']],
+                                   ["--speculative-config", '{"num_speculative_tokens": 0}'],
+                                   ["--speculative-config", '{"method": "draft_model", "model": "no-such-draft"}']],
                          ids=lambda f: " ".join(f))
 def test_bad_flags_get_one_line_and_exit_code_2(flags):
     """A bad flag (or a model or budget that cannot be served) is one `error:` line, exit code 2,

@@ -4,8 +4,8 @@ schedule, run, postprocess (nano-vllm's loop). Requests join (`add_request`) and
 
 The KV cache is paged by default (topic 3.1: KVPool and BlockManager, prefix caching 3.2);
 `paged=False` gives each sequence week 2.1's contiguous cache (topic 2.6's own).
-`speculative_config` drafts tokens by n-gram prompt lookup and verifies them in the step's one
-model call (topic 3.4: impl/engine/spec_decode.py).
+`speculative_config` drafts tokens by n-gram prompt lookup or a draft model and verifies them in the
+step's one model call (topic 3.4: impl/engine/spec_decode.py).
 """
 
 from __future__ import annotations
@@ -40,15 +40,13 @@ class LLMEngine:
         kv_cache_memory: bytes for the KV cache (default 1 GiB), kv_cache_dtype: what it stores
         (default the activations' dtype). log: where the start-up line goes (default stderr; False: nowhere).
         speculative_config: a SpeculativeConfig, or a dict (or JSON) of its fields, e.g.
-        {"method": "ngram", "num_speculative_tokens": 4}, speculative decoding's (spec_decode.py); a one-line
-        ValueError if bad."""
+        {"method": "ngram", "num_speculative_tokens": 4} or {"method": "draft_model", "model": "qwen2.5-coder-0.5b"},
+        speculative decoding's (spec_decode.py); a one-line ValueError if bad."""
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.max_model_len = self.args.max_position_embeddings
-        self.spec = None  # speculative decoding (topic 3.4), when configured
-        if speculative_config is not None:
-            if not paged:
-                raise ValueError("speculative decoding rewinds the paged KV cache; drop paged=False")
-            self.spec = SpecDecoder(SpeculativeConfig.of(speculative_config), self.max_model_len)
+        spec_config = None if speculative_config is None else SpeculativeConfig.of(speculative_config)  # checked first
+        if spec_config is not None and not paged:
+            raise ValueError("speculative decoding rewinds the paged KV cache; drop paged=False")
         self.num_draft_tokens = self.num_accepted_tokens = 0  # over all requests (topic 3.4)
         dtype = kv_cache_dtype or model.embed_tokens(mx.array([[0]])).dtype  # default: the activations'
         budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
@@ -61,6 +59,7 @@ class LLMEngine:
         else:
             self.kv_pool, self.kv = None, ContiguousKVCache.for_budget(self.args, budget, kv_cache_dtype)
             self.kv_tokens, views = self.kv.capacity, self.kv
+        self.spec = None if spec_config is None else SpecDecoder(spec_config, self.args, self.kv_tokens)  # topic 3.4
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.runner = ModelRunner(model, views)
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(tokenizer, self.args))
@@ -73,6 +72,8 @@ class LLMEngine:
             kind = f"{self.kv.num_blocks} blocks of {block_size} positions" if paged else "contiguous"
             print(f"[KV cache: {kind}, {self.kv_tokens} tokens, {budget / 2**20:.0f} MiB budget,"
                   f" {str(dtype).removeprefix('mlx.core.')}]", file=log or sys.stderr)
+            if self.spec is not None:
+                print(self.spec.describe(), file=log or sys.stderr)
 
     # ---------------------------------------------------------------- requests
 
@@ -109,6 +110,8 @@ class LLMEngine:
             seq, _ = self.requests.pop(request_id)
             self.ending.discard(request_id)
             self.scheduler.finish(seq, "abort")
+            if self.spec is not None:
+                self.spec.release(self.scheduler.running)  # its draft model's cache, if any
             self._trace(event="finish", step=self.num_steps, request_id=request_id, reason="abort")
 
     def has_unfinished_requests(self) -> bool:
@@ -127,8 +130,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         launched = self.launch(batch) if batch else None
         outputs = self.postprocess(self.in_flight) if self.in_flight else []
-        if self.spec is not None and launched is not None:
-            outputs, launched = outputs + self.postprocess(launched), None
+        if self.spec is not None:
+            if launched is not None:
+                outputs, launched = outputs + self.postprocess(launched), None
+            self.spec.release(self.scheduler.running)  # draft caches of the finished and preempted
         self.in_flight = launched
         if not batch and not launched and self.scheduler.waiting and not self.scheduler.running:
             outputs.append(self._stuck())
@@ -277,7 +282,8 @@ class LLMEngine:
         """Speculative decoding's counts over all requests so far (topic 3.4)."""
         drafted, accepted = self.num_draft_tokens, self.num_accepted_tokens
         return {"spec_num_draft_tokens": drafted, "spec_num_accepted_tokens": accepted,
-                "spec_acceptance_rate": accepted / drafted if drafted else 0.0}
+                "spec_acceptance_rate": accepted / drafted if drafted else 0.0,
+                "spec_draft_cache_positions": getattr(self.spec.drafter, "num_positions", 0)}
 
     def _write_trace(self, batch: ScheduledBatch) -> None:
         if self.trace is not None:

@@ -37,8 +37,10 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop", "length", "abort"
         self.sampler = params.sampler()
         # Speculative decoding (topic 3.4): this step's drafts (after token_ids; not in the cache until
-        # verified), the request's counts, and rejection sampling's key (impl/engine/spec_decode.py).
+        # verified) and, drafted by a sampling draft model, their (k, V) distributions q; the request's
+        # counts, and the key its drafts and rejection sampling draw with (impl/engine/spec_decode.py).
         self.spec_token_ids: list[int] = []
+        self.spec_draft_probs = None
         self.num_draft_tokens = self.num_accepted_tokens = 0
         self.spec_key = None
         self.logprobs: list[dict[int, float]] = []  # per output token, when params.logprobs asks

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " (default 30)")
     p.add_argument("--speculative-config", metavar="JSON",
                    help="speculative decoding in the engine (topic 3.4), vLLM's flag: e.g."
-                        " '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'")
+                        " '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' or '{\"method\": \"draft_model\","
+                        " \"model\": \"qwen2.5-coder-0.5b\", \"num_speculative_tokens\": 4}'")
     p.add_argument("--trace", metavar="FILE", help="write the engine's step trace (JSON lines) to FILE")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level; info logs every request (default warning)")
