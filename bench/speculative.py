@@ -1,5 +1,6 @@
 """Speculative decoding (topic 3.4) on Qwen2.5-Coder 1.5B: plain greedy decode vs n-gram prompt lookup
-vs the 0.5B drafting, decode tokens/s and acceptance rates, in one run.
+vs the 0.5B drafting, decode tokens/s and acceptance rates, in one run: on the single-stream loop
+(impl.speculative) and in the batched engine (speculative_config, one request at a time).
 
 Two prompts: an edit (the answer copies a code file from the prompt: what prompt lookup is for) and
 a fresh code question (nothing to look up: the draft model's case). Tok/s is the median of
@@ -18,6 +19,7 @@ import statistics
 import time
 
 import impl  # noqa: F401  (loads tiny_llm_kernels, and the BLAS fix, before mlx)
+from impl.engine import LLM, SamplingParams
 from impl.generate import generate_step_cached
 from impl.kv_cache import make_cache
 from impl.loader import load_model
@@ -75,6 +77,15 @@ def run(steps, n: int) -> tuple[list[int], float]:
     while len(tokens) < n:
         tokens.append(next(steps))
     return tokens, (n - 1) / (time.perf_counter() - start)
+
+
+def engine_run(llm: LLM, prompt: list[int], n: int) -> tuple[list[int], float, float | None]:
+    """(n greedy tokens, decode tok/s from the request's time per output token, acceptance rate or None)
+    of one request on the engine."""
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
+    m = out.metrics
+    rate = m.num_accepted_tokens / m.num_draft_tokens if getattr(m, "num_draft_tokens", 0) else None
+    return list(out.token_ids), 1.0 / m.tpot, rate
 
 
 def verify_cost(model, prompt: list[int], ks: list[int], reps: int) -> dict[int, float]:
@@ -138,6 +149,29 @@ def main(argv: list[str] | None = None) -> int:
             accept = f"{stats.acceptance_rate:7.2f}" if stats.steps else f"{'':>7}"
             per_pass = stats.tokens_per_step if stats.steps else 1.0
             print(f"{name:<6} {label:<16} {tps:7.2f} {tps / base:7.2f}x {accept} {per_pass:9.2f} {same:>3}/{n}")
+    # The engine: the same methods as speculative_config, one request at a time (kernels, paged cache).
+    engines = {"engine greedy": LLM(target, log=False, kv_cache_memory=256 << 20),
+               f"engine n-gram k={args.ngram_k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
+                   "method": "ngram", "num_speculative_tokens": args.ngram_k, "prompt_lookup_max": args.ngram_n,
+                   "prompt_lookup_min": args.ngram_min}),
+               f"engine 0.5B draft k={args.k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
+                   "method": "draft_model", "model": draft, "num_speculative_tokens": args.k})}
+    for name, text in PROMPTS.items():
+        prompt = chat_ids(target, text)
+        rates = {label: [] for label in engines}
+        accepted: dict[str, float | None] = {}
+        same: dict[str, int] = {}
+        for _ in range(reps):
+            for label, llm in engines.items():
+                got, tps, accepted[label] = engine_run(llm, prompt, n)
+                rates[label].append(tps)
+                want = got if label == "engine greedy" else want
+                same[label] = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), n)
+        base = statistics.median(rates["engine greedy"])
+        for label in engines:
+            tps = statistics.median(rates[label])
+            accept = f"{accepted[label]:7.2f}" if accepted[label] is not None else f"{'':>7}"
+            print(f"{name:<6} {label:<16} {tps:7.2f} {tps / base:7.2f}x {accept} {'':>9} {same[label]:>3}/{n}")
     prompt = chat_ids(target, PROMPTS["code"])
     for label, model in (("1.5B", target.model), ("0.5B", draft.model)):
         cost = verify_cost(model, prompt, [0, 4, 8], reps=2 if args.quick else 5)
