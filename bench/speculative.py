@@ -1,6 +1,8 @@
 """Speculative decoding (topic 3.4) on Qwen2.5-Coder 1.5B: plain greedy decode vs n-gram prompt lookup
 vs the 0.5B drafting, decode tokens/s and acceptance rates, in one run: on the single-stream loop
-(impl.speculative) and in the batched engine (speculative_config, one request at a time).
+(impl.speculative) and in the batched engine (speculative_config, one request at a time); and
+llama.cpp's own prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding) on the same GGUF,
+against its plain decode.
 
 Two prompts: an edit (the answer copies a code file from the prompt: what prompt lookup is for) and
 a fresh code question (nothing to look up: the draft model's case). Tok/s is the median of
@@ -15,6 +17,7 @@ token's cost (batch-1 decode reads every weight once, whatever the rows).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -86,6 +89,37 @@ def engine_run(llm: LLM, prompt: list[int], n: int) -> tuple[list[int], float, f
     m = out.metrics
     rate = m.num_accepted_tokens / m.num_draft_tokens if getattr(m, "num_draft_tokens", 0) else None
     return list(out.token_ids), 1.0 / m.tpot, rate
+
+
+def llama_cpp_rows(prompt: list[int], n: int, k: int, ngram: int, reps: int) -> dict[str, tuple[float, int]] | None:
+    """llama.cpp on the 1.5B's GGUF: {label: (decode tok/s, tokens equal to its own plain greedy)} for
+    plain greedy decode and its prompt lookup (k tokens, n-grams up to `ngram`); None without the
+    llama-cpp-python binding."""
+    try:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except ImportError:
+        return None
+    from impl.model_files import known_model_path
+
+    path = str(known_model_path("qwen2.5-coder-1.5b"))
+    threads = os.cpu_count()
+    llms = {"llama.cpp greedy": Llama(model_path=path, n_ctx=2048, n_threads=threads, verbose=False),
+            f"llama.cpp lookup k={k}": Llama(model_path=path, n_ctx=2048, n_threads=threads, verbose=False,
+                                              draft_model=LlamaPromptLookupDecoding(max_ngram_size=ngram,
+                                                                                    num_pred_tokens=k))}
+    rates: dict[str, list[float]] = {label: [] for label in llms}
+    tokens: dict[str, list[int]] = {}
+    for _ in range(reps):
+        for label, llm in llms.items():
+            llm.reset()
+            steps = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
+            got, tps = run(steps, n)
+            rates[label].append(tps)
+            tokens[label] = [int(t) for t in got]
+    want = tokens["llama.cpp greedy"]
+    return {label: (statistics.median(r), next((i for i, (a, b) in enumerate(zip(tokens[label], want, strict=True))
+                                                if a != b), n)) for label, r in rates.items()}
 
 
 def verify_cost(model, prompt: list[int], ks: list[int], reps: int) -> dict[int, float]:
@@ -172,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
             tps = statistics.median(rates[label])
             accept = f"{accepted[label]:7.2f}" if accepted[label] is not None else f"{'':>7}"
             print(f"{name:<6} {label:<16} {tps:7.2f} {tps / base:7.2f}x {accept} {'':>9} {same[label]:>3}/{n}")
+    for name, text in PROMPTS.items():  # llama.cpp: its own greedy tokens are the reference
+        rows = llama_cpp_rows(chat_ids(target, text), n, args.ngram_k, args.ngram_n, reps)
+        if rows is None:
+            print("llama.cpp: llama-cpp-python is not installed here (the bench environment has it)")
+            break
+        base = rows["llama.cpp greedy"][0]
+        for label, (tps, same) in rows.items():
+            print(f"{name:<6} {label:<16} {tps:7.2f} {tps / base:7.2f}x {'':>7} {'':>9} {same:>3}/{n}")
     prompt = chat_ids(target, PROMPTS["code"])
     for label, model in (("1.5B", target.model), ("0.5B", draft.model)):
         cost = verify_cost(model, prompt, [0, 4, 8], reps=2 if args.quick else 5)
