@@ -5,6 +5,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "cpu_features.h"
 #include "flash_attention_kernels.h"
 #include "quantized_matmul_threads.h"
 
@@ -16,14 +17,11 @@ namespace {
 // from L1/L2 by many rows, few enough that L = 512 still makes dozens of tiles.
 constexpr int kTargetRows = 96;
 
-const Isa* best_isa() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (isa_avx512() && __builtin_cpu_supports("avx512f")) return isa_avx512();
-  if (isa_avx2() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return isa_avx2();
-#endif
-  return &isa_portable();
-}
+bool has_avx512() { return isa_avx512() && cpu_has_avx512(); }
+
+bool has_avx2() { return isa_avx2() && cpu_has_avx2_fma_f16c(); }
+
+const Isa* best_isa() { return has_avx512() ? isa_avx512() : has_avx2() ? isa_avx2() : &isa_portable(); }
 
 std::atomic<const Isa*>& current() {
   static std::atomic<const Isa*> isa{best_isa()};
@@ -103,11 +101,8 @@ const char* configure(const std::string& isa) {
   const Isa* want = isa.empty() || isa == "auto" ? best_isa() : isa == "portable" ? &isa_portable() : nullptr;
   if (!want && isa != "avx2" && isa != "avx512")
     throw std::invalid_argument("unknown isa '" + isa + "' (portable, avx2, avx512 or auto)");
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (isa == "avx2" && isa_avx2() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) want = isa_avx2();
-  if (isa == "avx512" && isa_avx512() && __builtin_cpu_supports("avx512f")) want = isa_avx512();
-#endif
+  if (isa == "avx2" && has_avx2()) want = isa_avx2();
+  if (isa == "avx512" && has_avx512()) want = isa_avx512();
   if (!want) throw std::invalid_argument("this CPU (or build) lacks " + isa);
   current().store(want);
   return isa_name();

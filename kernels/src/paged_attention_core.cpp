@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu_features.h"
 #include "paged_attention_kernels.h"
 #include "quantized_matmul_threads.h"
 
@@ -19,24 +20,9 @@ namespace {
 // place, serves many rows from L1/L2; few enough that a 512-token chunk makes a dozen tasks.
 constexpr int kTargetRows = 96;
 
-bool has_avx512() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  return isa_avx512() && __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
-}
+bool has_avx512() { return isa_avx512() && cpu_has_avx512(); }
 
-bool has_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  return isa_avx2() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
+bool has_avx2() { return isa_avx2() && cpu_has_avx2_fma_f16c(); }
 
 const Isa* best_isa() { return has_avx512() ? isa_avx512() : has_avx2() ? isa_avx2() : &isa_portable(); }
 

@@ -26,6 +26,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu_features.h"
 #include "cpu_stream.h"
 #include "layer_rows.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -41,36 +42,6 @@ namespace {
 using qmm::DType;
 using qmm::Isa;
 using qmm::Weights;
-
-// Whether this CPU runs the code of each TU: every flag it is compiled with (see
-// CMakeLists.txt). The TU's functions are not even called otherwise.
-bool cpu_has_avx2_fma_f16c() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && cpu_has_avx2_fma_f16c();
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512_bf16() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
 
 const Isa* best_isa() {
   if (cpu_has_avx512()) return qmm::isa_avx512();
