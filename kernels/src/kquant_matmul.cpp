@@ -165,16 +165,16 @@ void run(const mx::array& x, const std::vector<mx::array>& w, const std::vector<
   }
   // int8 mode: x's Q8 (the decode kernels' operand); the panels take its values d * q in fp32.
   const int nb = K / kq::QK;
-  std::vector<int8_t> xq;
+  std::vector<int8_t> xq, xqp;
   std::vector<float> xs;
-  std::vector<int32_t> xbs;
+  std::vector<int16_t> xbs;
   if (x_int8) {
-    xq.resize(size_t(M) * K), xs.resize(size_t(M) * nb), xbs.resize(size_t(M) * nb * 32);
+    xq.resize(size_t(M) * K), xqp.resize(size_t(M) * K), xs.resize(size_t(M) * nb), xbs.resize(size_t(M) * nb * 32);
     for (long m = 0; m < M; ++m)
-      cfg.isa.kq->quantize_x(xf.data() + size_t(m) * K, K, xq.data() + size_t(m) * K, xs.data() + size_t(m) * nb,
-                             xbs.data() + size_t(m) * nb * 32);
+      cfg.isa.kq->quantize_x(xf.data() + size_t(m) * K, K, xq.data() + size_t(m) * K, xqp.data() + size_t(m) * K,
+                             xs.data() + size_t(m) * nb, xbs.data() + size_t(m) * nb * 32);
   }
-  const kq::Q8 q8{xq.data(), xs.data(), xbs.data(), K};
+  const kq::Q8 q8{xq.data(), xqp.data(), xs.data(), xbs.data(), K};
   if (cfg.min_m() > 0 && M >= cfg.min_m()) {
     if (x_int8)
       for (size_t i = 0; i < xf.size(); ++i) xf[i] = xs[i / kq::QK] * float(xq[i]);
