@@ -247,16 +247,21 @@ void rows_q8(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long 
 
 void dot_q8_vnni(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, long ldy) {
   static_assert(kRows == 8, "one case per count of rows");
-  for (int m0 = 0; m0 < M; m0 += kRows) {
-    switch (std::min(kRows, M - m0)) {
-      case 1: rows_q8<1>(W, n0, n1, X, m0, y, ldy); break;
-      case 2: rows_q8<2>(W, n0, n1, X, m0, y, ldy); break;
-      case 3: rows_q8<3>(W, n0, n1, X, m0, y, ldy); break;
-      case 4: rows_q8<4>(W, n0, n1, X, m0, y, ldy); break;
-      case 5: rows_q8<5>(W, n0, n1, X, m0, y, ldy); break;
-      case 6: rows_q8<6>(W, n0, n1, X, m0, y, ldy); break;
-      case 7: rows_q8<7>(W, n0, n1, X, m0, y, ldy); break;
-      default: rows_q8<8>(W, n0, n1, X, m0, y, ldy); break;
+  // More than 8 rows of x: 16 rows of W at a time (at most 16 x 35 blocks, in L1/L2) for all of them.
+  const int step = M > kRows ? 16 : n1 - n0;
+  for (int a = n0; a < n1; a += step) {
+    const int b = std::min(n1, a + step);
+    for (int m0 = 0; m0 < M; m0 += kRows) {
+      switch (std::min(kRows, M - m0)) {
+        case 1: rows_q8<1>(W, a, b, X, m0, y, ldy); break;
+        case 2: rows_q8<2>(W, a, b, X, m0, y, ldy); break;
+        case 3: rows_q8<3>(W, a, b, X, m0, y, ldy); break;
+        case 4: rows_q8<4>(W, a, b, X, m0, y, ldy); break;
+        case 5: rows_q8<5>(W, a, b, X, m0, y, ldy); break;
+        case 6: rows_q8<6>(W, a, b, X, m0, y, ldy); break;
+        case 7: rows_q8<7>(W, a, b, X, m0, y, ldy); break;
+        default: rows_q8<8>(W, a, b, X, m0, y, ldy); break;
+      }
     }
   }
 }
