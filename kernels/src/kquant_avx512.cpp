@@ -266,12 +266,38 @@ void dot_q8_vnni(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, lo
   }
 }
 
+// quantize_x (kquant_kernels_impl.h) 16 values at a time, the same values: x / d divided and
+// rounded to nearest, ties to even (vcvtps2dq in the default rounding mode, as std::nearbyint).
+void quantize_x_avx512(const float* x, int K, int8_t* q, int8_t* qp, float* d, int16_t* bs) {
+  for (int b = 0; b < K / QK; ++b, x += QK, q += QK, qp += QK, bs += 32) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < QK; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    const float db = _mm512_reduce_max_ps(amax) / 127.0f;
+    d[b] = db;
+    const __m512 dv = _mm512_set1_ps(db);
+    for (int j = 0; j < 16; ++j) {
+      __m512i v = _mm512_setzero_si512();
+      if (db != 0.0f) {
+        v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + 16 * j), dv));
+        v = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), v));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * j), _mm512_cvtepi32_epi8(v));
+      bs[j] = int16_t(_mm512_reduce_add_epi32(v));
+    }
+    for (int h = 0; h < QK; h += 128) {  // Q4_K's order: per 128, values 0-31, 64-95, 32-63, 96-127
+      std::memcpy(qp + h, q + h, 32), std::memcpy(qp + h + 32, q + h + 64, 32);
+      std::memcpy(qp + h + 64, q + h + 32, 32), std::memcpy(qp + h + 96, q + h + 96, 32);
+    }
+    for (int j = 0; j < 8; ++j) bs[16 + j] = 0, bs[24 + j] = int16_t(bs[2 * j] + bs[2 * j + 1]);
+  }
+}
+
 }  // namespace
 
 namespace tiny_llm::kq {
 
 const Isa* isa_avx512() {
-  static const Isa isa{"avx512_vnni", dot_f32_avx512, dot_q8_vnni, dequantize_avx512, quantize_x};
+  static const Isa isa{"avx512_vnni", dot_f32_avx512, dot_q8_vnni, dequantize_avx512, quantize_x_avx512};
   return &isa;
 }
 
