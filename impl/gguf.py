@@ -12,6 +12,9 @@ restores Hugging Face's Q/K row order and reads the hyper-parameters from the me
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -97,6 +100,21 @@ def read_gguf(path: str | Path, requantize: bool = True, kquant: str = "affine")
         raise TinyLLMError(f"cannot read {path}: {str(e).removeprefix('[load_gguf] ')}") from None
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+def _drop_pages(a: np.ndarray) -> None:
+    """Let the kernel drop the resident pages of `a`, a view of the read-only memory-mapped GGUF
+    (madvise MADV_DONTNEED; they are read from the file again if touched). Without it every copied
+    tensor's bytes stayed resident twice: the 1.5B's peak memory was 2.7 GB for 1.1 GB of weights."""
+    if sys.platform != "linux" or not isinstance(a, np.memmap) or a.nbytes == 0:
+        return
+    addr = a.ctypes.data
+    start = addr - addr % mmap.PAGESIZE  # the pages it touches: any neighbour's bytes sharing one are read again if used
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(addr + a.nbytes - start), _MADV_DONTNEED)
+
+
 def _decoded(tensors: dict[str, GGUFTensor], requantize: bool, kquant: str = "affine") -> dict:
     """GGUF tensors as mx.load names them: an affine triple 'x.weight', 'x.scales', 'x.biases'
     where exact, the nearest 8-bit triple for Q6_K if `requantize` (its 16-value groups are not the
@@ -107,6 +125,7 @@ def _decoded(tensors: dict[str, GGUFTensor], requantize: bool, kquant: str = "af
         if kquant != "affine" and t.type in KQUANT_TYPES and len(t.shape) == 2:
             rows = mx.array(np.ascontiguousarray(t.data).reshape(t.shape[0], -1))  # (N, K / 256 * block bytes)
             out[name] = KQuantWeight((rows,), (t.type,), x_int8=kquant == "int8")
+            _drop_pages(t.data)  # copied: the mapped file's pages need not stay in memory beside it
             continue
         triple = to_affine_8bit(t.data, t.type) if requantize and t.type in REQUANTIZED else to_affine(t.data, t.type)
         if triple is None:

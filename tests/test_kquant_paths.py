@@ -39,7 +39,7 @@ def isa(request):
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("x_int8", [False, True], ids=["fp32", "int8"])
-@pytest.mark.parametrize("M", [1, 9])  # 9: a second pass of the 8 rows a decoded block serves
+@pytest.mark.parametrize("M", [1, 9, 20])  # 9, 20: more passes of the 8 rows a decoded block serves (20: 8, 8, 4)
 def test_every_path_matches_float64(isa, qtype, x_int8, M):
     K, N = 768, 21
     rows = kquant_rows(qtype, N, K, seed=M, crafted=True)

@@ -78,7 +78,8 @@ NB_MODULE(_ext, m) {
         "values to int8 (d = max|x| / 127, q = round(x / d), ties to even; below panel_min_m rows dotted\n"
         "with W's integer q, llama.cpp's arithmetic); else x as given. W decoded exactly.\n"
         "norm_weight, eps, swiglu, residual: fused as in quantized_matmul. Lazy, like any MLX op.");
-  m.def("kquant_matmul_info", &tiny_llm::kquant_matmul_info, "Which code kquant_matmul runs: isa, threads, panel_min_m.");
+  m.def("kquant_matmul_info", &tiny_llm::kquant_matmul_info, "Which code kquant_matmul runs: isa, threads, panel_min_m (fp32 mode) and\n"
+        "panel_min_m_int8 (0: never panels; the default on AVX-512 VNNI, whose int8 dots are faster).");
   m.def("kquant_matmul_configure", &tiny_llm::kquant_matmul_configure, "isa"_a = "", "panel_min_m"_a = -2,
         "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto') and the smallest M\n"
         "sent to the float32 panels (0: never, -1: the default). Returns kquant_matmul_info().");

@@ -1,9 +1,9 @@
 // The k-quant kernels for AVX-512 with VNNI (compiled with -mavx512f -mavx512bw -mavx512vl
 // -mavx512dq -mavx512vnni -mavx2 -mfma -mf16c; run only where the CPU reports them all).
 // fp32 mode and the panels: each block decoded to fp32 in registers from the same unpacked bytes.
-// int8 mode: 64 weights a register as unsigned bytes, vpdpbusd against 64 int8 values of x
-// (16 int32 lanes, each the sum of 4 products), each lane times its sub-block's scale (vpmulld),
-// so a whole block's sum stays in exact integers until one conversion to fp32.
+// int8 mode: 64 weights a register as unsigned bytes, vpmaddubsw against 64 int8 values of x,
+// vpdpwssd with the sub-blocks' scales as int16 (see q4k_rows), so a whole block's sum stays in
+// exact integers until one conversion to fp32.
 #include <immintrin.h>
 
 #include "kquant_kernels_impl.h"
@@ -63,16 +63,6 @@ inline void q6k_block(const uint8_t* b, __m512i q[4], __m512i s[4], __m512i& sc)
     s[k] = _mm512_permutexvar_epi32(
         _mm512_set_epi32(a + 3, a + 3, a + 3, a + 3, a + 2, a + 2, a + 2, a + 2, a + 1, a + 1, a + 1, a + 1, a, a, a, a), sc);
   }
-}
-
-// sum_c (q[c] . x[64c..]) * s[c], per lane, in int32: exact (|lane| < 2^24).
-inline __m512i block_dot(const __m512i q[4], const __m512i s[4], const int8_t* x) {
-  __m512i acc = _mm512_setzero_si512();
-  for (int c = 0; c < 4; ++c) {
-    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[c], _mm512_loadu_si512(x + 64 * c));
-    acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(dot, s[c]));
-  }
-  return acc;
 }
 
 // One block -> 256 fp32 weights, the values decode_block gives (every product is exact, so the
@@ -141,47 +131,164 @@ void dequantize_avx512(const Rows& W, int n0, int n1, float* out) {
       decode_block_avx512(W.type, W.w + size_t(n) * W.row_bytes + b * bb, out + size_t(n - n0) * W.K + b * QK);
 }
 
-void dot_q8_vnni(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, long ldy) {
+// int8 mode, R rows of x at a time (R a constant: the accumulators stay in registers). Per
+// block and row, the integer sum over the block of sc_j * (q . x over sub-block j): vpmaddubsw
+// (unsigned q times int8 x, adjacent pairs summed to int16: |pair| <= 2 * 63 * 127 < 2^15, no
+// saturation) then vpdpwssd against the scales as int16 (pairs again, summed into int32 lanes;
+// the block's total < 256 * 63 * 127 * 128 < 2^31), exact until one conversion to fp32. The
+// mins (Q4_K) and the -32 (Q6_K): the scales times x's sub-block sums (Q8::bs, vpmaddwd) in a
+// second accumulator. Each row's two accumulators are added and reduced once, at the row's end.
+inline __m512i lanes16(int a, int b) {  // int16 lanes 0-15 = a, 16-31 = b (a vpermw index)
+  return _mm512_inserti64x4(_mm512_set1_epi16(short(a)), _mm256_set1_epi16(short(b)), 1);
+}
+
+inline __m512i lanes8(int a) {  // int16 lanes 8i..8i+7 = a + i, i = 0..3 (a vpermw index)
+  const long long one = 0x0001000100010001ll;  // 4 int16 lanes of 1
+  return _mm512_set_epi64((a + 3) * one, (a + 3) * one, (a + 2) * one, (a + 2) * one, (a + 1) * one, (a + 1) * one,
+                          a * one, a * one);
+}
+
+inline float row_sum(__m512 acc, __m256 side) { return _mm512_reduce_add_ps(_mm512_add_ps(acc, _mm512_zextps256_ps512(side))); }
+
+// Q4_K: the 128 bytes of nibbles as two loads of 64; low and high nibbles give 4 registers of
+// 64 q, holding sub-blocks (0 | 2), (1 | 3), (4 | 6), (5 | 7): x's Q4_K order (Q8::qp) matches.
+template <int R>
+void q4k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long ldy) {
   const int nb = W.K / QK;
-  const size_t bb = tiny_llm::kq::block_bytes(W.type);
-  const bool q4 = W.type == Type::q4_k;
+  const __m512i low4 = _mm512_set1_epi8(15);
+  const __m512i i02 = lanes16(0, 2), i13 = lanes16(1, 3), i46 = lanes16(4, 6), i57 = lanes16(5, 7);
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row = W.w + size_t(n) * W.row_bytes;
-    for (int m0 = 0; m0 < M; m0 += kRows) {
-      const int mr = std::min(kRows, M - m0);
-      __m512 acc[kRows];
-      for (int r = 0; r < mr; ++r) acc[r] = _mm512_setzero_ps();
-      for (int b = 0; b < nb; ++b) {
-        const uint8_t* blk = row + b * bb;
-        if (b + 2 < nb) _mm_prefetch(reinterpret_cast<const char*>(blk + 2 * bb), _MM_HINT_T0);
-        __m512i q[4], s[4], sv;
-        if (q4) {
-          q4k_block(blk, q, s, sv);
-          const __m512 d = _mm512_set1_ps(f16(blk)), dmin = _mm512_set1_ps(-f16(blk + 2));
-          for (int r = 0; r < mr; ++r) {
-            const size_t xb = size_t(m0 + r) * nb + b;
-            const __m512 dx = _mm512_set1_ps(X.d[xb]);
-            const __m512i sum = block_dot(q, s, X.q + xb * QK);
-            // lanes 8-15: m_j times the sum of x's sub-block j of 32 (lanes 0-7 of bs + 16 are 0)
-            const __m512i mins = _mm512_mullo_epi32(sv, _mm512_loadu_si512(X.bs + xb * 32 + 16));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, dx), acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_mul_ps(dmin, dx), acc[r]);
-          }
-        } else {
-          q6k_block(blk, q, s, sv);
-          const __m512 d = _mm512_set1_ps(f16(blk + 208));
-          for (int r = 0; r < mr; ++r) {
-            const size_t xb = size_t(m0 + r) * nb + b;
-            const __m512i sum = block_dot(q, s, X.q + xb * QK);
-            // q - 32: minus 32 sc_j times the sum of x's sub-block j of 16
-            const __m512i off = _mm512_mullo_epi32(sv, _mm512_loadu_si512(X.bs + xb * 32));
-            const __m512i total = _mm512_sub_epi32(sum, _mm512_slli_epi32(off, 5));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, _mm512_set1_ps(X.d[xb])), acc[r]);
-          }
-        }
+    __m512 acc[R];
+    __m256 side[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), side[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * 144;
+      const __m512i v0 = _mm512_loadu_si512(blk + 16), v1 = _mm512_loadu_si512(blk + 80);
+      const __m512i q0 = _mm512_and_si512(v0, low4), q1 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4);
+      const __m512i q2 = _mm512_and_si512(v1, low4), q3 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4);
+      const __m256i scm = _mm256_cvtepu8_epi16(q4k_scales_vec(blk + 4));  // sc[0..7], m[0..7] as int16
+      const __m512i sc = _mm512_castsi256_si512(scm);
+      const __m512i s0 = _mm512_permutexvar_epi16(i02, sc), s1 = _mm512_permutexvar_epi16(i13, sc);
+      const __m512i s2 = _mm512_permutexvar_epi16(i46, sc), s3 = _mm512_permutexvar_epi16(i57, sc);
+      const float d = f16(blk), dmin = f16(blk + 2);
+      for (int r = 0; r < R; ++r) {
+        const size_t xb = size_t(m0 + r) * nb + b;
+        const int8_t* x = X.qp + xb * QK;
+        __m512i sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q0, _mm512_loadu_si512(x)), s0);
+        sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(q1, _mm512_loadu_si512(x + 64)), s1);
+        sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(q2, _mm512_loadu_si512(x + 128)), s2);
+        sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(q3, _mm512_loadu_si512(x + 192)), s3);
+        // lanes 4-7: m_j times x's sums over sub-blocks of 32 (bs lanes 16-23 are 0 against sc)
+        const __m256i mins = _mm256_madd_epi16(scm, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.bs + xb * 32 + 16)));
+        const float dx = X.d[xb];
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * dx), acc[r]);
+        side[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(-dmin * dx), side[r]);
       }
-      for (int r = 0; r < mr; ++r) y[size_t(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
     }
+    for (int r = 0; r < R; ++r) y[size_t(m0 + r) * ldy + n] = row_sum(acc[r], side[r]);
+  }
+}
+
+// Q6_K: register k = values 64k..64k+63 (x's natural order), as q6k_block builds them; its
+// 128-bit lane i is sub-block 4k + i.
+template <int R>
+void q6k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long ldy) {
+  const int nb = W.K / QK;
+  const __m512i low4 = _mm512_set1_epi8(15), bits45 = _mm512_set1_epi8(0x30);
+  const __m512i shl_a = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+  const __m512i shr_b = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+  const __m512i idx[4] = {lanes8(0), lanes8(4), lanes8(8), lanes8(12)};
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = W.w + size_t(n) * W.row_bytes;
+    __m512 acc[R];
+    __m256 side[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), side[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * 210;
+      __m512i q[4], s[4];
+      for (int h = 0; h < 2; ++h) {
+        const __m512i l = _mm512_loadu_si512(blk + 64 * h);
+        const __m512i hh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h)));
+        // (l & 15) | (shifted qh & 0x30): vpternlog's A | (B & C)
+        q[2 * h] = _mm512_ternarylogic_epi32(_mm512_and_si512(l, low4), _mm512_sllv_epi16(hh, shl_a), bits45, 0xF8);
+        q[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
+                                                 _mm512_srlv_epi16(hh, shr_b), bits45, 0xF8);
+      }
+      const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+      const __m512i sc = _mm512_castsi256_si512(sc16);
+      for (int k = 0; k < 4; ++k) s[k] = _mm512_permutexvar_epi16(idx[k], sc);
+      const float d = f16(blk + 208);
+      for (int r = 0; r < R; ++r) {
+        const size_t xb = size_t(m0 + r) * nb + b;
+        const int8_t* x = X.q + xb * QK;
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < 4; ++k)
+          sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(q[k], _mm512_loadu_si512(x + 64 * k)), s[k]);
+        // q - 32: minus 32 sc_j times x's sum over sub-block j of 16
+        const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.bs + xb * 32)));
+        const float dx = X.d[xb];
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * dx), acc[r]);
+        side[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(-32.0f * d * dx), side[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) y[size_t(m0 + r) * ldy + n] = row_sum(acc[r], side[r]);
+  }
+}
+
+template <int R>
+void rows_q8(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long ldy) {
+  if (W.type == Type::q4_k) {
+    q4k_rows<R>(W, n0, n1, X, m0, y, ldy);
+  } else {
+    q6k_rows<R>(W, n0, n1, X, m0, y, ldy);
+  }
+}
+
+void dot_q8_vnni(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, long ldy) {
+  static_assert(kRows == 8, "one case per count of rows");
+  // More than 8 rows of x: 16 rows of W at a time (at most 16 x 35 blocks, in L1/L2) for all of them.
+  const int step = M > kRows ? 16 : n1 - n0;
+  for (int a = n0; a < n1; a += step) {
+    const int b = std::min(n1, a + step);
+    for (int m0 = 0; m0 < M; m0 += kRows) {
+      switch (std::min(kRows, M - m0)) {
+        case 1: rows_q8<1>(W, a, b, X, m0, y, ldy); break;
+        case 2: rows_q8<2>(W, a, b, X, m0, y, ldy); break;
+        case 3: rows_q8<3>(W, a, b, X, m0, y, ldy); break;
+        case 4: rows_q8<4>(W, a, b, X, m0, y, ldy); break;
+        case 5: rows_q8<5>(W, a, b, X, m0, y, ldy); break;
+        case 6: rows_q8<6>(W, a, b, X, m0, y, ldy); break;
+        case 7: rows_q8<7>(W, a, b, X, m0, y, ldy); break;
+        default: rows_q8<8>(W, a, b, X, m0, y, ldy); break;
+      }
+    }
+  }
+}
+
+// quantize_x (kquant_kernels_impl.h) 16 values at a time, the same values: x / d divided and
+// rounded to nearest, ties to even (vcvtps2dq in the default rounding mode, as std::nearbyint).
+void quantize_x_avx512(const float* x, int K, int8_t* q, int8_t* qp, float* d, int16_t* bs) {
+  for (int b = 0; b < K / QK; ++b, x += QK, q += QK, qp += QK, bs += 32) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < QK; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    const float db = _mm512_reduce_max_ps(amax) / 127.0f;
+    d[b] = db;
+    const __m512 dv = _mm512_set1_ps(db);
+    for (int j = 0; j < 16; ++j) {
+      __m512i v = _mm512_setzero_si512();
+      if (db != 0.0f) {
+        v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + 16 * j), dv));
+        v = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), v));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * j), _mm512_cvtepi32_epi8(v));
+      bs[j] = int16_t(_mm512_reduce_add_epi32(v));
+    }
+    for (int h = 0; h < QK; h += 128) {  // Q4_K's order: per 128, values 0-31, 64-95, 32-63, 96-127
+      std::memcpy(qp + h, q + h, 32), std::memcpy(qp + h + 32, q + h + 64, 32);
+      std::memcpy(qp + h + 64, q + h + 32, 32), std::memcpy(qp + h + 96, q + h + 96, 32);
+    }
+    for (int j = 0; j < 8; ++j) bs[16 + j] = 0, bs[24 + j] = int16_t(bs[2 * j] + bs[2 * j + 1]);
   }
 }
 
@@ -190,7 +297,7 @@ void dot_q8_vnni(const Rows& W, int n0, int n1, const Q8& X, int M, float* y, lo
 namespace tiny_llm::kq {
 
 const Isa* isa_avx512() {
-  static const Isa isa{"avx512_vnni", dot_f32_avx512, dot_q8_vnni, dequantize_avx512, quantize_x};
+  static const Isa isa{"avx512_vnni", dot_f32_avx512, dot_q8_vnni, dequantize_avx512, quantize_x_avx512};
   return &isa;
 }
 

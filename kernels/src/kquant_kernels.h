@@ -33,13 +33,17 @@ struct Rows {
 };
 
 // x quantized (int8 mode), M rows of K: per block b of 256 values, d[b] = max|x| / 127 and
-// q = round(x / d[b]) (nearest, ties to even; 0 where d = 0); bs[b] 32 int32: the sums of q
-// over its 16 sub-blocks of 16 (lanes 0-15), then 8 zeros, then the sums over its 8
-// sub-blocks of 32 (lanes 24-31), the layouts the AVX-512 kernels multiply with the scales.
+// q = round(x / d[b]) (nearest, ties to even; 0 where d = 0). qp: the same q with each 128
+// values reordered as Q4_K's nibbles come out of one 64-byte load (values 0-31, 64-95, 32-63,
+// 96-127), so the AVX-512 kernel unpacks a Q4_K block with 2 loads, 2 shifts and 4 ands. bs[b]
+// 32 int16: the sums of q over its 16 sub-blocks of 16 (lanes 0-15), then 8 zeros, then the sums
+// over its 8 sub-blocks of 32 (lanes 24-31; |sum| <= 32 * 127 fits), the layouts the AVX-512
+// kernels multiply with the scales (vpmaddwd).
 struct Q8 {
   const int8_t* q;    // (M, K)
+  const int8_t* qp;   // (M, K), Q4_K's order
   const float* d;     // (M, K / 256)
-  const int32_t* bs;  // (M, K / 256, 32)
+  const int16_t* bs;  // (M, K / 256, 32)
   int K;
 };
 
@@ -51,8 +55,8 @@ struct Isa {
   void (*dot_q8)(const Rows& w, int n0, int n1, const Q8& x, int M, float* y, long ldy);
   // out (n1 - n0, K) fp32 = rows n0..n1 decoded (prefill's panels).
   void (*dequantize)(const Rows& w, int n0, int n1, float* out);
-  // One row of K fp32 values -> its Q8 q (K), d (K / 256), bs (K / 256 * 32).
-  void (*quantize_x)(const float* x, int K, int8_t* q, float* d, int32_t* bs);
+  // One row of K fp32 values -> its Q8 q (K), qp (K), d (K / 256), bs (K / 256 * 32).
+  void (*quantize_x)(const float* x, int K, int8_t* q, int8_t* qp, float* d, int16_t* bs);
 };
 
 const Isa& isa_portable();

@@ -154,7 +154,7 @@ inline float sum_lanes(float* a) {
         for (int r = 0; r < mr; ++r) {
           const size_t xb = size_t(m0 + r) * nb + b;
           const int8_t* xq = X.q + xb * QK;
-          const int32_t* bs = X.bs + xb * 32;
+          const int16_t* bs = X.bs + xb * 32;
           int32_t sumi = 0, sumb = 0;
           for (int j = 0; j < nsub; ++j) {
             int32_t s = 0;
@@ -185,20 +185,25 @@ inline float sum_lanes(float* a) {
 
 // Q8 of one row: d = max|x| / 127 per block, q = round(x / d) (nearest, ties to even, as
 // std::nearbyint in the default rounding mode); the twin (impl.kquant.quantize_x_int8) rounds alike.
-void quantize_x(const float* x, int K, int8_t* q, float* d, int32_t* bs) {
-  for (int b = 0; b < K / QK; ++b, x += QK, q += QK, bs += 32) {
+void quantize_x(const float* x, int K, int8_t* q, int8_t* qp, float* d, int16_t* bs) {
+  for (int b = 0; b < K / QK; ++b, x += QK, q += QK, qp += QK, bs += 32) {
     float amax = 0.0f;
     for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(x[i]));
     const float db = amax / 127.0f;
     d[b] = db;
     for (int i = 0; i < QK; ++i)
       q[i] = db == 0.0f ? 0 : int8_t(std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(x[i] / db))));
+    for (int h = 0; h < QK; h += 128)  // Q4_K's order: per 128, values 0-31, 64-95, 32-63, 96-127
+      for (int l = 0; l < 32; ++l) {
+        qp[h + l] = q[h + l], qp[h + 32 + l] = q[h + 64 + l];
+        qp[h + 64 + l] = q[h + 32 + l], qp[h + 96 + l] = q[h + 96 + l];
+      }
     for (int j = 0; j < 16; ++j) {
-      int32_t s = 0;
+      int s = 0;
       for (int i = 0; i < 16; ++i) s += q[16 * j + i];
-      bs[j] = s;
+      bs[j] = int16_t(s);
     }
-    for (int j = 0; j < 8; ++j) bs[16 + j] = 0, bs[24 + j] = bs[2 * j] + bs[2 * j + 1];
+    for (int j = 0; j < 8; ++j) bs[16 + j] = 0, bs[24 + j] = int16_t(bs[2 * j] + bs[2 * j + 1]);
   }
 }
 

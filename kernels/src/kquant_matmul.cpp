@@ -6,6 +6,7 @@
 //     quantized per block of 256 (VNNI on AVX-512).
 //   M >= panel_min_m (prefill): each task decodes a panel of 64 rows of W to fp32 and runs
 //     quantized_matmul's fp32 panel kernel (4x4 register tiles) on it: exact weights, both modes.
+//     By default int8 mode on AVX-512 VNNI never takes them (see Config).
 #include "kquant_matmul.h"
 
 #include <algorithm>
@@ -76,8 +77,14 @@ constexpr int kPanelMinM = 16;
 
 struct Config {
   Pair isa;
-  int panel_min_m;  // -1: kPanelMinM
-  int min_m() const { return panel_min_m >= 0 ? panel_min_m : kPanelMinM; }
+  int panel_min_m;  // -1: the default below
+  // Default: fp32 panels from kPanelMinM rows, except in int8 mode on AVX-512 VNNI, whose dots
+  // (8 rows of x a decoded block, 16 rows of W at a time) beat the fp32 panels at every M (single
+  // thread, M = 128: Q4_K 8960x1536 37 -> 28-34 ms, Q6_K 1536x8960 48-50 -> 35 ms): never.
+  int min_m(bool x_int8) const {
+    if (panel_min_m >= 0) return panel_min_m;
+    return x_int8 && isa.kq == kq::isa_avx512() ? 0 : kPanelMinM;
+  }
 };
 
 Config& config() {
@@ -165,17 +172,17 @@ void run(const mx::array& x, const std::vector<mx::array>& w, const std::vector<
   }
   // int8 mode: x's Q8 (the decode kernels' operand); the panels take its values d * q in fp32.
   const int nb = K / kq::QK;
-  std::vector<int8_t> xq;
+  std::vector<int8_t> xq, xqp;
   std::vector<float> xs;
-  std::vector<int32_t> xbs;
+  std::vector<int16_t> xbs;
   if (x_int8) {
-    xq.resize(size_t(M) * K), xs.resize(size_t(M) * nb), xbs.resize(size_t(M) * nb * 32);
+    xq.resize(size_t(M) * K), xqp.resize(size_t(M) * K), xs.resize(size_t(M) * nb), xbs.resize(size_t(M) * nb * 32);
     for (long m = 0; m < M; ++m)
-      cfg.isa.kq->quantize_x(xf.data() + size_t(m) * K, K, xq.data() + size_t(m) * K, xs.data() + size_t(m) * nb,
-                             xbs.data() + size_t(m) * nb * 32);
+      cfg.isa.kq->quantize_x(xf.data() + size_t(m) * K, K, xq.data() + size_t(m) * K, xqp.data() + size_t(m) * K,
+                             xs.data() + size_t(m) * nb, xbs.data() + size_t(m) * nb * 32);
   }
-  const kq::Q8 q8{xq.data(), xs.data(), xbs.data(), K};
-  if (cfg.min_m() > 0 && M >= cfg.min_m()) {
+  const kq::Q8 q8{xq.data(), xqp.data(), xs.data(), xbs.data(), K};
+  if (const int min_m = cfg.min_m(x_int8); min_m > 0 && M >= min_m) {
     if (x_int8)
       for (size_t i = 0; i < xf.size(); ++i) xf[i] = xs[i / kq::QK] * float(xq[i]);
     const int threads = pool.size(), npanels = (N + 63) / 64;
@@ -301,7 +308,8 @@ std::map<std::string, std::string> kquant_matmul_info() {
   const Config& c = config();
   return {{"isa", c.isa.kq->name},
           {"threads", std::to_string(ThreadPool::get().size())},
-          {"panel_min_m", std::to_string(c.min_m())}};
+          {"panel_min_m", std::to_string(c.min_m(false))},
+          {"panel_min_m_int8", std::to_string(c.min_m(true))}};
 }
 
 std::map<std::string, std::string> kquant_matmul_configure(const std::string& isa, int panel_min_m) {
