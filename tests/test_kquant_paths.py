@@ -55,3 +55,23 @@ def test_every_path_matches_float64(isa, qtype, x_int8, M):
         # x and w exact in fp32 (int8 mode: x rounded as int8_rounded does): fp32 sums over K remain
         assert_close(got[path], want, fp32_tol(K, A, 1), f"{isa} {path} {qtype} M={M}")
     assert_close(got["dots"], got["panels"], fp32_tol(K, A, 2), f"{isa} dots vs panels {qtype} M={M}")
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_int8_dots_give_a_row_the_same_bits_whatever_the_other_rows(isa, qtype):
+    """In int8 mode a row of x gets the same bits alone (M = 1, decode) as among other rows (a
+    speculative verify pass, a batch's decode step, a prefill), so that greedy speculation and
+    batching reproduce plain decoding token for token: the block sums are exact integers, and
+    their fp32 accumulation and lane sums are the same operations whatever the rows. Below 16 rows
+    on every instruction set; from 16 where the int8 dots run at every M (AVX-512 VNNI), while
+    AVX2 and the portable code take fp32 panels there (the same values within fp32_tol, above)."""
+    K, N = 768, 37  # 37: output columns in several tiles and a partial one
+    rows = mx.array(kquant_rows(qtype, N, K, seed=3, crafted=True))
+    x = np.random.default_rng(3).standard_normal((20, K)).astype(np.float32)
+    alone = [np.array(kernels.kquant_matmul(mx.array(x[i:i + 1]), [rows], [qtype], x_int8=True))[0]
+             for i in range(20)]
+    for M in (2, 3, 5, 8, 9, 15, *((16, 20) if isa == "avx512" else ())):
+        got = np.array(kernels.kquant_matmul(mx.array(x[:M]), [rows], [qtype], x_int8=True))
+        for i in range(M):
+            np.testing.assert_array_equal(got[i], alone[i], f"{isa} {qtype} row {i} of M={M}")

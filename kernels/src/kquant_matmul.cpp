@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu_features.h"
 #include "cpu_stream.h"
 #include "kquant_kernels.h"
 #include "layer_rows.h"
@@ -29,26 +30,6 @@ namespace tiny_llm {
 
 namespace {
 
-bool has_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-bool has_avx512_vnni() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
-}
-
 // Each k-quant instruction set with the quantized_matmul one whose panel kernel it borrows.
 struct Pair {
   const kq::Isa* kq;
@@ -57,17 +38,17 @@ struct Pair {
 
 Pair isa_named(const std::string& name) {
   if (name == "auto") {
-    if (has_avx512_vnni()) return {kq::isa_avx512(), qmm::isa_avx512()};
-    if (has_avx2()) return {kq::isa_avx2(), qmm::isa_avx2()};
+    if (cpu_has_avx512_vnni()) return {kq::isa_avx512(), qmm::isa_avx512()};
+    if (cpu_has_avx2_fma_f16c()) return {kq::isa_avx2(), qmm::isa_avx2()};
     return {&kq::isa_portable(), &qmm::isa_portable()};
   }
   if (name == "portable") return {&kq::isa_portable(), &qmm::isa_portable()};
   if (name == "avx512") {
-    if (!has_avx512_vnni()) throw std::invalid_argument("this CPU (or build) lacks AVX-512 with VNNI");
+    if (!cpu_has_avx512_vnni()) throw std::invalid_argument("this CPU (or build) lacks AVX-512 with VNNI");
     return {kq::isa_avx512(), qmm::isa_avx512()};
   }
   if (name == "avx2") {
-    if (!has_avx2()) throw std::invalid_argument("this CPU (or build) lacks AVX2/FMA/F16C");
+    if (!cpu_has_avx2_fma_f16c()) throw std::invalid_argument("this CPU (or build) lacks AVX2/FMA/F16C");
     return {kq::isa_avx2(), qmm::isa_avx2()};
   }
   throw std::invalid_argument("unknown isa '" + name + "' (portable, avx2, avx512 or auto)");
