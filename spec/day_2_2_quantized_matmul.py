@@ -823,27 +823,13 @@ def test_kquant_twin_and_kernel_reject_the_same_inputs(impl, case):
                           lambda: (x, parts, types), "^kquant_matmul: ", case)
 
 
-def test_real_kquant_model_keeps_the_files_blocks_and_its_logits(impl, coder_gguf):
+def test_real_kquant_model_keeps_the_files_blocks(impl, coder_gguf):
     """Qwen2.5-Coder-0.5B (Q4_K, Q6_K, Q5_0, Q8_0 tensors) loaded for week 2's kernels keeps each 2-D
-    Q4_K and Q6_K tensor as a KQuantWeight of the file's bytes; in "fp32" mode (exact weights, x as
-    given) its logits equal the dense week-1 model's within fp32 sums, and in "int8" mode (x rounded
-    to int8 per 256 values, llama.cpp's arithmetic) within a looser bound, with the same greedy token."""
-    from spec.ladder import MODEL_FP32
-
+    Q4_K and Q6_K tensor as a KQuantWeight of the file's bytes, in the mode asked for. (Its logits
+    need flash attention too: day_2_4_flash_attention.py checks them.)"""
     kw = impl.kquant_weight
-    ids = mx.array([[151644, 872, 198, 7985, 264, 13027, 729, 429, 17431, 264, 1140, 151645, 198]])
-    dense = impl.loader.load_model(coder_gguf, quantized=False).model(ids)[0, -1]
     for mode in ("fp32", "int8"):
         loaded = impl.loader.load_model(coder_gguf, quantized=True, kquant=mode)
         native = [w for w in _linear_weights(loaded.model) if isinstance(w, kw.KQuantWeight)]
         assert len(native) >= 24, f"{mode}: only {len(native)} weights kept as k-quant blocks"  # 1+ a layer
         assert all(w.x_int8 == (mode == "int8") for w in native), f"{mode}: a weight in the other mode"
-        got = loaded.model(ids)[0, -1]
-        if mode == "fp32":
-            assert_close(got, dense, MODEL_FP32, "fp32 mode vs the dense model, last position's logits")
-        else:
-            # int8 x moves each matmul input by up to max|x| / 254 of its 256 values (about 0.4%
-            # of the block's largest value): through 24 layers the logits (~20) move by a few tenths.
-            err = float(mx.abs(got - dense).max())
-            assert err < 1.0, f"int8 mode moves the logits by {err:.3g} from the dense model's"
-            assert int(mx.argmax(got)) == int(mx.argmax(dense)), "int8 mode changed the greedy token"

@@ -739,6 +739,25 @@ def check_greedy_tokens(impl, quantized_model, default_model):
     assert_greedy_tokens(got, want, gaps, "the engine on the kernels vs transformers")
 
 
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_real_kquant_model_logits_match_the_dense_model(impl, coder_gguf, mode):
+    """Qwen2.5-Coder-0.5B on week 2's kernels with its Q4_K and Q6_K tensors multiplied as stored
+    (topic 2.2's kquant_matmul): in "fp32" mode (exact weights, x as given) its logits equal the dense
+    week-1 model's within fp32 sums; in "int8" mode (x rounded to int8 per 256 values, llama.cpp's
+    arithmetic) within a looser bound, with the same greedy token."""
+    ids = mx.array([[151644, 872, 198, 7985, 264, 13027, 729, 429, 17431, 264, 1140, 151645, 198]])
+    dense = impl.loader.load_model(coder_gguf, quantized=False).model(ids)[0, -1]
+    got = impl.loader.load_model(coder_gguf, quantized=True, kquant=mode).model(ids)[0, -1]
+    if mode == "fp32":
+        assert_close(got, dense, MODEL_FP32, "fp32 mode vs the dense model, last position's logits")
+    else:
+        # int8 x moves each matmul input by up to max|x| / 254 of its 256 values (about 0.4% of
+        # the block's largest value): through 24 layers the logits (~20) move by a few tenths.
+        err = float(mx.abs(got - dense).max())
+        assert err < 1.0, f"int8 mode moves the logits by {err:.3g} from the dense model's"
+        assert int(mx.argmax(got)) == int(mx.argmax(dense)), "int8 mode changed the greedy token"
+
+
 def test_the_engine_runs_on_the_layer_kernels(impl, quantized_model):
     model = quantized_model.model
     layer = model.layers[0]
