@@ -185,7 +185,8 @@ inline float sum_lanes(float* a) {
 
 // Q8 of one row: d = max|x| / 127 per block, q = round(x / d) (nearest, ties to even, as
 // std::nearbyint in the default rounding mode); the twin (impl.kquant.quantize_x_int8) rounds alike.
-void quantize_x(const float* x, int K, int8_t* q, int8_t* qp, float* d, int16_t* bs) {
+// Unused where a unit has its own (AVX-512's quantize_x_avx512): [[maybe_unused]] for -Werror.
+[[maybe_unused]] void quantize_x(const float* x, int K, int8_t* q, int8_t* qp, float* d, int16_t* bs) {
   for (int b = 0; b < K / QK; ++b, x += QK, q += QK, qp += QK, bs += 32) {
     float amax = 0.0f;
     for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(x[i]));
