@@ -106,16 +106,6 @@ DType dtype_of(const mx::array& a) {
   return DType::f32;
 }
 
-// Split [0, n) into about `parts` ranges whose size is a multiple of `align`.
-struct Split {
-  int per, count;
-  Split(long n, int parts, int align) {
-    per = int((n + parts - 1) / parts);
-    per = std::max(align, (per + align - 1) / align * align);
-    count = int((n + per - 1) / per);
-  }
-};
-
 // x (M, K) in `xt` -> fp32, permuted for 4 bits (see Isa::chunk), rounded to bf16 if `bf16`;
 // rows split over the pool.
 const float* kernel_input(const Isa& isa, const void* x, DType xt, long M, int K, int bits, bool bf16,
@@ -205,11 +195,16 @@ template <typename T>
 const void* prologue_t(const Fusion& f, const void* x, const mx::array* norm_w, long M, int K, std::vector<char>& buf) {
   buf.resize(size_t(M) * K * sizeof(T));
   T* y = reinterpret_cast<T*>(buf.data());
-  if (f.prologue == Fusion::kSwiGLU) {
-    swiglu_rows(static_cast<const T*>(x), y, M, K);
+  if (f.prologue == Fusion::kSwiGLU) {  // x (M, 2K) = [gate | up] -> y (M, K)
+    const T* xt = static_cast<const T*>(x);
+    parallel_rows(M, 2 * K, [&](long r0, long r1) { swiglu_rows(xt + size_t(r0) * 2 * K, y + size_t(r0) * K, r1 - r0, K); });
   } else {
     std::vector<char> tw;
-    rms_norm_rows(static_cast<const T*>(x), static_cast<const T*>(row_major(*norm_w, tw)), y, M, K, f.eps);
+    const T* xt = static_cast<const T*>(x);
+    const T* w = static_cast<const T*>(row_major(*norm_w, tw));
+    parallel_rows(M, K, [&](long r0, long r1) {
+      rms_norm_rows(xt + size_t(r0) * K, w, y + size_t(r0) * K, r1 - r0, K, f.eps);
+    });
   }
   return buf.data();
 }
@@ -231,9 +226,12 @@ void add_residual_t(T* out, const T* r, size_t n) {
 void add_residual(mx::array& out, const mx::array& residual) {
   std::vector<char> tr;
   const void* r = row_major(residual, tr);
+  const long N = out.ndim() ? out.shape(-1) : 1, M = N ? long(out.size() / N) : 0;
   with_float_type(out.dtype(), [&](auto type) {
     using T = decltype(type);
-    add_residual_t(out.data<T>(), static_cast<const T*>(r), out.size());
+    parallel_rows(M, N, [&](long r0, long r1) {
+      add_residual_t(out.data<T>() + size_t(r0) * N, static_cast<const T*>(r) + size_t(r0) * N, size_t(r1 - r0) * N);
+    });
   });
 }
 
