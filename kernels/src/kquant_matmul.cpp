@@ -225,10 +225,7 @@ mx::array kquant_matmul(const mx::array& x, const std::vector<mx::array>& parts,
          std::to_string(types.size()));
   if (x.ndim() < 1 || !is_float(x.dtype()))
     fail("x must be float32, float16 or bfloat16 with shape (..., K), got " + shape_str(x));
-  if (norm_weight && swiglu) fail("one prologue at a time: norm_weight or swiglu, not both");
-  if (swiglu && x.shape(-1) % 2 != 0)
-    fail("with swiglu, x's last axis holds gate then up: its size must be even, got " + std::to_string(x.shape(-1)));
-  const int K = swiglu ? x.shape(-1) / 2 : x.shape(-1);
+  const int K = fused_k("kquant_matmul", x, norm_weight, swiglu);
   if (K == 0 || K % kq::QK != 0)
     fail("x has K = " + std::to_string(K) + ", which must be a positive multiple of 256 (a k-quant block)");
   std::vector<int> kinds;
@@ -247,24 +244,9 @@ mx::array kquant_matmul(const mx::array& x, const std::vector<mx::array>& parts,
   const mx::Stream stream = cpu_stream(s, "kquant_matmul");
   mx::Shape shape = x.shape();
   shape.back() = N;
-  Fusion fusion;
   std::vector<mx::array> inputs = {x};
   inputs.insert(inputs.end(), parts.begin(), parts.end());
-  if (norm_weight) {
-    if (norm_weight->ndim() != 1 || norm_weight->shape(0) != K || !is_float(norm_weight->dtype()))
-      fail("norm_weight must be a float (K,) = (" + std::to_string(K) + ",) array, got " +
-           shape_str(norm_weight->shape()));
-    fusion.prologue = Fusion::kRMSNorm, fusion.eps = eps;
-    inputs.push_back(mx::astype(*norm_weight, x.dtype(), stream));  // as the RMSNorm kernel: in x's dtype
-  }
-  if (swiglu) fusion.prologue = Fusion::kSwiGLU;
-  if (residual) {
-    if (residual->shape() != shape || residual->dtype() != x.dtype())
-      fail("residual must be " + shape_str(shape) + " (the output's shape, in x's dtype), got " +
-           shape_str(residual->shape()));
-    fusion.residual = true;
-    inputs.push_back(*residual);
-  }
+  const Fusion fusion = fusion_inputs("kquant_matmul", x, K, shape, norm_weight, eps, swiglu, residual, stream, inputs);
   return mx::array(shape, x.dtype(), std::make_shared<KQuantMatmul>(stream, kinds, x_int8, fusion), std::move(inputs));
 }
 

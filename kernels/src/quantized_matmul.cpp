@@ -335,6 +335,38 @@ std::string dtype_name(const mx::Dtype& t) {
 
 }  // namespace
 
+int fused_k(const std::string& op, const mx::array& x, const std::optional<mx::array>& norm_weight, bool swiglu) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(op + ": " + what); };
+  if (norm_weight && swiglu) fail("one prologue at a time: norm_weight or swiglu, not both");
+  if (swiglu && x.shape(-1) % 2 != 0)
+    fail("with swiglu, x's last axis holds gate then up: its size must be even, got " + std::to_string(x.shape(-1)));
+  return swiglu ? x.shape(-1) / 2 : x.shape(-1);
+}
+
+Fusion fusion_inputs(const std::string& op, const mx::array& x, int K, const mx::Shape& out,
+                     const std::optional<mx::array>& norm_weight, float eps, bool swiglu,
+                     const std::optional<mx::array>& residual, const mx::Stream& stream,
+                     std::vector<mx::array>& inputs) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(op + ": " + what); };
+  Fusion fusion;
+  if (norm_weight) {
+    if (norm_weight->ndim() != 1 || norm_weight->shape(0) != K || !is_float(norm_weight->dtype()))
+      fail("norm_weight must be a float (K,) = (" + std::to_string(K) + ",) array, got " +
+           shape_str(norm_weight->shape()));
+    fusion.prologue = Fusion::kRMSNorm, fusion.eps = eps;
+    inputs.push_back(mx::astype(*norm_weight, x.dtype(), stream));  // as the RMSNorm kernel: in x's dtype
+  }
+  if (swiglu) fusion.prologue = Fusion::kSwiGLU;
+  if (residual) {
+    if (residual->shape() != out || residual->dtype() != x.dtype())
+      fail("residual must be " + shape_str(out) + " " + dtype_name(x.dtype()) + " (the output's), got " +
+           shape_str(residual->shape()) + " " + dtype_name(residual->dtype()));
+    fusion.residual = true;
+    inputs.push_back(*residual);
+  }
+  return fusion;
+}
+
 mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,
                            const std::optional<mx::array>& norm_weight, float eps, bool swiglu,
@@ -349,10 +381,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
          dtype_name(w_q.dtype()));
   if (x.ndim() < 1 || !is_float(x.dtype()))
     fail("x must be float32, float16 or bfloat16 with shape (..., K), got " + shape_str(x) + " " + dtype_name(x.dtype()));
-  if (norm_weight && swiglu) fail("one prologue at a time: norm_weight or swiglu, not both");
-  const int N = w_q.shape(0), K = swiglu ? x.shape(-1) / 2 : x.shape(-1);
-  if (swiglu && x.shape(-1) % 2 != 0)
-    fail("with swiglu, x's last axis holds gate then up: its size must be even, got " + std::to_string(x.shape(-1)));
+  const int N = w_q.shape(0), K = fused_k("quantized_matmul", x, norm_weight, swiglu);
   if (int64_t(w_q.shape(1)) * 32 / bits != K)
     fail("x has K = " + std::to_string(K) + (swiglu ? " (after swiglu)" : "") + " but w_q " +
          shape_str(w_q.shape()) + " holds " + std::to_string(int64_t(w_q.shape(1)) * 32 / bits) + " " +
@@ -365,23 +394,9 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
   const mx::array b32 = mixed ? mx::astype(biases, mx::float32, stream) : biases;
   mx::Shape shape = x.shape();
   shape.back() = N;
-  Fusion fusion;
   std::vector<mx::array> inputs = {x, w_q, s32, b32};
-  if (norm_weight) {
-    if (norm_weight->ndim() != 1 || norm_weight->shape(0) != K || !is_float(norm_weight->dtype()))
-      fail("norm_weight must be a float (K,) = (" + std::to_string(K) + ",) array, got " +
-           shape_str(norm_weight->shape()));
-    fusion.prologue = Fusion::kRMSNorm, fusion.eps = eps;
-    inputs.push_back(mx::astype(*norm_weight, x.dtype(), stream));  // as the RMSNorm kernel: in x's dtype
-  }
-  if (swiglu) fusion.prologue = Fusion::kSwiGLU;
-  if (residual) {
-    if (residual->shape() != shape || residual->dtype() != x.dtype())
-      fail("residual must be " + shape_str(shape) + " " + dtype_name(x.dtype()) + " (the output's), got " +
-           shape_str(residual->shape()) + " " + dtype_name(residual->dtype()));
-    fusion.residual = true;
-    inputs.push_back(*residual);
-  }
+  const Fusion fusion =
+      fusion_inputs("quantized_matmul", x, K, shape, norm_weight, eps, swiglu, residual, stream, inputs);
   return mx::array(shape, x.dtype(),
                    std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion, precision == "bf16"),
                    std::move(inputs));
