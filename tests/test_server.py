@@ -491,3 +491,4 @@ def test_speculative_config_gives_the_engines_greedy_answer_and_counts_drafts(of
     assert r.choices[0].message.content == w.text
     drafted, accepted = m["tiny_llm:spec_decode_num_draft_tokens_total"], m["tiny_llm:spec_decode_num_accepted_tokens_total"]
     assert drafted > 0 and 0 <= accepted <= drafted, m
+    assert m["tiny_llm:spec_decode_draft_cache_positions"] == 0, m  # n-gram drafts: no draft model, no cache

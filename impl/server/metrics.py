@@ -23,7 +23,7 @@ class Metrics:
 
         def gauge(name, doc, key):
             g = Gauge(f"tiny_llm:{name}", doc, list(labels), registry=r).labels(**labels)
-            g.set_function(lambda: stats()[key])
+            g.set_function(lambda: stats().get(key, 0))
 
         gauge("num_requests_running", "Requests in the running queue (scheduled each step).", "running")
         gauge("num_requests_waiting", "Requests waiting to be admitted (or preempted).", "waiting")
@@ -32,6 +32,8 @@ class Metrics:
         gauge("kv_blocks_free", "KV cache blocks free (cached prefixes included: they are reusable).", "blocks_free")
         gauge("prefix_cache_hit_rate", "Prompt blocks found in the prefix cache, over blocks looked up.",
               "prefix_cache_hit_rate")
+        gauge("spec_decode_draft_cache_positions", "Positions the draft model's caches hold (speculative decoding"
+              " with a draft model; 0 otherwise).", "spec_draft_cache_positions")
         r.register(_EngineCounters(stats, model_name))
         self.prompt_tokens = Counter("tiny_llm:prompt_tokens", "Prompt tokens of requests admitted.",
                                      list(labels), registry=r).labels(**labels)
