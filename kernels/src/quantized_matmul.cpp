@@ -226,7 +226,7 @@ void run_int8(const Isa& isa, const qmm::Int8Kernels& k, const Weights& W, const
     row.resize(K);
     for (long m = long(t) * rows.per; m < std::min<long>(M, long(t + 1) * rows.per); ++m) {
       isa.to_f32(static_cast<const char*>(x) + size_t(m) * K * item, xt, row.data(), K);
-      k.quantize_x(row.data(), K, gs, xq.get() + size_t(m) * K, dx.get() + size_t(m) * G, xc.get() + size_t(m) * G);
+      k.quantize_x(row.data(), K, gs, W.bits, xq.get() + size_t(m) * K, dx.get() + size_t(m) * G, xc.get() + size_t(m) * G);
     }
   });
   const int threads = pool.size(), panels = (W.N + 191) / 192;
@@ -241,7 +241,7 @@ void run_int8(const Isa& isa, const qmm::Int8Kernels& k, const Weights& W, const
     float* dw = scales.data();
     float* bw = dw + blocks * 16 * G;
     k.pack(W, n0, n1, panel.data(), dw, bw);
-    k.gemm(xq.get(), dx.get(), xc.get(), int(M), K, gs, panel.data(), dw, bw, n1 - n0, y + n0, W.N);
+    k.gemm(xq.get(), dx.get(), xc.get(), int(M), K, gs, W.bits, panel.data(), dw, bw, n1 - n0, y + n0, W.N);
   });
 }
 

@@ -7,11 +7,18 @@
 //   gemm: per output and per group, isum is an exact int32 whatever the order of vpdpbusd's adds;
 //     then a = dw * dx, p = float(isum) * a, c = bias * xc, acc = acc + (p + c): vmulps/vaddps
 //     only, never fused (-ffp-contract=off), acc = 0 first and the groups in order.
-// Layout (see Int8Kernels::pack): a task's W rows in blocks of 16; per block, per quad j of k,
-// one 64-byte vector whose dword r holds row r's quants k = 4j .. 4j + 3 (u8, 4 bits widened).
-// A tile is MR rows of x times NV blocks: per quad, NV vector loads, MR dword broadcasts of x's
-// 4 int8, MR * NV vpdpbusd into int32 accumulators; per group those are scaled into fp32 ones.
-// A row's outputs are computed by the same operations whichever tile, M or task holds it.
+// Layout: a task's W rows in blocks of 16; per block, one 64-byte vector per dword of a row's
+// packed quants, whose lane r holds row r's dword: a 16 x 16 dword transpose of 16 rows, the
+// quants left as stored. 8 bits: dword j = quants 4j .. 4j + 3, u8 as vpdpbusd reads them.
+// 4 bits: dword o = quants 8o .. 8o + 7, the even ones in the low nibbles of its 4 bytes and the
+// odd ones in the high nibbles; the gemm splits it (and 0x0f; shift right 4, and 0x0f) into the
+// quads (8o, 8o+2, 8o+4, 8o+6) and (8o+1, 8o+3, 8o+5, 8o+7), so quantize_x stores x's int8 in that
+// order within each 8 (evens, then odds). Packing is then only a transpose, no unpacking, and a
+// 4-bit panel is half the bytes.
+// A tile is MR rows of x times NV blocks: per dword of W, NV vector loads, MR * NV vpdpbusd (twice
+// for 4 bits) into int32 accumulators, x's 4 int8 broadcast from memory; per group those are
+// scaled into fp32 ones. A row's outputs are computed by the same operations whichever tile, M or
+// task holds it.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -28,8 +35,11 @@ using tiny_llm::qmm::Weights;
 constexpr int kMR = 4;  // rows of x per tile
 constexpr int kNV = 3;  // blocks of 16 W rows per tile: 12 int32 + 12 fp32 accumulators, 3 W vectors
 
-void quantize_x(const float* x, int K, int gs, int8_t* xq, float* dx, float* xc) {
+void quantize_x(const float* x, int K, int gs, int bits, int8_t* xq, float* dx, float* xc) {
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  // 4 bits: per 8 values, the even ones then the odd ones (see the layout above)
+  const __m128i order = bits == 4 ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
+                                  : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int g = 0; g < K / gs; ++g, x += gs, xq += gs) {  // gs: 32, 64 or 128, a multiple of 16
     __m512 amax = _mm512_setzero_ps();
     for (int i = 0; i < gs; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
@@ -42,7 +52,7 @@ void quantize_x(const float* x, int K, int gs, int8_t* xq, float* dx, float* xc)
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, r)));  // exact: r is an integer
       }
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i), _mm512_cvtsepi32_epi8(q));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i), _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(q), order));
       sum = _mm512_add_epi32(sum, q);
     }
     dx[g] = d;
@@ -86,28 +96,13 @@ inline void transpose16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// Quants k .. k + 4 * quads - 1 of a row (quads = 16 or 8) as bytes, 4 to a dword.
-template <int BITS>
-inline __m512i row_quads(const uint8_t* row, int k, int quads) {
-  if constexpr (BITS == 8) {
-    return quads == 16 ? _mm512_loadu_si512(row + k)
-                       : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
-  } else {
-    // byte j holds quants 2j (low nibble) and 2j + 1 (high): widened to word j = the two as bytes
-    const __m512i w = quads == 16
-                          ? _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)))
-                          : _mm512_zextsi256_si512(
-                                _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2))));
-    return _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi16(0x000f)),
-                           _mm512_and_si512(_mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0f00)));
-  }
-}
-
+// Rows n0..n1 of W -> panel (block b at + b * 16 * K * BITS / 8 bytes): per 16 dwords of the
+// rows (16 rows x 64 bytes; a last step of K may hold fewer: masked), a 16 x 16 transpose.
 template <int BITS>
 void pack_t(const Weights& W, int n0, int n1, uint8_t* panel, float* dw, float* bw) {
-  const int K = W.K, G = K / W.group_size;
+  const int K = W.K, G = K / W.group_size, dwords = K * BITS / 32;
   const size_t row_bytes = size_t(K) * BITS / 8;
-  for (int n = n0; n < n1; n += 16, panel += size_t(16) * K, dw += 16 * G, bw += 16 * G) {
+  for (int n = n0; n < n1; n += 16, panel += 16 * row_bytes, dw += 16 * G, bw += 16 * G) {
     const uint8_t* rows[16];
     for (int r = 0; r < 16; ++r) {
       const int rr = std::min(n + r, n1 - 1);  // a short last block repeats its last row
@@ -117,12 +112,13 @@ void pack_t(const Weights& W, int n0, int n1, uint8_t* panel, float* dw, float* 
         bw[16 * g + r] = scale_at(W.biases, W.scale_dtype, size_t(rr) * G + g);
       }
     }
-    for (int k = 0; k < K; k += 64) {  // K is a multiple of 32: the last step may hold 8 quads
-      const int quads = std::min(16, (K - k) / 4);
+    for (int j = 0; j < dwords; j += 16) {
+      const int count = std::min(16, dwords - j);
+      const __mmask16 m = __mmask16((1u << count) - 1);
       __m512i v[16];
-      for (int r = 0; r < 16; ++r) v[r] = row_quads<BITS>(rows[r], k, quads);
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_maskz_loadu_epi32(m, rows[r] + 4 * j);
       transpose16(v);
-      for (int j = 0; j < quads; ++j) _mm512_storeu_si512(panel + size_t(k / 4 + j) * 64, v[j]);
+      for (int i = 0; i < count; ++i) _mm512_storeu_si512(panel + size_t(j + i) * 64, v[i]);
     }
   }
 }
@@ -131,12 +127,19 @@ void pack(const Weights& W, int n0, int n1, uint8_t* panel, float* dw, float* bw
   (W.bits == 4 ? pack_t<4> : pack_t<8>)(W, n0, n1, panel, dw, bw);
 }
 
+inline __m512i broadcast(const int8_t* p) {  // 4 int8 of x as a dword in every lane
+  int32_t quad;
+  std::memcpy(&quad, p, 4);
+  return _mm512_set1_epi32(quad);
+}
+
 // y[0:MR, 0:16 NV] (+ ldy rows) for MR rows of x and the NV blocks at w (block stride bs bytes;
 // their scales and biases at dw, bw, stride ss floats); `last`: the lanes of the last block to store.
-template <int MR, int NV>
+template <int BITS, int MR, int NV>
 inline void tile(const int8_t* xq, const float* dx, const float* xc, int K, int gs, const uint8_t* w, size_t bs,
                  const float* dw, const float* bw, size_t ss, float* y, long ldy, __mmask16 last) {
-  const int G = K / gs;
+  const int G = K / gs, per = 32 / BITS;  // quants a dword
+  const __m512i low = _mm512_set1_epi8(0x0f);
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -144,16 +147,19 @@ inline void tile(const int8_t* xq, const float* dx, const float* xc, int K, int 
     __m512i s[MR][NV];
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) s[r][v] = _mm512_setzero_si512();
-    for (int j = g * gs / 4; j < (g + 1) * gs / 4; ++j) {
-      __m512i wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + v * bs + size_t(j) * 64);
-      for (int r = 0; r < MR; ++r) {
-        int32_t quad;
-        std::memcpy(&quad, xq + size_t(r) * K + 4 * j, 4);
-        const __m512i xb = _mm512_set1_epi32(quad);
-        for (int v = 0; v < NV; ++v) s[r][v] = _mm512_dpbusd_epi32(s[r][v], wv[v], xb);
+    for (int j = g * gs / per; j < (g + 1) * gs / per; ++j)
+      for (int v = 0; v < NV; ++v) {
+        const __m512i wv = _mm512_loadu_si512(w + v * bs + size_t(j) * 64);
+        if constexpr (BITS == 8) {
+          for (int r = 0; r < MR; ++r) s[r][v] = _mm512_dpbusd_epi32(s[r][v], wv, broadcast(xq + size_t(r) * K + 4 * j));
+        } else {  // quants 8j + 0, 2, 4, 6 (low nibbles), then 8j + 1, 3, 5, 7; x stored evens then odds
+          const __m512i even = _mm512_and_si512(wv, low), odd = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+          for (int r = 0; r < MR; ++r) {
+            s[r][v] = _mm512_dpbusd_epi32(s[r][v], even, broadcast(xq + size_t(r) * K + 8 * j));
+            s[r][v] = _mm512_dpbusd_epi32(s[r][v], odd, broadcast(xq + size_t(r) * K + 8 * j + 4));
+          }
+        }
       }
-    }
     for (int v = 0; v < NV; ++v) {
       const __m512 dwv = _mm512_loadu_ps(dw + v * ss + 16 * g), bwv = _mm512_loadu_ps(bw + v * ss + 16 * g);
       for (int r = 0; r < MR; ++r) {
@@ -170,21 +176,22 @@ inline void tile(const int8_t* xq, const float* dx, const float* xc, int K, int 
   }
 }
 
-template <int MR>
+template <int BITS, int MR>
 void tile_nv(int nv, const int8_t* xq, const float* dx, const float* xc, int K, int gs, const uint8_t* w, size_t bs,
              const float* dw, const float* bw, size_t ss, float* y, long ldy, __mmask16 last) {
   switch (nv) {
-    case 1: return tile<MR, 1>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
-    case 2: return tile<MR, 2>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
-    default: return tile<MR, 3>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
+    case 1: return tile<BITS, MR, 1>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
+    case 2: return tile<BITS, MR, 2>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
+    default: return tile<BITS, MR, 3>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
   }
 }
 
-void gemm(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, const uint8_t* panel,
-          const float* dw, const float* bw, int rows, float* y, long ldy) {
+template <int BITS>
+void gemm_t(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, const uint8_t* panel,
+            const float* dw, const float* bw, int rows, float* y, long ldy) {
   static_assert(kMR == 4 && kNV == 3, "the switches below");
   const int G = K / gs, blocks = (rows + 15) / 16;
-  const size_t bs = size_t(16) * K, ss = size_t(16) * G;
+  const size_t bs = size_t(16) * K * BITS / 8, ss = size_t(16) * G;
   for (int m = 0; m < M; m += kMR) {
     const int mr = std::min(kMR, M - m);
     const int8_t* xm = xq + size_t(m) * K;
@@ -197,13 +204,18 @@ void gemm(const int8_t* xq, const float* dx, const float* xc, int M, int K, int 
       const float *dwj = dw + j * ss, *bwj = bw + j * ss;
       float* ym = y + size_t(m) * ldy + 16 * j;
       switch (mr) {
-        case 4: tile_nv<4>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
-        case 3: tile_nv<3>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
-        case 2: tile_nv<2>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
-        default: tile_nv<1>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
+        case 4: tile_nv<BITS, 4>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
+        case 3: tile_nv<BITS, 3>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
+        case 2: tile_nv<BITS, 2>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
+        default: tile_nv<BITS, 1>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
       }
     }
   }
+}
+
+void gemm(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, int bits, const uint8_t* panel,
+          const float* dw, const float* bw, int rows, float* y, long ldy) {
+  (bits == 4 ? gemm_t<4> : gemm_t<8>)(xq, dx, xc, M, K, gs, panel, dw, bw, rows, y, ldy);
 }
 
 }  // namespace

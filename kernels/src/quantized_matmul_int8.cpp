@@ -38,7 +38,8 @@ float scale_at(const void* base, DType t, size_t i) {
   return f32_of_bits(sign | ((exp + 112) << 23) | (man << 13));
 }
 
-void quantize_x(const float* x, int K, int gs, int8_t* xq, float* dx, float* xc) {
+// xq in x's own order, whatever the bits (pack's quad layout keeps k in order).
+void quantize_x(const float* x, int K, int gs, int /*bits*/, int8_t* xq, float* dx, float* xc) {
   for (int g = 0; g < K / gs; ++g, x += gs, xq += gs) {
     float amax = 0.0f;
     for (int i = 0; i < gs; ++i) amax = std::max(amax, std::fabs(x[i]));
@@ -58,6 +59,8 @@ void quantize_x(const float* x, int K, int gs, int8_t* xq, float* dx, float* xc)
 // Quant k of a row of W (bytes, MLX's little-endian packing: 4 bits, value 2j in byte j's low nibble).
 inline int quant(const uint8_t* row, int k, int bits) { return bits == 4 ? (row[k / 2] >> (4 * (k & 1))) & 15 : row[k]; }
 
+// The quad layout: per block of 16 W rows, per quad j (k = 4j .. 4j + 3), 16 dwords, lane r =
+// the quants q[n0 + 16 b + r, 4j .. 4j + 3] as bytes; block b at panel + b * 16 * K.
 void pack(const Weights& W, int n0, int n1, uint8_t* panel, float* dw, float* bw) {
   const int K = W.K, G = K / W.group_size;
   const size_t row_bytes = size_t(K) * W.bits / 8;
@@ -73,7 +76,7 @@ void pack(const Weights& W, int n0, int n1, uint8_t* panel, float* dw, float* bw
     }
 }
 
-void gemm(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, const uint8_t* panel,
+void gemm(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, int /*bits*/, const uint8_t* panel,
           const float* dw, const float* bw, int rows, float* y, long ldy) {
   const int G = K / gs;
   for (int m = 0; m < M; ++m)

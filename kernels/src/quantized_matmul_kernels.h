@@ -72,17 +72,18 @@ struct Bf16Kernels {
 // path gives the same bits, and so does the twin (impl.quantize.quantized_matmul_int8_mlx).
 struct Int8Kernels {
   const char* name;
-  // One row of x (K fp32 values, K a multiple of gs) -> xq (K), dx (K / gs), xc (K / gs).
-  void (*quantize_x)(const float* x, int K, int gs, int8_t* xq, float* dx, float* xc);
-  // Rows n0..n1 of W -> `panel` in the quad layout: per block of 16 W rows, per quad j (k = 4j ..
-  // 4j + 3), 16 dwords, lane r = the 4 quants q[n0 + 16 b + r, 4j .. 4j + 3] as bytes; block b at
-  // panel + b * 16 * K. dw and bw: per block, per group, 16 fp32 scales and biases (block b at
-  // + b * 16 * G). A last block of fewer than 16 rows repeats its last row in the other lanes.
+  // One row of x (K fp32 values, K a multiple of gs) -> xq (K), dx (K / gs), xc (K / gs); xq
+  // within each group in the order this set's gemm reads it for `bits` (a permutation: the sum,
+  // dx and xc do not depend on it).
+  void (*quantize_x)(const float* x, int K, int gs, int bits, int8_t* xq, float* dx, float* xc);
+  // Rows n0..n1 of W -> `panel` (at most 16 * K bytes a block of 16 rows), in the layout of this
+  // set's gemm; dw and bw: per block of 16 rows, per group, the 16 rows' fp32 scales and biases
+  // (block b at + b * 16 * G). A last block of fewer than 16 rows repeats its last row.
   void (*pack)(const Weights& w, int n0, int n1, uint8_t* panel, float* dw, float* bw);
   // y (M, ldy)[:, 0:rows] = the int8 product of the M quantized rows of x (xq (M, K), dx and xc
-  // (M, K / gs)) with a packed panel of `rows` W rows.
-  void (*gemm)(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, const uint8_t* panel,
-               const float* dw, const float* bw, int rows, float* y, long ldy);
+  // (M, K / gs)) with a packed panel of `rows` W rows of `bits` bits.
+  void (*gemm)(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, int bits,
+               const uint8_t* panel, const float* dw, const float* bw, int rows, float* y, long ldy);
 };
 
 const Isa& isa_portable();
