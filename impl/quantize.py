@@ -3,6 +3,7 @@ along the input dimension, q packed little-endian into uint32 words (topic 1.5; 
 
 from __future__ import annotations
 
+import math
 import os
 
 import mlx.core as mx
@@ -97,7 +98,7 @@ def quantize_x_int8(x: mx.array, group_size: int) -> tuple[mx.array, mx.array]:
     """x (..., K) -> (xq (..., G, group_size) float32 integers in [-127, 127], dx (..., G) float32),
     G = K / group_size: per group dx = max|x| / 127 and xq = round(x / dx), ties to even (llama.cpp's
     Q8 activations); xq = 0 where dx = 0. x = dx * xq + e with |e| <= dx / 2 per value."""
-    xg = x.astype(mx.float32).reshape(*x.shape[:-1], -1, group_size)  # (..., G, group_size)
+    xg = x.astype(mx.float32).reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)  # (..., G, group_size)
     dx = mx.max(mx.abs(xg), axis=-1) / 127.0  # (..., G), fp32 division
     d = dx[..., None]
     xq = mx.where(d > 0, mx.clip(mx.round(xg / mx.where(d > 0, d, 1)), -127, 127), 0)
@@ -117,13 +118,14 @@ def quantized_matmul_int8_mlx(x: mx.array, w_q: mx.array, scales: mx.array, bias
     check_quantized_matmul(x, w_q, scales, biases, group_size, bits)
     lead, K, N = x.shape[:-1], x.shape[-1], w_q.shape[0]
     G = K // group_size
-    xq, dx = quantize_x_int8(x.reshape(-1, K), group_size)  # (M, G, gs), (M, G)
+    M = math.prod(lead)
+    xq, dx = quantize_x_int8(x.reshape(M, K), group_size)  # (M, G, gs), (M, G)
     xc = dx * xq.sum(-1)  # (M, G): dx * sum xq (the sum is an exact integer)
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
     q = ((w_q[..., None] >> shifts) & ((1 << bits) - 1)).reshape(N, G, group_size).astype(mx.float32)
     isum = xq.transpose(1, 0, 2) @ q.transpose(1, 2, 0)  # (G, M, N), exact integers
     dw, bw = scales.astype(mx.float32), biases.astype(mx.float32)  # (N, G)
-    y = mx.zeros((xq.shape[0], N), dtype=mx.float32)  # (M, N)
+    y = mx.zeros((M, N), dtype=mx.float32)  # (M, N)
     for g in range(G):  # one group after the other: the kernel's order
         a = dw[:, g] * dx[:, g, None]  # (M, N): dw * dx
         y = y + (isum[g] * a + bw[:, g] * xc[:, g, None])

@@ -307,7 +307,9 @@ INT8_CASES = [(bits, group_size, x_dtype) for bits in (4, 8) for group_size in (
 def test_int8_precision_equals_its_twin_within_its_bound(impl, bits, group_size, x_dtype):
     """precision="int8": the kernel computes the twin's integers and its fp32 operations in its
     order (no FMA), so kernel == twin bit for bit; the twin is within int8_bound of float64."""
-    M, K, N = 37, 384, 75  # odd M and N: the kernel's tile tails (4 rows, blocks of 16 W rows)
+    # odd M and N: the kernel's tile tails (4 rows, blocks of 16 W rows); K not a multiple of 128
+    # where the group allows: the last step of a panel's transpose is partial
+    M, K, N = 37, {32: 352, 64: 448, 128: 384}[group_size], 75
     w_q, scales, biases = make_weights(N, K, group_size, bits, mx.float16, seed=bits * group_size)
     w64, terms = numpy_dequantize(w_q, scales, biases, group_size, bits)
     # Magnitudes over 6 decades along K: dx differs group by group, some groups far below others.
@@ -363,6 +365,17 @@ def test_int8_precision_gives_a_row_the_same_bits_alone_and_in_any_batch(impl, d
     whole, alone = to_numpy(qmm(x)), to_numpy(qmm(x[row:row + 1]))
     assert np.array_equal(alone, whole[row:row + 1]), (
         f"row {row} alone differs from the same row among {M}: max diff {np.abs(alone - whole[row]).max():.3g}")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_precision_on_the_smallest_shapes(impl, bits):
+    """One group (K = 32), fewer W rows than a block (N = 1, 5), empty x: kernel == twin."""
+    for M, K, N in [(1, 32, 1), (3, 32, 5), (2, 64, 17), (0, 32, 5)]:
+        w_q, scales, biases = make_weights(N, K, 32, bits, mx.float32, seed=N)
+        x = mx.random.normal((M, K), key=mx.random.key(M))
+        got = impl.quantize.quantized_matmul(x, w_q, scales, biases, 32, bits, precision="int8")
+        twin = impl.quantize.quantized_matmul_int8_mlx(x, w_q, scales, biases, 32, bits)
+        assert got.shape == (M, N) and np.array_equal(to_numpy(got), to_numpy(twin)), f"M={M}, K={K}, N={N}"
 
 
 def test_a_bad_precision_is_one_clear_error(impl):
