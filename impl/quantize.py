@@ -97,9 +97,11 @@ def quantized_matmul_bf16_mlx(x: mx.array, w_q: mx.array, scales: mx.array, bias
 def quantize_x_int8(x: mx.array, group_size: int) -> tuple[mx.array, mx.array]:
     """x (..., K) -> (xq (..., G, group_size) float32 integers in [-127, 127], dx (..., G) float32),
     G = K / group_size: per group dx = max|x| / 127 and xq = round(x / dx), ties to even (llama.cpp's
-    Q8 activations); xq = 0 where dx = 0. x = dx * xq + e with |e| <= dx / 2 per value."""
+    Q8 activations); xq = 0 where dx = 0. x = dx * xq + e with |e| <= dx / 2 per value. A group
+    holding a NaN or an infinity gets dx = NaN and xq = 0: its row's outputs are NaN, as in fp32."""
     xg = x.astype(mx.float32).reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)  # (..., G, group_size)
-    dx = mx.max(mx.abs(xg), axis=-1) / 127.0  # (..., G), fp32 division
+    finite = mx.all(mx.isfinite(xg), axis=-1)  # (..., G)
+    dx = mx.where(finite, mx.max(mx.abs(xg), axis=-1) / 127.0, mx.nan)  # (..., G), fp32 division
     d = dx[..., None]
     xq = mx.where(d > 0, mx.clip(mx.round(xg / mx.where(d > 0, d, 1)), -127, 127), 0)
     return xq, dx

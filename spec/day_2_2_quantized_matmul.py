@@ -378,6 +378,18 @@ def test_int8_precision_on_the_smallest_shapes(impl, bits):
         assert got.shape == (M, N) and np.array_equal(to_numpy(got), to_numpy(twin)), f"M={M}, K={K}, N={N}"
 
 
+def test_int8_precision_keeps_a_nan_or_inf_of_x_visible(impl):
+    """A NaN or an infinity in x cannot be rounded to int8: its group gets dx = NaN, so that row's
+    outputs are NaN (as the fp32 product's are), not finite values hiding it; other rows as before."""
+    w_q, scales, biases = make_weights(20, 64, 32, 4, mx.float16, seed=1)
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    x[1, 5], x[2, 40] = np.nan, -np.inf
+    got = impl.quantize.quantized_matmul(mx.array(x), w_q, scales, biases, 32, 4, precision="int8")
+    twin = impl.quantize.quantized_matmul_int8_mlx(mx.array(x), w_q, scales, biases, 32, 4)
+    assert np.isnan(to_numpy(got)[1:3]).all() and np.isfinite(to_numpy(got)[[0, 3]]).all(), "NaN rows"
+    assert np.array_equal(to_numpy(got), to_numpy(twin), equal_nan=True), "kernel != twin"
+
+
 def test_a_bad_precision_is_one_clear_error(impl):
     x, w_q, s, b = mx.zeros((2, 64)), *make_weights(4, 64, 32, 4, mx.float16, seed=0)
     want = "quantized_matmul: precision must be 'fp32', 'bf16' or 'int8', got 'fp8'"

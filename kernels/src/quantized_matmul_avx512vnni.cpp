@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "quantized_matmul_kernels.h"
 
@@ -42,8 +43,13 @@ void quantize_x(const float* x, int K, int gs, int bits, int8_t* xq, float* dx, 
                                   : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int g = 0; g < K / gs; ++g, x += gs, xq += gs) {  // gs: 32, 64 or 128, a multiple of 16
     __m512 amax = _mm512_setzero_ps();
-    for (int i = 0; i < gs; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
-    const float d = _mm512_reduce_max_ps(amax) / 127.0f;
+    __mmask16 bad = 0;  // NaN or infinite values: dx = NaN, xq = 0 (as quantized_matmul_int8.cpp)
+    for (int i = 0; i < gs; i += 16) {
+      const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+      bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+      amax = _mm512_max_ps(amax, a);
+    }
+    const float d = bad ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(amax) / 127.0f;
     __m512i sum = _mm512_setzero_si512();
     for (int i = 0; i < gs; i += 16) {
       __m512i q = _mm512_setzero_si512();

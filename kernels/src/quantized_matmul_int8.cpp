@@ -5,6 +5,8 @@
 // row n of W, per group g of gs values along K:
 //   dx = max|x_k| / 127 over the group, xq_k = round(x_k / dx) (ties to even, clamped to
 //   +-127; all 0 where dx = 0), xc = dx * float(sum_k xq_k)                     (per row of x)
+//   (a group holding a NaN or an infinity: dx = NaN and xq = 0, so its row's outputs are NaN, as
+//   the fp32 product's would be, instead of finite values that hide it)
 //   isum = sum_k q_k * xq_k, an exact int32 (|q| <= 255, |xq| <= 127, gs <= 128: < 2^22)
 //   y += float(isum) * (dw * dx) + bias * xc                       (fp32, each op rounded)
 // with y = 0 first and the groups in order. float(isum) is exact (< 2^24). Nothing here depends
@@ -13,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "quantized_matmul_kernels.h"
 
@@ -42,8 +45,13 @@ float scale_at(const void* base, DType t, size_t i) {
 void quantize_x(const float* x, int K, int gs, int /*bits*/, int8_t* xq, float* dx, float* xc) {
   for (int g = 0; g < K / gs; ++g, x += gs, xq += gs) {
     float amax = 0.0f;
-    for (int i = 0; i < gs; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float d = amax / 127.0f;
+    bool finite = true;
+    for (int i = 0; i < gs; ++i) {
+      const float a = std::fabs(x[i]);
+      finite = finite && a <= std::numeric_limits<float>::max();  // false for NaN and infinities
+      amax = std::max(amax, a);
+    }
+    const float d = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
     int sum = 0;
     for (int i = 0; i < gs; ++i) {
       // nearbyint: the default rounding mode, to nearest, ties to even
