@@ -310,7 +310,8 @@ def test_int8_precision_equals_its_twin_within_its_bound(impl, bits, group_size,
     # odd M and N: the kernel's tile tails (4 rows, blocks of 16 W rows); K not a multiple of 128
     # where the group allows: the last step of a panel's transpose is partial
     M, K, N = 37, {32: 352, 64: 448, 128: 384}[group_size], 75
-    w_q, scales, biases = make_weights(N, K, group_size, bits, mx.float16, seed=bits * group_size)
+    scale_dtype = {"float32": mx.float16, "float16": mx.bfloat16, "bfloat16": mx.float32}[x_dtype]  # each once
+    w_q, scales, biases = make_weights(N, K, group_size, bits, scale_dtype, seed=bits * group_size)
     w64, terms = numpy_dequantize(w_q, scales, biases, group_size, bits)
     # Magnitudes over 6 decades along K: dx differs group by group, some groups far below others.
     scale = np.exp(np.linspace(-7, 7, K)).astype(np.float32)
@@ -318,7 +319,7 @@ def test_int8_precision_equals_its_twin_within_its_bound(impl, bits, group_size,
     x = x.astype(DTYPES[x_dtype])
     got = impl.quantize.quantized_matmul(x, w_q, scales, biases, group_size, bits, precision="int8")
     twin = impl.quantize.quantized_matmul_int8_mlx(x, w_q, scales, biases, group_size, bits)
-    what = f"{bits}-bit, group {group_size}, x {x_dtype}, int8"
+    what = f"{bits}-bit, group {group_size}, x {x_dtype}, scales {scale_dtype}, int8"
     assert got.dtype == x.dtype and got.shape == (M, N), f"{what}: {got.shape} {got.dtype}"
     assert np.array_equal(to_numpy(got), to_numpy(twin)), (
         f"{what}: kernel != twin, max diff {np.abs(to_numpy(got) - to_numpy(twin)).max():.3g} (same bits expected)")

@@ -66,14 +66,12 @@ void quantize_x(const float* x, int K, int gs, int bits, int8_t* xq, float* dx, 
   }
 }
 
-float scale_at(const void* base, DType t, size_t i) {
-  if (t == DType::f32) return static_cast<const float*>(base)[i];
-  const uint16_t h = static_cast<const uint16_t*>(base)[i];
-  if (t == DType::f16) return _cvtsh_ss(h);
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+// The `m` lanes of 16 consecutive scales (or biases) from base + i, as fp32 bits (exact), 0 elsewhere.
+inline __m512i scales16(const void* base, DType t, size_t i, __mmask16 m) {
+  if (t == DType::f32) return _mm512_maskz_loadu_epi32(m, static_cast<const float*>(base) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + i);
+  if (t == DType::f16) return _mm512_castps_si512(_mm512_cvtph_ps(h));
+  return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);  // bf16: the top half of an fp32
 }
 
 // r[0..16): 16 rows of 16 dwords -> r[c] = dword c of every row (a 16 x 16 transpose).
@@ -110,12 +108,26 @@ void pack_t(const Weights& W, int n0, int n1, uint8_t* panel, float* dw, float* 
   const size_t row_bytes = size_t(K) * BITS / 8;
   for (int n = n0; n < n1; n += 16, panel += 16 * row_bytes, dw += 16 * G, bw += 16 * G) {
     const uint8_t* rows[16];
+    int rr[16];
     for (int r = 0; r < 16; ++r) {
-      const int rr = std::min(n + r, n1 - 1);  // a short last block repeats its last row
-      rows[r] = reinterpret_cast<const uint8_t*>(W.w) + size_t(rr) * row_bytes;
-      for (int g = 0; g < G; ++g) {
-        dw[16 * g + r] = scale_at(W.scales, W.scale_dtype, size_t(rr) * G + g);
-        bw[16 * g + r] = scale_at(W.biases, W.scale_dtype, size_t(rr) * G + g);
+      rr[r] = std::min(n + r, n1 - 1);  // a short last block repeats its last row
+      rows[r] = reinterpret_cast<const uint8_t*>(W.w) + size_t(rr[r]) * row_bytes;
+    }
+    // Scales and biases: each row's G values (contiguous), 16 groups at a time, transposed so that
+    // group g's 16 rows are one vector.
+    for (int g = 0; g < G; g += 16) {
+      const int count = std::min(16, G - g);
+      const __mmask16 m = __mmask16((1u << count) - 1);
+      __m512i vs[16], vb[16];
+      for (int r = 0; r < 16; ++r) {
+        vs[r] = scales16(W.scales, W.scale_dtype, size_t(rr[r]) * G + g, m);
+        vb[r] = scales16(W.biases, W.scale_dtype, size_t(rr[r]) * G + g, m);
+      }
+      transpose16(vs);
+      transpose16(vb);
+      for (int i = 0; i < count; ++i) {
+        _mm512_storeu_si512(dw + 16 * (g + i), vs[i]);
+        _mm512_storeu_si512(bw + 16 * (g + i), vb[i]);
       }
     }
     for (int j = 0; j < dwords; j += 16) {
