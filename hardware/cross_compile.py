@@ -137,9 +137,9 @@ def per_file_options(cmake: str) -> dict[str, list[str]]:
 
 def sources(target: Target) -> list[Path]:
     """The files CMakeLists.txt compiles for `target`: every src/*.cpp, the AVX ones on x86-64
-    only, and src/blas_shim.c on Linux only."""
+    only, src/blas_shim.cpp on Linux only."""
     files = [p for p in sorted((KERNELS / "src").glob("*.cpp")) if target.x86 or "_avx" not in p.name]
-    return files if target.macos else files + [KERNELS / "src" / "blas_shim.c"]
+    return [p for p in files if p.name != "blas_shim.cpp"] if target.macos else files
 
 
 def include_flags(target: Target, cache: Path) -> list[str]:
@@ -163,8 +163,8 @@ def include_flags(target: Target, cache: Path) -> list[str]:
 def compile_command(zig: Path, target: Target, source: Path, includes: list[str], options: list[str],
                     out: Path) -> list[str]:
     """zig's clang on one file: CMake's language flags (C++20, -O3 -Wall), its per-file options, -Werror."""
-    if source.suffix == ".c":
-        lang = ["cc", "-O2", "-Wall"]  # blas_shim's own target_compile_options
+    if source.name == "blas_shim.cpp":
+        lang = ["c++", "-std=c++20", "-O2", "-Wall"]  # blas_shim's own target_compile_options
     else:
         lang = ["c++", "-std=c++20", "-O3", "-Wall"]
     # -Wno-unknown-warning-option: CMakeLists.txt names some GCC-only warnings (clang ignores them).

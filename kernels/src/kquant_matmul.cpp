@@ -83,15 +83,6 @@ Config& config() {
   return c;
 }
 
-struct Split {  // [0, n) in about `parts` ranges, each a multiple of `align`
-  int per, count;
-  Split(long n, int parts, int align) {
-    per = int((n + parts - 1) / parts);
-    per = std::max(align, (per + align - 1) / align * align);
-    count = int((n + per - 1) / per);
-  }
-};
-
 // fn(part, local n0, local n1, column of the part's first row) for the rows [n0, n1) of W.
 template <typename F>
 void for_rows(const std::vector<kq::Rows>& parts, int n0, int n1, F&& fn) {
@@ -134,15 +125,21 @@ void run(const mx::array& x, const std::vector<mx::array>& w, const std::vector<
     if (fusion.prologue != Fusion::kNone) {
       tp.resize(size_t(M) * K * sizeof(T));
       T* p = reinterpret_cast<T*>(tp.data());
-      if (fusion.prologue == Fusion::kSwiGLU) {
-        swiglu_rows(static_cast<const T*>(xd), p, M, K);
+      const T* xt = static_cast<const T*>(xd);
+      if (fusion.prologue == Fusion::kSwiGLU) {  // x (M, 2K) = [gate | up] -> p (M, K)
+        parallel_rows(M, 2 * K, [&](long r0, long r1) { swiglu_rows(xt + size_t(r0) * 2 * K, p + size_t(r0) * K, r1 - r0, K); });
       } else {
         std::vector<char> tn;
-        rms_norm_rows(static_cast<const T*>(xd), static_cast<const T*>(row_major(*norm_w, tn)), p, M, K, fusion.eps);
+        const T* nw = static_cast<const T*>(row_major(*norm_w, tn));
+        parallel_rows(M, K, [&](long r0, long r1) {
+          rms_norm_rows(xt + size_t(r0) * K, nw, p + size_t(r0) * K, r1 - r0, K, fusion.eps);
+        });
       }
       src = p;
     }
-    to_f32<T>(src, xf.data(), xf.size());
+    parallel_rows(M, K, [&](long r0, long r1) {
+      to_f32<T>(static_cast<const T*>(src) + size_t(r0) * K, xf.data() + size_t(r0) * K, size_t(r1 - r0) * K);
+    });
   });
 
   float* y = out.data<float>();
@@ -158,14 +155,18 @@ void run(const mx::array& x, const std::vector<mx::array>& w, const std::vector<
   std::vector<int16_t> xbs;
   if (x_int8) {
     xq.resize(size_t(M) * K), xqp.resize(size_t(M) * K), xs.resize(size_t(M) * nb), xbs.resize(size_t(M) * nb * 32);
-    for (long m = 0; m < M; ++m)
-      cfg.isa.kq->quantize_x(xf.data() + size_t(m) * K, K, xq.data() + size_t(m) * K, xqp.data() + size_t(m) * K,
-                             xs.data() + size_t(m) * nb, xbs.data() + size_t(m) * nb * 32);
+    parallel_rows(M, K, [&](long r0, long r1) {
+      for (long m = r0; m < r1; ++m)
+        cfg.isa.kq->quantize_x(xf.data() + size_t(m) * K, K, xq.data() + size_t(m) * K, xqp.data() + size_t(m) * K,
+                               xs.data() + size_t(m) * nb, xbs.data() + size_t(m) * nb * 32);
+    });
   }
   const kq::Q8 q8{xq.data(), xqp.data(), xs.data(), xbs.data(), K};
   if (const int min_m = cfg.min_m(x_int8); min_m > 0 && M >= min_m) {
     if (x_int8)
-      for (size_t i = 0; i < xf.size(); ++i) xf[i] = xs[i / kq::QK] * float(xq[i]);
+      parallel_rows(M, K, [&](long r0, long r1) {
+        for (size_t i = size_t(r0) * K; i < size_t(r1) * K; ++i) xf[i] = xs[i / kq::QK] * float(xq[i]);
+      });
     const int threads = pool.size(), npanels = (N + 63) / 64;
     const Split split(N, (npanels + threads - 1) / threads * threads, 4);
     pool.run(split.count, [&](int t) {
@@ -194,7 +195,9 @@ void run(const mx::array& x, const std::vector<mx::array>& w, const std::vector<
     with_float_type(out.dtype(), [&](auto type) {
       using T = decltype(type);
       T* o = out.data<T>();
-      for (size_t i = 0; i < ybuf.size(); ++i) o[i] = T(ybuf[i]);
+      parallel_rows(M, N, [&](long r0, long r1) {
+        for (size_t i = size_t(r0) * N; i < size_t(r1) * N; ++i) o[i] = T(ybuf[i]);
+      });
     });
   }
   if (residual) {
@@ -204,7 +207,9 @@ void run(const mx::array& x, const std::vector<mx::array>& w, const std::vector<
       using T = decltype(type);
       T* o = out.data<T>();
       const T* rr = static_cast<const T*>(r);
-      for (size_t i = 0; i < out.size(); ++i) o[i] = T(float(o[i]) + float(rr[i]));
+      parallel_rows(M, N, [&](long r0, long r1) {
+        for (size_t i = size_t(r0) * N; i < size_t(r1) * N; ++i) o[i] = T(float(o[i]) + float(rr[i]));
+      });
     });
   }
 }
@@ -220,10 +225,7 @@ mx::array kquant_matmul(const mx::array& x, const std::vector<mx::array>& parts,
          std::to_string(types.size()));
   if (x.ndim() < 1 || !is_float(x.dtype()))
     fail("x must be float32, float16 or bfloat16 with shape (..., K), got " + shape_str(x));
-  if (norm_weight && swiglu) fail("one prologue at a time: norm_weight or swiglu, not both");
-  if (swiglu && x.shape(-1) % 2 != 0)
-    fail("with swiglu, x's last axis holds gate then up: its size must be even, got " + std::to_string(x.shape(-1)));
-  const int K = swiglu ? x.shape(-1) / 2 : x.shape(-1);
+  const int K = fused_k("kquant_matmul", x, norm_weight, swiglu);
   if (K == 0 || K % kq::QK != 0)
     fail("x has K = " + std::to_string(K) + ", which must be a positive multiple of 256 (a k-quant block)");
   std::vector<int> kinds;
@@ -242,24 +244,9 @@ mx::array kquant_matmul(const mx::array& x, const std::vector<mx::array>& parts,
   const mx::Stream stream = cpu_stream(s, "kquant_matmul");
   mx::Shape shape = x.shape();
   shape.back() = N;
-  Fusion fusion;
   std::vector<mx::array> inputs = {x};
   inputs.insert(inputs.end(), parts.begin(), parts.end());
-  if (norm_weight) {
-    if (norm_weight->ndim() != 1 || norm_weight->shape(0) != K || !is_float(norm_weight->dtype()))
-      fail("norm_weight must be a float (K,) = (" + std::to_string(K) + ",) array, got " +
-           shape_str(norm_weight->shape()));
-    fusion.prologue = Fusion::kRMSNorm, fusion.eps = eps;
-    inputs.push_back(mx::astype(*norm_weight, x.dtype(), stream));  // as the RMSNorm kernel: in x's dtype
-  }
-  if (swiglu) fusion.prologue = Fusion::kSwiGLU;
-  if (residual) {
-    if (residual->shape() != shape || residual->dtype() != x.dtype())
-      fail("residual must be " + shape_str(shape) + " (the output's shape, in x's dtype), got " +
-           shape_str(residual->shape()));
-    fusion.residual = true;
-    inputs.push_back(*residual);
-  }
+  const Fusion fusion = fusion_inputs("kquant_matmul", x, K, shape, norm_weight, eps, swiglu, residual, stream, inputs);
   return mx::array(shape, x.dtype(), std::make_shared<KQuantMatmul>(stream, kinds, x_int8, fusion), std::move(inputs));
 }
 

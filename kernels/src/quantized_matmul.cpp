@@ -115,16 +115,6 @@ DType dtype_of(const mx::array& a) {
   return DType::f32;
 }
 
-// Split [0, n) into about `parts` ranges whose size is a multiple of `align`.
-struct Split {
-  int per, count;
-  Split(long n, int parts, int align) {
-    per = int((n + parts - 1) / parts);
-    per = std::max(align, (per + align - 1) / align * align);
-    count = int((n + per - 1) / per);
-  }
-};
-
 // x (M, K) in `xt` -> fp32, permuted for 4 bits (see Isa::chunk), rounded to bf16 if `bf16`;
 // rows split over the pool.
 const float* kernel_input(const Isa& isa, const void* x, DType xt, long M, int K, int bits, bool bf16,
@@ -250,11 +240,16 @@ template <typename T>
 const void* prologue_t(const Fusion& f, const void* x, const mx::array* norm_w, long M, int K, std::vector<char>& buf) {
   buf.resize(size_t(M) * K * sizeof(T));
   T* y = reinterpret_cast<T*>(buf.data());
-  if (f.prologue == Fusion::kSwiGLU) {
-    swiglu_rows(static_cast<const T*>(x), y, M, K);
+  if (f.prologue == Fusion::kSwiGLU) {  // x (M, 2K) = [gate | up] -> y (M, K)
+    const T* xt = static_cast<const T*>(x);
+    parallel_rows(M, 2 * K, [&](long r0, long r1) { swiglu_rows(xt + size_t(r0) * 2 * K, y + size_t(r0) * K, r1 - r0, K); });
   } else {
     std::vector<char> tw;
-    rms_norm_rows(static_cast<const T*>(x), static_cast<const T*>(row_major(*norm_w, tw)), y, M, K, f.eps);
+    const T* xt = static_cast<const T*>(x);
+    const T* w = static_cast<const T*>(row_major(*norm_w, tw));
+    parallel_rows(M, K, [&](long r0, long r1) {
+      rms_norm_rows(xt + size_t(r0) * K, w, y + size_t(r0) * K, r1 - r0, K, f.eps);
+    });
   }
   return buf.data();
 }
@@ -276,9 +271,12 @@ void add_residual_t(T* out, const T* r, size_t n) {
 void add_residual(mx::array& out, const mx::array& residual) {
   std::vector<char> tr;
   const void* r = row_major(residual, tr);
+  const long N = out.ndim() ? out.shape(-1) : 1, M = N ? long(out.size() / N) : 0;
   with_float_type(out.dtype(), [&](auto type) {
     using T = decltype(type);
-    add_residual_t(out.data<T>(), static_cast<const T*>(r), out.size());
+    parallel_rows(M, N, [&](long r0, long r1) {
+      add_residual_t(out.data<T>() + size_t(r0) * N, static_cast<const T*>(r) + size_t(r0) * N, size_t(r1 - r0) * N);
+    });
   });
 }
 
@@ -385,6 +383,38 @@ std::string dtype_name(const mx::Dtype& t) {
 
 }  // namespace
 
+int fused_k(const std::string& op, const mx::array& x, const std::optional<mx::array>& norm_weight, bool swiglu) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(op + ": " + what); };
+  if (norm_weight && swiglu) fail("one prologue at a time: norm_weight or swiglu, not both");
+  if (swiglu && x.shape(-1) % 2 != 0)
+    fail("with swiglu, x's last axis holds gate then up: its size must be even, got " + std::to_string(x.shape(-1)));
+  return swiglu ? x.shape(-1) / 2 : x.shape(-1);
+}
+
+Fusion fusion_inputs(const std::string& op, const mx::array& x, int K, const mx::Shape& out,
+                     const std::optional<mx::array>& norm_weight, float eps, bool swiglu,
+                     const std::optional<mx::array>& residual, const mx::Stream& stream,
+                     std::vector<mx::array>& inputs) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(op + ": " + what); };
+  Fusion fusion;
+  if (norm_weight) {
+    if (norm_weight->ndim() != 1 || norm_weight->shape(0) != K || !is_float(norm_weight->dtype()))
+      fail("norm_weight must be a float (K,) = (" + std::to_string(K) + ",) array, got " +
+           shape_str(norm_weight->shape()));
+    fusion.prologue = Fusion::kRMSNorm, fusion.eps = eps;
+    inputs.push_back(mx::astype(*norm_weight, x.dtype(), stream));  // as the RMSNorm kernel: in x's dtype
+  }
+  if (swiglu) fusion.prologue = Fusion::kSwiGLU;
+  if (residual) {
+    if (residual->shape() != out || residual->dtype() != x.dtype())
+      fail("residual must be " + shape_str(out) + " " + dtype_name(x.dtype()) + " (the output's), got " +
+           shape_str(residual->shape()) + " " + dtype_name(residual->dtype()));
+    fusion.residual = true;
+    inputs.push_back(*residual);
+  }
+  return fusion;
+}
+
 mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,
                            const std::optional<mx::array>& norm_weight, float eps, bool swiglu,
@@ -400,10 +430,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
          dtype_name(w_q.dtype()));
   if (x.ndim() < 1 || !is_float(x.dtype()))
     fail("x must be float32, float16 or bfloat16 with shape (..., K), got " + shape_str(x) + " " + dtype_name(x.dtype()));
-  if (norm_weight && swiglu) fail("one prologue at a time: norm_weight or swiglu, not both");
-  const int N = w_q.shape(0), K = swiglu ? x.shape(-1) / 2 : x.shape(-1);
-  if (swiglu && x.shape(-1) % 2 != 0)
-    fail("with swiglu, x's last axis holds gate then up: its size must be even, got " + std::to_string(x.shape(-1)));
+  const int N = w_q.shape(0), K = fused_k("quantized_matmul", x, norm_weight, swiglu);
   if (int64_t(w_q.shape(1)) * 32 / bits != K)
     fail("x has K = " + std::to_string(K) + (swiglu ? " (after swiglu)" : "") + " but w_q " +
          shape_str(w_q.shape()) + " holds " + std::to_string(int64_t(w_q.shape(1)) * 32 / bits) + " " +
@@ -416,23 +443,9 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
   const mx::array b32 = mixed ? mx::astype(biases, mx::float32, stream) : biases;
   mx::Shape shape = x.shape();
   shape.back() = N;
-  Fusion fusion;
   std::vector<mx::array> inputs = {x, w_q, s32, b32};
-  if (norm_weight) {
-    if (norm_weight->ndim() != 1 || norm_weight->shape(0) != K || !is_float(norm_weight->dtype()))
-      fail("norm_weight must be a float (K,) = (" + std::to_string(K) + ",) array, got " +
-           shape_str(norm_weight->shape()));
-    fusion.prologue = Fusion::kRMSNorm, fusion.eps = eps;
-    inputs.push_back(mx::astype(*norm_weight, x.dtype(), stream));  // as the RMSNorm kernel: in x's dtype
-  }
-  if (swiglu) fusion.prologue = Fusion::kSwiGLU;
-  if (residual) {
-    if (residual->shape() != shape || residual->dtype() != x.dtype())
-      fail("residual must be " + shape_str(shape) + " " + dtype_name(x.dtype()) + " (the output's), got " +
-           shape_str(residual->shape()) + " " + dtype_name(residual->dtype()));
-    fusion.residual = true;
-    inputs.push_back(*residual);
-  }
+  const Fusion fusion =
+      fusion_inputs("quantized_matmul", x, K, shape, norm_weight, eps, swiglu, residual, stream, inputs);
   return mx::array(shape, x.dtype(),
                    std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion, prec),
                    std::move(inputs));

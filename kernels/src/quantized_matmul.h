@@ -28,6 +28,18 @@ struct Fusion {
 // The arithmetic of quantized_matmul's product (its `precision` argument).
 enum class Precision { kFp32, kBf16, kInt8 };
 
+// The fused pieces' argument checks, shared by quantized_matmul and kquant_matmul (each throws
+// std::invalid_argument("<op>: ...")). fused_k: one prologue at most, and with swiglu an even
+// last axis; returns K, the matmul's inner size (x's last axis, halved by swiglu).
+int fused_k(const std::string& op, const mx::array& x, const std::optional<mx::array>& norm_weight, bool swiglu);
+// fusion_inputs: norm_weight must be a float (K,) array, residual the output's shape `out` in x's
+// dtype; appends their inputs to `inputs` (norm_weight cast to x's dtype, as the RMSNorm kernel
+// takes it) and returns the Fusion.
+Fusion fusion_inputs(const std::string& op, const mx::array& x, int K, const mx::Shape& out,
+                     const std::optional<mx::array>& norm_weight, float eps, bool swiglu,
+                     const std::optional<mx::array>& residual, const mx::Stream& stream,
+                     std::vector<mx::array>& inputs);
+
 // x (..., K) fp32/fp16/bf16 ((..., 2K) with swiglu); w_q (N, K * bits / 32) uint32; scales,
 // biases (N, K / group_size) fp32/fp16/bf16 -> (..., N) in x's dtype, fp32 accumulation.
 // norm_weight (K,): the RMSNorm prologue; residual (..., N) in x's dtype: the epilogue.

@@ -136,4 +136,29 @@ class ThreadPool {
   const std::function<void(int)>* fn_ = nullptr;
 };
 
+// [0, n) in about `parts` ranges, each a multiple of `align` (the last may be shorter).
+struct Split {
+  int per, count;
+  Split(long n, int parts, int align) {
+    per = int((n + parts - 1) / parts);
+    per = std::max(align, (per + align - 1) / align * align);
+    count = int((n + per - 1) / per);
+  }
+};
+
+// fn(r0, r1) for ranges of the rows [0, rows), split over the pool when rows * cols values
+// are worth handing out (2^15 or more), else fn(0, rows) on the caller. For loops that treat
+// each row on its own (RMSNorm, SwiGLU, a residual add): a row's arithmetic is the same in
+// whichever range it falls, so the result does not depend on the split.
+template <class F>
+void parallel_rows(long rows, long cols, F&& fn) {
+  if (rows <= 0) return;
+  ThreadPool& pool = ThreadPool::get();
+  const Split s(rows, rows * cols < (1 << 15) ? 1 : pool.size(), 1);
+  pool.run(s.count, [&](int t) {
+    const long r0 = long(t) * s.per;
+    fn(r0, std::min<long>(rows, r0 + s.per));
+  });
+}
+
 }  // namespace tiny_llm

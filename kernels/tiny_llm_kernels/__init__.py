@@ -70,6 +70,13 @@ def sgemm_calls() -> int:
     return _shim.tiny_llm_blas_shim_sgemm_calls() if _shim is not None else -1
 
 
+def set_sgemm_threads(threads: int) -> int:
+    """The most row ranges (threads) a large fp32 matmul is cut into: 0, the default, uses the
+    kernels' thread pool; 1 keeps every call on one thread. Returns the previous setting
+    (-1 when the fix is not loaded)."""
+    return _shim.tiny_llm_blas_shim_set_threads(int(threads)) if _shim is not None else -1
+
+
 if sys.platform.startswith("linux"):
     _load_blas_fix()
 
