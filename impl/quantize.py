@@ -3,6 +3,7 @@ along the input dimension, q packed little-endian into uint32 words (topic 1.5; 
 
 from __future__ import annotations
 
+import math
 import os
 
 import mlx.core as mx
@@ -93,18 +94,63 @@ def quantized_matmul_bf16_mlx(x: mx.array, w_q: mx.array, scales: mx.array, bias
     return (xb @ w.T).astype(x.dtype)  # (..., N), accumulated in fp32
 
 
-PRECISIONS = ("fp32", "bf16")
+def quantize_x_int8(x: mx.array, group_size: int) -> tuple[mx.array, mx.array]:
+    """x (..., K) -> (xq (..., G, group_size) float32 integers in [-127, 127], dx (..., G) float32),
+    G = K / group_size: per group dx = max|x| / 127 and xq = round(x / dx), ties to even (llama.cpp's
+    Q8 activations); xq = 0 where dx = 0. x = dx * xq + e with |e| <= dx / 2 per value. A group
+    holding a NaN or an infinity gets dx = NaN and xq = 0: its row's outputs are NaN, as in fp32."""
+    xg = x.astype(mx.float32).reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)  # (..., G, group_size)
+    finite = mx.all(mx.isfinite(xg), axis=-1)  # (..., G)
+    dx = mx.where(finite, mx.max(mx.abs(xg), axis=-1) / 127.0, mx.nan)  # (..., G), fp32 division
+    d = dx[..., None]
+    xq = mx.where(d > 0, mx.clip(mx.round(xg / mx.where(d > 0, d, 1)), -127, 127), 0)
+    return xq, dx
+
+
+def quantized_matmul_int8_mlx(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
+                              group_size: int = 64, bits: int = 4) -> mx.array:
+    """x (..., K) @ dequantize(w_q, scales, biases).T with x rounded to int8 per row per group
+    (quantize_x_int8) -> (..., N) in x's dtype: the twin of the kernel's precision="int8".
+
+    Per group g: isum = sum_k q_k xq_k (W's unsigned quants times x's, an integer), then in fp32,
+    rounded op by op, groups in order from y = 0:  y = y + (isum * (dw * dx) + bias * (dx * sum xq)).
+    isum is computed by an fp32 matmul, yet exactly: every product and partial sum is an integer
+    below 255 * 127 * 128 < 2^24, so any summation order gives it. The kernel does the same float
+    operations in the same order on the same integers: its output equals this one bit for bit."""
+    check_quantized_matmul(x, w_q, scales, biases, group_size, bits)
+    lead, K, N = x.shape[:-1], x.shape[-1], w_q.shape[0]
+    G = K // group_size
+    M = math.prod(lead)
+    xq, dx = quantize_x_int8(x.reshape(M, K), group_size)  # (M, G, gs), (M, G)
+    xc = dx * xq.sum(-1)  # (M, G): dx * sum xq (the sum is an exact integer)
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    q = ((w_q[..., None] >> shifts) & ((1 << bits) - 1)).reshape(N, G, group_size).astype(mx.float32)
+    isum = xq.transpose(1, 0, 2) @ q.transpose(1, 2, 0)  # (G, M, N), exact integers
+    dw, bw = scales.astype(mx.float32), biases.astype(mx.float32)  # (N, G)
+    y = mx.zeros((M, N), dtype=mx.float32)  # (M, N)
+    for g in range(G):  # one group after the other: the kernel's order
+        a = dw[:, g] * dx[:, g, None]  # (M, N): dw * dx
+        y = y + (isum[g] * a + bw[:, g] * xc[:, g, None])
+    return y.reshape(*lead, N).astype(x.dtype)
+
+
+PRECISIONS = ("fp32", "bf16", "int8")
 # "bf16" (TINY_LLM_MATMUL_PRECISION=bf16): AVX512-BF16 dot products, 2-3x the fp32 FLOPS from
 # about 64 rows (kernels/check_qmm_bf16.py); fp32, the exact path, is the default.
+# "int8" (TINY_LLM_MATMUL_PRECISION=int8): x rounded to int8 per row per group, integer dots
+# (AVX512-VNNI); at every row count, so a row's bits never depend on its batch (no fallback).
 MATMUL_PRECISION = os.environ.get("TINY_LLM_MATMUL_PRECISION", "fp32")
 BF16_MIN_ROWS = 16  # below this many rows the fp32 kernel is as fast or faster: batch-1 decode stays fp32
 
 
 def matmul_precision(x: mx.array, precision: str | None = None) -> str:
-    """`precision` (None: MATMUL_PRECISION), except that bf16 falls back to fp32 below BF16_MIN_ROWS rows."""
+    """`precision` (None: MATMUL_PRECISION), except that bf16 falls back to fp32 below BF16_MIN_ROWS
+    rows; int8 runs at every row count."""
     p = MATMUL_PRECISION if precision is None else precision
     if p not in PRECISIONS:
-        raise ValueError(f"quantized_matmul: precision must be 'fp32' or 'bf16', got '{p}'")
+        raise ValueError(f"quantized_matmul: precision must be 'fp32', 'bf16' or 'int8', got '{p}'")
+    if p == "int8":
+        return p
     rows = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
     return "bf16" if p == "bf16" and rows >= BF16_MIN_ROWS else "fp32"
 
@@ -118,8 +164,9 @@ def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.ar
         return _kernel(x, w_q, scales, biases, group_size, bits, precision=p)  # it checks the same in C++
     gpu = gpu_kernel("quantized_matmul")  # it checks the same too (tiny_llm_kernels.gpu.check_quantized)
     if gpu is not None and gpu_works("quantized_matmul", (x.dtype, scales.dtype, group_size, bits)):
-        return gpu(x, w_q, scales, biases, group_size, bits)  # fp32: the GPU kernels have no bf16 mode
-    return (quantized_matmul_bf16_mlx if p == "bf16" else quantized_matmul_mlx)(x, w_q, scales, biases, group_size, bits)
+        return gpu(x, w_q, scales, biases, group_size, bits)  # fp32: the GPU kernels have no bf16/int8 mode
+    twin = {"bf16": quantized_matmul_bf16_mlx, "int8": quantized_matmul_int8_mlx}.get(p, quantized_matmul_mlx)
+    return twin(x, w_q, scales, biases, group_size, bits)
 
 
 _kernel = getattr(kernels, "quantized_matmul", None)  # None when tiny_llm_kernels is absent or lacks it

@@ -238,7 +238,7 @@ def paths_and_fusion() -> None:
         qmm(x_for(1, K), w_q, s, b, GROUP, 4, precision="fp16")
         check(False, "precision='fp16' is rejected")
     except ValueError as e:
-        check(str(e) == "quantized_matmul: precision must be 'fp32' or 'bf16', got 'fp16'", f"ValueError: {e}")
+        check(str(e) == "quantized_matmul: precision must be 'fp32', 'bf16' or 'int8', got 'fp16'", f"ValueError: {e}")
     # fp32 stays exact as before: precision="fp32" == the default, bit for bit
     x = x_for(64, K)
     check(np.array_equal(np32(qmm(x, w_q, s, b, GROUP, 4, precision="fp32")), np32(qmm(x, w_q, s, b, GROUP, 4))),

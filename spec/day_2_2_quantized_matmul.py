@@ -28,6 +28,11 @@ Checked:
 - kernel fusion (impl.fusion): the matmul with an RMSNorm or SwiGLU prologue and a
   residual epilogue in one node == the separate kernels, bit for bit, and == the
   twin (fused_linear_mlx).
+- precision="int8" (x rounded to int8 per row per weight group, exact integer dots, fp32 group
+  scaling in one order): kernel == twin (quantized_matmul_int8_mlx) bit for bit, over bits 4/8,
+  groups 32/64/128, x fp32/fp16/bf16 and SmolLM2's shapes; the twin within a bound derived from
+  x's rounding (dx / 2 a value) and the fp32 group scaling of a float64 x @ W.T; a row's bits the
+  same alone and among 1..70 rows (drawn); and the entry never falls back by row count.
 - the loader keeps the model's weights quantized (no dense copy). The model running on
   all of week 2's kernels together (flash attention and the KV cache too) is checked
   in day_2_4_flash_attention.py, the last of the topics it needs.
@@ -261,6 +266,138 @@ def test_bf16_precision_matches_its_twin(impl, shape, M):
     A_exact = np.abs(np.array(x)).astype(np.float64) @ terms.numpy().astype(np.float64).T
     err = np.abs(np.array(got) - exact) / np.maximum(A_exact, 1e-30)
     assert err.max() <= 2 * 2.0**-8, f"{what}: error {err.max():.3g} of sum |x w| over two bf16 roundings"
+
+
+def int8_reference(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """x (M, K) float32 rounded as precision="int8" rounds it, in numpy (independently of impl): per
+    row and group of `group_size`, d = max|x| / 127 (fp32), xq = round(x / d) (fp32 division, ties to
+    even, clamped to +-127; 0 where d = 0). Returns x' = d * xq (float64, exact) and, per value, the
+    bound of |x - x'|: d / 2 where x / d is exact; fp32's division can move x / d by |x / d| u <= 127 u
+    across a .5 and clamping 127.0000x costs as much: d (1/2 + 128 u)."""
+    M, K = x.shape
+    xg = x.astype(np.float32).reshape(M, K // group_size, group_size)
+    d = np.abs(xg).max(-1, keepdims=True) / np.float32(127)
+    xq = np.where(d > 0, np.clip(np.rint(xg / np.where(d > 0, d, 1)), -127, 127), 0)
+    step = np.broadcast_to(d.astype(np.float64) * (0.5 + 128 * U32), xg.shape)
+    return (xq * d.astype(np.float64)).reshape(M, K), step.reshape(M, K)
+
+
+def int8_bound(x: np.ndarray, w64: np.ndarray, terms: np.ndarray, group_size: int, out_dtype: str) -> np.ndarray:
+    """(M, N) bound of |twin - x @ W.T| under precision="int8", derived (x float32 here, w64 the
+    float64 weights, terms = |s q| + |b|):
+    - x's rounding: |sum_k w_k (x_k - x'_k)| <= sum_k |w_k| |x_k - x'_k| (int8_reference's step);
+    - fp32 on x' @ W.T: per group isum is exact, then dw * dx, * isum (2 roundings), dx * sum xq,
+      * bias (2), their sum (1), and G - 1 additions over the groups: G + 2 roundings of each
+      group's |isum dw dx| + |bias dx sum xq| <= sum_k |x'_k| (|s q_k| + |b|): gamma_(G+2) A';
+    - fp16/bf16 x: the output rounded once more to x's dtype: u_out (|x @ W.T| + the above)."""
+    xr, step = int8_reference(x, group_size)
+    n = x.shape[1] // group_size + 2
+    rounding = step @ np.abs(w64).T
+    fp32 = n * U32 / (1 - n * U32) * (np.abs(xr) @ terms.T)
+    bound = rounding + fp32
+    u_out = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}[out_dtype]
+    return bound + u_out * (np.abs(x.astype(np.float64) @ w64.T) + bound)
+
+
+INT8_CASES = [(bits, group_size, x_dtype) for bits in (4, 8) for group_size in (32, 64, 128)
+              for x_dtype in ("float32", "float16", "bfloat16")]
+
+
+@pytest.mark.parametrize("bits,group_size,x_dtype", INT8_CASES)
+def test_int8_precision_equals_its_twin_within_its_bound(impl, bits, group_size, x_dtype):
+    """precision="int8": the kernel computes the twin's integers and its fp32 operations in its
+    order (no FMA), so kernel == twin bit for bit; the twin is within int8_bound of float64."""
+    # odd M and N: the kernel's tile tails (4 rows, blocks of 16 W rows); K not a multiple of 128
+    # where the group allows: the last step of a panel's transpose is partial
+    M, K, N = 37, {32: 352, 64: 448, 128: 384}[group_size], 75
+    scale_dtype = {"float32": mx.float16, "float16": mx.bfloat16, "bfloat16": mx.float32}[x_dtype]  # each once
+    w_q, scales, biases = make_weights(N, K, group_size, bits, scale_dtype, seed=bits * group_size)
+    w64, terms = numpy_dequantize(w_q, scales, biases, group_size, bits)
+    # Magnitudes over 6 decades along K: dx differs group by group, some groups far below others.
+    scale = np.exp(np.linspace(-7, 7, K)).astype(np.float32)
+    x = mx.array(np.random.default_rng(bits + group_size).standard_normal((M, K)).astype(np.float32) * scale)
+    x = x.astype(DTYPES[x_dtype])
+    got = impl.quantize.quantized_matmul(x, w_q, scales, biases, group_size, bits, precision="int8")
+    twin = impl.quantize.quantized_matmul_int8_mlx(x, w_q, scales, biases, group_size, bits)
+    what = f"{bits}-bit, group {group_size}, x {x_dtype}, scales {scale_dtype}, int8"
+    assert got.dtype == x.dtype and got.shape == (M, N), f"{what}: {got.shape} {got.dtype}"
+    assert np.array_equal(to_numpy(got), to_numpy(twin)), (
+        f"{what}: kernel != twin, max diff {np.abs(to_numpy(got) - to_numpy(twin)).max():.3g} (same bits expected)")
+    xf = to_numpy(x).astype(np.float32)
+    err = np.abs(to_numpy(twin).astype(np.float64) - xf.astype(np.float64) @ w64.T)
+    bound = int8_bound(xf, w64, terms, group_size, x_dtype)
+    assert (err <= bound).all(), f"{what}: twin off float64 by {(err / bound).max():.3g} x its derived bound"
+    assert err.max() > 0, f"{what}: the exact product: is x rounded at all?"
+
+
+@pytest.mark.parametrize("M", [1, 16, 64])
+@pytest.mark.parametrize("shape", MODEL_SHAPES, ids=[s[0] for s in MODEL_SHAPES])
+def test_int8_precision_on_the_model_shapes(impl, shape, M):
+    """SmolLM2's matmuls under precision="int8", from decode (M = 1: no fallback to fp32 by row
+    count, unlike bf16) to prefill: the entry runs the int8 kernel, == twin bit for bit, and the
+    twin within int8_bound of float64."""
+    _, K, N, bits = shape
+    (w_q, scales, biases), w64, terms = model_case(K, N, bits)
+    x = mx.array(np.random.default_rng(M).standard_normal((M, K)).astype(np.float32))
+    got = impl.quantize.quantized_matmul(x, w_q, scales, biases, 32, bits, precision="int8")
+    raw = impl.native.kernels.quantized_matmul(x, w_q, scales, biases, 32, bits, precision="int8")
+    twin = impl.quantize.quantized_matmul_int8_mlx(x, w_q, scales, biases, 32, bits)
+    what = f"{shape[0]} (K={K}, N={N}, {bits}-bit), M={M}, int8"
+    assert np.array_equal(np.array(got), np.array(raw)), f"{what}: the entry did not run the int8 kernel"
+    assert np.array_equal(np.array(got), np.array(twin)), f"{what}: kernel != twin (same bits expected)"
+    xf = np.array(x)
+    err = np.abs(np.array(twin).astype(np.float64) - (torch.from_numpy(xf).double() @ w64.T).numpy())
+    assert (err <= int8_bound(xf, w64.numpy(), terms.numpy().astype(np.float64), 32, "float32")).all(), (
+        f"{what}: twin beyond its derived bound")
+
+
+@given(data=st.data())
+def test_int8_precision_gives_a_row_the_same_bits_alone_and_in_any_batch(impl, data):
+    """Batch invariance under precision="int8": x is quantized row by row and every output's
+    operations do not depend on M, the tile or the task, so a row alone == the same row among
+    M = 1..70 others (drawn), bit for bit."""
+    bits, group_size = data.draw(st.sampled_from([(4, 32), (4, 128), (8, 64)]), label="bits, group")
+    M = data.draw(st.integers(1, 70), label="M")
+    row = data.draw(st.integers(0, M - 1), label="row")
+    w_q, scales, biases = make_weights(83, 256, group_size, bits, mx.float16, seed=11)
+    x = mx.random.normal((M, 256), key=mx.random.key(data.draw(st.integers(0, 99), label="seed")))
+    qmm = functools.partial(impl.quantize.quantized_matmul, w_q=w_q, scales=scales, biases=biases,
+                            group_size=group_size, bits=bits, precision="int8")
+    whole, alone = to_numpy(qmm(x)), to_numpy(qmm(x[row:row + 1]))
+    assert np.array_equal(alone, whole[row:row + 1]), (
+        f"row {row} alone differs from the same row among {M}: max diff {np.abs(alone - whole[row]).max():.3g}")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_precision_on_the_smallest_shapes(impl, bits):
+    """One group (K = 32), fewer W rows than a block (N = 1, 5), empty x: kernel == twin."""
+    for M, K, N in [(1, 32, 1), (3, 32, 5), (2, 64, 17), (0, 32, 5)]:
+        w_q, scales, biases = make_weights(N, K, 32, bits, mx.float32, seed=N)
+        x = mx.random.normal((M, K), key=mx.random.key(M))
+        got = impl.quantize.quantized_matmul(x, w_q, scales, biases, 32, bits, precision="int8")
+        twin = impl.quantize.quantized_matmul_int8_mlx(x, w_q, scales, biases, 32, bits)
+        assert got.shape == (M, N) and np.array_equal(to_numpy(got), to_numpy(twin)), f"M={M}, K={K}, N={N}"
+
+
+def test_int8_precision_keeps_a_nan_or_inf_of_x_visible(impl):
+    """A NaN or an infinity in x cannot be rounded to int8: its group gets dx = NaN, so that row's
+    outputs are NaN (as the fp32 product's are), not finite values hiding it; other rows as before."""
+    w_q, scales, biases = make_weights(20, 64, 32, 4, mx.float16, seed=1)
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    x[1, 5], x[2, 40] = np.nan, -np.inf
+    got = impl.quantize.quantized_matmul(mx.array(x), w_q, scales, biases, 32, 4, precision="int8")
+    twin = impl.quantize.quantized_matmul_int8_mlx(mx.array(x), w_q, scales, biases, 32, 4)
+    assert np.isnan(to_numpy(got)[1:3]).all() and np.isfinite(to_numpy(got)[[0, 3]]).all(), "NaN rows"
+    assert np.array_equal(to_numpy(got), to_numpy(twin), equal_nan=True), "kernel != twin"
+
+
+def test_a_bad_precision_is_one_clear_error(impl):
+    x, w_q, s, b = mx.zeros((2, 64)), *make_weights(4, 64, 32, 4, mx.float16, seed=0)
+    want = "quantized_matmul: precision must be 'fp32', 'bf16' or 'int8', got 'fp8'"
+    for call in (impl.quantize.quantized_matmul, impl.native.kernels.quantized_matmul):
+        with pytest.raises(ValueError) as e:
+            mx.eval(call(x, w_q, s, b, 32, 4, precision="fp8"))
+        assert str(e.value) == want, f"{call.__module__}: {e.value}"
 
 
 @pytest.mark.parametrize("x_dtype", sorted(DTYPES))

@@ -11,7 +11,8 @@ Checked by invariances: a request's greedy tokens and its log-probabilities are 
 whatever else is in the batch and whenever it joined (bitwise: every row of the model is
 computed alone, the same way in any batch); a seeded sampled request draws the same tokens
 alone and in any batch; greedy tokens equal transformers' on tiny random Llama and Qwen2 models
-and on the real model's 32 mixed requests (where the top-2 gap is clear). The scheduler, on its
+and on the real model's 32 mixed requests (where the top-2 gap is clear); batched == alone bitwise
+on the real model under int8 matmuls too (impl.quantize's precision "int8"). The scheduler, on its
 own with a fake step under random arrival traces: the token budget and the sequence cap never
 exceeded, admissions in arrival order, every request finished within a stated bound, every
 token of the cache free at the end. Bad requests get one-line errors and leave the running
@@ -355,6 +356,35 @@ def test_real_model_32_mixed_requests_match_transformers_and_alone(impl, real, d
         # Quantized weights on the kernels: every row computed the same way in any batch.
         assert_same_logprobs(got[r.request_id].logprobs, alone.logprobs, tol=None, what=f"request {r.request_id}")
     assert compared >= 4 * len(requests), f"only {compared} tokens had a clear top-2 gap: a vacuous check"
+
+
+@pytest.fixture
+def int8_matmuls(impl):
+    """Every quantized matmul in precision "int8" (impl.quantize.MATMUL_PRECISION) for one test, put back after."""
+    was, impl.quantize.MATMUL_PRECISION = impl.quantize.MATMUL_PRECISION, "int8"
+    yield
+    impl.quantize.MATMUL_PRECISION = was
+
+
+def test_real_model_int8_matmuls_batched_equals_alone(impl, real, int8_matmuls):
+    """Under precision "int8" (x rounded to int8 per row and weight group, integer dots, at every
+    row count: topic 2.2) a row's arithmetic still depends on that row only, so a request's greedy
+    tokens and its log-probabilities are the same bits alone and in a batch of 12 joining at
+    different steps; and they are not the fp32 ones (the precision took effect)."""
+    tok, P = real.tokenizer, impl.engine.SamplingParams
+    texts = ["The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3, 4,",
+             "The quick brown fox", "Water boils at"]
+    prompts = [tok.encode(t * (1 + i // 6 * 4)) for i, t in enumerate(texts * 2)]  # 12, lengths 4 to 40
+    requests = [Request(str(i), ids, P(max_tokens=6, ignore_eos=True, logprobs=5), join_step=i % 4)
+                for i, ids in enumerate(prompts)]
+    got = run(contiguous(impl, real, max_num_seqs=12), requests)
+    for r in requests:
+        alone = _alone(impl, real, r)
+        assert got[r.request_id].token_ids == alone.token_ids, f"request {r.request_id}: int8 batched != alone"
+        assert_same_logprobs(got[r.request_id].logprobs, alone.logprobs, tol=None, what=f"request {r.request_id}, int8")
+    impl.quantize.MATMUL_PRECISION = "fp32"
+    fp32 = _alone(impl, real, requests[0])
+    assert fp32.logprobs != got["0"].logprobs, "int8 gave the fp32 log-probabilities: did the precision take effect?"
 
 
 def test_llm_generate_takes_text_and_token_ids(impl, real):

@@ -74,3 +74,20 @@ def test_a_row_gives_the_same_bits_alone_and_in_a_batch(isa, path):
     for lo, hi in [(0, 1), (39, 40), (5, 21), (3, 40)]:
         part = to_numpy(run(x[lo:hi], w, path))
         assert np.array_equal(part, whole[lo:hi]), f"{isa}, {path}: rows {lo}:{hi} alone differ from the batch"
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, 64)])
+def test_int8_gives_the_twins_bits_on_every_path(isa, bits, group_size):
+    """precision="int8" on this isa (AVX512-VNNI with avx512 where the CPU has it, else the plain
+    C++ kernels): the same integers and fp32 operations everywhere, so the twin's bits, at M from
+    1 (decode) to 40, for a row alone and in the batch."""
+    from impl.quantize import quantized_matmul_int8_mlx
+
+    K, N = 384, 75
+    w_q, scales, biases = make_weights(N, K, group_size, bits, mx.float16, seed=bits + group_size)
+    x = mx.random.normal((40, K), key=mx.random.key(3))
+    twin = to_numpy(quantized_matmul_int8_mlx(x, w_q, scales, biases, group_size, bits))
+    for lo, hi in [(0, 40), (0, 1), (39, 40), (5, 21)]:
+        y = kernels.quantized_matmul(x[lo:hi], w_q, scales, biases, group_size=group_size, bits=bits, precision="int8")
+        assert np.array_equal(to_numpy(y), twin[lo:hi]), f"{isa}: int8 rows {lo}:{hi} differ from the twin"

@@ -451,29 +451,30 @@ def test_n_choices_share_the_prompt_through_the_prefix_cache(server, client, mod
     assert r.usage.prompt_tokens == 300
 
 
-def test_bf16_matmuls_give_the_engines_bf16_answer(offline, hf):
-    """--matmul-precision bf16: the server's greedy answer and logprobs are the offline engine's
-    with bf16 matmuls, bit for bit, and its logprobs are not the fp32 ones (the flag took effect)."""
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_matmuls_give_the_engines_answer(offline, hf, precision):
+    """--matmul-precision bf16 / int8: the server's greedy answer and logprobs are the offline
+    engine's with such matmuls, bit for bit, and its logprobs are not the fp32 ones (the flag took effect)."""
     import impl.quantize
     from impl.engine import LLM
 
     messages = [{"role": "user", "content": QUESTIONS[0]}]
-    prompt = chat_ids(hf, messages)  # 37 tokens: the prefill's matmuls have >= 16 rows, so they run in bf16
+    prompt = chat_ids(hf, messages)  # 37 tokens: the prefill's matmuls have >= 16 rows, so even bf16 runs
     # An engine of its own without a prefix cache: no block computed at one precision serves the other.
     own = LLM(offline.loaded, log=False, enable_prefix_caching=False)
     (fp32,) = expected(own, [prompt], max_tokens=8, logprobs=0)
-    was, impl.quantize.MATMUL_PRECISION = impl.quantize.MATMUL_PRECISION, "bf16"
+    was, impl.quantize.MATMUL_PRECISION = impl.quantize.MATMUL_PRECISION, precision
     try:
-        (bf16,) = expected(own, [prompt], max_tokens=8, logprobs=0)
+        (low,) = expected(own, [prompt], max_tokens=8, logprobs=0)
     finally:
         impl.quantize.MATMUL_PRECISION = was
-    with ServerProcess("--matmul-precision", "bf16", "--kv-cache-memory", "64M") as s:
+    with ServerProcess("--matmul-precision", precision, "--kv-cache-memory", "64M") as s:
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=120)
         r = c.chat.completions.create(model=c.models.list().data[0].id, messages=messages, temperature=0,
                                       max_tokens=8, logprobs=True)
     content = r.choices[0].logprobs.content
-    assert r.choices[0].message.content == bf16.text
-    assert [e.logprob for e in content] == [t[i] for i, t in zip(bf16.token_ids, bf16.logprobs, strict=True)]
+    assert r.choices[0].message.content == low.text
+    assert [e.logprob for e in content] == [t[i] for i, t in zip(low.token_ids, low.logprobs, strict=True)]
     assert content[0].logprob != fp32.logprobs[0][fp32.token_ids[0]], "the first token's logprob is fp32's"
 
 

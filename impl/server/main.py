@@ -41,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="most tokens computed in one step; longer prompts are prefilled in chunks (default 512)")
-    p.add_argument("--matmul-precision", choices=("fp32", "bf16"),
+    p.add_argument("--matmul-precision", choices=("fp32", "bf16", "int8"),  # impl.quantize.PRECISIONS
                    default=os.environ.get("TINY_LLM_MATMUL_PRECISION", "fp32"),
                    help="fp32: the exact kernels; bf16: AVX512-BF16 dot products for matmuls of 16 rows or more"
                         " (prefill, batched decode), 1.7x the serving throughput here, on the bf16 rung of the"
-                        " tolerance ladder (default $TINY_LLM_MATMUL_PRECISION, or fp32)")
+                        " tolerance ladder; int8: x rounded to int8 per weight group, AVX512-VNNI integer dots, at"
+                        " every row count, within a bound derived from x's rounding (docs/kernels.md)"
+                        " (default $TINY_LLM_MATMUL_PRECISION, or fp32)")
     p.add_argument("--api-key", default=os.environ.get("TINY_LLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $TINY_LLM_API_KEY, or none)")
     p.add_argument("--max-body-bytes", type=_size, default=1 << 20, metavar="BYTES",

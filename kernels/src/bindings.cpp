@@ -40,7 +40,11 @@ NB_MODULE(_ext, m) {
         "the prologue) and w = scales * q + biases (in float32, multiply then add), products\n"
         "accumulated in float32 (twin: impl.quantize.quantized_matmul_bf16_mlx). From bf16_min_m\n"
         "rows on a CPU with AVX512-BF16 this runs VDPBF16PS (about 2x the float32 FLOPS), else the\n"
-        "float32 kernels on the same rounded operands; only the order of the additions differs.");
+        "float32 kernels on the same rounded operands; only the order of the additions differs.\n"
+        "'int8': x rounded per row per weight group to int8 (dx = max|x| / 127, ties to even),\n"
+        "exact integer dots with the weights' quants (AVX512-VNNI, else plain C++: the same bits),\n"
+        "then per group y += isum * (scale * dx) + bias * (dx * sum xq) in float32, in one order at\n"
+        "every M (twin: impl.quantize.quantized_matmul_int8_mlx, equal bit for bit).");
   m.def("gather_quantized_matmul", &tiny_llm::gather_quantized_matmul, "x"_a, "w_q"_a, "scales"_a, "biases"_a,
         "indices"_a, "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
         "y[m] = x[m] @ dequantize(w_q[e], scales[e], biases[e]).T with e = indices[m]: each row times\n"
@@ -59,7 +63,7 @@ NB_MODULE(_ext, m) {
         "bits 4 or 8, group_size 32, 64 or 128. Lazy, like any MLX op.");
   m.def("quantized_matmul_info", &tiny_llm::quantized_matmul_info,
         "Which code quantized_matmul runs: instruction set, threads, panel_min_m, bf16 ('avx512_bf16'\n"
-        "or 'emulated'), bf16_min_m.");
+        "or 'emulated'), bf16_min_m, int8 ('avx512_vnni' or 'portable').");
   m.def("quantized_matmul_configure", &tiny_llm::quantized_matmul_configure, "isa"_a = "", "panel_min_m"_a = -2,
         "bf16_min_m"_a = -2,
         "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto'), the\n"

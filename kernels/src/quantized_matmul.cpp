@@ -13,6 +13,10 @@
 // below that M, or without the instruction (or with another isa forced), the fp32 kernels above
 // run on the same bf16-rounded operands (Isa::fused_bf16 and friends): the same products, only
 // the order of the fp32 additions differs.
+// precision="int8" (x rounded to int8 per row per group, integer dots, fp32 group scaling): at
+// every M, tasks of W rows each packed into a panel of u8 quads, times every row of x quantized
+// once (run_int8); AVX512-VNNI where the CPU has it and the AVX-512 kernels are the ones chosen,
+// else the plain C++ kernels (quantized_matmul_int8.cpp), which give the same bits.
 // An earlier version sent the panels to OpenBLAS's sgemm; measured here (AVX-512,
 // kernels/bench_qmm.py) the panel kernel ran at ~170 GFLOPS a thread and sgemm at
 // ~110 (its Haswell kernels), and two sgemm calls on two threads did not scale.
@@ -81,6 +85,11 @@ struct Config {
     return isa == qmm::isa_avx512() ? k : nullptr;
   }
   int bf16_m() const { return bf16_min_m >= 0 ? bf16_min_m : kBf16MinM; }
+  // precision="int8": VNNI with the AVX-512 kernels on a CPU that has it, else plain C++ (same bits).
+  const qmm::Int8Kernels& int8() const {
+    static const qmm::Int8Kernels* k = cpu_has_avx512_vnni() ? qmm::int8_avx512vnni() : nullptr;
+    return k && isa == qmm::isa_avx512() ? *k : qmm::int8_portable();
+  }
 };
 
 Config& config() {
@@ -190,6 +199,42 @@ void run_bf16(const qmm::Bf16Kernels& k, const Weights& W, const void* x, DType 
   });
 }
 
+// precision="int8": x (M, K) in `xt` -> fp32 (exact) -> per row and group xq, dx, xc (rows over
+// the pool; each row's values depend on that row only). Then tasks of W rows as in run_bf16, each
+// packing its rows into a u8 quad panel (at most 192 rows: 192 x K bytes stay in L2) and
+// multiplying every quantized row of x with it.
+void run_int8(const Isa& isa, const qmm::Int8Kernels& k, const Weights& W, const void* x, DType xt, long M,
+              float* y) {
+  auto& pool = ThreadPool::get();
+  const int K = W.K, gs = W.group_size, G = K / gs;
+  const std::unique_ptr<int8_t[]> xq(new int8_t[size_t(M) * K]);  // not zeroed: every value is written
+  const std::unique_ptr<float[]> dx(new float[size_t(M) * G]), xc(new float[size_t(M) * G]);
+  const size_t item = xt == DType::f32 ? 4 : 2;
+  const Split rows(M, M * K < (1 << 15) ? 1 : pool.size(), 1);
+  pool.run(rows.count, [&](int t) {
+    thread_local std::vector<float> row;
+    row.resize(K);
+    for (long m = long(t) * rows.per; m < std::min<long>(M, long(t + 1) * rows.per); ++m) {
+      isa.to_f32(static_cast<const char*>(x) + size_t(m) * K * item, xt, row.data(), K);
+      k.quantize_x(row.data(), K, gs, W.bits, xq.get() + size_t(m) * K, dx.get() + size_t(m) * G, xc.get() + size_t(m) * G);
+    }
+  });
+  const int threads = pool.size(), panels = (W.N + 191) / 192;
+  const Split split(W.N, (panels + threads - 1) / threads * threads, 16);
+  pool.run(split.count, [&](int t) {
+    const int n0 = t * split.per, n1 = std::min(W.N, n0 + split.per);
+    const size_t blocks = size_t(split.per + 15) / 16;
+    thread_local std::vector<uint8_t> panel;
+    thread_local std::vector<float> scales;
+    panel.resize(blocks * 16 * K);
+    scales.resize(blocks * 16 * G * 2);
+    float* dw = scales.data();
+    float* bw = dw + blocks * 16 * G;
+    k.pack(W, n0, n1, panel.data(), dw, bw);
+    k.gemm(xq.get(), dx.get(), xc.get(), int(M), K, gs, W.bits, panel.data(), dw, bw, n1 - n0, y + n0, W.N);
+  });
+}
+
 // The prologue on M rows of x (row-major, x's dtype T) into `buf`: K values a row.
 template <typename T>
 const void* prologue_t(const Fusion& f, const void* x, const mx::array* norm_w, long M, int K, std::vector<char>& buf) {
@@ -237,7 +282,7 @@ void add_residual(mx::array& out, const mx::array& residual) {
 
 // norm_w, residual: the fused pieces' inputs when `fusion` has them, else nullptr.
 void run(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
-         mx::array& out, int group_size, int bits, const Fusion& fusion, bool bf16, const mx::array* norm_w,
+         mx::array& out, int group_size, int bits, const Fusion& fusion, Precision precision, const mx::array* norm_w,
          const mx::array* residual) {
   const int N = w.shape(0), K = int(int64_t(w.shape(1)) * 32 / bits);
   const long M = long(x.size() / x.shape(-1));
@@ -254,8 +299,11 @@ void run(const mx::array& x, const mx::array& w, const mx::array& scales, const 
     ybuf.resize(size_t(M) * N);
     y = ybuf.data();
   }
+  const bool bf16 = precision == Precision::kBf16;
   const qmm::Bf16Kernels* fast = bf16 ? cfg.bf16() : nullptr;
-  if (fast && cfg.bf16_m() > 0 && M >= cfg.bf16_m()) {
+  if (precision == Precision::kInt8) {
+    run_int8(*cfg.isa, cfg.int8(), W, xd, dtype_of(x), M, y);
+  } else if (fast && cfg.bf16_m() > 0 && M >= cfg.bf16_m()) {
     run_bf16(*fast, W, xd, dtype_of(x), M, y);
   } else {
     const float* xf = kernel_input(*cfg.isa, xd, dtype_of(x), M, K, bits, bf16, xbuf);
@@ -373,8 +421,9 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
                            const std::optional<mx::array>& residual, const std::string& precision,
                            mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("quantized_matmul: " + what); };
-  if (precision != "fp32" && precision != "bf16")
-    fail("precision must be 'fp32' or 'bf16', got '" + precision + "'");
+  if (precision != "fp32" && precision != "bf16" && precision != "int8")
+    fail("precision must be 'fp32', 'bf16' or 'int8', got '" + precision + "'");
+  const Precision prec = precision == "bf16" ? Precision::kBf16 : precision == "int8" ? Precision::kInt8 : Precision::kFp32;
   check_bits_and_group_size("quantized_matmul", group_size, bits);
   if (w_q.ndim() != 2 || w_q.dtype() != mx::uint32)
     fail("w_q must be a 2-D uint32 array (N, K * bits / 32), got " + shape_str(w_q.shape()) + " " +
@@ -398,7 +447,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
   const Fusion fusion =
       fusion_inputs("quantized_matmul", x, K, shape, norm_weight, eps, swiglu, residual, stream, inputs);
   return mx::array(shape, x.dtype(),
-                   std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion, precision == "bf16"),
+                   std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion, prec),
                    std::move(inputs));
 }
 
@@ -441,11 +490,11 @@ void GatherQuantizedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& encoder = cpu_encoder(stream(), inputs, out);
   encoder.dispatch([in = weak_copies(inputs), out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
-                    fusion = fusion_, bf16 = bf16_]() mutable {
+                    fusion = fusion_, precision = precision_]() mutable {
     int next = 4;  // the fused pieces' inputs follow x, w_q, scales, biases
     const mx::array* norm_w = fusion.prologue == Fusion::kRMSNorm ? &in[next++] : nullptr;
     const mx::array* residual = fusion.residual ? &in[next++] : nullptr;
-    run(in[0], in[1], in[2], in[3], out, gs, bits, fusion, bf16, norm_w, residual);
+    run(in[0], in[1], in[2], in[3], out, gs, bits, fusion, precision, norm_w, residual);
   });
 }
 
@@ -459,7 +508,8 @@ std::map<std::string, std::string> quantized_matmul_info() {
           {"threads", std::to_string(ThreadPool::get().size())},
           {"panel_min_m", std::to_string(c.min_m())},
           {"bf16", c.bf16() ? c.bf16()->name : "emulated"},
-          {"bf16_min_m", std::to_string(c.bf16_m())}};
+          {"bf16_min_m", std::to_string(c.bf16_m())},
+          {"int8", c.int8().name}};
 }
 
 std::map<std::string, std::string> quantized_matmul_configure(const std::string& isa, int panel_min_m,

@@ -25,6 +25,9 @@ struct Fusion {
   bool operator==(const Fusion& o) const { return prologue == o.prologue && eps == o.eps && residual == o.residual; }
 };
 
+// The arithmetic of quantized_matmul's product (its `precision` argument).
+enum class Precision { kFp32, kBf16, kInt8 };
+
 // The fused pieces' argument checks, shared by quantized_matmul and kquant_matmul (each throws
 // std::invalid_argument("<op>: ...")). fused_k: one prologue at most, and with swiglu an even
 // last axis; returns K, the matmul's inner size (x's last axis, halved by swiglu).
@@ -46,6 +49,10 @@ Fusion fusion_inputs(const std::string& op, const mx::array& x, int K, const mx:
 // on AVX512-BF16 CPUs this runs VDPBF16PS, else the fp32 kernels on the rounded operands. precision
 // names the arithmetic at every M; which precision pays is the caller's choice: bf16 is ~2-3x
 // faster from M ~ 64, ~1.2x at M = 16, and slower than fp32 below M ~ 12 (kernels/check_qmm_bf16.py).
+// "int8": x rounded per row per weight group to int8 (dx = max|x| / 127, ties to even), exact
+// integer dots with W's quants (AVX512-VNNI vpdpbusd, else plain C++: the same bits), then per
+// group y += float(isum) * (dw * dx) + bias * (dx * sum xq) in fp32, in one fixed order at every M
+// (twin: impl.quantize.quantized_matmul_int8_mlx, equal bit for bit).
 mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
                            const mx::array& biases, int group_size = 64, int bits = 4,
                            const std::optional<mx::array>& norm_weight = std::nullopt, float eps = 1e-5f,
@@ -54,8 +61,9 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
 
 class QuantizedMatmul : public mx::UnaryPrimitive {
  public:
-  QuantizedMatmul(mx::Stream stream, int group_size, int bits, Fusion fusion = {}, bool bf16 = false)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), fusion_(fusion), bf16_(bf16) {}
+  QuantizedMatmul(mx::Stream stream, int group_size, int bits, Fusion fusion = {},
+                  Precision precision = Precision::kFp32)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), fusion_(fusion), precision_(precision) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -63,13 +71,13 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
   const char* name() const override { return "TinyLLMQuantizedMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const QuantizedMatmul&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_ && fusion_ == o.fusion_ && bf16_ == o.bf16_;
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && fusion_ == o.fusion_ && precision_ == o.precision_;
   }
 
  private:
   int group_size_, bits_;
   Fusion fusion_;
-  bool bf16_;  // precision="bf16"
+  Precision precision_;
 };
 
 // tiny_llm_kernels.gather_quantized_matmul (mixture of experts): row m of x times the quantized
@@ -103,7 +111,7 @@ class GatherQuantizedMatmul : public mx::UnaryPrimitive {
 
 // Which code runs: {"isa", "threads", "panel_min_m", "bf16" (what precision="bf16" runs from
 // bf16_min_m rows: "avx512_bf16", or "emulated": the isa's fp32 kernels on bf16-rounded
-// operands), "bf16_min_m"}, as text.
+// operands), "bf16_min_m", "int8" (what precision="int8" runs: "avx512_vnni" or "portable")}, as text.
 std::map<std::string, std::string> quantized_matmul_info();
 
 // For tests and benchmarks: force an instruction set ("portable", "avx2",

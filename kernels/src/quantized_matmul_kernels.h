@@ -64,9 +64,33 @@ struct Bf16Kernels {
   void (*gemm)(const uint16_t* x, int M, int K, const uint16_t* panel, int rows, float* y, long ldy);
 };
 
+// precision="int8" (quantized_matmul_int8.cpp, quantized_matmul_avx512vnni.cpp): x rounded per row
+// per weight group to int8 (dx = max|x| / 127, xq = round(x / dx), ties to even, clamped to +-127;
+// all 0 where dx = 0), integer dots of W's unsigned quants q with xq, then per group, in fp32 and
+// in this order for every output:  y += float(isum) * (dw * dx) + bias * xc,  xc = dx * sum(xq).
+// Every kernel computes the same integers and the same float operations (no FMA), so every
+// path gives the same bits, and so does the twin (impl.quantize.quantized_matmul_int8_mlx).
+struct Int8Kernels {
+  const char* name;
+  // One row of x (K fp32 values, K a multiple of gs) -> xq (K), dx (K / gs), xc (K / gs); xq
+  // within each group in the order this set's gemm reads it for `bits` (a permutation: the sum,
+  // dx and xc do not depend on it).
+  void (*quantize_x)(const float* x, int K, int gs, int bits, int8_t* xq, float* dx, float* xc);
+  // Rows n0..n1 of W -> `panel` (at most 16 * K bytes a block of 16 rows), in the layout of this
+  // set's gemm; dw and bw: per block of 16 rows, per group, the 16 rows' fp32 scales and biases
+  // (block b at + b * 16 * G). A last block of fewer than 16 rows repeats its last row.
+  void (*pack)(const Weights& w, int n0, int n1, uint8_t* panel, float* dw, float* bw);
+  // y (M, ldy)[:, 0:rows] = the int8 product of the M quantized rows of x (xq (M, K), dx and xc
+  // (M, K / gs)) with a packed panel of `rows` W rows of `bits` bits.
+  void (*gemm)(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, int bits,
+               const uint8_t* panel, const float* dw, const float* bw, int rows, float* y, long ldy);
+};
+
 const Isa& isa_portable();
 const Isa* isa_avx2();    // nullptr where not compiled in (non-x86 builds)
 const Isa* isa_avx512();  // nullptr where not compiled in
 const Bf16Kernels* bf16_avx512();  // nullptr where not compiled in; call only if the CPU has avx512_bf16
+const Int8Kernels& int8_portable();
+const Int8Kernels* int8_avx512vnni();  // nullptr where not compiled in; call only if the CPU has avx512_vnni
 
 }  // namespace tiny_llm::qmm
