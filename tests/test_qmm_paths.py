@@ -18,23 +18,13 @@ import impl  # noqa: F401  (loads tiny_llm_kernels and the BLAS fix before mlx i
 from impl.native import kernels
 from spec.day_2_2_quantized_matmul import make_weights, numpy_dequantize, tol_for
 from spec.ladder import assert_close, to_numpy
+from tests.kernel_paths import isa_fixture
 
 ISAS = ["portable", "avx2", "avx512"]
 PATHS = {"fused": 0, "panel": 1}  # panel_min_m: 0 never panels, 1 always
 
 
-@pytest.fixture
-def isa(request):
-    """Run the test on one instruction set, and put the defaults back after."""
-    if getattr(kernels, "quantized_matmul_configure", None) is None:
-        pytest.fail("tiny_llm_kernels.quantized_matmul is not built: pip install --no-build-isolation ./kernels")
-    try:
-        kernels.quantized_matmul_configure(request.param, -1)
-    except ValueError as e:  # this CPU lacks the instruction set: not something a test can fix
-        pytest.skip(f"needs {request.param} on this CPU ({e})")
-    yield request.param
-    mx.synchronize()
-    kernels.quantized_matmul_configure("auto", -1)
+isa = isa_fixture("quantized_matmul_configure")
 
 
 def run(x, w, path: str):
