@@ -27,6 +27,7 @@
 #include <limits>
 
 #include "quantized_matmul_kernels.h"
+#include "transpose16_avx512.h"
 
 namespace {
 
@@ -74,31 +75,6 @@ inline __m512i scales16(const void* base, DType t, size_t i, __mmask16 m) {
   return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);  // bf16: the top half of an fp32
 }
 
-// r[0..16): 16 rows of 16 dwords -> r[c] = dword c of every row (a 16 x 16 transpose).
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // 128-bit lane L of r[4a + c] now holds dword 4L + c of rows 4a .. 4a + 3.
-  for (int c = 0; c < 4; ++c) {
-    const __m512i a0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
-    const __m512i b0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88),
-                  b1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
-    t[c] = _mm512_shuffle_i32x4(a0, b0, 0x88);
-    t[8 + c] = _mm512_shuffle_i32x4(a0, b0, 0xdd);
-    t[4 + c] = _mm512_shuffle_i32x4(a1, b1, 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(a1, b1, 0xdd);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
 
 // Rows n0..n1 of W -> panel (block b at + b * 16 * K * BITS / 8 bytes): per 16 dwords of the
 // rows (16 rows x 64 bytes; a last step of K may hold fewer: masked), a 16 x 16 transpose.
