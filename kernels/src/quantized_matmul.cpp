@@ -210,11 +210,10 @@ void run_int8(const Isa& isa, const qmm::Int8Kernels& k, const Weights& W, const
   const std::unique_ptr<int8_t[]> xq(new int8_t[size_t(M) * K]);  // not zeroed: every value is written
   const std::unique_ptr<float[]> dx(new float[size_t(M) * G]), xc(new float[size_t(M) * G]);
   const size_t item = xt == DType::f32 ? 4 : 2;
-  const Split rows(M, M * K < (1 << 15) ? 1 : pool.size(), 1);
-  pool.run(rows.count, [&](int t) {
+  parallel_rows(M, K, [&](long m0, long m1) {
     thread_local std::vector<float> row;
     row.resize(K);
-    for (long m = long(t) * rows.per; m < std::min<long>(M, long(t + 1) * rows.per); ++m) {
+    for (long m = m0; m < m1; ++m) {
       isa.to_f32(static_cast<const char*>(x) + size_t(m) * K * item, xt, row.data(), K);
       k.quantize_x(row.data(), K, gs, W.bits, xq.get() + size_t(m) * K, dx.get() + size_t(m) * G, xc.get() + size_t(m) * G);
     }
