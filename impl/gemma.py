@@ -101,9 +101,8 @@ class GemmaModel(Model):
         self.norm = GemmaRMSNorm(args.hidden_size, weights["model.norm.weight"], args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else weights["lm_head.weight"]
 
-    def __call__(self, inputs: mx.array, offset: int = 0, cache: list | None = None,
-                 logits_to_keep: int | mx.array = 0) -> mx.array:
-        """As Model's: inputs (N, L) -> logits (N, L, V), capped by final_logit_softcapping if set."""
-        logits = super().__call__(inputs, offset, cache, logits_to_keep)
+    def head(self, h: mx.array) -> mx.array:
+        """As Model's: h (..., E) -> logits (..., V), capped by final_logit_softcapping if set."""
+        logits = super().head(h)
         cap = self.args.final_logit_softcapping
         return logits if cap is None else mx.tanh(logits / cap) * cap

@@ -97,13 +97,23 @@ class Model:
         logits_to_keep > 0: logits of the last that many positions only, (N, logits_to_keep, V), as a
         prefill needs (the head over all 512 positions of a prompt is a quarter of its time); an
         array of K positions (transformers' form): those, (N, K, V), as a batched step needs."""
-        h = self.embed_tokens(inputs)  # (N, L, E)
-        mask = "causal" if inputs.shape[1] > 1 else None  # one new token sees every cached one
-        for layer, c in zip(self.layers, cache or [None] * len(self.layers), strict=True):
-            h = layer(h, mask, offset, c)
+        h = self.hidden_states(inputs, offset, cache)  # (N, L, E)
         if isinstance(logits_to_keep, mx.array):
             h = h[:, logits_to_keep]  # (N, K, E)
         elif 0 < logits_to_keep < h.shape[1]:
             h = h[:, -logits_to_keep:]  # (N, logits_to_keep, E): rows are independent from here on
+        return self.head(h)
+
+    def hidden_states(self, inputs: mx.array, offset: int = 0, cache: list | None = None) -> mx.array:
+        """inputs: (N, L) token ids -> the last block's output (N, L, E), before the final norm."""
+        h = self.embed_tokens(inputs)  # (N, L, E)
+        mask = "causal" if inputs.shape[1] > 1 else None  # one new token sees every cached one
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers), strict=True):
+            h = layer(h, mask, offset, c)
+        return h
+
+    def head(self, h: mx.array) -> mx.array:
+        """h: (..., E), the last block's output -> logits (..., V): the final norm, then the output
+        head; each row on its own, so any subset of positions may go through it."""
         h = self.norm(h)
         return self.embed_tokens.as_linear(h) if self.lm_head is None else linear(h, self.lm_head)

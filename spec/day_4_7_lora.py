@@ -10,8 +10,9 @@
 - `save_adapters` / `load_adapters`: peft's format (adapter_config.json, adapter_model.safetensors,
   peft's key names); what impl saves, PeftModel.from_pretrained reads and computes the same with;
   what peft saves, impl reads.
-- `loss_and_grad(model, adapters, inputs)`: the causal-LM loss and the gradient of every A and B
-  against torch autograd through peft on the same batch; a few steps of AdamW (topic 4.4) on a
+- `loss_and_grad(model, adapters, inputs, labels=None)`: the causal-LM loss (labels default to the
+  inputs; -100 counts for nothing, as M3's prompts and padding) and the gradient of every A and B
+  against torch autograd through peft on the same batch and labels; a few steps of AdamW (topic 4.4) on a
   tiny text lower the loss and change only A and B (every base weight bit-identical).
 - QLoRA, `impl.train.qlora`: `quantized_matmul_dx(dy, w_q, scales, biases)`, the x-gradient of
   y = x W^T (dy @ W), against mx.quantized_matmul(transpose=False) and torch on the dequantized
@@ -256,6 +257,31 @@ def test_gradients_match_peft(impl, model, folder):
     assert got.keys() == want.keys()
     print(f"adapter gradients: worst |diff| / max |grad| = {worst_relative(got, want):.2g}",
           f"({max(want, key=lambda k: worst_relative({k: got[k]}, {k: want[k]}))})")
+    for k in want:
+        scale = np.abs(want[k]).max()
+        assert scale > 0, f"premise: {k}'s gradient is nonzero"
+        assert_close(got[k], want[k], Tol(LORA_GRAD * scale, 0.0, f"{LORA_GRAD} of the largest: 30 layers back"), k)
+
+
+def test_masked_gradients_match_peft(impl, model, folder):
+    """M3's case: labels -100 on each row's prompt and padding; only the rest counts, in the loss
+    and in every gradient."""
+    lora = impl.train.lora
+    adapters = lora.add_lora(model, lora.LoRAConfig(R, ALPHA, TARGETS), seed=0)
+    randomize_b(adapters)
+    ids = ids_of(2, 16, seed=11)
+    labels = np.array(ids)
+    labels[0, :9], labels[1, :5], labels[1, 13:] = -100, -100, -100  # prompts, then padding
+    loss, grads = lora.loss_and_grad(model, adapters, ids, mx.array(labels))
+    pm = peft_model(folder, R, ALPHA, list(TARGETS))
+    set_lora(pm, as_numpy(lora.peft_state(adapters)))
+    want_loss = pm(input_ids=torch.from_numpy(np.array(ids)).long(), labels=torch.from_numpy(labels).long()).loss
+    want_loss.backward()
+    assert_close(loss, want_loss.detach().numpy(), Tol(1e-4, 0, "a mean of 15 tokens' losses, logits to 1e-3"),
+                 "loss")
+    adapters.update(grads)
+    got, want = as_numpy(lora.peft_state(adapters)), lora_grads(pm)
+    print(f"masked adapter gradients: worst |diff| / max |grad| = {worst_relative(got, want):.2g}")
     for k in want:
         scale = np.abs(want[k]).max()
         assert scale > 0, f"premise: {k}'s gradient is nonzero"

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from impl.train.loss import IGNORE_INDEX, causal_lm_loss, value_and_grad_wrt
+from impl.train.lora import loss_and_grad
+from impl.train.loss import IGNORE_INDEX
 from impl.train.optim import AdamW, warmup_cosine
 
 QA_PAIRS = Path(__file__).parent / "data" / "lora_qa.json"
@@ -51,7 +52,7 @@ def qa_batch(loaded, pairs: list[dict]) -> tuple[mx.array, mx.array]:
 
 def answer_loss_and_grad(model, adapters, ids: mx.array, labels: mx.array) -> tuple[mx.array, dict]:
     """The mean loss over the answers' tokens and its gradient for every adapter weight (topic 4.7)."""
-    return value_and_grad_wrt(adapters, lambda: causal_lm_loss(model(ids), labels))
+    return loss_and_grad(model, adapters, ids, labels)
 
 
 def finetune(model, adapters, ids: mx.array, labels: mx.array, steps: int, max_lr: float = 2e-3,
