@@ -3,6 +3,9 @@
 - `impl.train.optim.AdamW(lr, betas, eps, weight_decay).step(weights, grads, lr)`: against
   torch.optim.AdamW fed the same gradients, every weight compared after each of ten steps
   (Hypothesis draws the hyperparameters and the gradients' scale, down to 1e-9 where eps matters).
+  On the CPU the step is one C++ node for the whole tree (tiny_llm_kernels.adamw); with
+  `AdamW.use_kernel = False` it is the array ops, the kernel's twin, and the two give the same
+  weights and moments bit for bit, over trees of any shapes and views.
 - `clip_grad_norm(grads, max_norm)` -> (clipped, norm) and `global_norm`: against
   torch.nn.utils.clip_grad_norm_, gradients below and above the threshold.
 - `warmup_cosine(step, max_lr, min_lr, warmup_steps, total_steps)`: against torch's own schedulers
@@ -27,7 +30,14 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten, tree_unflatten
 
 from reference.train_models import flat_from_hf, hf_model
-from spec.day_4_3_backprop import ARCH, batch, check_every_tensor, config_fields, random_weights
+from spec.day_4_3_backprop import (
+    ARCH,
+    BUILD,
+    batch,
+    check_every_tensor,
+    config_fields,
+    random_weights,
+)
 from spec.draw import draw_rng
 from spec.ladder import FP32, GRAD_FP32, Tol, assert_close
 
@@ -86,6 +96,51 @@ def test_adamw_matches_torch(optim, data):
         for k, p in params.items():
             assert_close(got[k], p, FP32, f"AdamW step {step + 1} ({b1}, {b2}, eps {eps}, wd {wd},"
                                           f" gradients ~{gscale}): {k}")
+
+
+@pytest.mark.presence
+def test_adamw_kernel_is_built(impl):
+    kernels = impl.native.kernels
+    assert kernels is not None and hasattr(kernels, "adamw"), (
+        f"tiny_llm_kernels has no adamw ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+
+
+@given(data=st.data())
+def test_adamw_kernel_equals_its_twin(optim, data):
+    """The fused step and the array ops: the same fp32 operations in the same order, so the same bits."""
+    rng = draw_rng(data)
+    b1, b2 = data.draw(st.sampled_from([(0.9, 0.999), (0.8, 0.95), (0.0, 0.99)]), label="betas")
+    eps = data.draw(st.sampled_from([1e-8, 1e-6]), label="eps")
+    wd = data.draw(st.sampled_from([0.0, 0.1]), label="weight_decay")
+    gscale = data.draw(st.sampled_from([1e-9, 1e-3, 1.0, 100.0]), label="gradient scale")
+    shapes = {"embed": (65, 16), "layers.0.w": (100_003,), "layers.1.w": (3, 5), "bias": (1,)}  # 100_003: two pieces
+    weights = {k: rng.normal(0, 1, s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.normal(0, gscale, s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)]
+    result = {}
+    for use_kernel in (True, False):
+        opt = optim.AdamW(lr=1e-2, betas=(b1, b2), eps=eps, weight_decay=wd)
+        opt.use_kernel = use_kernel
+        w = as_mlx(weights)
+        for step, g in enumerate(grads):
+            g = as_mlx(g)
+            g["layers"][1]["w"] = mx.array(np.ascontiguousarray(np.array(g["layers"][1]["w"]).T)).T  # a view
+            w = opt.step(w, g, lr=1e-2 * (step + 1))
+        result[use_kernel] = {**as_numpy(w), **{f"m.{k}": v for k, v in as_numpy(opt.m).items()},
+                              **{f"v.{k}": v for k, v in as_numpy(opt.v).items()}}
+    for k, want in result[False].items():
+        np.testing.assert_array_equal(result[True][k], want, f"kernel vs twin after 4 steps: {k}")
+
+
+def test_adamw_kernel_bad_input_is_a_one_line_error(impl):
+    k = impl.native.kernels
+    w = [mx.zeros((3,))]
+    consts = dict(b1=0.9, c1=0.1, b2=0.99, c2=0.01, decay=1.0, step_size=0.1, root_c2=0.1, eps=1e-8)
+    with pytest.raises(ValueError, match="^adamw: weights, grads, m and v must be lists of one length, got 1, 0, 1 and 1$"):
+        k.adamw(w, [], w, w, **consts)
+    with pytest.raises(ValueError, match=r"^adamw: weight 0 is \(3,\) but its gradient or moments are \(4,\)$"):
+        k.adamw(w, [mx.zeros((4,))], w, w, **consts)
+    with pytest.raises(ValueError, match="^adamw: weight 0: every array must be float32$"):
+        k.adamw([mx.zeros((3,), mx.float16)], w, w, w, **consts)
 
 
 def test_adamw_first_step_is_lr_sized(optim):

@@ -7,7 +7,9 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from impl.native import kernels
 
 
 class AdamW:
@@ -25,23 +27,51 @@ class AdamW:
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.t, self.m, self.v = 0, None, None
 
+    use_kernel = True  # the fused C++ step when built (False: the array ops below, its twin)
+
     def step(self, weights, grads, lr: float | None = None):
-        """The weights after one step on `grads` (same tree), at `lr` (default self.lr) (topic 4.4)."""
+        """The weights after one step on `grads` (same tree), at `lr` (default self.lr); on the CPU with
+        float32 weights, one tiny_llm_kernels.adamw node for the whole tree, bit for bit the array
+        ops' result (topic 4.4)."""
         lr = self.lr if lr is None else lr
         b1, b2 = self.betas
         if self.m is None:
             self.m, self.v = tree_map(mx.zeros_like, weights), tree_map(mx.zeros_like, weights)
         self.t += 1
-        self.m = tree_map(lambda m, g: b1 * m + (1 - b1) * g, self.m, grads)
-        self.v = tree_map(lambda v, g: b2 * v + (1 - b2) * mx.square(g), self.v, grads)
         step_size = lr / (1 - b1 ** self.t)
         root_c2 = math.sqrt(1 - b2 ** self.t)
+        fused = self._fused(weights, grads, lr, step_size, root_c2)
+        if fused is not None:
+            return fused
+        self.m = tree_map(lambda m, g: b1 * m + (1 - b1) * g, self.m, grads)
+        self.v = tree_map(lambda v, g: b2 * v + (1 - b2) * mx.square(g), self.v, grads)
 
         def update(w, m, v):
             w = w * (1 - lr * self.weight_decay)
             return w - step_size * m / (mx.sqrt(v) / root_c2 + self.eps)
 
         return tree_map(update, weights, self.m, self.v)
+
+    def _fused(self, weights, grads, lr: float, step_size: float, root_c2: float):
+        """step()'s result from the kernel, which takes the twin's constants as the twin rounds them
+        (a Python float meets a float32 array as float32), or None where it does not apply."""
+        kernel = getattr(kernels, "adamw", None)
+        if not self.use_kernel or kernel is None or mx.default_device() != mx.cpu:
+            return None
+        flat = [tree_flatten(t) for t in (weights, grads, self.m, self.v)]
+        keys = [k for k, _ in flat[0]]
+        if any([k for k, _ in f] != keys for f in flat[1:]):
+            return None  # trees of different shapes: the array ops say where
+        arrays = [[a for _, a in f] for f in flat]
+        if any(a.dtype != mx.float32 for part in arrays for a in part):
+            return None
+        b1, b2 = self.betas
+        out = kernel(*arrays, b1=b1, c1=1 - b1, b2=b2, c2=1 - b2, decay=1 - lr * self.weight_decay,
+                     step_size=step_size, root_c2=root_c2, eps=self.eps)
+        n = len(keys)
+        self.m = tree_unflatten(list(zip(keys, out[n:2 * n], strict=True)))
+        self.v = tree_unflatten(list(zip(keys, out[2 * n:], strict=True)))
+        return tree_unflatten(list(zip(keys, out[:n], strict=True)))
 
     def update(self, model, grads, lr: float | None = None) -> None:
         """One step on the model's own weights (topic 4.4)."""

@@ -20,17 +20,12 @@
 #include <string>
 #include <vector>
 
+#include "clones.h"
 #include "cpu_stream.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "op_checks.h"
 #include "quantized_matmul_threads.h"
 #include "row_major.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TINY_LLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TINY_LLM_CLONES
-#endif
 
 namespace tiny_llm {
 

@@ -10,6 +10,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "activations.h"
+#include "adamw.h"
 #include "cached_attention.h"
 #include "flash_attention.h"
 #include "kquant_matmul.h"
@@ -155,6 +156,21 @@ NB_MODULE(_ext, m) {
         "x (..., D) float32/float16/bfloat16 -> x's shape and dtype; max, exp and sum in float32,\n"
         "exp to about 2 ulps (MLX's CPU exp: up to 65). A row of -inf gives NaN, as the twin's.\n"
         "Forward only: impl.train.layers.softmax gives it a vjp. Lazy, like any MLX op.");
+  m.def(
+      "adamw",
+      [](const std::vector<tiny_llm::mx::array>& weights, const std::vector<tiny_llm::mx::array>& grads,
+         const std::vector<tiny_llm::mx::array>& m,
+         const std::vector<tiny_llm::mx::array>& v, float b1, float c1, float b2, float c2, float decay, float step_size,
+         float root_c2, float eps, tiny_llm::mx::StreamOrDevice s) {
+        return tiny_llm::adamw(weights, grads, m, v, {b1, c1, b2, c2, decay, step_size, root_c2, eps}, s);
+      },
+      "weights"_a, "grads"_a, "m"_a, "v"_a, nb::kw_only(), "b1"_a, "c1"_a, "b2"_a, "c2"_a, "decay"_a, "step_size"_a,
+      "root_c2"_a, "eps"_a, "stream"_a = nb::none(),
+      "One AdamW step on lists of float32 weights, gradients and moments, on the CPU (twin:\n"
+      "impl.train.optim.AdamW's array ops, bit for bit).\n\n"
+      "m' = b1 m + c1 g; v' = b2 v + c2 g^2; w' = w decay - step_size m' / (sqrt(v') / root_c2 + eps),\n"
+      "each constant as the twin rounds it to float32. Returns the new weights, then m, then v (3n\n"
+      "arrays). Lazy, like any MLX op.");
   m.def("sigmoid", &tiny_llm::sigmoid, "x"_a, "stream"_a = nb::none(),
         "1 / (1 + exp(-x)) elementwise, on the CPU (twin: impl.train.layers.sigmoid_mlx).\n\n"
         "x float32/float16/bfloat16, any shape -> the same shape and dtype, computed in float32 from\n"

@@ -15,6 +15,8 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     rope(x, cos, sin, offset=0, traditional=False, stream=None)
     swiglu(x, stream=None)  (x = [gate | up] on the last axis)
     softmax(x, stream=None), sigmoid(x, stream=None)  (training's activations; forward only)
+    adamw(weights, grads, m, v, *, b1, c1, b2, c2, decay, step_size, root_c2, eps, stream=None)
+          -> new weights + m + v  (training's optimizer step, every weight in one op)
     cached_attention(qkv, keys, values, cos, sin, offset, n_heads, n_kv_heads, scale=None,
                      traditional=False, stream=None) -> (out, keys, values)
     paged_attention(qkv, k_pool, v_pool, cos, sin, positions, slot_mapping, block_tables, cu_seqlens_q,
@@ -84,6 +86,7 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
     import mlx.core  # noqa: F401  (registers mx.array with nanobind before _ext needs it)
 
     from tiny_llm_kernels._ext import (  # noqa: F401  (re-exported: the package's API)
+        adamw,
         cached_attention,
         flash_attention_configure,
         flash_attention_info,
