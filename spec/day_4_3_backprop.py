@@ -17,6 +17,12 @@ lists each tensor outside tolerance with its worst element.
   (tiny_llm_kernels.softmax / .sigmoid) whose exp is a vectorized polynomial; against torch in fp64
   (values, to a few ulps in fp32, and gradients), against their pure-MLX twins, and at the edges
   (masked -inf scores give exactly 0, saturated sigmoids exactly 0 and 1, NaN stays NaN).
+- `impl.train.layers.causal_attention(q, k, v, scale)`: the models' attention, q (N, H, L, D), k and
+  v (N, H_kv, L, D); in float32 on the CPU it is two C++ kernels (tiny_llm_kernels.causal_attention
+  and its backward). Its output and the gradients of q, k and v against torch's SDPA (is_causal,
+  the kv heads repeated) in fp64 and against the twin (week 1's grouped attention, differentiated
+  by MLX), on the transposed views the models pass; one key alone gives out = v and zero q and k
+  gradients exactly; the kernels' one-line errors.
 
 Every weight is drawn at random (norms around 1, biases around 0, not their initial constants), so
 that each one matters. Hypothesis draws the batch, the length, the heads and (Llama) the KV heads.
@@ -40,7 +46,7 @@ from spec.draw import DTYPES, draw_rng
 from spec.ladder import BY_DTYPE, FP32, GRAD_FP32, MODEL_FP32, Tol, assert_close
 
 NAMES = {"model": ("TrainConfig", "ClassicLM", "ModernLM", "loss_and_grad"),
-         "layers": ("layer_norm", "gelu", "softmax", "sigmoid", "silu")}
+         "layers": ("layer_norm", "gelu", "softmax", "sigmoid", "silu", "causal_attention")}
 ARCH = {"ClassicLM": "gpt2", "ModernLM": "llama"}
 EMBEDDINGS = {"wte", "wpe", "embed"}
 
@@ -170,6 +176,90 @@ def test_activations_edges_and_twins(impl, train):
     y = mx.array(rng.normal(0, 5, (6, 300)).astype(np.float32))
     assert_close(train.layers.softmax(y), impl.basics.softmax(y, axis=-1), FP32, "softmax vs its twin")
     assert_close(train.layers.sigmoid(y), train.layers.sigmoid_mlx(y), FP32, "sigmoid vs its twin")
+
+
+# -- causal attention, on kernels -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["causal_attention", "causal_attention_backward"])
+@pytest.mark.presence
+def test_attention_kernel_is_built(impl, name):
+    kernels = impl.native.kernels
+    assert kernels is not None and hasattr(kernels, name), (
+        f"tiny_llm_kernels has no {name} ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+
+
+def attention_inputs(rng, N: int, H: int, H_kv: int, L: int, D: int):
+    """q (N, H, L, D), k and v (N, H_kv, L, D) as the models pass them: transposed views of the
+    projections' (N, L, heads, D); and an upstream gradient for the output."""
+    q, k, v = (mx.array(rng.normal(0, 1, (N, L, h, D)).astype(np.float32)).transpose(0, 2, 1, 3)
+               for h in (H, H_kv, H_kv))
+    return q, k, v, mx.array(rng.normal(0, 1, (N, H, L, D)).astype(np.float32))
+
+
+def torch_attention(q, k, v, up, scale: float):
+    """torch's causal SDPA in fp64, kv heads repeated: the output and the gradients of q, k, v."""
+    tq, tk, tv = (torch.from_numpy(np.array(t)).double().requires_grad_(True) for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(tq, tk.repeat_interleave(rep, 1), tv.repeat_interleave(rep, 1),
+                                         is_causal=True, scale=scale)
+    out.backward(torch.from_numpy(np.array(up)).double())
+    return out.detach(), tq.grad, tk.grad, tv.grad
+
+
+def attention_and_grads(fn, q, k, v, up):
+    out, grads = mx.vjp(lambda q, k, v: fn(q, k, v), [q, k, v], [up])
+    return out[0], *grads
+
+
+@given(data=st.data())
+def test_causal_attention_against_torch(train, data):
+    N = data.draw(st.integers(1, 3), label="N")
+    H_kv = data.draw(st.integers(1, 3), label="H_kv")
+    H = H_kv * data.draw(st.integers(1, 3), label="query heads per kv head")
+    L = data.draw(st.sampled_from([1, 2, 7, 33, 64]), label="L")
+    D = data.draw(st.sampled_from([5, 16, 32, 64]), label="D")
+    rng = draw_rng(data)
+    q, k, v, up = attention_inputs(rng, N, H, H_kv, L, D)
+    got = attention_and_grads(lambda q, k, v: train.layers.causal_attention(q, k, v, D ** -0.5), q, k, v, up)
+    want = torch_attention(q, k, v, up, D ** -0.5)
+    for name, g, w, tol in zip(("out", "dq", "dk", "dv"), got, want, (FP32, GRAD_FP32, GRAD_FP32, GRAD_FP32),
+                               strict=True):
+        assert g.shape == tuple(w.shape), f"{name}: shape {g.shape}, expected {tuple(w.shape)}"
+        assert_close(g, w, tol, f"causal attention {name}, (N, H, H_kv, L, D) = {(N, H, H_kv, L, D)}, vs torch fp64")
+
+
+def test_causal_attention_kernel_vs_twin_and_edges(impl, train):
+    from impl.attention import scaled_dot_product_attention_grouped
+
+    rng = np.random.default_rng(0)
+    q, k, v, up = attention_inputs(rng, 3, 6, 2, 48, 32)
+    def twin(q, k, v):
+        return scaled_dot_product_attention_grouped(q, k, v, scale=32 ** -0.5, mask="causal",
+                                                    softmax_fn=train.layers.softmax)
+
+    got = attention_and_grads(lambda q, k, v: train.layers.causal_attention(q, k, v), q, k, v, up)
+    want = attention_and_grads(twin, q, k, v, up)
+    for name, g, w, tol in zip(("out", "dq", "dk", "dv"), got, want, (FP32, GRAD_FP32, GRAD_FP32, GRAD_FP32),
+                               strict=True):
+        assert_close(g, w, tol, f"causal attention {name}, kernel vs twin")
+    # one key: the output is v, and no score can move it (dq = dk = 0), exactly
+    q1, k1, v1, up1 = attention_inputs(rng, 2, 2, 1, 1, 16)
+    out, dq, dk, dv = attention_and_grads(lambda q, k, v: train.layers.causal_attention(q, k, v), q1, k1, v1, up1)
+    np.testing.assert_array_equal(np.array(out), np.repeat(np.array(v1), 2, axis=1), "one key: out = v")
+    assert not np.array(dq).any() and not np.array(dk).any(), "one key: dq and dk must be exactly 0"
+    np.testing.assert_array_equal(np.array(dv), np.array(up1).sum(axis=1, keepdims=True), "one key: dv = the sum of dout")
+    # float16 takes the twin; the kernels' own words
+    h = train.layers.causal_attention(*(t.astype(mx.float16) for t in (q, k, v)))
+    assert h.dtype == mx.float16 and h.shape == q.shape, f"float16: {h.dtype} {h.shape}"
+    assert_close(h, twin(q, k, v), Tol(1e-2, 1e-2, "float16 inputs: 10-bit mantissa"), "float16 via the twin")
+    kernels = impl.native.kernels
+    with pytest.raises(ValueError, match="^causal_attention: q, k and v must be float32$"):
+        kernels.causal_attention(q.astype(mx.float16), k, v, 0.1)
+    with pytest.raises(ValueError, match=r"^causal_attention: the query heads \(6\) must be a multiple of the kv heads \(4\)$"):
+        kernels.causal_attention(q, mx.concatenate([k, k], axis=1), mx.concatenate([v, v], axis=1), 0.1)
+    with pytest.raises(ValueError, match="^causal_attention_backward: lse must be float32"):
+        kernels.causal_attention_backward(q, k, v, q, q, q, 0.1)
 
 
 # -- every gradient of a model --------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """The training models' own layers (topic 4.3): LayerNorm and GELU, which week 1's Llama-style model
-has no use for, and softmax, sigmoid and SiLU with their gradients, on C++ kernels when built: a
-training step of a small model spends much of its time in exp, and MLX's own CPU exp is slow
-(measured: 26 ms for a million floats, numpy's 1.8)."""
+has no use for, and softmax, sigmoid, SiLU and causal attention with their gradients, on C++
+kernels when built: a training step of a small model spends much of its time in exp, and MLX's own
+CPU exp is slow (measured: 26 ms for a million floats, numpy's 1.8); attention's thirty-odd graph
+nodes forward and backward become two."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
 
 from impl import basics
+from impl.attention import scaled_dot_product_attention_grouped
 from impl.native import kernels
 
 
@@ -93,3 +96,39 @@ def sigmoid(x: mx.array) -> mx.array:
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x): the SwiGLU MLP's activation (topic 4.3)."""
     return x * sigmoid(x)
+
+
+@functools.cache
+def _causal_attention_fn(scale: float):
+    """The kernel pair as one differentiable function of (q, k, v) at this scale -> (out, lse)."""
+
+    @mx.custom_function
+    def attend(q, k, v):
+        return tuple(kernels.causal_attention(q, k, v, scale))
+
+    @attend.vjp
+    def attend_vjp(primals, cotangents, outputs):  # lse feeds nothing differentiable: its cotangent is unused
+        return tuple(kernels.causal_attention_backward(*primals, outputs[0], outputs[1], cotangents[0], scale))
+
+    return attend
+
+
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float | None = None) -> mx.array:
+    """Causal self-attention, q (N, H, L, D), k and v (N, H_kv, L, D) -> (N, H, L, D): query i sees
+    keys 0..i. On the CPU with float32 inputs, tiny_llm_kernels.causal_attention and its backward
+    (two graph nodes); else its twin, week 1's grouped attention with this module's softmax, which
+    MLX differentiates (topic 4.3)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if (_kernel("causal_attention") is not None and q.ndim == 4 and k.shape[2] == q.shape[2]
+            and all(t.dtype == mx.float32 for t in (q, k, v))):
+        return _causal_attention_fn(float(scale))(q, k, v)[0]
+    return scaled_dot_product_attention_grouped(q, k, v, scale=scale, mask="causal", softmax_fn=softmax)
+
+
+def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float | None = None, mask=None) -> mx.array:
+    """Week 1's attention function for a model being trained (LoRA's): causal_attention where the
+    mask is causal over the whole sequence (no cache), else the grouped attention with this
+    module's softmax (topic 4.7)."""
+    if isinstance(mask, str) and mask == "causal" and k.shape[-2] == q.shape[-2]:
+        return causal_attention(q, k, v, scale)
+    return scaled_dot_product_attention_grouped(q, k, v, scale=scale, mask=mask, softmax_fn=softmax)

@@ -5,10 +5,10 @@
   biases, a GELU MLP, the output head tied to the token embedding;
 - `ModernLM`, Llama's block: RoPE, RMSNorm, grouped-query attention, the SwiGLU MLP, an untied head.
 
-The layers are week 1's (linear, RoPE, grouped attention, RMSNorm), built around the current
-weights on each call, so a gradient step changes what they compute; softmax, SiLU and GELU are
-impl.train.layers', whose kernels make a step about a quarter faster. Weight names follow the
-attributes (`layers.0.wq`); reference/train_models.py maps them to transformers' GPT-2 and Llama.
+The layers are week 1's (linear, RoPE, RMSNorm), built around the current weights on each call,
+so a gradient step changes what they compute; the causal attention, softmax, SiLU and GELU are
+impl.train.layers', whose kernels make a step markedly faster. Weight names follow the attributes
+(`layers.0.wq`); reference/train_models.py maps them to transformers' GPT-2 and Llama.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn
 
-from impl.attention import scaled_dot_product_attention_grouped
 from impl.basics import linear
 from impl.norm import RMSNorm
 from impl.rope import RoPE
-from impl.train.layers import gelu, layer_norm, silu, softmax
+from impl.train.layers import causal_attention, gelu, layer_norm, silu
 from impl.train.loss import cross_entropy, value_and_grad_wrt
 
 
@@ -54,8 +53,7 @@ def _normal(key: mx.array, shape: tuple[int, ...], std: float) -> mx.array:
 def _attend(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """q (N, L, H, D), k/v (N, L, H_kv, D) -> (N, L, H * D): causal attention over the heads."""
     N, L, H, D = q.shape
-    out = scaled_dot_product_attention_grouped(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)), mask="causal",
-                                               softmax_fn=softmax)
+    out = causal_attention(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)))
     return out.transpose(0, 2, 1, 3).reshape(N, L, H * D)  # (N, H, L, D) -> (N, L, H * D)
 
 

@@ -12,12 +12,11 @@ they get no gradient.
 
 from __future__ import annotations
 
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 
 import mlx.core as mx
 
-from impl.attention import scaled_dot_product_attention_grouped
 from impl.gguf import (
     GGUF_GROUP_SIZE,
     args_from_metadata,
@@ -112,7 +111,7 @@ class TrainableQuantizedWeight(QuantizedWeight):
 def load_base(path: str | Path, quantized: bool = True) -> Model:
     """A GGUF's model for (Q)LoRA: week 1's layers with q/k/v and gate/up kept apart (LoRA adapts each
     one), every quantized weight a TrainableQuantizedWeight; quantized=False dequantizes the very
-    same triples to fp32, the dense twin of the quantized model. Softmax and SiLU run on
+    same triples to fp32, the dense twin of the quantized model. Attention and SiLU run on
     impl.train.layers' kernels (topic 4.7)."""
     tensors, meta = read_gguf(path, requantize=True)
     args = args_from_metadata(meta, tensors.keys())
@@ -129,8 +128,8 @@ def load_base(path: str | Path, quantized: bool = True) -> Model:
             weights[key] = q if quantized else dequantize(w, scales, biases, GGUF_GROUP_SIZE, bits, mx.float32)
         else:
             weights[key] = w.astype(mx.float32)
-    # softmax and SiLU on week 4's kernels, which have vjps (week 2's fused ones have none)
-    model = Model(args, weights, sdpa=partial(scaled_dot_product_attention_grouped, softmax_fn=layers.softmax))
+    # attention and SiLU on week 4's kernels, which have vjps (week 2's fused ones have none)
+    model = Model(args, weights, sdpa=layers.sdpa)
     for layer in model.layers:
         if isinstance(layer.mlp, MLP):
             layer.mlp.act = layers.silu

@@ -1,11 +1,6 @@
 // The MLX side and the loops of tiny_llm_kernels.softmax and .sigmoid (activations.h).
 //
-// exp(x) for x <= 0, the only inputs either activation needs (softmax's x - max, sigmoid's -|x|):
-//   n = x log2(e) rounded to the nearest integer, r = x - n ln2 (ln2 in two parts, Cody and Waite's trick, so r
-//   keeps its bits), exp(r) by Horner's rule on the degree-7 Taylor polynomial (|r| <= ln2 / 2:
-//   the first term left out is below 2^-27), times 2^n made from its exponent bits.
-//   x below -87.33 (exp under FLT_MIN) gives 0, so a masked -inf score gives exactly 0; NaN stays
-//   NaN. Measured against float64: at most 2 ulps (spec/day_4_3_backprop.py).
+// exp and the sum: fast_exp.h (shared with causal_attention.cpp).
 // Every loop is plain C++ without branches, compiled with -ffp-contract=off (no fused multiply-add
 // anywhere), and cloned for AVX-512, AVX2 and the baseline (GCC's target_clones), which the loader
 // picks by CPU: each clone does the same roundings in the same order, so all give the same bits.
@@ -22,6 +17,7 @@
 
 #include "clones.h"
 #include "cpu_stream.h"
+#include "fast_exp.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "op_checks.h"
 #include "quantized_matmul_threads.h"
@@ -30,34 +26,6 @@
 namespace tiny_llm {
 
 namespace {
-
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f;       // ln 2's first 11 bits: n * kLn2Hi is exact
-constexpr float kLn2Lo = -2.12194440e-4f;    // ln 2 - kLn2Hi
-constexpr float kExpMin = -87.3365447505531f;  // ln(FLT_MIN): below it, 0
-constexpr float kRound = 12582912.0f;            // 1.5 * 2^23
-
-// exp(x) for x <= 0 (see the top of the file); inlined into each loop.
-inline float exp_nonpositive(float x) {
-  const bool under = x < kExpMin;
-  const float xc = under ? kExpMin : x;  // NaN passes (NaN < a is false)
-  // Round to nearest by adding and taking away 1.5 * 2^23 (|x log2 e| < 2^22): no floor() call,
-  // which the baseline clone could not vectorize. -ffp-contract=off keeps both roundings.
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  // 2^n, n in [-126, 0]: the exponent field n + 127. A NaN's n converts to garbage; p is NaN.
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  const float y = p * std::bit_cast<float>(under ? 0 : e);
-  return under ? 0.0f : y;
-}
 
 // x (n) fp32 -> y (n) = sigmoid(x).
 TINY_LLM_CLONES void sigmoid_f32(const float* x, float* y, long n) {
@@ -72,16 +40,8 @@ TINY_LLM_CLONES void softmax_row_f32(const float* x, float* y, int D) {
   float m = -std::numeric_limits<float>::infinity();
   for (int i = 0; i < D; ++i) m = x[i] > m ? x[i] : m;  // a NaN is skipped here and turns up in x - m
   for (int i = 0; i < D; ++i) y[i] = exp_nonpositive(x[i] - m);
-  // The sum in 16 lanes (element i to lane i % 16), then the lanes in a fixed tree: the same
-  // order in every clone, and a loop the compiler can vectorize.
-  float acc[16] = {};
-  int i = 0;
-  for (; i + 16 <= D; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += y[i + j];
-  for (int j = 0; i < D; ++i, ++j) acc[j] += y[i];
-  for (int w = 8; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  for (int k = 0; k < D; ++k) y[k] = y[k] / acc[0];
+  const float sum = sum16(y, D);
+  for (int k = 0; k < D; ++k) y[k] = y[k] / sum;
 }
 
 template <typename T>

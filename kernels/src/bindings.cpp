@@ -12,6 +12,7 @@
 #include "activations.h"
 #include "adamw.h"
 #include "cached_attention.h"
+#include "causal_attention.h"
 #include "flash_attention.h"
 #include "kquant_matmul.h"
 #include "paged_attention.h"
@@ -156,6 +157,16 @@ NB_MODULE(_ext, m) {
         "x (..., D) float32/float16/bfloat16 -> x's shape and dtype; max, exp and sum in float32,\n"
         "exp to about 2 ulps (MLX's CPU exp: up to 65). A row of -inf gives NaN, as the twin's.\n"
         "Forward only: impl.train.layers.softmax gives it a vjp. Lazy, like any MLX op.");
+  m.def("causal_attention", &tiny_llm::causal_attention, "q"_a, "k"_a, "v"_a, "scale"_a, "stream"_a = nb::none(),
+        "Causal attention for training, on the CPU (twin: impl.attention.scaled_dot_product_attention_grouped).\n\n"
+        "q (N, H, L, D), k and v (N, H_kv, L, D) float32, any strides, H a multiple of H_kv; query i sees\n"
+        "keys 0..i. Returns [out (N, H, L, D), lse (N, H, L)]: lse is each row's log-sum-exp of its\n"
+        "scaled scores, for causal_attention_backward. Lazy, like any MLX op.");
+  m.def("causal_attention_backward", &tiny_llm::causal_attention_backward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a,
+        "dout"_a, "scale"_a, "stream"_a = nb::none(),
+        "The gradients of causal_attention, on the CPU (twin: MLX's autodiff of the twin above).\n\n"
+        "From q, k, v, causal_attention's [out, lse] and dout (N, H, L, D), the gradient reaching out,\n"
+        "returns [dq (N, H, L, D), dk, dv (N, H_kv, L, D)], float32. Lazy, like any MLX op.");
   m.def(
       "adamw",
       [](const std::vector<tiny_llm::mx::array>& weights, const std::vector<tiny_llm::mx::array>& grads,

@@ -14,15 +14,25 @@ namespace tiny_llm {
 inline const void* row_major(const mlx::core::array& a, std::vector<char>& tmp) {
   if (a.flags().row_contiguous) return a.data<void>();
   const size_t item = a.itemsize();
-  const int nd = a.ndim();
+  const int nd = a.ndim();  // >= 1: a scalar is row-contiguous
   tmp.resize(a.size() * item);
+  if (a.size() == 0) return tmp.data();
+  // Row by row of the last axis (a strided run), the outer index stepped like an odometer.
+  const int64_t inner = a.shape(nd - 1), step = a.strides()[nd - 1];
+  const size_t rows = a.size() / size_t(inner);
   std::vector<int> idx(nd, 0);
   const char* src = a.data<char>();
-  for (size_t i = 0; i < a.size(); ++i) {
+  char* dst = tmp.data();
+  for (size_t r = 0; r < rows; ++r, dst += inner * item) {
     int64_t off = 0;
-    for (int d = 0; d < nd; ++d) off += idx[d] * a.strides()[d];
-    std::memcpy(tmp.data() + i * item, src + off * int64_t(item), item);
-    for (int d = nd - 1; d >= 0 && ++idx[d] == a.shape(d); --d) idx[d] = 0;
+    for (int d = 0; d + 1 < nd; ++d) off += idx[d] * a.strides()[d];
+    const char* s = src + off * int64_t(item);
+    if (item == 4) {
+      for (int64_t i = 0; i < inner; ++i) std::memcpy(dst + i * 4, s + i * step * 4, 4);
+    } else {
+      for (int64_t i = 0; i < inner; ++i) std::memcpy(dst + i * item, s + i * step * int64_t(item), item);
+    }
+    for (int d = nd - 2; d >= 0 && ++idx[d] == a.shape(d); --d) idx[d] = 0;
   }
   return tmp.data();
 }

@@ -17,6 +17,8 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     softmax(x, stream=None), sigmoid(x, stream=None)  (training's activations; forward only)
     adamw(weights, grads, m, v, *, b1, c1, b2, c2, decay, step_size, root_c2, eps, stream=None)
           -> new weights + m + v  (training's optimizer step, every weight in one op)
+    causal_attention(q, k, v, scale, stream=None) -> [out, lse]  (training's attention)
+    causal_attention_backward(q, k, v, out, lse, dout, scale, stream=None) -> [dq, dk, dv]
     cached_attention(qkv, keys, values, cos, sin, offset, n_heads, n_kv_heads, scale=None,
                      traditional=False, stream=None) -> (out, keys, values)
     paged_attention(qkv, k_pool, v_pool, cos, sin, positions, slot_mapping, block_tables, cu_seqlens_q,
@@ -88,6 +90,8 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
     from tiny_llm_kernels._ext import (  # noqa: F401  (re-exported: the package's API)
         adamw,
         cached_attention,
+        causal_attention,
+        causal_attention_backward,
         flash_attention_configure,
         flash_attention_info,
         gather_quantized_matmul,
