@@ -23,6 +23,11 @@ lists each tensor outside tolerance with its worst element.
   the kv heads repeated) in fp64 and against the twin (week 1's grouped attention, differentiated
   by MLX), on the transposed views the models pass; one key alone gives out = v and zero q and k
   gradients exactly; the kernels' one-line errors.
+- `impl.train.layers.TrainRMSNorm` and `TrainRoPE`: week 1's RMSNorm and RoPE for a model being
+  trained, on C++ kernels with backward passes (tiny_llm_kernels.rms_norm_backward; RoPE's vjp is
+  the same rope kernel turning back). RMSNorm's output and its x and weight gradients against torch
+  in fp64 and against the twin (MLX differentiating week 1's); RoPE's output and gradient equal the
+  twin's bit for bit (a rotation's vjp is the rotation back: the same products and sums).
 
 Every weight is drawn at random (norms around 1, biases around 0, not their initial constants), so
 that each one matters. Hypothesis draws the batch, the length, the heads and (Llama) the KV heads.
@@ -46,7 +51,8 @@ from spec.draw import DTYPES, draw_rng
 from spec.ladder import BY_DTYPE, FP32, GRAD_FP32, MODEL_FP32, Tol, assert_close
 
 NAMES = {"model": ("TrainConfig", "ClassicLM", "ModernLM", "loss_and_grad"),
-         "layers": ("layer_norm", "gelu", "softmax", "sigmoid", "silu", "causal_attention")}
+         "layers": ("layer_norm", "gelu", "softmax", "sigmoid", "silu", "causal_attention", "TrainRMSNorm",
+                    "TrainRoPE")}
 ARCH = {"ClassicLM": "gpt2", "ModernLM": "llama"}
 EMBEDDINGS = {"wte", "wpe", "embed"}
 
@@ -260,6 +266,56 @@ def test_causal_attention_kernel_vs_twin_and_edges(impl, train):
         kernels.causal_attention(q, mx.concatenate([k, k], axis=1), mx.concatenate([v, v], axis=1), 0.1)
     with pytest.raises(ValueError, match="^causal_attention_backward: lse must be float32"):
         kernels.causal_attention_backward(q, k, v, q, q, q, 0.1)
+
+
+# -- RMSNorm and RoPE, on kernels -----------------------------------------------------------------
+
+
+@pytest.mark.presence
+def test_rms_norm_backward_kernel_is_built(impl):
+    kernels = impl.native.kernels
+    assert kernels is not None and hasattr(kernels, "rms_norm_backward"), (
+        f"tiny_llm_kernels has no rms_norm_backward ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+
+
+@given(data=st.data())
+def test_train_rms_norm_against_torch_and_twin(impl, train, data):
+    shape = data.draw(st.sampled_from([(3, 5), (1, 7), (12, 64, 128), (130, 576)]), label="shape")  # 130 rows: 3 chunks
+    rng = draw_rng(data)
+    x, w, up = (rng.normal(0, s, shp).astype(np.float32) for s, shp in ((2.0, shape), (1.0, shape[-1:]), (1.0, shape)))
+    fn = lambda x, w: train.layers.TrainRMSNorm(shape[-1], w, 1e-5)(x)  # noqa: E731
+    (y,), (dx, dw) = mx.vjp(fn, [mx.array(x), mx.array(w)], [mx.array(up)])
+    (ty,), (tdx, tdw) = mx.vjp(lambda x, w: impl.norm.RMSNorm(shape[-1], w, 1e-5)(x), [mx.array(x), mx.array(w)],
+                               [mx.array(up)])
+    x64, w64 = (torch.from_numpy(a).double().requires_grad_(True) for a in (x, w))
+    ref = F.rms_norm(x64, (shape[-1],), w64, 1e-5)
+    ref.backward(torch.from_numpy(up).double())
+    for name, got, twin, want, tol in (("y", y, ty, ref.detach(), FP32), ("dx", dx, tdx, x64.grad, GRAD_FP32),
+                                       ("dw", dw, tdw, w64.grad, GRAD_FP32)):
+        assert_close(got, want, tol, f"RMSNorm {name} {shape} vs torch fp64")
+        assert_close(got, twin, tol, f"RMSNorm {name} {shape} vs the twin")
+
+
+def test_train_rope_is_the_twin_bit_for_bit(impl, train):
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.normal(0, 1, (3, 20, 4, 32)).astype(np.float32))
+    up = mx.array(rng.normal(0, 1, (3, 20, 4, 32)).astype(np.float32))
+    for traditional in (False, True):
+        mine, twin = (cls(32, 64, 10000.0, traditional) for cls in (train.layers.TrainRoPE, impl.rope.RoPE))
+        (y,), (dx,) = mx.vjp(lambda x, r=mine: r(x), [x], [up])
+        (ty,), (tdx,) = mx.vjp(lambda x, r=twin: r(x), [x], [up])
+        np.testing.assert_array_equal(np.array(y), np.array(ty), f"RoPE (traditional={traditional}) vs the twin")
+        np.testing.assert_array_equal(np.array(dx), np.array(tdx), f"RoPE's gradient (traditional={traditional})")
+
+
+def test_rms_norm_backward_bad_input_is_a_one_line_error(impl):
+    k, x = impl.native.kernels, mx.zeros((2, 4))
+    with pytest.raises(ValueError, match="^rms_norm_backward: x, weight and dy must be float32"):
+        k.rms_norm_backward(x.astype(mx.float16), mx.ones((4,)), x)
+    with pytest.raises(ValueError, match=r"^rms_norm_backward: weight must be \(D,\) with D = x.shape\[-1\] = 4$"):
+        k.rms_norm_backward(x, mx.ones((3,)), x)
+    with pytest.raises(ValueError, match=r"^rms_norm_backward: dy must have x's shape \(2, 4\), got \(4, 2\)$"):
+        k.rms_norm_backward(x, mx.ones((4,)), x.T)
 
 
 # -- every gradient of a model --------------------------------------------------------------------

@@ -14,6 +14,8 @@ import mlx.core as mx
 from impl import basics
 from impl.attention import scaled_dot_product_attention_grouped
 from impl.native import kernels
+from impl.norm import RMSNorm
+from impl.rope import RoPE
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float = 1e-5) -> mx.array:
@@ -132,3 +134,63 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float | None = None, mask
     if isinstance(mask, str) and mask == "causal" and k.shape[-2] == q.shape[-2]:
         return causal_attention(q, k, v, scale)
     return scaled_dot_product_attention_grouped(q, k, v, scale=scale, mask=mask, softmax_fn=softmax)
+
+
+@functools.cache
+def _rope_fn(traditional: bool):
+    """tiny_llm_kernels.rope as a differentiable function of (x, cos, sin): a rotation, whose vjp is
+    the rotation back, the same kernel with sin negated (dx1 = dy1 cos + dy2 sin, dx2 = -dy1 sin +
+    dy2 cos: MLX's autodiff of the twin gives these very products and sums)."""
+
+    @mx.custom_function
+    def rotate(x, cos, sin):
+        return kernels.rope(x, cos, sin, 0, traditional)
+
+    @rotate.vjp
+    def rotate_vjp(primals, cotangent, output):
+        _, cos, sin = primals
+        return kernels.rope(cotangent, cos, -sin, 0, traditional), mx.zeros_like(cos), mx.zeros_like(sin)
+
+    return rotate
+
+
+class TrainRoPE(RoPE):
+    """RoPE for a model being trained: from position 0 (no cache), on tiny_llm_kernels.rope with its
+    vjp when built and x is float32 on the CPU; else week 1's RoPE, which MLX differentiates
+    (topic 4.3)."""
+
+    def __call__(self, x: mx.array, offset: int | slice | list[int] | mx.array | None = None) -> mx.array:
+        """x: (N, L, H, D) -> same shape, rotated by the positions `offset` names (0.. by default)."""
+        if (_kernel("rope") is None or offset not in (None, 0) or self.dynamic or x.ndim != 4
+                or x.dtype != mx.float32 or x.shape[3] != self.dims):
+            return super().__call__(x, offset)
+        self._check(x.shape[1] - 1, first=0)
+        return _rope_fn(self.traditional)(x, self.cos, self.sin)
+
+
+@functools.cache
+def _rms_norm_fn(eps: float):
+    """tiny_llm_kernels.rms_norm with tiny_llm_kernels.rms_norm_backward as its vjp, at this eps."""
+
+    @mx.custom_function
+    def norm(x, weight):
+        return kernels.rms_norm(x, weight, eps)
+
+    @norm.vjp
+    def norm_vjp(primals, cotangent, output):
+        return tuple(kernels.rms_norm_backward(*primals, cotangent, eps))
+
+    return norm
+
+
+class TrainRMSNorm(RMSNorm):
+    """RMSNorm for a model being trained: on tiny_llm_kernels.rms_norm and its backward (two nodes,
+    where MLX differentiates week 1's in about twenty) when built and x and the weight are float32
+    on the CPU; else week 1's (topic 4.3)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """x: (..., dim) -> (..., dim) in x's dtype."""
+        if (_kernel("rms_norm_backward") is None or x.dtype != mx.float32 or self.weight.dtype != mx.float32
+                or x.ndim < 1 or x.shape[-1] != self.weight.shape[0]):
+            return super().__call__(x)
+        return _rms_norm_fn(float(self.eps))(x, self.weight)

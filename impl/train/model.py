@@ -19,9 +19,8 @@ import mlx.core as mx
 import mlx.nn
 
 from impl.basics import linear
-from impl.norm import RMSNorm
 from impl.rope import RoPE
-from impl.train.layers import causal_attention, gelu, layer_norm, silu
+from impl.train.layers import TrainRMSNorm, TrainRoPE, causal_attention, gelu, layer_norm, silu
 from impl.train.loss import cross_entropy, value_and_grad_wrt
 
 
@@ -130,12 +129,12 @@ class ModernBlock(mlx.nn.Module):
         N, L, E = x.shape
         H, D = self.c.num_heads, self.c.head_dim
         H_kv = self.c.num_kv_heads or H
-        a = RMSNorm(E, self.attn_norm, self.c.norm_eps)(x)
+        a = TrainRMSNorm(E, self.attn_norm, self.c.norm_eps)(x)
         q = rope(linear(a, self.wq).reshape(N, L, H, D))
         k = rope(linear(a, self.wk).reshape(N, L, H_kv, D))
         v = linear(a, self.wv).reshape(N, L, H_kv, D)
         h = x + linear(_attend(q, k, v), self.wo)
-        m = RMSNorm(E, self.mlp_norm, self.c.norm_eps)(h)
+        m = TrainRMSNorm(E, self.mlp_norm, self.c.norm_eps)(h)
         return h + linear(silu(linear(m, self.w_gate)) * linear(m, self.w_up), self.w_down)  # SwiGLU
 
 
@@ -152,14 +151,14 @@ class ModernLM(mlx.nn.Module):
         self.layers = [ModernBlock(c, keys[2 + i]) for i in range(c.num_layers)]
         self.norm = mx.ones((c.hidden_size,))
         self.lm_head = _normal(keys[1], (c.vocab_size, c.hidden_size), c.init_std)
-        self.rope = RoPE(c.head_dim, c.block_size, c.rope_theta, traditional=False)  # tables, not weights
+        self.rope = TrainRoPE(c.head_dim, c.block_size, c.rope_theta, traditional=False)  # tables, not weights
 
     def __call__(self, ids: mx.array) -> mx.array:
         """ids: (N, L) -> logits (N, L, V) (topic 4.3)."""
         x = self.embed[ids]  # (N, L, E)
         for layer in self.layers:
             x = layer(x, self.rope)
-        return linear(RMSNorm(self.c.hidden_size, self.norm, self.c.norm_eps)(x), self.lm_head)
+        return linear(TrainRMSNorm(self.c.hidden_size, self.norm, self.c.norm_eps)(x), self.lm_head)
 
 
 def loss_and_grad(model: mlx.nn.Module, inputs: mx.array, targets: mx.array) -> tuple[mx.array, dict]:

@@ -111,7 +111,7 @@ class TrainableQuantizedWeight(QuantizedWeight):
 def load_base(path: str | Path, quantized: bool = True) -> Model:
     """A GGUF's model for (Q)LoRA: week 1's layers with q/k/v and gate/up kept apart (LoRA adapts each
     one), every quantized weight a TrainableQuantizedWeight; quantized=False dequantizes the very
-    same triples to fp32, the dense twin of the quantized model. Attention and SiLU run on
+    same triples to fp32, the dense twin of the quantized model. Attention, RMSNorm, RoPE and SiLU run on
     impl.train.layers' kernels (topic 4.7)."""
     tensors, meta = read_gguf(path, requantize=True)
     args = args_from_metadata(meta, tensors.keys())
@@ -128,8 +128,8 @@ def load_base(path: str | Path, quantized: bool = True) -> Model:
             weights[key] = q if quantized else dequantize(w, scales, biases, GGUF_GROUP_SIZE, bits, mx.float32)
         else:
             weights[key] = w.astype(mx.float32)
-    # attention and SiLU on week 4's kernels, which have vjps (week 2's fused ones have none)
-    model = Model(args, weights, sdpa=layers.sdpa)
+    # attention, RMSNorm, RoPE and SiLU on week 4's kernels, which have vjps (week 2's fused ones have none)
+    model = Model(args, weights, sdpa=layers.sdpa, norm=layers.TrainRMSNorm, rope=layers.TrainRoPE)
     for layer in model.layers:
         if isinstance(layer.mlp, MLP):
             layer.mlp.act = layers.silu

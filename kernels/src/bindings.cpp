@@ -143,6 +143,10 @@ NB_MODULE(_ext, m) {
         "x / sqrt(mean(x^2) + eps) * weight over the last axis, on the CPU (twin: impl.norm.RMSNorm).\n\n"
         "x (..., D) float32/float16/bfloat16, weight (D,). Returns x's shape and dtype; the mean of\n"
         "squares is accumulated in float32. Lazy, like any MLX op.");
+  m.def("rms_norm_backward", &tiny_llm::rms_norm_backward, "x"_a, "weight"_a, "dy"_a, "eps"_a = 1e-5f,
+        "stream"_a = nb::none(),
+        "The gradients of rms_norm, on the CPU (twin: MLX's autodiff of impl.norm.RMSNorm).\n\n"
+        "x (..., D), weight (D,), dy (x's shape), float32 -> [dx (x's shape), dw (D,)]. Lazy, like any MLX op.");
   m.def("rope", &tiny_llm::rope, "x"_a, "cos"_a, "sin"_a, "offset"_a = 0, "traditional"_a = false,
         "stream"_a = nb::none(),
         "Rotary position embedding from cos/sin tables, on the CPU (twin: impl.rope.RoPE).\n\n"

@@ -14,6 +14,27 @@ namespace mx = mlx::core;
 // multiplied by the weight (also in x's dtype), as the twin does.
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps = 1e-5f, mx::StreamOrDevice s = {});
 
+// The gradients of y = rms_norm(x, w, eps) (week 4, training): x (..., D), w (D,), dy (x's shape),
+// float32. Returns (dx (x's shape), dw (D,)):
+//   r = 1 / sqrt(mean(x^2) + eps) per row, g = w * dy, c = mean(g * x);
+//   dx = r * g - x * (r^3 * c);  dw = the sum over rows of dy * x * r.
+std::vector<mx::array> rms_norm_backward(const mx::array& x, const mx::array& weight, const mx::array& dy,
+                                         float eps = 1e-5f, mx::StreamOrDevice s = {});
+
+class RMSNormBackward : public mx::Primitive {
+ public:
+  RMSNormBackward(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TinyLLMRMSNormBackward"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RMSNormBackward&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
 class RMSNormPrimitive : public mx::UnaryPrimitive {
  public:
   RMSNormPrimitive(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}

@@ -11,7 +11,7 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
                   stream=None)  (x @ W.T, W in GGUF Q4_K/Q6_K blocks)
     gather_quantized_matmul(x, w_q, scales, biases, indices, group_size=64, bits=4, stream=None)
     flash_attention(q, k, v, scale=None, mask=None, stream=None)  (mask: None, "causal", array)
-    rms_norm(x, weight, eps=1e-5, stream=None)
+    rms_norm(x, weight, eps=1e-5, stream=None), rms_norm_backward(x, weight, dy, eps=1e-5, stream=None) -> [dx, dw]
     rope(x, cos, sin, offset=0, traditional=False, stream=None)
     swiglu(x, stream=None)  (x = [gate | up] on the last axis)
     softmax(x, stream=None), sigmoid(x, stream=None)  (training's activations; forward only)
@@ -106,6 +106,7 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         quantized_matmul_dx,
         quantized_matmul_info,
         rms_norm,
+        rms_norm_backward,
         rope,
         sigmoid,
         softmax,
