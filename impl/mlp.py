@@ -22,10 +22,13 @@ class MLP:
         self.dim, self.hidden_dim = dim, hidden_dim
         self.w_gate, self.w_up, self.w_down, self.w_gate_up = w_gate, w_up, w_down, w_gate_up
         self.swiglu = _swiglu  # for w_gate_up; week 2's impl.fusion swaps in the C++ kernel
-        self.act = silu  # for w_gate and w_up apart; week 4's (Q)LoRA swaps in its kernel-backed SiLU
+        self.act = silu  # for w_gate and w_up apart
+        self.silu_mul = None  # silu(gate) * up as one function: week 4's (Q)LoRA sets its kernel-backed one
 
     def __call__(self, x: mx.array) -> mx.array:
         """x: (..., E) -> (..., E)."""
         if self.w_gate_up is not None:  # one matmul for both, then silu(gate) * up
             return linear(self.swiglu(linear(x, self.w_gate_up)), self.w_down)  # (..., 2I) -> (..., I) -> (..., E)
-        return linear(self.act(linear(x, self.w_gate)) * linear(x, self.w_up), self.w_down)  # (..., I) -> (..., E)
+        gate, up = linear(x, self.w_gate), linear(x, self.w_up)  # (..., I) each
+        h = self.silu_mul(gate, up) if self.silu_mul is not None else self.act(gate) * up
+        return linear(h, self.w_down)  # (..., I) -> (..., E)

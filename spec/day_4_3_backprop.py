@@ -23,6 +23,9 @@ lists each tensor outside tolerance with its worst element.
   the kv heads repeated) in fp64 and against the twin (week 1's grouped attention, differentiated
   by MLX), on the transposed views the models pass; one key alone gives out = v and zero q and k
   gradients exactly; the kernels' one-line errors.
+- `impl.train.layers.silu_mul(gate, up)`: the SwiGLU MLP's silu(gate) * up, forward and backward on
+  kernels (tiny_llm_kernels.silu_mul and its backward): the output equals the twin's (silu(gate) *
+  up) bit for bit, the gradients torch's in fp64.
 - `impl.train.layers.TrainRMSNorm` and `TrainRoPE`: week 1's RMSNorm and RoPE for a model being
   trained, on C++ kernels with backward passes (tiny_llm_kernels.rms_norm_backward; RoPE's vjp is
   the same rope kernel turning back). RMSNorm's output and its x and weight gradients against torch
@@ -52,7 +55,7 @@ from spec.ladder import BY_DTYPE, FP32, GRAD_FP32, MODEL_FP32, Tol, assert_close
 
 NAMES = {"model": ("TrainConfig", "ClassicLM", "ModernLM", "loss_and_grad"),
          "layers": ("layer_norm", "gelu", "softmax", "sigmoid", "silu", "causal_attention", "TrainRMSNorm",
-                    "TrainRoPE")}
+                    "TrainRoPE", "silu_mul")}
 ARCH = {"ClassicLM": "gpt2", "ModernLM": "llama"}
 EMBEDDINGS = {"wte", "wpe", "embed"}
 
@@ -182,6 +185,37 @@ def test_activations_edges_and_twins(impl, train):
     y = mx.array(rng.normal(0, 5, (6, 300)).astype(np.float32))
     assert_close(train.layers.softmax(y), impl.basics.softmax(y, axis=-1), FP32, "softmax vs its twin")
     assert_close(train.layers.sigmoid(y), train.layers.sigmoid_mlx(y), FP32, "sigmoid vs its twin")
+
+
+@pytest.mark.parametrize("name", ["silu_mul", "silu_mul_backward"])
+@pytest.mark.presence
+def test_silu_mul_kernel_is_built(impl, name):
+    kernels = impl.native.kernels
+    assert kernels is not None and hasattr(kernels, name), (
+        f"tiny_llm_kernels has no {name} ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+
+
+@given(data=st.data())
+def test_silu_mul_against_torch_and_twin(train, data):
+    shape = data.draw(st.sampled_from([(3, 5), (12, 64, 336), (40_000,)]), label="shape")  # 40_000: 3 pieces
+    rng = draw_rng(data)
+    gate, u, up = (rng.normal(0, s, shape).astype(np.float32) for s in (4.0, 1.0, 1.0))
+    gate[rng.random(shape) < 0.01] = 200.0  # saturated: s = 1 exactly
+    (y,), (dg, du) = mx.vjp(train.layers.silu_mul, [mx.array(gate), mx.array(u)], [mx.array(up)])
+    twin = train.layers.silu(mx.array(gate)) * mx.array(u)
+    np.testing.assert_array_equal(np.array(y), np.array(twin), f"silu_mul {shape}: the twin's bits")
+    g64, u64 = (torch.from_numpy(a).double().requires_grad_(True) for a in (gate, u))
+    (F.silu(g64) * u64).backward(torch.from_numpy(up).double())
+    assert_close(dg, g64.grad, GRAD_FP32, f"silu_mul {shape}: d/dgate vs torch fp64")
+    assert_close(du, u64.grad, GRAD_FP32, f"silu_mul {shape}: d/dup vs torch fp64")
+
+
+def test_silu_mul_bad_input_is_a_one_line_error(impl):
+    k, x = impl.native.kernels, mx.zeros((2, 4))
+    with pytest.raises(ValueError, match="^silu_mul: gate, up and dy must be float32$"):
+        k.silu_mul(x.astype(mx.float16), x)
+    with pytest.raises(ValueError, match=r"^silu_mul_backward: gate, up and dy must have one shape, got \(2, 4\) and \(4, 2\)$"):
+        k.silu_mul_backward(x, x, x.T)
 
 
 # -- causal attention, on kernels -------------------------------------------------------------------

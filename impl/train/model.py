@@ -20,7 +20,7 @@ import mlx.nn
 
 from impl.basics import linear
 from impl.rope import RoPE
-from impl.train.layers import TrainRMSNorm, TrainRoPE, causal_attention, gelu, layer_norm, silu
+from impl.train.layers import TrainRMSNorm, TrainRoPE, causal_attention, gelu, layer_norm, silu_mul
 from impl.train.loss import cross_entropy, value_and_grad_wrt
 
 
@@ -135,7 +135,7 @@ class ModernBlock(mlx.nn.Module):
         v = linear(a, self.wv).reshape(N, L, H_kv, D)
         h = x + linear(_attend(q, k, v), self.wo)
         m = TrainRMSNorm(E, self.mlp_norm, self.c.norm_eps)(h)
-        return h + linear(silu(linear(m, self.w_gate)) * linear(m, self.w_up), self.w_down)  # SwiGLU
+        return h + linear(silu_mul(linear(m, self.w_gate), linear(m, self.w_up)), self.w_down)  # SwiGLU
 
 
 class ModernLM(mlx.nn.Module):

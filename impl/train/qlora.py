@@ -111,7 +111,7 @@ class TrainableQuantizedWeight(QuantizedWeight):
 def load_base(path: str | Path, quantized: bool = True) -> Model:
     """A GGUF's model for (Q)LoRA: week 1's layers with q/k/v and gate/up kept apart (LoRA adapts each
     one), every quantized weight a TrainableQuantizedWeight; quantized=False dequantizes the very
-    same triples to fp32, the dense twin of the quantized model. Attention, RMSNorm, RoPE and SiLU run on
+    same triples to fp32, the dense twin of the quantized model. Attention, RMSNorm, RoPE and SwiGLU run on
     impl.train.layers' kernels (topic 4.7)."""
     tensors, meta = read_gguf(path, requantize=True)
     args = args_from_metadata(meta, tensors.keys())
@@ -132,5 +132,5 @@ def load_base(path: str | Path, quantized: bool = True) -> Model:
     model = Model(args, weights, sdpa=layers.sdpa, norm=layers.TrainRMSNorm, rope=layers.TrainRoPE)
     for layer in model.layers:
         if isinstance(layer.mlp, MLP):
-            layer.mlp.act = layers.silu
+            layer.mlp.act, layer.mlp.silu_mul = layers.silu, layers.silu_mul
     return model

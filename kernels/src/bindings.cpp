@@ -20,6 +20,7 @@
 #include "quantized_matmul_dx.h"
 #include "rms_norm.h"
 #include "rope.h"
+#include "silu_mul.h"
 #include "swiglu.h"
 
 namespace nb = nanobind;
@@ -186,6 +187,12 @@ NB_MODULE(_ext, m) {
       "m' = b1 m + c1 g; v' = b2 v + c2 g^2; w' = w decay - step_size m' / (sqrt(v') / root_c2 + eps),\n"
       "each constant as the twin rounds it to float32. Returns the new weights, then m, then v (3n\n"
       "arrays). Lazy, like any MLX op.");
+  m.def("silu_mul", &tiny_llm::silu_mul, "gate"_a, "up"_a, "stream"_a = nb::none(),
+        "silu(gate) * up for training, on the CPU (twin: impl.train.layers.silu(gate) * up).\n\n"
+        "gate, up float32 of one shape -> (gate * sigmoid(gate)) * up. Lazy, like any MLX op.");
+  m.def("silu_mul_backward", &tiny_llm::silu_mul_backward, "gate"_a, "up"_a, "dy"_a, "stream"_a = nb::none(),
+        "The gradients of silu_mul, on the CPU (twin: MLX's autodiff of the twin above).\n\n"
+        "gate, up, dy float32 of one shape -> [dgate, dup]. Lazy, like any MLX op.");
   m.def("sigmoid", &tiny_llm::sigmoid, "x"_a, "stream"_a = nb::none(),
         "1 / (1 + exp(-x)) elementwise, on the CPU (twin: impl.train.layers.sigmoid_mlx).\n\n"
         "x float32/float16/bfloat16, any shape -> the same shape and dtype, computed in float32 from\n"

@@ -15,6 +15,7 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     rope(x, cos, sin, offset=0, traditional=False, stream=None)
     swiglu(x, stream=None)  (x = [gate | up] on the last axis)
     softmax(x, stream=None), sigmoid(x, stream=None)  (training's activations; forward only)
+    silu_mul(gate, up, stream=None), silu_mul_backward(gate, up, dy, stream=None) -> [dgate, dup]
     adamw(weights, grads, m, v, *, b1, c1, b2, c2, decay, step_size, root_c2, eps, stream=None)
           -> new weights + m + v  (training's optimizer step, every weight in one op)
     causal_attention(q, k, v, scale, stream=None) -> [out, lse]  (training's attention)
@@ -109,6 +110,8 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         rms_norm_backward,
         rope,
         sigmoid,
+        silu_mul,
+        silu_mul_backward,
         softmax,
         swiglu,
     )
