@@ -27,11 +27,29 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float = 1e-5)
     return ((x32 - mean) * mx.rsqrt(var + eps)).astype(x.dtype) * weight + bias
 
 
-def gelu(x: mx.array) -> mx.array:
+def gelu_mlx(x: mx.array) -> mx.array:
     """GPT-2's GELU, the tanh approximation: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
     (torch's approximate="tanh", transformers' gelu_new), computed as x * sigmoid(2u), the same
-    function (1 + tanh(u) = 2 sigmoid(2u)) on the sigmoid kernel (topic 4.3)."""
+    function (1 + tanh(u) = 2 sigmoid(2u)) on the sigmoid kernel: the gelu kernel's twin (topic 4.3)."""
     return x * sigmoid(math.sqrt(8.0 / math.pi) * (x + 0.044715 * x * x * x))
+
+
+@mx.custom_function
+def _gelu(x):
+    return kernels.gelu(x)
+
+
+@_gelu.vjp
+def _gelu_vjp(x, cotangent, output):  # one argument: MLX hands it over as itself, not in a tuple
+    return kernels.gelu_backward(x, cotangent)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """GPT-2's GELU (tanh form): on the CPU with float32 x, tiny_llm_kernels.gelu (gelu_mlx's bits, one
+    node) and gelu_backward as its vjp; else gelu_mlx, which MLX differentiates (topic 4.3)."""
+    if _kernel("gelu") is not None and x.dtype == mx.float32:
+        return _gelu(x)
+    return gelu_mlx(x)
 
 
 def sigmoid_mlx(x: mx.array) -> mx.array:
@@ -64,9 +82,9 @@ def _softmax(x: mx.array) -> mx.array:
 
 
 @_softmax.vjp
-def _softmax_vjp(primals, cotangent, output):
+def _softmax_vjp(x, cotangent, output):  # one argument: MLX hands it over as itself, not in a tuple
     y, dy = output.astype(mx.float32), cotangent.astype(mx.float32)
-    return (y * (dy - mx.sum(dy * y, axis=-1, keepdims=True))).astype(primals[0].dtype)
+    return (y * (dy - mx.sum(dy * y, axis=-1, keepdims=True))).astype(x.dtype)
 
 
 def softmax(x: mx.array) -> mx.array:

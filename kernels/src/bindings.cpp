@@ -20,7 +20,7 @@
 #include "quantized_matmul_dx.h"
 #include "rms_norm.h"
 #include "rope.h"
-#include "silu_mul.h"
+#include "train_activations.h"
 #include "swiglu.h"
 
 namespace nb = nanobind;
@@ -193,6 +193,12 @@ NB_MODULE(_ext, m) {
   m.def("silu_mul_backward", &tiny_llm::silu_mul_backward, "gate"_a, "up"_a, "dy"_a, "stream"_a = nb::none(),
         "The gradients of silu_mul, on the CPU (twin: MLX's autodiff of the twin above).\n\n"
         "gate, up, dy float32 of one shape -> [dgate, dup]. Lazy, like any MLX op.");
+  m.def("gelu", &tiny_llm::gelu, "x"_a, "stream"_a = nb::none(),
+        "GPT-2's GELU (tanh form) for training, on the CPU (twin: impl.train.layers.gelu, bit for bit).\n\n"
+        "x float32 -> x * sigmoid(sqrt(8 / pi) * (x + 0.044715 x^3)). Lazy, like any MLX op.");
+  m.def("gelu_backward", &tiny_llm::gelu_backward, "x"_a, "dy"_a, "stream"_a = nb::none(),
+        "The gradient of gelu, on the CPU (twin: MLX's autodiff of the twin above).\n\n"
+        "x, dy float32 of one shape -> dx. Lazy, like any MLX op.");
   m.def("sigmoid", &tiny_llm::sigmoid, "x"_a, "stream"_a = nb::none(),
         "1 / (1 + exp(-x)) elementwise, on the CPU (twin: impl.train.layers.sigmoid_mlx).\n\n"
         "x float32/float16/bfloat16, any shape -> the same shape and dtype, computed in float32 from\n"

@@ -16,6 +16,7 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     swiglu(x, stream=None)  (x = [gate | up] on the last axis)
     softmax(x, stream=None), sigmoid(x, stream=None)  (training's activations; forward only)
     silu_mul(gate, up, stream=None), silu_mul_backward(gate, up, dy, stream=None) -> [dgate, dup]
+    gelu(x, stream=None), gelu_backward(x, dy, stream=None)  (training's GELU, tanh form)
     adamw(weights, grads, m, v, *, b1, c1, b2, c2, decay, step_size, root_c2, eps, stream=None)
           -> new weights + m + v  (training's optimizer step, every weight in one op)
     causal_attention(q, k, v, scale, stream=None) -> [out, lse]  (training's attention)
@@ -96,6 +97,8 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         flash_attention_configure,
         flash_attention_info,
         gather_quantized_matmul,
+        gelu,
+        gelu_backward,
         kquant_matmul,
         kquant_matmul_configure,
         kquant_matmul_info,
