@@ -12,7 +12,9 @@ lists each tensor outside tolerance with its worst element.
 - `impl.train.model.loss_and_grad(model, inputs, targets)`: (loss, gradient tree), by mx.value_and_grad.
   Against `model(ids, labels=labels).loss.backward()`: labels are the ids with some -100, and the
   targets given here are the labels shifted by one with -100 for the last position, the same loss.
-- `impl.train.layers.layer_norm`, `gelu`: against torch.nn.functional in fp64 (values and gradients).
+- `impl.train.layers.layer_norm`, `gelu`: against torch.nn.functional in fp64 (values and gradients);
+  in float32 on the CPU both are C++ kernels with backward passes (tiny_llm_kernels.layer_norm and
+  .gelu), held to their twins too (`layer_norm_mlx`, `gelu_mlx`).
 - `impl.train.layers.softmax` (last axis), `sigmoid`, `silu`: the models' activations, on C++ kernels
   (tiny_llm_kernels.softmax / .sigmoid) whose exp is a vectorized polynomial; against torch in fp64
   (values, to a few ulps in fp32, and gradients), against their pure-MLX twins, and at the edges
@@ -56,7 +58,7 @@ from spec.draw import DTYPES, draw_rng
 from spec.ladder import BY_DTYPE, FP32, GRAD_FP32, MODEL_FP32, Tol, assert_close
 
 NAMES = {"model": ("TrainConfig", "ClassicLM", "ModernLM", "loss_and_grad"),
-         "layers": ("layer_norm", "gelu", "softmax", "sigmoid", "silu", "causal_attention", "TrainRMSNorm",
+         "layers": ("layer_norm", "layer_norm_mlx", "gelu", "softmax", "sigmoid", "silu", "causal_attention", "TrainRMSNorm",
                     "TrainRoPE", "silu_mul", "gelu_mlx")}
 ARCH = {"ClassicLM": "gpt2", "ModernLM": "llama"}
 EMBEDDINGS = {"wte", "wpe", "embed"}
@@ -102,6 +104,42 @@ def test_layer_norm_and_gelu(train, data):
     for g, t, name in zip(mx.grad(f, argnums=(0, 1, 2))(mx.array(x), mx.array(w), mx.array(b)), (xt, wt, bt),
                           ("x", "weight", "bias"), strict=True):
         assert_close(g, t.grad, GRAD_FP32, f"d/d{name} of gelu(layer_norm(x)) vs torch autograd in fp64")
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "layer_norm_backward"])
+@pytest.mark.presence
+def test_layer_norm_kernel_is_built(impl, name):
+    kernels = impl.native.kernels
+    assert kernels is not None and hasattr(kernels, name), (
+        f"tiny_llm_kernels has no {name} ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+
+
+@given(data=st.data())
+def test_layer_norm_kernel_vs_twin(train, data):
+    shape = data.draw(st.sampled_from([(3, 5), (12, 64, 128), (130, 576)]), label="shape")  # 130 rows: 3 chunks
+    rng = draw_rng(data)
+    x = rng.normal(0, 1, shape) * rng.uniform(0.5, 3, (*shape[:-1], 1)) + rng.uniform(-3, 3, (*shape[:-1], 1))
+    args = [mx.array(a.astype(np.float32)) for a in (x, rng.normal(1, 0.5, shape[-1]), rng.normal(0, 0.5, shape[-1]))]
+    up = [mx.array(rng.normal(0, 1, shape).astype(np.float32))]
+    (y,), grads = mx.vjp(train.layers.layer_norm, args, up)
+    (ty,), twin = mx.vjp(train.layers.layer_norm_mlx, args, up)
+    assert_close(y, ty, FP32, f"layer_norm {shape} vs its twin")
+    for name, g, t in zip(("x", "weight", "bias"), grads, twin, strict=True):
+        # weight and bias sum over every row: held, as 4.7's adapter gradients, to a fraction of
+        # their largest element (measured: 1e-6 against the twin, 4e-7 against torch fp64)
+        scale = float(np.abs(np.array(t)).max())
+        assert_close(g, t, Tol(1e-5 * scale, 1e-4, "fp32 sums over the rows, another order"),
+                     f"d/d{name} of layer_norm {shape} vs the twin")
+
+
+def test_layer_norm_kernel_bad_input_is_a_one_line_error(impl):
+    k, x, w = impl.native.kernels, mx.zeros((2, 4)), mx.ones((4,))
+    with pytest.raises(ValueError, match=r"^layer_norm: x, weight and bias must be float32, x \(\.\.\., D\)$"):
+        k.layer_norm(x.astype(mx.float16), w, w)
+    with pytest.raises(ValueError, match=r"^layer_norm: bias must be \(D,\) with D = x.shape\[-1\] = 4$"):
+        k.layer_norm(x, w, mx.ones((3,)))
+    with pytest.raises(ValueError, match=r"^layer_norm_backward: dy must have x's shape \(2, 4\), got \(4, 2\)$"):
+        k.layer_norm_backward(x, w, x.T)
 
 
 # -- softmax, sigmoid and SiLU: the activations, on kernels ---------------------------------------

@@ -18,13 +18,40 @@ from impl.norm import RMSNorm
 from impl.rope import RoPE
 
 
-def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float = 1e-5) -> mx.array:
+def layer_norm_mlx(x: mx.array, weight: mx.array, bias: mx.array, eps: float = 1e-5) -> mx.array:
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis, statistics in fp32; the
-    variance is the biased one (divided by n), as torch's LayerNorm has it (topic 4.3)."""
+    variance is the biased one (divided by n), as torch's LayerNorm has it: the layer_norm kernel's
+    twin (topic 4.3)."""
     x32 = x.astype(mx.float32)
     mean = mx.mean(x32, axis=-1, keepdims=True)
     var = mx.mean(mx.square(x32 - mean), axis=-1, keepdims=True)
     return ((x32 - mean) * mx.rsqrt(var + eps)).astype(x.dtype) * weight + bias
+
+
+@functools.cache
+def _layer_norm_fn(eps: float):
+    """tiny_llm_kernels.layer_norm with layer_norm_backward as its vjp, at this eps."""
+
+    @mx.custom_function
+    def norm(x, weight, bias):
+        return kernels.layer_norm(x, weight, bias, eps)
+
+    @norm.vjp
+    def norm_vjp(primals, cotangent, output):
+        x, weight, _ = primals
+        return tuple(kernels.layer_norm_backward(x, weight, cotangent, eps))
+
+    return norm
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float = 1e-5) -> mx.array:
+    """LayerNorm over the last axis (biased variance, as torch's): on the CPU with float32 arrays,
+    tiny_llm_kernels.layer_norm and its backward, one node each way; else layer_norm_mlx, which MLX
+    differentiates (topic 4.3)."""
+    if (_kernel("layer_norm") is not None and all(a.dtype == mx.float32 for a in (x, weight, bias))
+            and x.ndim >= 1 and weight.shape == bias.shape == (x.shape[-1],)):
+        return _layer_norm_fn(float(eps))(x, weight, bias)
+    return layer_norm_mlx(x, weight, bias, eps)
 
 
 def gelu_mlx(x: mx.array) -> mx.array:

@@ -15,6 +15,7 @@
 #include "causal_attention.h"
 #include "flash_attention.h"
 #include "kquant_matmul.h"
+#include "layer_norm.h"
 #include "paged_attention.h"
 #include "quantized_matmul.h"
 #include "quantized_matmul_dx.h"
@@ -199,6 +200,13 @@ NB_MODULE(_ext, m) {
   m.def("gelu_backward", &tiny_llm::gelu_backward, "x"_a, "dy"_a, "stream"_a = nb::none(),
         "The gradient of gelu, on the CPU (twin: MLX's autodiff of the twin above).\n\n"
         "x, dy float32 of one shape -> dx. Lazy, like any MLX op.");
+  m.def("layer_norm", &tiny_llm::layer_norm, "x"_a, "weight"_a, "bias"_a, "eps"_a = 1e-5f, "stream"_a = nb::none(),
+        "LayerNorm over the last axis for training, on the CPU (twin: impl.train.layers.layer_norm_mlx).\n\n"
+        "x (..., D), weight and bias (D,), float32; the biased variance, as torch's. Lazy, like any MLX op.");
+  m.def("layer_norm_backward", &tiny_llm::layer_norm_backward, "x"_a, "weight"_a, "dy"_a, "eps"_a = 1e-5f,
+        "stream"_a = nb::none(),
+        "The gradients of layer_norm, on the CPU (twin: MLX's autodiff of the twin above).\n\n"
+        "x (..., D), weight (D,), dy (x's shape), float32 -> [dx, dweight, dbias]. Lazy, like any MLX op.");
   m.def("sigmoid", &tiny_llm::sigmoid, "x"_a, "stream"_a = nb::none(),
         "1 / (1 + exp(-x)) elementwise, on the CPU (twin: impl.train.layers.sigmoid_mlx).\n\n"
         "x float32/float16/bfloat16, any shape -> the same shape and dtype, computed in float32 from\n"

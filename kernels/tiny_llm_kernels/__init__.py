@@ -17,6 +17,7 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     softmax(x, stream=None), sigmoid(x, stream=None)  (training's activations; forward only)
     silu_mul(gate, up, stream=None), silu_mul_backward(gate, up, dy, stream=None) -> [dgate, dup]
     gelu(x, stream=None), gelu_backward(x, dy, stream=None)  (training's GELU, tanh form)
+    layer_norm(x, weight, bias, eps=1e-5, stream=None), layer_norm_backward(x, weight, dy, eps=1e-5, stream=None)
     adamw(weights, grads, m, v, *, b1, c1, b2, c2, decay, step_size, root_c2, eps, stream=None)
           -> new weights + m + v  (training's optimizer step, every weight in one op)
     causal_attention(q, k, v, scale, stream=None) -> [out, lse]  (training's attention)
@@ -102,6 +103,8 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         kquant_matmul,
         kquant_matmul_configure,
         kquant_matmul_info,
+        layer_norm,
+        layer_norm_backward,
         paged_attention,
         paged_attention_configure,
         paged_attention_info,
