@@ -1,8 +1,9 @@
 """The training models' own layers (topic 4.3): LayerNorm and GELU, which week 1's Llama-style model
-has no use for, and softmax, sigmoid, SiLU and causal attention with their gradients, on C++
-kernels when built: a training step of a small model spends much of its time in exp, and MLX's own
-CPU exp is slow (measured: 26 ms for a million floats, numpy's 1.8); attention's thirty-odd graph
-nodes forward and backward become two."""
+has no use for, softmax, sigmoid, SiLU and SwiGLU's product, causal attention, and week 1's RMSNorm
+and RoPE, each with its gradient on C++ kernels when built (one node each way). MLX runs every
+array op alone on one core and its CPU exp is slow (26 ms for a million floats, numpy's 1.8), so a
+small model's step was mostly element-wise work between the matmuls; each function here has its
+pure-MLX twin, which MLX differentiates, and falls back to it off the CPU or off float32."""
 
 from __future__ import annotations
 
@@ -145,7 +146,6 @@ def silu(x: mx.array) -> mx.array:
     return x * sigmoid(x)
 
 
-
 @mx.custom_function
 def _silu_mul(gate, up):
     return kernels.silu_mul(gate, up)
@@ -164,6 +164,7 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
             and gate.shape == up.shape):
         return _silu_mul(gate, up)
     return silu(gate) * up
+
 
 @functools.cache
 def _causal_attention_fn(scale: float):

@@ -111,8 +111,8 @@ class TrainableQuantizedWeight(QuantizedWeight):
 def load_base(path: str | Path, quantized: bool = True) -> Model:
     """A GGUF's model for (Q)LoRA: week 1's layers with q/k/v and gate/up kept apart (LoRA adapts each
     one), every quantized weight a TrainableQuantizedWeight; quantized=False dequantizes the very
-    same triples to fp32, the dense twin of the quantized model. Attention, RMSNorm, RoPE and SwiGLU run on
-    impl.train.layers' kernels (topic 4.7)."""
+    same triples to fp32, the dense twin of the quantized model. Attention, RMSNorm, RoPE and the
+    SwiGLU product run on impl.train.layers' kernels (topic 4.7)."""
     tensors, meta = read_gguf(path, requantize=True)
     args = args_from_metadata(meta, tensors.keys())
     raw = gguf_weights(tensors, args)
@@ -128,7 +128,7 @@ def load_base(path: str | Path, quantized: bool = True) -> Model:
             weights[key] = q if quantized else dequantize(w, scales, biases, GGUF_GROUP_SIZE, bits, mx.float32)
         else:
             weights[key] = w.astype(mx.float32)
-    # attention, RMSNorm, RoPE and SiLU on week 4's kernels, which have vjps (week 2's fused ones have none)
+    # attention, RMSNorm, RoPE and SwiGLU on week 4's kernels, which have vjps (week 2's fused ones have none)
     model = Model(args, weights, sdpa=layers.sdpa, norm=layers.TrainRMSNorm, rope=layers.TrainRoPE)
     for layer in model.layers:
         if isinstance(layer.mlp, MLP):
