@@ -106,14 +106,6 @@ def test_layer_norm_and_gelu(train, data):
         assert_close(g, t.grad, GRAD_FP32, f"d/d{name} of gelu(layer_norm(x)) vs torch autograd in fp64")
 
 
-@pytest.mark.parametrize("name", ["layer_norm", "layer_norm_backward"])
-@pytest.mark.presence
-def test_layer_norm_kernel_is_built(impl, name):
-    kernels = impl.native.kernels
-    assert kernels is not None and hasattr(kernels, name), (
-        f"tiny_llm_kernels has no {name} ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
-
-
 @given(data=st.data())
 def test_layer_norm_kernel_vs_twin(train, data):
     shape = data.draw(st.sampled_from([(3, 5), (12, 64, 128), (130, 576)]), label="shape")  # 130 rows: 3 chunks
@@ -148,12 +140,21 @@ BUILD = "pip install --no-build-isolation ./kernels  (needs a C++ compiler, cmak
 T_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@pytest.mark.parametrize("name", ["softmax", "sigmoid"])
-@pytest.mark.presence
-def test_activation_kernel_is_built(impl, name):
+TRAINING_KERNELS = ("softmax", "sigmoid", "layer_norm", "layer_norm_backward", "gelu", "gelu_backward", "silu_mul",
+                    "silu_mul_backward", "causal_attention", "causal_attention_backward", "rms_norm_backward")
+
+
+def assert_kernel_built(impl, name: str) -> None:
+    """tiny_llm_kernels has `name`, or the one-line way to build it."""
     kernels = impl.native.kernels
     assert kernels is not None and hasattr(kernels, name), (
         f"tiny_llm_kernels has no {name} ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+
+
+@pytest.mark.parametrize("name", TRAINING_KERNELS)
+@pytest.mark.presence
+def test_training_kernel_is_built(impl, name):
+    assert_kernel_built(impl, name)
 
 
 def ulps(got: np.ndarray, want: np.ndarray) -> float:
@@ -227,14 +228,6 @@ def test_activations_edges_and_twins(impl, train):
     assert_close(train.layers.sigmoid(y), train.layers.sigmoid_mlx(y), FP32, "sigmoid vs its twin")
 
 
-@pytest.mark.parametrize("name", ["silu_mul", "silu_mul_backward", "gelu", "gelu_backward"])
-@pytest.mark.presence
-def test_silu_mul_kernel_is_built(impl, name):
-    kernels = impl.native.kernels
-    assert kernels is not None and hasattr(kernels, name), (
-        f"tiny_llm_kernels has no {name} ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
-
-
 @given(data=st.data())
 def test_silu_mul_against_torch_and_twin(train, data):
     shape = data.draw(st.sampled_from([(3, 5), (12, 64, 336), (40_000,)]), label="shape")  # 40_000: 3 pieces
@@ -276,14 +269,6 @@ def test_silu_mul_and_gelu_bad_input_is_a_one_line_error(impl):
 
 
 # -- causal attention, on kernels -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["causal_attention", "causal_attention_backward"])
-@pytest.mark.presence
-def test_attention_kernel_is_built(impl, name):
-    kernels = impl.native.kernels
-    assert kernels is not None and hasattr(kernels, name), (
-        f"tiny_llm_kernels has no {name} ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
 
 
 def attention_inputs(rng, N: int, H: int, H_kv: int, L: int, D: int):
@@ -360,13 +345,6 @@ def test_causal_attention_kernel_vs_twin_and_edges(impl, train):
 
 
 # -- RMSNorm and RoPE, on kernels -----------------------------------------------------------------
-
-
-@pytest.mark.presence
-def test_rms_norm_backward_kernel_is_built(impl):
-    kernels = impl.native.kernels
-    assert kernels is not None and hasattr(kernels, "rms_norm_backward"), (
-        f"tiny_llm_kernels has no rms_norm_backward ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
 
 
 @given(data=st.data())

@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from reference.train_models import flat_from_hf, hf_model
 from spec.day_4_3_backprop import (
     ARCH,
-    BUILD,
+    assert_kernel_built,
     batch,
     check_every_tensor,
     config_fields,
@@ -100,9 +100,7 @@ def test_adamw_matches_torch(optim, data):
 
 @pytest.mark.presence
 def test_adamw_kernel_is_built(impl):
-    kernels = impl.native.kernels
-    assert kernels is not None and hasattr(kernels, "adamw"), (
-        f"tiny_llm_kernels has no adamw ({getattr(kernels, 'ext_error', 'old build')}): rebuild: {BUILD}")
+    assert_kernel_built(impl, "adamw")
 
 
 @given(data=st.data())

@@ -71,18 +71,8 @@ std::vector<mx::array> adamw(const std::vector<mx::array>& weights, const std::v
 }
 
 void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  std::vector<mx::array> ins, outs;
-  for (const auto& in : inputs) {
-    encoder.set_input_array(in);
-    ins.push_back(mx::array::unsafe_weak_copy(in));
-  }
-  for (auto& o : outputs) {
-    encoder.set_output_array(o);
-    outs.push_back(mx::array::unsafe_weak_copy(o));
-  }
-  encoder.dispatch([ins = std::move(ins), outs = std::move(outs), k = k_]() mutable {
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
+  encoder.dispatch([ins = weak_copies(inputs), outs = weak_copies(outputs), k = k_]() mutable {
     // Row-contiguous inputs are read in place; anything else (a broadcast zero moment, a
     // transposed view) is gathered first.
     std::vector<std::vector<char>> tmp(ins.size());
@@ -95,8 +85,8 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
     ThreadPool::get().run(int(pieces.size()), [&](int t) {
       const auto [i, a] = pieces[t];
       const long len = std::min<long>(kPiece, long(outs[i].size()) - a);
-      step(k, in[i] + a, in[n + i] + a, in[2 * n + i] + a, in[3 * n + i] + a, outs[i].data<float>() + a, outs[n + i].data<float>() + a,
-           outs[2 * n + i].data<float>() + a, len);
+      step(k, in[i] + a, in[n + i] + a, in[2 * n + i] + a, in[3 * n + i] + a, outs[i].data<float>() + a,
+           outs[n + i].data<float>() + a, outs[2 * n + i].data<float>() + a, len);
     });
   });
 }

@@ -176,9 +176,8 @@ NB_MODULE(_ext, m) {
   m.def(
       "adamw",
       [](const std::vector<tiny_llm::mx::array>& weights, const std::vector<tiny_llm::mx::array>& grads,
-         const std::vector<tiny_llm::mx::array>& m,
-         const std::vector<tiny_llm::mx::array>& v, float b1, float c1, float b2, float c2, float decay, float step_size,
-         float root_c2, float eps, tiny_llm::mx::StreamOrDevice s) {
+         const std::vector<tiny_llm::mx::array>& m, const std::vector<tiny_llm::mx::array>& v, float b1, float c1,
+         float b2, float c2, float decay, float step_size, float root_c2, float eps, tiny_llm::mx::StreamOrDevice s) {
         return tiny_llm::adamw(weights, grads, m, v, {b1, c1, b2, c2, decay, step_size, root_c2, eps}, s);
       },
       "weights"_a, "grads"_a, "m"_a, "v"_a, nb::kw_only(), "b1"_a, "c1"_a, "b2"_a, "c2"_a, "decay"_a, "step_size"_a,

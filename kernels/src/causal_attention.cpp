@@ -276,14 +276,9 @@ std::vector<mx::array> causal_attention_backward(const mx::array& q, const mx::a
 }
 
 void CausalAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  for (auto& o : outputs) encoder.set_output_array(o);
-  std::vector<mx::array> ins, outs;
-  for (const auto& in : inputs) ins.push_back(mx::array::unsafe_weak_copy(in));
-  for (const auto& o : outputs) outs.push_back(mx::array::unsafe_weak_copy(o));
-  encoder.dispatch([ins = std::move(ins), outs = std::move(outs), scale = scale_, backward = backward_]() mutable {
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
+  encoder.dispatch([ins = weak_copies(inputs), outs = weak_copies(outputs), scale = scale_,
+                    backward = backward_]() mutable {
     const auto &q = ins[0], &k = ins[1];
     const Shape sh{q.shape(0), q.shape(1), k.shape(1), q.shape(2), q.shape(3)};
     std::vector<char> tq, tk, tv, to, tg, tl;
@@ -306,7 +301,8 @@ void CausalAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector
 }
 
 void CausalAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error(std::string("tiny_llm_kernels.") + (backward_ ? "causal_attention_backward" : "causal_attention") +
+  throw std::runtime_error(std::string("tiny_llm_kernels.") +
+                           (backward_ ? "causal_attention_backward" : "causal_attention") +
                            " is a CPU kernel; run it with stream=mx.cpu");
 }
 

@@ -39,6 +39,20 @@ inline mlx::core::cpu::CommandEncoder& cpu_encoder(const mlx::core::Stream& stre
   return encoder;
 }
 
+// The same for a primitive with several outputs: allocates each of `outputs`.
+inline mlx::core::cpu::CommandEncoder& cpu_encoder(const mlx::core::Stream& stream,
+                                                   const std::vector<mlx::core::array>& inputs,
+                                                   std::vector<mlx::core::array>& outputs) {
+  namespace mx = mlx::core;
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const auto& in : inputs) encoder.set_input_array(in);
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+    encoder.set_output_array(o);
+  }
+  return encoder;
+}
+
 // Weak copies of `arrays` for a dispatched task to capture (the encoder holds the arrays).
 inline std::vector<mlx::core::array> weak_copies(const std::vector<mlx::core::array>& arrays) {
   std::vector<mlx::core::array> weak;

@@ -100,11 +100,9 @@ std::vector<mx::array> layer_norm_backward(const mx::array& x, const mx::array& 
 }
 
 void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  for (auto& o : outputs) encoder.set_output_array(o);
-  encoder.dispatch([ins = weak_copies(inputs), outs = weak_copies(outputs), eps = eps_, backward = backward_]() mutable {
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
+  encoder.dispatch([ins = weak_copies(inputs), outs = weak_copies(outputs), eps = eps_,
+                    backward = backward_]() mutable {
     const int D = ins[0].shape(-1);
     const long rows = D ? long(ins[0].size() / D) : 0;
     std::vector<std::vector<char>> tmp(ins.size());

@@ -116,10 +116,7 @@ const char* TrainActivation::name() const {
 }
 
 void TrainActivation::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) encoder.set_input_array(in);
-  for (auto& o : outputs) encoder.set_output_array(o);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
   encoder.dispatch([ins = weak_copies(inputs), outs = weak_copies(outputs), kind = kind_]() mutable {
     std::vector<std::vector<char>> tmp(ins.size());
     std::vector<const float*> in(ins.size());
