@@ -75,9 +75,8 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
   encoder.dispatch([ins = weak_copies(inputs), outs = weak_copies(outputs), k = k_]() mutable {
     // Row-contiguous inputs are read in place; anything else (a broadcast zero moment, a
     // transposed view) is gathered first.
-    std::vector<std::vector<char>> tmp(ins.size());
-    std::vector<const float*> in(ins.size());
-    for (size_t j = 0; j < ins.size(); ++j) in[j] = static_cast<const float*>(row_major(ins[j], tmp[j]));
+    std::vector<std::vector<char>> tmp;
+    const std::vector<const float*> in = row_major_floats(ins, tmp);
     const size_t n = outs.size() / 3;
     std::vector<std::pair<size_t, long>> pieces;  // (weight, first value)
     for (size_t i = 0; i < n; ++i)

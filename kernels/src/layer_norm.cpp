@@ -105,9 +105,8 @@ void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
                     backward = backward_]() mutable {
     const int D = ins[0].shape(-1);
     const long rows = D ? long(ins[0].size() / D) : 0;
-    std::vector<std::vector<char>> tmp(ins.size());
-    std::vector<const float*> in(ins.size());
-    for (size_t j = 0; j < ins.size(); ++j) in[j] = static_cast<const float*>(row_major(ins[j], tmp[j]));
+    std::vector<std::vector<char>> tmp;
+    const std::vector<const float*> in = row_major_floats(ins, tmp);
     const long chunks = (rows + kChunk - 1) / kChunk;
     ThreadPool& pool = ThreadPool::get();
     if (!backward) {

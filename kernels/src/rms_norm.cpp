@@ -89,10 +89,9 @@ void RMSNormBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   encoder.dispatch([ins = weak_copies(inputs), outs = weak_copies(outputs), eps = eps_]() mutable {
     const int D = ins[0].shape(-1);
     const long rows = D ? long(ins[0].size() / D) : 0;
-    std::vector<char> tx, tw, tg;
-    const float* x = static_cast<const float*>(row_major(ins[0], tx));
-    const float* w = static_cast<const float*>(row_major(ins[1], tw));
-    const float* dy = static_cast<const float*>(row_major(ins[2], tg));
+    std::vector<std::vector<char>> tmp;
+    const std::vector<const float*> in = row_major_floats(ins, tmp);
+    const float *x = in[0], *w = in[1], *dy = in[2];
     float* dx = outs[0].data<float>();
     float* dw = outs[1].data<float>();
     const long chunks = (rows + kChunk - 1) / kChunk;

@@ -37,4 +37,13 @@ inline const void* row_major(const mlx::core::array& a, std::vector<char>& tmp) 
   return tmp.data();
 }
 
+// row_major of each float32 array in `arrays`, as float pointers; tmp holds the copies it needs.
+inline std::vector<const float*> row_major_floats(const std::vector<mlx::core::array>& arrays,
+                                                  std::vector<std::vector<char>>& tmp) {
+  tmp.resize(arrays.size());
+  std::vector<const float*> out(arrays.size());
+  for (size_t j = 0; j < arrays.size(); ++j) out[j] = static_cast<const float*>(row_major(arrays[j], tmp[j]));
+  return out;
+}
+
 }  // namespace tiny_llm

@@ -118,9 +118,8 @@ const char* TrainActivation::name() const {
 void TrainActivation::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& encoder = cpu_encoder(stream(), inputs, outputs);
   encoder.dispatch([ins = weak_copies(inputs), outs = weak_copies(outputs), kind = kind_]() mutable {
-    std::vector<std::vector<char>> tmp(ins.size());
-    std::vector<const float*> in(ins.size());
-    for (size_t j = 0; j < ins.size(); ++j) in[j] = static_cast<const float*>(row_major(ins[j], tmp[j]));
+    std::vector<std::vector<char>> tmp;
+    const std::vector<const float*> in = row_major_floats(ins, tmp);
     std::vector<float*> out(outs.size());
     for (size_t j = 0; j < outs.size(); ++j) out[j] = outs[j].data<float>();
     const long n = long(outs[0].size());
