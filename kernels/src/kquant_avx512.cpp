@@ -1,9 +1,9 @@
 // The k-quant kernels for AVX-512 with VNNI (compiled with -mavx512f -mavx512bw -mavx512vl
 // -mavx512dq -mavx512vnni -mavx2 -mfma -mf16c; run only where the CPU reports them all).
 // fp32 mode and the panels: each block decoded to fp32 in registers from the same unpacked bytes.
-// int8 mode: 64 weights a register as unsigned bytes, vpmaddubsw against 64 int8 values of x,
-// vpdpwssd with the sub-blocks' scales as int16 (see q4k_rows), so a whole block's sum stays in
-// exact integers until one conversion to fp32.
+// int8 mode: 64 weights a register as unsigned bytes, vpdpbusd against 64 int8 values of x,
+// packed to int16 and multiplied by the sub-blocks' scales (see q4k_rows), so a whole block's sum
+// stays in exact integers until one conversion to fp32.
 #include <immintrin.h>
 
 #include "kquant_kernels_impl.h"
@@ -131,37 +131,42 @@ void dequantize_avx512(const Rows& W, int n0, int n1, float* out) {
       decode_block_avx512(W.type, W.w + size_t(n) * W.row_bytes + b * bb, out + size_t(n - n0) * W.K + b * QK);
 }
 
-// int8 mode, R rows of x at a time (R a constant: the accumulators stay in registers). Per
-// block and row, the integer sum over the block of sc_j * (q . x over sub-block j): vpmaddubsw
-// (unsigned q times int8 x, adjacent pairs summed to int16: |pair| <= 2 * 63 * 127 < 2^15, no
-// saturation) then vpdpwssd against the scales as int16 (pairs again, summed into int32 lanes;
-// the block's total < 256 * 63 * 127 * 128 < 2^31), exact until one conversion to fp32. The
-// mins (Q4_K) and the -32 (Q6_K): the scales times x's sub-block sums (Q8::bs, vpmaddwd) in a
-// second accumulator. Each row's two accumulators are added and reduced once, at the row's end.
-inline __m512i lanes16(int a, int b) {  // int16 lanes 0-15 = a, 16-31 = b (a vpermw index)
-  return _mm512_inserti64x4(_mm512_set1_epi16(short(a)), _mm256_set1_epi16(short(b)), 1);
+// int8 mode, R rows of x at a time (R a constant: the rows are unrolled and each keeps one
+// accumulator in a register). Per block and row, the integer sum over the block of sc_j * (q . x
+// over sub-block j): vpdpbusd (unsigned q times int8 x, 4 adjacent products summed into an int32
+// lane: |lane| <= 4 * 63 * 127 < 2^15), vpackssdw of two such registers into int16 lanes (no
+// saturation, by that bound), then vpmaddwd / vpdpwssd against the sub-blocks' scales as int16
+// (pairs summed into int32 lanes: the block's total < 256 * 63 * 127 * 128 < 2^31): exact until
+// one conversion to fp32. The mins (Q4_K) and the -32 (Q6_K): the scales times x's sub-block sums
+// (Q8::bs, vpmaddwd), added to the same accumulator by a second FMA. Each row's accumulator is
+// reduced once, at the row's end. Measured on the 1.5B's gate/up weight (Zen 4, 2 cores), per
+// block and row at 8 rows: 1.8 ns against 2.1 ns for vpmaddubsw + vpdpwssd on each register with
+// a second accumulator a row (which spilled to the stack from 7 rows).
+//
+// vpackssdw works within 128-bit lanes: pack(a, b) holds, in 128-bit lane L, a's int32 lanes
+// 4L..4L+3 then b's. pack_index builds the vpermw index that puts, in each int16 lane, the scale
+// of the sub-block that lane's products came from: sub(L, second) for 128-bit lane L, second = the
+// lane came from b.
+template <class F>
+inline __m512i pack_index(F sub) {
+  alignas(64) int16_t idx[32];
+  for (int i = 0; i < 32; ++i) idx[i] = int16_t(sub(i / 8, i % 8 >= 4));
+  return _mm512_load_si512(idx);
 }
-
-inline __m512i lanes8(int a) {  // int16 lanes 8i..8i+7 = a + i, i = 0..3 (a vpermw index)
-  const long long one = 0x0001000100010001ll;  // 4 int16 lanes of 1
-  return _mm512_set_epi64((a + 3) * one, (a + 3) * one, (a + 2) * one, (a + 2) * one, (a + 1) * one, (a + 1) * one,
-                          a * one, a * one);
-}
-
-inline float row_sum(__m512 acc, __m256 side) { return _mm512_reduce_add_ps(_mm512_add_ps(acc, _mm512_zextps256_ps512(side))); }
 
 // Q4_K: the 128 bytes of nibbles as two loads of 64; low and high nibbles give 4 registers of
-// 64 q, holding sub-blocks (0 | 2), (1 | 3), (4 | 6), (5 | 7): x's Q4_K order (Q8::qp) matches.
+// 64 q, holding sub-blocks (0 | 2), (1 | 3), (4 | 6), (5 | 7) (256-bit halves): x's Q4_K order
+// (Q8::qp) matches. Packed, 128-bit lanes 0-1 hold sub-blocks 0, 1 (4, 5), lanes 2-3 hold 2, 3 (6, 7).
 template <int R>
 void q4k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long ldy) {
   const int nb = W.K / QK;
   const __m512i low4 = _mm512_set1_epi8(15);
-  const __m512i i02 = lanes16(0, 2), i13 = lanes16(1, 3), i46 = lanes16(4, 6), i57 = lanes16(5, 7);
+  const __m512i i01 = pack_index([](int L, bool b) { return (L < 2 ? 0 : 2) + b; });
+  const __m512i i45 = pack_index([](int L, bool b) { return (L < 2 ? 4 : 6) + b; });
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row = W.w + size_t(n) * W.row_bytes;
     __m512 acc[R];
-    __m256 side[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), side[r] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * 144;
       const __m512i v0 = _mm512_loadu_si512(blk + 16), v1 = _mm512_loadu_si512(blk + 80);
@@ -169,44 +174,47 @@ void q4k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long
       const __m512i q2 = _mm512_and_si512(v1, low4), q3 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4);
       const __m256i scm = _mm256_cvtepu8_epi16(q4k_scales_vec(blk + 4));  // sc[0..7], m[0..7] as int16
       const __m512i sc = _mm512_castsi256_si512(scm);
-      const __m512i s0 = _mm512_permutexvar_epi16(i02, sc), s1 = _mm512_permutexvar_epi16(i13, sc);
-      const __m512i s2 = _mm512_permutexvar_epi16(i46, sc), s3 = _mm512_permutexvar_epi16(i57, sc);
+      const __m512i s01 = _mm512_permutexvar_epi16(i01, sc), s45 = _mm512_permutexvar_epi16(i45, sc);
       const float d = f16(blk), dmin = f16(blk + 2);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const size_t xb = size_t(m0 + r) * nb + b;
         const int8_t* x = X.qp + xb * QK;
-        __m512i sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q0, _mm512_loadu_si512(x)), s0);
-        sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(q1, _mm512_loadu_si512(x + 64)), s1);
-        sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(q2, _mm512_loadu_si512(x + 128)), s2);
-        sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(q3, _mm512_loadu_si512(x + 192)), s3);
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i p0 = _mm512_dpbusd_epi32(z, q0, _mm512_loadu_si512(x));
+        const __m512i p1 = _mm512_dpbusd_epi32(z, q1, _mm512_loadu_si512(x + 64));
+        const __m512i p2 = _mm512_dpbusd_epi32(z, q2, _mm512_loadu_si512(x + 128));
+        const __m512i p3 = _mm512_dpbusd_epi32(z, q3, _mm512_loadu_si512(x + 192));
+        const __m512i sum = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_packs_epi32(p0, p1), s01),
+                                                _mm512_packs_epi32(p2, p3), s45);
         // lanes 4-7: m_j times x's sums over sub-blocks of 32 (bs lanes 16-23 are 0 against sc)
         const __m256i mins = _mm256_madd_epi16(scm, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.bs + xb * 32 + 16)));
         const float dx = X.d[xb];
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * dx), acc[r]);
-        side[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(-dmin * dx), side[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(mins)), _mm512_set1_ps(-dmin * dx), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) y[size_t(m0 + r) * ldy + n] = row_sum(acc[r], side[r]);
+    for (int r = 0; r < R; ++r) y[size_t(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
   }
 }
 
 // Q6_K: register k = values 64k..64k+63 (x's natural order), as q6k_block builds them; its
-// 128-bit lane i is sub-block 4k + i.
+// 128-bit lane i is sub-block 4k + i. Packed (k = 0, 1), 128-bit lane L holds sub-blocks L and 4 + L.
 template <int R>
 void q6k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long ldy) {
   const int nb = W.K / QK;
   const __m512i low4 = _mm512_set1_epi8(15), bits45 = _mm512_set1_epi8(0x30);
   const __m512i shl_a = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
   const __m512i shr_b = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-  const __m512i idx[4] = {lanes8(0), lanes8(4), lanes8(8), lanes8(12)};
+  const __m512i i01 = pack_index([](int L, bool b) { return L + 4 * b; });
+  const __m512i i23 = pack_index([](int L, bool b) { return 8 + L + 4 * b; });
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row = W.w + size_t(n) * W.row_bytes;
     __m512 acc[R];
-    __m256 side[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), side[r] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * 210;
-      __m512i q[4], s[4];
+      __m512i q[4];
       for (int h = 0; h < 2; ++h) {
         const __m512i l = _mm512_loadu_si512(blk + 64 * h);
         const __m512i hh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h)));
@@ -217,22 +225,27 @@ void q6k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long
       }
       const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
       const __m512i sc = _mm512_castsi256_si512(sc16);
-      for (int k = 0; k < 4; ++k) s[k] = _mm512_permutexvar_epi16(idx[k], sc);
+      const __m512i s01 = _mm512_permutexvar_epi16(i01, sc), s23 = _mm512_permutexvar_epi16(i23, sc);
       const float d = f16(blk + 208);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const size_t xb = size_t(m0 + r) * nb + b;
         const int8_t* x = X.q + xb * QK;
-        __m512i sum = _mm512_setzero_si512();
-        for (int k = 0; k < 4; ++k)
-          sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(q[k], _mm512_loadu_si512(x + 64 * k)), s[k]);
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i p0 = _mm512_dpbusd_epi32(z, q[0], _mm512_loadu_si512(x));
+        const __m512i p1 = _mm512_dpbusd_epi32(z, q[1], _mm512_loadu_si512(x + 64));
+        const __m512i p2 = _mm512_dpbusd_epi32(z, q[2], _mm512_loadu_si512(x + 128));
+        const __m512i p3 = _mm512_dpbusd_epi32(z, q[3], _mm512_loadu_si512(x + 192));
+        const __m512i sum = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_packs_epi32(p0, p1), s01),
+                                                _mm512_packs_epi32(p2, p3), s23);
         // q - 32: minus 32 sc_j times x's sum over sub-block j of 16
         const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.bs + xb * 32)));
         const float dx = X.d[xb];
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * dx), acc[r]);
-        side[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(-32.0f * d * dx), side[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(off)), _mm512_set1_ps(-32.0f * d * dx), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) y[size_t(m0 + r) * ldy + n] = row_sum(acc[r], side[r]);
+    for (int r = 0; r < R; ++r) y[size_t(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
   }
 }
 
