@@ -4,14 +4,17 @@ vs the 0.5B drafting, decode tokens/s and acceptance rates, in one run: on the s
 llama.cpp's own prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding) on the same GGUF,
 against its plain decode.
 
-Two prompts: an edit (the answer copies a code file from the prompt: what prompt lookup is for) and
-a fresh code question (nothing to look up: the draft model's case). Tok/s is the median of
-interleaved runs (the machine's load changes between runs). Every method decodes the same greedy
-tokens (checked: "same" counts the leading tokens equal to plain decode's). The verify-cost
+Three prompts: two edits of a code file given in the prompt (what prompt lookup is for): "edit", a
+one-line change, whose answer repeats the rest of the file, and "rename", a rename on most of its
+lines, whose answer breaks from the file every few tokens; and "code", a fresh question (nothing to
+look up: the draft model's case). Each prompt is decoded to the end of its answer (its first EOS,
+found by a plain greedy run first, at most --tokens). Tok/s is the median of interleaved runs (the
+machine's load changes between runs). Every method decodes the same greedy tokens (checked: "same"
+counts the leading tokens equal to plain decode's). The verify-cost
 table times one target pass over 1, k + 1 positions: speculation pays while that stays near one
 token's cost (batch-1 decode reads every weight once, whatever the rows).
 
-    python -m bench --speculative [--quick] [--tokens 96] [--reps 3] [--k 4] [--ngram-k 6] [--ngram-n 2] [--ngram-min 2]
+    python -m bench --speculative [--quick] [--tokens 192] [--reps 3] [--k 4] [--ngram-k 6] [--ngram-n 2] [--ngram-min 2]
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 
 import impl  # noqa: F401  (loads tiny_llm_kernels, and the BLAS fix, before mlx)
 from impl.engine import LLM, SamplingParams
-from impl.generate import generate_step_cached
+from impl.generate import _eos_ids, generate_step_cached
 from impl.kv_cache import make_cache
 from impl.loader import load_model
 from impl.speculative import DraftModel, NgramProposer, SpeculativeStats, speculative_generate_step
@@ -63,7 +66,9 @@ def biggest_orders(orders, n):
     return sorted(orders, key=lambda order: order.total, reverse=True)[:n]
 '''
 PROMPTS = {
-    "edit": "Rename the class `Order` to `Purchase` everywhere in this file. Reply with the whole file only.\n\n"
+    "edit": "In this file, make `biggest_orders` sort by the number of items instead of the total."
+            " Reply with the whole file only.\n\n" + SOURCE,
+    "rename": "Rename the class `Order` to `Purchase` everywhere in this file. Reply with the whole file only.\n\n"
             + SOURCE,
     "code": "Write a Python function that parses an ISO 8601 date string without using datetime, with a docstring.",
 }
@@ -71,6 +76,16 @@ PROMPTS = {
 
 def chat_ids(loaded, text: str) -> list[int]:
     return loaded.tokenizer.encode(loaded.chat_template.render([{"role": "user", "content": text}]))
+
+
+def answer_length(loaded, prompt: list[int], most: int) -> int:
+    """Tokens of the plain greedy answer to `prompt` up to its first EOS (included), at most `most`."""
+    eos = _eos_ids(loaded.tokenizer, loaded.model)
+    steps = generate_step_cached(loaded.model, prompt)
+    for i in range(most):
+        if next(steps) in eos:
+            return i + 1
+    return most
 
 
 def run(steps, n: int) -> tuple[list[int], float]:
@@ -142,7 +157,8 @@ def verify_cost(model, prompt: list[int], ks: list[int], reps: int) -> dict[int,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench --speculative", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="32 tokens a run")
-    p.add_argument("--tokens", type=int, default=96, help="tokens decoded per run (default 96)")
+    p.add_argument("--tokens", type=int, default=192, help="most tokens decoded per run: an answer ends at its EOS"
+                   " (default 192)")
     p.add_argument("--reps", type=int, default=3, help="runs of each method, tok/s their median (default 3)")
     p.add_argument("--k", type=int, default=4, help="draft-model tokens per step (default 4)")
     p.add_argument("--ngram-k", type=int, default=6, help="n-gram tokens per step (default 6)")
@@ -150,15 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ngram-min", type=int, default=2, help="shortest n-gram looked up when n has no match"
                    " (default 2: a 1-gram match mostly drafts wrong tokens, and each costs a row of the pass)")
     args = p.parse_args(argv)
-    n, reps = (32, 1) if args.quick else (args.tokens, args.reps)
+    most, reps = (32, 1) if args.quick else (args.tokens, args.reps)
     results: dict[str, tuple[SpeculativeStats, int]] = {}
     t = time.perf_counter()
     target = load_model("qwen2.5-coder-1.5b", quantized=True)
     draft = load_model("qwen2.5-coder-0.5b", quantized=True)
-    print(f"loaded the 1.5B target and 0.5B draft (quantized) in {time.perf_counter() - t:.1f} s; {n} tokens a run, median of {reps}")
-    print(f"{'prompt':<6} {'method':<16} {'tok/s':>7} {'speedup':>8} {'accept':>7} {'tok/pass':>9} {'same':>6}")
-    for name, text in PROMPTS.items():
-        prompt = chat_ids(target, text)
+    prompts = {name: chat_ids(target, text) for name, text in PROMPTS.items()}
+    lengths = {name: answer_length(target, prompt, most) for name, prompt in prompts.items()}
+    print(f"loaded the 1.5B target and 0.5B draft (quantized) in {time.perf_counter() - t:.1f} s; tokens a run: "
+          + ", ".join(f"{name} {n}" for name, n in lengths.items()) + f"; median of {reps}")
+    print(f"{'prompt':<6} {'method':<16} {'tok/s':>7} {'speedup':>8} {'accept':>7} {'tok/pass':>9} {'same':>7}")
+    for name, prompt in prompts.items():
+        n = lengths[name]
         methods = {"greedy decode": None, f"n-gram k={args.ngram_k}": (args.ngram_n, args.ngram_k),
                    f"0.5B draft k={args.k}": ("draft", args.k)}
         rates: dict[str, list[float]] = {m: [] for m in methods}
@@ -190,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                    "prompt_lookup_min": args.ngram_min}),
                f"engine 0.5B draft k={args.k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
                    "method": "draft_model", "model": draft, "num_speculative_tokens": args.k})}
-    for name, text in PROMPTS.items():
-        prompt = chat_ids(target, text)
+    for name, prompt in prompts.items():
+        n = lengths[name]
         rates = {label: [] for label in engines}
         accepted: dict[str, float | None] = {}
         same: dict[str, int] = {}
@@ -206,15 +225,16 @@ def main(argv: list[str] | None = None) -> int:
             tps = statistics.median(rates[label])
             accept = f"{accepted[label]:7.2f}" if accepted[label] is not None else f"{'':>7}"
             print(f"{name:<6} {label:<16} {tps:7.2f} {tps / base:7.2f}x {accept} {'':>9} {same[label]:>3}/{n}")
-    for name, text in PROMPTS.items():  # llama.cpp: its own greedy tokens are the reference
-        rows = llama_cpp_rows(chat_ids(target, text), n, args.ngram_k, args.ngram_n, reps)
+    for name, prompt in prompts.items():  # llama.cpp: its own greedy tokens are the reference
+        n = lengths[name]
+        rows = llama_cpp_rows(prompt, n, args.ngram_k, args.ngram_n, reps)
         if rows is None:
             print("llama.cpp: llama-cpp-python is not installed here (the bench environment has it)")
             break
         base = rows["llama.cpp greedy"][0]
         for label, (tps, same) in rows.items():
             print(f"{name:<6} {label:<16} {tps:7.2f} {tps / base:7.2f}x {'':>7} {'':>9} {same:>3}/{n}")
-    prompt = chat_ids(target, PROMPTS["code"])
+    prompt = prompts["code"]
     for label, model in (("1.5B", target.model), ("0.5B", draft.model)):
         cost = verify_cost(model, prompt, [0, 4, 8], reps=2 if args.quick else 5)
         print(f"{label} pass over 1 / 5 / 9 positions: "

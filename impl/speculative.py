@@ -7,8 +7,8 @@ that feeds the target [last token, d1 .. dk] and keeps the a drafts it agrees wi
 target's own next token) makes a + 1 tokens for the price of one weight read.
 
 Two proposers:
-- NgramProposer (prompt lookup): no second model; the continuation of the latest earlier
-  occurrence of the last n tokens (an edit of a file repeats most of the file);
+- NgramProposer (prompt lookup): no second model; the continuation of an earlier occurrence of
+  the last n tokens, the one whose match runs furthest back (an edit of a file repeats most of it);
 - DraftModel: a smaller model with the same vocabulary (Qwen2.5-Coder 0.5B for the 1.5B) drafts k
   tokens one at a time on its own KV cache.
 
@@ -84,8 +84,14 @@ class Sampling:
 
 
 class NgramProposer:
-    """Prompt lookup (topic 3.4): draft the k tokens that followed the latest earlier occurrence of
-    the sequence's last n tokens; if there is none, of the last n - 1, down to min_n."""
+    """Prompt lookup (topic 3.4): draft the k tokens that followed an earlier occurrence of the
+    sequence's last n tokens (if there is none, of the last n - 1, down to min_n). Of several
+    occurrences, the one whose match runs furthest back wins (the longest common suffix with the
+    sequence, counted up to MATCH_CAP tokens), the latest on a tie: in a file being copied, a line
+    like `    return x` recurs, and the occurrence whose preceding lines also match is the one the
+    answer is copying."""
+
+    MATCH_CAP = 32  # tokens of a match counted backwards: bounds a step's search on repetitive text
 
     def __init__(self, n: int = 3, min_n: int | None = None):
         min_n = n if min_n is None else min_n
@@ -98,11 +104,20 @@ class NgramProposer:
         """Up to k draft tokens (fewer, or none, where the sequence has no match); q is None: the
         drafts are deterministic (a one-hot q)."""
         tokens = list(tokens)
-        for n in range(min(self.n, len(tokens) - 1), self.min_n - 1, -1):
+        T = len(tokens)
+        for n in range(min(self.n, T - 1), self.min_n - 1, -1):
             tail = tokens[-n:]
-            for start in range(len(tokens) - n - 1, -1, -1):  # latest first; not the tail itself
+            best, best_len = -1, 0
+            for start in range(T - n - 1, -1, -1):  # latest first (it keeps a tie); not the tail itself
                 if tokens[start:start + n] == tail:
-                    return tokens[start + n:start + n + k], None
+                    length = n  # the match, extended backwards: tokens[start - j - 1] == tokens[T - n - j - 1]
+                    while length < self.MATCH_CAP and start > length - n and \
+                            tokens[start - (length - n) - 1] == tokens[T - length - 1]:
+                        length += 1
+                    if length > best_len:
+                        best, best_len = start, length
+            if best >= 0:
+                return tokens[best + n:best + n + k], None
         return [], None
 
 

@@ -3,8 +3,9 @@ prompt lookup), the target checks them in one forward pass, and both caches are 
 first rejected draft.
 
 Checked against:
-- the n-gram proposer's drafts, exactly, against a brute-force search written here (the latest
-  earlier occurrence of the last n tokens, falling back to shorter n-grams);
+- the n-gram proposer's drafts, exactly, against a brute-force search written here (of the earlier
+  occurrences of the last n tokens, falling back to shorter n-grams, the one whose match runs
+  furthest back, up to MATCH_CAP tokens, the latest on a tie);
 - greedy verification, exactly, on logits built here;
 - modified rejection sampling: analytically, q * min(1, p/q) + (rejection mass) * norm(max(0, p - q))
   equals p (fp32), for random p, q and for a one-hot q (an n-gram draft); and statistically, the
@@ -72,34 +73,46 @@ def spec_mod(impl):
 # --- the n-gram proposer: exact -------------------------------------------------------------
 
 
-def ngram_reference(tokens: list[int], k: int, n: int, min_n: int) -> list[int]:
-    """Brute force: for n down to min_n, every earlier start whose n tokens equal the last n; the latest wins."""
+def ngram_reference(tokens: list[int], k: int, n: int, min_n: int, cap: int) -> list[int]:
+    """Brute force: for n down to min_n, every earlier start whose n tokens equal the last n; the one
+    with the longest common suffix with the whole sequence (counted up to cap) wins, the latest on a tie."""
+
+    def suffix(end: int) -> int:  # common suffix of tokens[:end] and tokens, up to cap
+        length = 0
+        while length < min(cap, end) and tokens[end - 1 - length] == tokens[-1 - length]:
+            length += 1
+        return length
+
     for m in range(n, min_n - 1, -1):
         if m >= len(tokens):
             continue
         starts = [s for s in range(len(tokens) - m) if tokens[s:s + m] == tokens[-m:]]
         if starts:
-            s = max(starts)
+            s = max(starts, key=lambda s: (suffix(s + m), s))
             return tokens[s + m:s + m + k]
     return []
 
 
 @given(data=st.data())
-def test_ngram_proposes_the_continuation_of_the_latest_match(spec_mod, data):
-    # A small alphabet makes matches (and repeated ones) common.
-    tokens = data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=40), label="tokens")
+def test_ngram_proposes_the_continuation_of_the_longest_match(spec_mod, data):
+    # A small alphabet makes matches (and repeated ones, and long ones) common.
+    tokens = data.draw(st.lists(st.integers(0, 3), min_size=1, max_size=60), label="tokens")
     n = data.draw(st.integers(1, 4), label="n")
     min_n = data.draw(st.integers(1, n), label="min_n")
     k = data.draw(st.integers(0, 6), label="k")
-    drafts, q = spec_mod.NgramProposer(n, min_n).propose(tokens, k)
+    P = spec_mod.NgramProposer
+    drafts, q = P(n, min_n).propose(tokens, k)
     assert q is None, "n-gram drafts are deterministic: q is None (one-hot)"
-    assert drafts == ngram_reference(tokens, k, n, min_n), f"tokens {tokens}, n {n}, min_n {min_n}, k {k}"
+    assert drafts == ngram_reference(tokens, k, n, min_n, P.MATCH_CAP), f"tokens {tokens}, n {n}, min_n {min_n}, k {k}"
 
 
 def test_ngram_cases(spec_mod):
     P = spec_mod.NgramProposer
     assert P(2).propose([1, 2, 3, 4, 1, 2], 3)[0] == [3, 4, 1], "the continuation may run into the tail"
-    assert P(2).propose([1, 2, 7, 1, 2, 8, 1, 2], 1)[0] == [8], "the latest earlier match wins"
+    assert P(2).propose([1, 2, 7, 1, 2, 8, 1, 2], 1)[0] == [8], "the latest of equally long matches wins"
+    assert P(2).propose([1, 2, 3, 9, 5, 2, 3, 8, 1, 2, 3], 1)[0] == [9], "the match running furthest back wins"
+    assert P(2).propose([4] * 50 + [1], 2)[0] == [], "no earlier [4, 1]: nothing"
+    assert P(1).propose([7] * 50, 3)[0] == [7], "repetitive text: matches tie at MATCH_CAP, the latest wins"
     assert P(3).propose([1, 2, 3, 9, 2, 3], 2)[0] == [], "no earlier 3-gram: nothing (no fallback)"
     assert P(3, 1).propose([1, 2, 3, 9, 2, 3], 2)[0] == [9, 2], "falls back to the 2-gram"
     assert P(2).propose([5, 5], 4)[0] == [], "the tail is not its own match"
