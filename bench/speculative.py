@@ -80,7 +80,7 @@ def chat_ids(loaded, text: str) -> list[int]:
 
 def answer_length(loaded, prompt: list[int], most: int) -> int:
     """Tokens of the plain greedy answer to `prompt` up to its first EOS (included), at most `most`."""
-    eos = _eos_ids(loaded.tokenizer, loaded.model)
+    eos = _eos_ids(loaded.tokenizer, loaded.model.args)
     steps = generate_step_cached(loaded.model, prompt)
     for i in range(most):
         if next(steps) in eos:

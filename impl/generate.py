@@ -152,7 +152,7 @@ def stream_generate(model, tokenizer, prompt: Sequence[int], max_tokens: int = 2
     max_tokens = min(max_tokens, model.args.max_position_embeddings - len(prompt))
     stats = GenerationStats(prompt_tokens=len(prompt))
     detok = StreamingDetokenizer(tokenizer)
-    eos = _eos_ids(tokenizer, model)
+    eos = _eos_ids(tokenizer, model.args)
     pending = ""  # text decoded but not yet yielded (it may be the start of a stop string)
     matched_stop = False
     start = time.perf_counter()
@@ -182,9 +182,10 @@ def stream_generate(model, tokenizer, prompt: Sequence[int], max_tokens: int = 2
     yield Generation(rest, None, stats)
 
 
-def _eos_ids(tokenizer, model) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    extra = model.args.eos_token_id
+def _eos_ids(tokenizer, args) -> set[int]:
+    """The ids that end a response: the tokenizer's EOS and the model config's eos_token_id (one or a list)."""
+    ids = {getattr(tokenizer, "eos_token_id", None)}
+    extra = args.eos_token_id
     ids.update(extra if isinstance(extra, list) else [extra])
     return {i for i in ids if i is not None}
 

@@ -24,6 +24,7 @@ from impl.engine.scheduler import ScheduledBatch, Scheduler
 from impl.engine.sequence import PENDING, Sequence, SequenceStatus
 from impl.engine.spec_decode import SpecDecoder, SpeculativeConfig
 from impl.errors import TinyLLMError
+from impl.generate import _eos_ids
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes for keys and values when the user sets no budget
 
@@ -301,10 +302,3 @@ class LLMEngine:
         if self.trace:
             self.trace.close()
             self.trace = None
-
-
-def _eos_ids(tokenizer, args) -> list[int]:
-    ids = [getattr(tokenizer, "eos_token_id", None)]
-    extra = args.eos_token_id
-    ids += extra if isinstance(extra, list) else [extra]
-    return [i for i in ids if i is not None]
