@@ -107,7 +107,9 @@ def test_a_kept_part_damaged_later_fails_the_join(staged, tmp_path):
     for k in range(1, n + 1):
         manifest = og.receive(out / f"p{k}", store)
     kept = store / manifest["bundle_sha256"][:16]
-    (kept / "p2").write_bytes(b"x" + (kept / "p2").read_bytes()[1:])
+    data = bytearray((kept / "p2").read_bytes())
+    data[0] ^= 1  # flip a bit: writing a fixed byte left the part whole when it already held it
+    (kept / "p2").write_bytes(bytes(data))
     with pytest.raises(SystemExit, match=r"the joined parts are not the staged bundle \(SHA-256 differs\)"):
         og.join(kept, manifest)
     assert not (kept / "bundle.tar").exists() and not (kept / "wheels").exists()
