@@ -156,12 +156,15 @@ def matmul_precision(x: mx.array, precision: str | None = None) -> str:
 
 
 def quantized_matmul(x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array,
-                     group_size: int = 64, bits: int = 4, precision: str | None = None) -> mx.array:
+                     group_size: int = 64, bits: int = 4, precision: str | None = None,
+                     int8_packed: mx.array | None = None) -> mx.array:
     """x (..., K) @ dequantize(w_q, scales, biases).T: the C++ kernel on the CPU, the Metal/CUDA one
-    (topic 2.3) on a GPU, when built; else the twin. precision: see matmul_precision."""
+    (topic 2.3) on a GPU, when built; else the twin. precision: see matmul_precision. int8_packed:
+    the weight packed once for the int8 kernel (QuantizedWeight.int8_packed), else it packs it."""
     p = matmul_precision(x, precision)
     if _kernel is not None and mx.default_device() == mx.cpu:
-        return _kernel(x, w_q, scales, biases, group_size, bits, precision=p)  # it checks the same in C++
+        packed = {"int8_packed": int8_packed} if int8_packed is not None else {}
+        return _kernel(x, w_q, scales, biases, group_size, bits, precision=p, **packed)  # it checks the same in C++
     gpu = gpu_kernel("quantized_matmul")  # it checks the same too (tiny_llm_kernels.gpu.check_quantized)
     if gpu is not None and gpu_works("quantized_matmul", (x.dtype, scales.dtype, group_size, bits)):
         return gpu(x, w_q, scales, biases, group_size, bits)  # fp32: the GPU kernels have no bf16/int8 mode

@@ -4,11 +4,12 @@ dequantized copy."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from impl.quantize import dequantize, quantized_matmul
+from impl.native import kernels
+from impl.quantize import dequantize, matmul_precision, quantized_matmul
 
 
 @dataclass
@@ -20,6 +21,8 @@ class QuantizedWeight:
     biases: mx.array
     group_size: int
     bits: int
+    # (w_q, scales, biases, packed): int8_packed()'s array and the arrays it was made from
+    _int8: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -28,7 +31,22 @@ class QuantizedWeight:
 
     def matmul_t(self, x: mx.array) -> mx.array:
         """x (..., K) @ W.T -> (..., N), on the quantized-matmul kernel when it is built."""
-        return quantized_matmul(x, self.w_q, self.scales, self.biases, self.group_size, self.bits)
+        return quantized_matmul(x, self.w_q, self.scales, self.biases, self.group_size, self.bits,
+                                int8_packed=self.int8_packed(x))
+
+    def int8_packed(self, x: mx.array) -> mx.array | None:
+        """This weight packed for the int8 kernels, when x's matmul runs at precision "int8" on them
+        (else None): made at the first such matmul and kept while w_q, scales and biases are the
+        arrays it was made from (a weight given new arrays is packed again). Without it the kernel
+        packs the weight at every call; the bits are the same."""
+        pack = getattr(kernels, "quantized_matmul_int8_pack", None)
+        if pack is None or mx.default_device() != mx.cpu or matmul_precision(x) != "int8":
+            return None
+        kept = self._int8
+        if kept is None or kept[0] is not self.w_q or kept[1] is not self.scales or kept[2] is not self.biases:
+            packed = pack(self.w_q, self.scales, self.biases, self.group_size, self.bits)
+            self._int8 = kept = (self.w_q, self.scales, self.biases, packed)
+        return kept[3]
 
     def rows(self, ids: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Dense rows W[ids]: ids (...) -> (..., K), dequantizing only those rows (embedding lookup)."""

@@ -81,3 +81,54 @@ def test_int8_gives_the_twins_bits_on_every_path(isa, bits, group_size):
     for lo, hi in [(0, 40), (0, 1), (39, 40), (5, 21)]:
         y = kernels.quantized_matmul(x[lo:hi], w_q, scales, biases, group_size=group_size, bits=bits, precision="int8")
         assert np.array_equal(to_numpy(y), twin[lo:hi]), f"{isa}: int8 rows {lo}:{hi} differ from the twin"
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx512"], indirect=True)
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64)])
+def test_int8_on_a_weight_packed_once_gives_the_same_bits(isa, bits, group_size):
+    """quantized_matmul_int8_pack: the weight packed once, read by every int8 matmul after (the
+    serving engine's weights), gives the bits of packing at each call, i.e. the twin's, at M from 1
+    to 40. One packed under the other instruction set (another layout) or for another shape is not
+    read: the call packs, as without it."""
+    from impl.quantize import quantized_matmul_int8_mlx
+
+    K, N = 384, 75
+    w_q, scales, biases = make_weights(N, K, group_size, bits, mx.float16, seed=bits + group_size)
+    x = mx.random.normal((40, K), key=mx.random.key(3))
+    twin = to_numpy(quantized_matmul_int8_mlx(x, w_q, scales, biases, group_size, bits))
+    packed = kernels.quantized_matmul_int8_pack(w_q, scales, biases, group_size, bits)
+    other_isa = "avx512" if isa == "portable" else "portable"
+    kernels.quantized_matmul_configure(other_isa, -2)
+    foreign = kernels.quantized_matmul_int8_pack(w_q, scales, biases, group_size, bits)
+    mx.eval(foreign)
+    kernels.quantized_matmul_configure(isa, -2)
+    w2 = make_weights(N + 16, K, group_size, bits, mx.float16, seed=1)
+    wrong_shape = kernels.quantized_matmul_int8_pack(*w2, group_size, bits)
+    for lo, hi in [(0, 40), (0, 1), (39, 40), (5, 21)]:
+        for what, p in [("packed once", packed), (f"packed under {other_isa}", foreign), ("another shape's", wrong_shape)]:
+            y = kernels.quantized_matmul(x[lo:hi], w_q, scales, biases, group_size=group_size, bits=bits,
+                                         precision="int8", int8_packed=p)
+            assert np.array_equal(to_numpy(y), twin[lo:hi]), f"{isa}: int8 rows {lo}:{hi} on a weight {what} differ"
+
+
+def test_a_quantized_weight_keeps_its_int8_packing_while_its_arrays_stay(monkeypatch):
+    """QuantizedWeight.int8_packed: made at the first int8 matmul, the same array while w_q, scales
+    and biases are the same arrays, made again when one is replaced (as a LoRA merge does); None at
+    another precision. And a packed array of the wrong type is refused in one line."""
+    import impl.quantize
+    from impl.quantize import quantized_matmul_int8_mlx
+    from impl.quantized_weight import QuantizedWeight
+
+    w = QuantizedWeight(*make_weights(48, 256, 32, 4, mx.float16, seed=3), 32, 4)
+    x = mx.random.normal((3, 256), key=mx.random.key(5))
+    monkeypatch.setattr(impl.quantize, "MATMUL_PRECISION", "fp32")
+    assert w.int8_packed(x) is None
+    monkeypatch.setattr(impl.quantize, "MATMUL_PRECISION", "int8")
+    first = w.int8_packed(x)
+    assert first is not None and w.int8_packed(x) is first
+    w.scales = w.scales * 2
+    assert w.int8_packed(x) is not first
+    twin = quantized_matmul_int8_mlx(x, w.w_q, w.scales, w.biases, 32, 4)
+    assert np.array_equal(to_numpy(w.matmul_t(x)), to_numpy(twin)), "int8 after new scales differs from the twin"
+    with pytest.raises(ValueError, match=r"^quantized_matmul: int8_packed must be the 1-D uint8 array"):
+        kernels.quantized_matmul(x, w.w_q, w.scales, w.biases, 32, 4, precision="int8", int8_packed=x)

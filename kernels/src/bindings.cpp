@@ -32,7 +32,8 @@ NB_MODULE(_ext, m) {
 
   m.def("quantized_matmul", &tiny_llm::quantized_matmul, "x"_a, "w_q"_a, "scales"_a, "biases"_a,
         "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "norm_weight"_a = nb::none(), "eps"_a = 1e-5f,
-        "swiglu"_a = false, "residual"_a = nb::none(), "precision"_a = "fp32", "stream"_a = nb::none(),
+        "swiglu"_a = false, "residual"_a = nb::none(), "precision"_a = "fp32", "int8_packed"_a = nb::none(),
+        "stream"_a = nb::none(),
         "y = x @ dequantize(w_q, scales, biases).T in MLX's affine format, on the CPU.\n\n"
         "x (..., K) float32/float16/bfloat16; w_q (N, K * bits / 32) uint32; scales and\n"
         "biases (N, K / group_size) float32/float16/bfloat16. Returns (..., N) in x's dtype,\n"
@@ -48,7 +49,14 @@ NB_MODULE(_ext, m) {
         "'int8': x rounded per row per weight group to int8 (dx = max|x| / 127, ties to even),\n"
         "exact integer dots with the weights' quants (AVX512-VNNI, else plain C++: the same bits),\n"
         "then per group y += isum * (scale * dx) + bias * (dx * sum xq) in float32, in one order at\n"
-        "every M (twin: impl.quantize.quantized_matmul_int8_mlx, equal bit for bit).");
+        "every M (twin: impl.quantize.quantized_matmul_int8_mlx, equal bit for bit). It packs the\n"
+        "weight into its kernels' layout at each call unless given int8_packed, the weight packed once\n"
+        "by quantized_matmul_int8_pack (the same bits).");
+  m.def("quantized_matmul_int8_pack", &tiny_llm::quantized_matmul_int8_pack, "w_q"_a, "scales"_a, "biases"_a,
+        "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
+        "The weight (w_q, scales, biases) packed once for quantized_matmul(..., precision='int8',\n"
+        "int8_packed=...): a 1-D uint8 array (a header naming the kernel set and shape, the quants in\n"
+        "the int8 kernels' layout, the scales and biases in float32). Lazy, like any MLX op.");
   m.def("gather_quantized_matmul", &tiny_llm::gather_quantized_matmul, "x"_a, "w_q"_a, "scales"_a, "biases"_a,
         "indices"_a, "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
         "y[m] = x[m] @ dequantize(w_q[e], scales[e], biases[e]).T with e = indices[m]: each row times\n"

@@ -199,12 +199,65 @@ void run_bf16(const qmm::Bf16Kernels& k, const Weights& W, const void* x, DType 
   });
 }
 
+// precision="int8" packs a task's W rows into the gemm's layout at every call, unless the caller
+// passes the weight packed once (quantized_matmul_int8_pack, kept beside the weight by
+// impl.quantized_weight.QuantizedWeight): packing at every call cost 7% of a 64-request serving
+// run, and at M = 1 it doubled the time of the tied head (kernels/bench_qmm_int8.py). A packed
+// weight is one uint8 array: a header (Int8PackHeader, 64 bytes), then the kernel set's panel of
+// all N rows (blocks of 16 rows from row 0, block b at b * block_bytes: a task's rows start at a
+// block, so it reads what it would have packed, and the bits are the same), then the fp32 scales
+// and the fp32 biases as pack() writes them (per block of 16 rows, per group, 16 values).
+struct Int8PackHeader {
+  char magic[8];  // "tllmI8P"
+  int32_t kernels;  // which Int8Kernels packed it: 0 portable, 1 avx512_vnni (their layouts differ)
+  int32_t N, K, group_size, bits;
+  char pad[36];
+};
+static_assert(sizeof(Int8PackHeader) == 64);
+constexpr char kInt8Magic[8] = "tllmI8P";
+
+int int8_kernels_id(const qmm::Int8Kernels& k) { return &k == &qmm::int8_portable() ? 0 : 1; }
+
+size_t int8_pack_bytes(const qmm::Int8Kernels& k, int N, int K, int gs, int bits) {
+  const size_t blocks = (N + 15) / 16;
+  return sizeof(Int8PackHeader) + blocks * k.block_bytes(K, bits) + 2 * blocks * 16 * (K / gs) * sizeof(float);
+}
+
+// W's rows packed by k into `out` (int8_pack_bytes of them): the header, then the panel, scales and biases.
+void int8_pack_into(const qmm::Int8Kernels& k, const Weights& W, uint8_t* out) {
+  Int8PackHeader h{};
+  std::memcpy(h.magic, kInt8Magic, 8);
+  h.kernels = int8_kernels_id(k), h.N = W.N, h.K = W.K, h.group_size = W.group_size, h.bits = W.bits;
+  std::memcpy(out, &h, sizeof h);
+  const int G = W.K / W.group_size, blocks = (W.N + 15) / 16;
+  const size_t bb = k.block_bytes(W.K, W.bits);
+  uint8_t* panel = out + sizeof h;
+  float* dw = reinterpret_cast<float*>(panel + blocks * bb);
+  float* bw = dw + size_t(blocks) * 16 * G;
+  auto& pool = ThreadPool::get();
+  const Split split(W.N, pool.size() * 4, 16);
+  pool.run(split.count, [&](int t) {
+    const int n0 = t * split.per, n1 = std::min(W.N, n0 + split.per);
+    const size_t b0 = n0 / 16;
+    k.pack(W, n0, n1, panel + b0 * bb, dw + b0 * 16 * G, bw + b0 * 16 * G);
+  });
+}
+
+// Whether `packed` is W packed by k (else the caller packs, as without it).
+bool int8_pack_fits(const uint8_t* packed, size_t bytes, const qmm::Int8Kernels& k, const Weights& W) {
+  Int8PackHeader h;
+  if (bytes < sizeof h) return false;
+  std::memcpy(&h, packed, sizeof h);
+  return std::memcmp(h.magic, kInt8Magic, 8) == 0 && h.kernels == int8_kernels_id(k) && h.N == W.N && h.K == W.K &&
+         h.group_size == W.group_size && h.bits == W.bits && bytes == int8_pack_bytes(k, W.N, W.K, W.group_size, W.bits);
+}
+
 // precision="int8": x (M, K) in `xt` -> fp32 (exact) -> per row and group xq, dx, xc (rows over
-// the pool; each row's values depend on that row only). Then tasks of W rows as in run_bf16, each
-// packing its rows into a u8 quad panel (at most 192 rows: 192 x K bytes stay in L2) and
-// multiplying every quantized row of x with it.
-void run_int8(const Isa& isa, const qmm::Int8Kernels& k, const Weights& W, const void* x, DType xt, long M,
-              float* y) {
+// the pool; each row's values depend on that row only). Then tasks of W rows as in run_bf16 (at
+// most 192 rows: 192 x K bytes stay in L2), each multiplying every quantized row of x with its
+// rows of `packed` (W packed by k, as int8_pack_into writes it), or of its own rows packed now.
+void run_int8(const Isa& isa, const qmm::Int8Kernels& k, const Weights& W, const uint8_t* packed, const void* x,
+              DType xt, long M, float* y) {
   auto& pool = ThreadPool::get();
   const int K = W.K, gs = W.group_size, G = K / gs;
   const std::unique_ptr<int8_t[]> xq(new int8_t[size_t(M) * K]);  // not zeroed: every value is written
@@ -218,19 +271,28 @@ void run_int8(const Isa& isa, const qmm::Int8Kernels& k, const Weights& W, const
       k.quantize_x(row.data(), K, gs, W.bits, xq.get() + size_t(m) * K, dx.get() + size_t(m) * G, xc.get() + size_t(m) * G);
     }
   });
+  const size_t bb = k.block_bytes(K, W.bits), blocks = (W.N + 15) / 16;
+  const uint8_t* all = packed ? packed + sizeof(Int8PackHeader) : nullptr;  // the packed rows, when given
+  const float* dw_all = packed ? reinterpret_cast<const float*>(all + blocks * bb) : nullptr;
+  const float* bw_all = packed ? dw_all + blocks * 16 * G : nullptr;
   const int threads = pool.size(), panels = (W.N + 191) / 192;
   const Split split(W.N, (panels + threads - 1) / threads * threads, 16);
   pool.run(split.count, [&](int t) {
     const int n0 = t * split.per, n1 = std::min(W.N, n0 + split.per);
-    const size_t blocks = size_t(split.per + 15) / 16;
-    thread_local std::vector<uint8_t> panel;
-    thread_local std::vector<float> scales;
-    panel.resize(blocks * 16 * K);
-    scales.resize(blocks * 16 * G * 2);
-    float* dw = scales.data();
-    float* bw = dw + blocks * 16 * G;
-    k.pack(W, n0, n1, panel.data(), dw, bw);
-    k.gemm(xq.get(), dx.get(), xc.get(), int(M), K, gs, W.bits, panel.data(), dw, bw, n1 - n0, y + n0, W.N);
+    const size_t b0 = n0 / 16;
+    const uint8_t* panel = all ? all + b0 * bb : nullptr;
+    const float* dw = all ? dw_all + b0 * 16 * G : nullptr;
+    const float* bw = all ? bw_all + b0 * 16 * G : nullptr;
+    if (!all) {  // this task's rows packed now, into a panel that stays in L2
+      const size_t task_blocks = size_t(split.per + 15) / 16;
+      thread_local std::vector<uint8_t> own;
+      thread_local std::vector<float> scales;
+      own.resize(task_blocks * bb);
+      scales.resize(task_blocks * 16 * G * 2);
+      k.pack(W, n0, n1, own.data(), scales.data(), scales.data() + task_blocks * 16 * G);
+      panel = own.data(), dw = scales.data(), bw = dw + task_blocks * 16 * G;
+    }
+    k.gemm(xq.get(), dx.get(), xc.get(), int(M), K, gs, W.bits, panel, dw, bw, n1 - n0, y + n0, W.N);
   });
 }
 
@@ -282,7 +344,7 @@ void add_residual(mx::array& out, const mx::array& residual) {
 // norm_w, residual: the fused pieces' inputs when `fusion` has them, else nullptr.
 void run(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
          mx::array& out, int group_size, int bits, const Fusion& fusion, Precision precision, const mx::array* norm_w,
-         const mx::array* residual) {
+         const mx::array* residual, const mx::array* int8_packed) {
   const int N = w.shape(0), K = int(int64_t(w.shape(1)) * 32 / bits);
   const long M = long(x.size() / x.shape(-1));
   if (M == 0 || N == 0) return;
@@ -301,7 +363,10 @@ void run(const mx::array& x, const mx::array& w, const mx::array& scales, const 
   const bool bf16 = precision == Precision::kBf16;
   const qmm::Bf16Kernels* fast = bf16 ? cfg.bf16() : nullptr;
   if (precision == Precision::kInt8) {
-    run_int8(*cfg.isa, cfg.int8(), W, xd, dtype_of(x), M, y);
+    const qmm::Int8Kernels& k = cfg.int8();
+    const uint8_t* packed = int8_packed ? int8_packed->data<uint8_t>() : nullptr;
+    if (packed && !int8_pack_fits(packed, int8_packed->nbytes(), k, W)) packed = nullptr;  // made for another set
+    run_int8(*cfg.isa, k, W, packed, xd, dtype_of(x), M, y);
   } else if (fast && cfg.bf16_m() > 0 && M >= cfg.bf16_m()) {
     run_bf16(*fast, W, xd, dtype_of(x), M, y);
   } else {
@@ -418,7 +483,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
                            const mx::array& biases, int group_size, int bits,
                            const std::optional<mx::array>& norm_weight, float eps, bool swiglu,
                            const std::optional<mx::array>& residual, const std::string& precision,
-                           mx::StreamOrDevice s) {
+                           const std::optional<mx::array>& int8_packed, mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("quantized_matmul: " + what); };
   if (precision != "fp32" && precision != "bf16" && precision != "int8")
     fail("precision must be 'fp32', 'bf16' or 'int8', got '" + precision + "'");
@@ -445,9 +510,48 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
   std::vector<mx::array> inputs = {x, w_q, s32, b32};
   const Fusion fusion =
       fusion_inputs("quantized_matmul", x, K, shape, norm_weight, eps, swiglu, residual, stream, inputs);
+  if (int8_packed && (int8_packed->dtype() != mx::uint8 || int8_packed->ndim() != 1))
+    fail("int8_packed must be the 1-D uint8 array quantized_matmul_int8_pack returns, got " +
+         shape_str(int8_packed->shape()) + " " + dtype_name(int8_packed->dtype()));
+  const bool packed = int8_packed && prec == Precision::kInt8;  // other precisions do not read it
+  if (packed) inputs.push_back(*int8_packed);
   return mx::array(shape, x.dtype(),
-                   std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion, prec),
+                   std::make_shared<QuantizedMatmul>(stream, group_size, bits, fusion, prec, packed),
                    std::move(inputs));
+}
+
+mx::array quantized_matmul_int8_pack(const mx::array& w_q, const mx::array& scales, const mx::array& biases,
+                                     int group_size, int bits, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("quantized_matmul_int8_pack: " + what); };
+  if (w_q.ndim() != 2 || w_q.dtype() != mx::uint32)
+    fail("w_q must be a 2-D uint32 array (N, K * bits / 32), got " + shape_str(w_q.shape()) + " " +
+         dtype_name(w_q.dtype()));
+  check_scales_and_biases("quantized_matmul_int8_pack", w_q, scales, biases, group_size, bits);
+  const mx::Stream stream = cpu_stream(s, "quantized_matmul_int8_pack");
+  const bool mixed = biases.dtype() != scales.dtype();
+  const mx::array s32 = mixed ? mx::astype(scales, mx::float32, stream) : scales;
+  const mx::array b32 = mixed ? mx::astype(biases, mx::float32, stream) : biases;
+  const qmm::Int8Kernels& k = config().int8();  // the set the matmuls will use (unless reconfigured: then they pack)
+  const int N = w_q.shape(0), K = int(int64_t(w_q.shape(1)) * 32 / bits);
+  const size_t bytes = int8_pack_bytes(k, N, K, group_size, bits);
+  return mx::array({int(bytes)}, mx::uint8, std::make_shared<QuantizedMatmulInt8Pack>(stream, group_size, bits, &k),
+                   {w_q, s32, b32});
+}
+
+void QuantizedMatmulInt8Pack::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& encoder = cpu_encoder(stream(), inputs, out);
+  encoder.dispatch([in = weak_copies(inputs), out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
+                    k = static_cast<const qmm::Int8Kernels*>(kernels_)]() mutable {
+    std::vector<char> tw, ts, tb;
+    const mx::array &w = in[0], &scales = in[1], &biases = in[2];
+    const Weights W{static_cast<const uint32_t*>(row_major(w, tw)), row_major(scales, ts), row_major(biases, tb),
+                    dtype_of(scales), w.shape(0), int(int64_t(w.shape(1)) * 32 / bits), gs, bits};
+    int8_pack_into(*k, W, out.data<uint8_t>());
+  });
+}
+
+void QuantizedMatmulInt8Pack::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("tiny_llm_kernels.quantized_matmul_int8_pack is a CPU kernel; run it with stream=mx.cpu");
 }
 
 mx::array gather_quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::array& scales,
@@ -489,11 +593,12 @@ void GatherQuantizedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& encoder = cpu_encoder(stream(), inputs, out);
   encoder.dispatch([in = weak_copies(inputs), out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
-                    fusion = fusion_, precision = precision_]() mutable {
+                    fusion = fusion_, precision = precision_, packed = int8_packed_]() mutable {
     int next = 4;  // the fused pieces' inputs follow x, w_q, scales, biases
     const mx::array* norm_w = fusion.prologue == Fusion::kRMSNorm ? &in[next++] : nullptr;
     const mx::array* residual = fusion.residual ? &in[next++] : nullptr;
-    run(in[0], in[1], in[2], in[3], out, gs, bits, fusion, precision, norm_w, residual);
+    const mx::array* int8_packed = packed ? &in[next++] : nullptr;
+    run(in[0], in[1], in[2], in[3], out, gs, bits, fusion, precision, norm_w, residual, int8_packed);
   });
 }
 

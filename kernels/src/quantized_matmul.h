@@ -57,13 +57,44 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
                            const mx::array& biases, int group_size = 64, int bits = 4,
                            const std::optional<mx::array>& norm_weight = std::nullopt, float eps = 1e-5f,
                            bool swiglu = false, const std::optional<mx::array>& residual = std::nullopt,
-                           const std::string& precision = "fp32", mx::StreamOrDevice s = {});
+                           const std::string& precision = "fp32",
+                           const std::optional<mx::array>& int8_packed = std::nullopt, mx::StreamOrDevice s = {});
+
+// precision="int8" packs the weight's rows into its kernels' layout at every call, unless it is
+// given int8_packed: the weight packed once by this op (a 1-D uint8 array: a header naming the
+// kernel set and the shape, the quants, the scales and biases in fp32; about the weight's own
+// size plus 8 bytes a group). The product's bits are the same either way; a packed array made
+// for another kernel set or shape is not read (the call packs, as without it).
+mx::array quantized_matmul_int8_pack(const mx::array& w_q, const mx::array& scales, const mx::array& biases,
+                                     int group_size = 64, int bits = 4, mx::StreamOrDevice s = {});
+
+class QuantizedMatmulInt8Pack : public mx::UnaryPrimitive {
+ public:
+  QuantizedMatmulInt8Pack(mx::Stream stream, int group_size, int bits, const void* kernels)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), kernels_(kernels) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override { return "TinyLLMQuantizedMatmulInt8Pack"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const QuantizedMatmulInt8Pack&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && kernels_ == o.kernels_;
+  }
+
+ private:
+  int group_size_, bits_;
+  const void* kernels_;  // the qmm::Int8Kernels that packs (its layout is the header's)
+};
 
 class QuantizedMatmul : public mx::UnaryPrimitive {
  public:
   QuantizedMatmul(mx::Stream stream, int group_size, int bits, Fusion fusion = {},
-                  Precision precision = Precision::kFp32)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), fusion_(fusion), precision_(precision) {}
+                  Precision precision = Precision::kFp32, bool int8_packed = false)
+      : mx::UnaryPrimitive(stream),
+        group_size_(group_size),
+        bits_(bits),
+        fusion_(fusion),
+        precision_(precision),
+        int8_packed_(int8_packed) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -71,13 +102,15 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
   const char* name() const override { return "TinyLLMQuantizedMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const QuantizedMatmul&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_ && fusion_ == o.fusion_ && precision_ == o.precision_;
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && fusion_ == o.fusion_ && precision_ == o.precision_ &&
+           int8_packed_ == o.int8_packed_;
   }
 
  private:
   int group_size_, bits_;
   Fusion fusion_;
   Precision precision_;
+  bool int8_packed_;  // the last input is the weight packed for precision="int8"
 };
 
 // tiny_llm_kernels.gather_quantized_matmul (mixture of experts): row m of x times the quantized

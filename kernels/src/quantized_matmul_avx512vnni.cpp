@@ -121,6 +121,8 @@ void pack(const Weights& W, int n0, int n1, uint8_t* panel, float* dw, float* bw
   (W.bits == 4 ? pack_t<4> : pack_t<8>)(W, n0, n1, panel, dw, bw);
 }
 
+size_t block_bytes(int K, int bits) { return size_t(16) * K * bits / 8; }
+
 inline __m512i broadcast(const int8_t* p) {  // 4 int8 of x as a dword in every lane
   int32_t quad;
   std::memcpy(&quad, p, 4);
@@ -217,7 +219,7 @@ void gemm(const int8_t* xq, const float* dx, const float* xc, int M, int K, int 
 namespace tiny_llm::qmm {
 
 const Int8Kernels* int8_avx512vnni() {
-  static const Int8Kernels k{"avx512_vnni", quantize_x, pack, gemm};
+  static const Int8Kernels k{"avx512_vnni", quantize_x, pack, block_bytes, gemm};
   return &k;
 }
 

@@ -84,6 +84,8 @@ void pack(const Weights& W, int n0, int n1, uint8_t* panel, float* dw, float* bw
     }
 }
 
+size_t block_bytes(int K, int /*bits*/) { return size_t(16) * K; }  // one byte a quant, 4 or 8 bits
+
 void gemm(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, int /*bits*/, const uint8_t* panel,
           const float* dw, const float* bw, int rows, float* y, long ldy) {
   const int G = K / gs;
@@ -111,7 +113,7 @@ void gemm(const int8_t* xq, const float* dx, const float* xc, int M, int K, int 
 namespace tiny_llm::qmm {
 
 const Int8Kernels& int8_portable() {
-  static const Int8Kernels k{"portable", quantize_x, pack, gemm};
+  static const Int8Kernels k{"portable", quantize_x, pack, block_bytes, gemm};
   return k;
 }
 

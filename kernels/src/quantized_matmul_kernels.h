@@ -80,6 +80,8 @@ struct Int8Kernels {
   // set's gemm; dw and bw: per block of 16 rows, per group, the 16 rows' fp32 scales and biases
   // (block b at + b * 16 * G). A last block of fewer than 16 rows repeats its last row.
   void (*pack)(const Weights& w, int n0, int n1, uint8_t* panel, float* dw, float* bw);
+  // The bytes of one packed block of 16 rows: block b of a panel starts at b * block_bytes(K, bits).
+  size_t (*block_bytes)(int K, int bits);
   // y (M, ldy)[:, 0:rows] = the int8 product of the M quantized rows of x (xq (M, K), dx and xc
   // (M, K / gs)) with a packed panel of `rows` W rows of `bits` bits.
   void (*gemm)(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, int bits,

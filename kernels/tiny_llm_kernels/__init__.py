@@ -5,7 +5,9 @@ OpenBLAS (scipy-openblas32) and a shim that defines cblas_sgemm/cblas_dgemm
 on top of it, both RTLD_GLOBAL, so MLX's matmuls resolve to OpenBLAS.
 
 Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
-    quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4, stream=None)
+    quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4, *, norm_weight=None, eps=1e-5, swiglu=False,
+                     residual=None, precision="fp32", int8_packed=None, stream=None)
+    quantized_matmul_int8_pack(w_q, scales, biases, group_size=64, bits=4, stream=None)  (for precision="int8")
     quantized_matmul_dx(dy, w_q, scales, biases, group_size=64, bits=4, stream=None)  (dy @ W)
     kquant_matmul(x, parts, types, *, x_int8=False, norm_weight=None, eps=1e-5, swiglu=False, residual=None,
                   stream=None)  (x @ W.T, W in GGUF Q4_K/Q6_K blocks)
@@ -112,6 +114,7 @@ try:  # after the BLAS fix: importing _ext loads mlx.core
         quantized_matmul_configure,
         quantized_matmul_dx,
         quantized_matmul_info,
+        quantized_matmul_int8_pack,
         rms_norm,
         rms_norm_backward,
         rope,
