@@ -1,36 +1,85 @@
 // The row loops of RMSNorm and SwiGLU, shared by their own kernels (rms_norm.cpp,
 // swiglu.cpp) and by quantized_matmul's fused prologues: every file that includes this
-// is compiled with the same flags, so a fused prologue rounds exactly as the kernel does.
+// is compiled with the same flags (-ffp-contract=off among them), so a fused prologue rounds
+// exactly as the kernel does.
 // T: float, mx::float16_t or mx::bfloat16_t; every arithmetic step in fp32.
 #pragma once
 
 #include <cmath>
+#include <type_traits>
+
+#include "clones.h"
+#include "fast_exp.h"
 
 namespace tiny_llm {
+
+// sum(x^2) over a row of D in 16 lanes (element i to lane i % 16), then the lanes in a fixed tree
+// (fast_exp.h's sum16 order): a loop that vectorizes, where one running sum stayed a scalar chain.
+template <typename T>
+inline __attribute__((always_inline)) float sum_squares(const T* x, int D) {
+  float acc[16] = {};
+  int i = 0;
+  for (; i + 16 <= D; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += float(x[i + j]) * float(x[i + j]);
+  for (int j = 0; i < D; ++i, ++j) acc[j] += float(x[i]) * float(x[i]);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
+namespace {  // each file its own copy (target_clones makes an ifunc per copy)
+// One fp32 row of RMSNorm, cloned per instruction set (the same bits in each: -ffp-contract=off).
+TINY_LLM_CLONES void rms_norm_row_f32(const float* x, const float* w, float* y, int D, float eps) {
+  const float rms = 1.0f / std::sqrt(sum_squares(x, D) * (1.0f / D) + eps);
+  for (int i = 0; i < D; ++i) y[i] = x[i] * rms * w[i];
+}
+}  // namespace
 
 // y = x / sqrt(mean(x^2) + eps) * w per row of D; (x * rms) is rounded to T before the
 // product with w, as the twin (impl.norm.RMSNorm) does.
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* y, long rows, int D, float eps) {
   for (long r = 0; r < rows; ++r, x += D, y += D) {
-    float sum = 0.0f;
-    for (int i = 0; i < D; ++i) sum += float(x[i]) * float(x[i]);
-    const float rms = 1.0f / std::sqrt(sum * (1.0f / D) + eps);
-    for (int i = 0; i < D; ++i) y[i] = T(float(T(float(x[i]) * rms)) * float(w[i]));
+    if constexpr (std::is_same_v<T, float>) {
+      rms_norm_row_f32(x, w, y, D, eps);
+    } else {
+      const float rms = 1.0f / std::sqrt(sum_squares(x, D) * (1.0f / D) + eps);
+      for (int i = 0; i < D; ++i) y[i] = T(float(T(float(x[i]) * rms)) * float(w[i]));
+    }
   }
 }
 
+// sigmoid(g) in fp32 as the training kernels compute it (activations.cpp): e = exp(-|g|) by
+// fast_exp.h's polynomial (at most 2 ulps), then 1 / (1 + e) or e / (1 + e). A loop of these
+// vectorizes, where one calling std::exp stayed scalar: SwiGLU was 8% of a prefill's time.
+inline __attribute__((always_inline)) float sigmoid_f(float g) {
+  const float e = exp_nonpositive(-std::fabs(g));
+  return (g >= 0.0f ? 1.0f : e) / (1.0f + e);  // NaN: e is NaN, so is the result
+}
+
+// One fp32 row of SwiGLU, cloned per instruction set (the same bits in each: -ffp-contract=off).
+namespace {  // each file its own copy (target_clones makes an ifunc per copy)
+TINY_LLM_CLONES void swiglu_row_f32(const float* gate, const float* up, float* y, int I) {
+  for (int i = 0; i < I; ++i) y[i] = gate[i] * sigmoid_f(gate[i]) * up[i];
+}
+}  // namespace
+
 // y = silu(gate) * up per row of x = [gate | up] (2I) -> (I). The twin
 // (impl.layer_kernels.swiglu_mlx) rounds to T after the sigmoid, after gate * sigmoid
-// and after the product with up: so does this.
+// and after the product with up: so does this (for fp32 each rounding is the operation's own).
 template <typename T>
 void swiglu_rows(const T* x, T* y, long rows, int I) {
-  for (long r = 0; r < rows; ++r, x += 2 * I, y += I)
-    for (int i = 0; i < I; ++i) {
-      const float g = float(x[i]);
-      const T sig = T(1.0f / (1.0f + std::exp(-g)));
-      y[i] = T(float(T(g * float(sig))) * float(x[I + i]));
+  for (long r = 0; r < rows; ++r, x += 2 * I, y += I) {
+    if constexpr (std::is_same_v<T, float>) {
+      swiglu_row_f32(x, x + I, y, I);
+    } else {
+      for (int i = 0; i < I; ++i) {
+        const float g = float(x[i]);
+        const T sig = T(sigmoid_f(g));
+        y[i] = T(float(T(g * float(sig))) * float(x[I + i]));
+      }
     }
+  }
 }
 
 }  // namespace tiny_llm

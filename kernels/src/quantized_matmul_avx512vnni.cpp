@@ -34,8 +34,12 @@ namespace {
 using tiny_llm::qmm::DType;
 using tiny_llm::qmm::Weights;
 
-constexpr int kMR = 4;  // rows of x per tile
-constexpr int kNV = 3;  // blocks of 16 W rows per tile: 12 int32 + 12 fp32 accumulators, 3 W vectors
+#ifndef TLLM_I8_MR
+#define TLLM_I8_MR 4
+#define TLLM_I8_NV 3
+#endif
+constexpr int kMR = TLLM_I8_MR;  // rows of x per tile
+constexpr int kNV = TLLM_I8_NV;  // blocks of 16 W rows per tile
 
 void quantize_x(const float* x, int K, int gs, int bits, int8_t* xq, float* dx, float* xc) {
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
@@ -172,20 +176,23 @@ inline void tile(const int8_t* xq, const float* dx, const float* xc, int K, int 
   }
 }
 
-template <int BITS, int MR>
-void tile_nv(int nv, const int8_t* xq, const float* dx, const float* xc, int K, int gs, const uint8_t* w, size_t bs,
-             const float* dw, const float* bw, size_t ss, float* y, long ldy, __mmask16 last) {
-  switch (nv) {
-    case 1: return tile<BITS, MR, 1>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
-    case 2: return tile<BITS, MR, 2>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
-    default: return tile<BITS, MR, 3>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
+// tile<BITS, mr, nv> for the run-time mr <= MR and nv <= NV (a tile at the edge of x or W).
+template <int BITS, int MR, int NV = kNV>
+inline void tile_any(int mr, int nv, const int8_t* xq, const float* dx, const float* xc, int K, int gs,
+                     const uint8_t* w, size_t bs, const float* dw, const float* bw, size_t ss, float* y, long ldy,
+                     __mmask16 last) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return tile_any<BITS, MR - 1, NV>(mr, nv, xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
   }
+  if constexpr (NV > 1) {
+    if (nv < NV) return tile_any<BITS, MR, NV - 1>(mr, nv, xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
+  }
+  tile<BITS, MR, NV>(xq, dx, xc, K, gs, w, bs, dw, bw, ss, y, ldy, last);
 }
 
 template <int BITS>
 void gemm_t(const int8_t* xq, const float* dx, const float* xc, int M, int K, int gs, const uint8_t* panel,
             const float* dw, const float* bw, int rows, float* y, long ldy) {
-  static_assert(kMR == 4 && kNV == 3, "the switches below");
   const int G = K / gs, blocks = (rows + 15) / 16;
   const size_t bs = size_t(16) * K * BITS / 8, ss = size_t(16) * G;
   for (int m = 0; m < M; m += kMR) {
@@ -199,12 +206,7 @@ void gemm_t(const int8_t* xq, const float* dx, const float* xc, int M, int K, in
       const uint8_t* w = panel + j * bs;
       const float *dwj = dw + j * ss, *bwj = bw + j * ss;
       float* ym = y + size_t(m) * ldy + 16 * j;
-      switch (mr) {
-        case 4: tile_nv<BITS, 4>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
-        case 3: tile_nv<BITS, 3>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
-        case 2: tile_nv<BITS, 2>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
-        default: tile_nv<BITS, 1>(nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last); break;
-      }
+      tile_any<BITS, kMR>(mr, nv, xm, dxm, xcm, K, gs, w, bs, dwj, bwj, ss, ym, ldy, last);
     }
   }
 }
