@@ -26,13 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-# impl-bf16: impl with bf16 matmuls (AVX512-BF16 dot products, TINY_LLM_MATMUL_PRECISION=bf16)
-# and vLLM-CPU's KV budget (2 GiB), the settings vLLM-CPU runs with; impl alone is its defaults
-# (exact fp32, 1 GiB). impl-int8: the same with int8 matmuls (AVX512-VNNI integer dots on x rounded
-# to int8 per weight group, TINY_LLM_MATMUL_PRECISION=int8) and the same 2 GiB budget.
+# impl-bf16: impl with bf16 matmuls (AVX512-BF16 dot products, TINY_LLM_MATMUL_PRECISION=bf16),
+# a bf16 KV cache and vLLM-CPU's KV budget (2 GiB), the settings vLLM-CPU runs with, and KV blocks
+# of 64 positions (vLLM-CPU's are 128; IMPL_TUNED_BLOCK_SIZE); impl alone is its defaults (exact
+# fp32, an fp32 cache, 1 GiB, blocks of 16). impl-int8: the same with int8 matmuls (AVX512-VNNI
+# integer dots on x rounded to int8 per weight group, TINY_LLM_MATMUL_PRECISION=int8).
 PEERS = ("impl", "impl-bf16", "impl-int8", "vllm-cpu", "llama-server", "mlx-lm")
 PRECISION_OF = {"impl-bf16": "bf16", "impl-int8": "int8"}  # the peers that set TINY_LLM_MATMUL_PRECISION
 BASELINES = ("vllm-cpu", "llama-server")  # the ratio columns
+# The tuned peers' KV block size: the paged-attention kernel reads fewer, longer runs of keys. Output
+# tok/s of impl-int8 on this workload (2026-12-07, alternated runs): blocks of 16: 314-324, 32: 335,
+# 64: 330-354, 128: 313.
+IMPL_TUNED_BLOCK_SIZE = 64
 NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 64, (100, 512), (64, 256)
 QUICK = 16, (100, 512), (16, 64)
 MLX_LM_TIMEOUT = 600  # seconds: past this mlx-lm's batch generation is reported as too slow
@@ -170,7 +175,8 @@ def roofline_line(r: dict) -> str:
 # --- workers: one process per peer (the bench environment's python) ------------------------
 
 
-def worker_impl(workload: dict, trace: Path | None, kv_cache_memory: int | None = None) -> dict:
+def worker_impl(workload: dict, trace: Path | None, kv_cache_memory: int | None = None,
+                kv_cache_dtype: str | None = None, block_size: int | None = None) -> dict:
     """impl.engine's offline LLM.generate (vLLM's API), its engine's defaults otherwise."""
     import impl  # noqa: F401  (the BLAS fix and kernels, before mlx)
     from impl.engine import LLM, SamplingParams
@@ -178,7 +184,11 @@ def worker_impl(workload: dict, trace: Path | None, kv_cache_memory: int | None 
 
     prompts, max_tokens = workload["prompts"], workload["max_tokens"]
     # trace: the engine's step trace (JSONL; the warm-up's two requests come first in it)
+    import mlx.core as mx
+
     llm = LLM(model=None, max_num_seqs=len(prompts), kv_cache_memory=kv_cache_memory,
+              **({"kv_cache_dtype": getattr(mx, kv_cache_dtype)} if kv_cache_dtype else {}),
+              **({"block_size": block_size} if block_size else {}),
               **({"trace": str(trace)} if trace is not None else {}))
     engine = llm.engine
     greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
@@ -225,7 +235,7 @@ def worker_impl(workload: dict, trace: Path | None, kv_cache_memory: int | None 
             "engine_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
             "note": "impl.engine, " + (f"quantized weights, C++ kernels, {MATMUL_PRECISION} matmuls"
                                        if kernels_built() else "dequantized fp32 (kernels not built)")
-                    + f", {getattr(engine, 'kv_tokens', '?')} KV tokens, {stats['steps']} steps,"
+                    + f", {getattr(engine, 'kv_tokens', '?')} KV tokens ({kv_cache_dtype or 'float32'}), {stats['steps']} steps,"
                       f" {stats['preemptions']} preemptions"}
 
 
@@ -282,11 +292,13 @@ def worker_llama_server(workload: dict, trace: Path | None) -> dict:
 
 
 def worker_impl_bf16(workload: dict, trace: Path | None) -> dict:
-    """impl with vLLM-CPU's settings: bf16 matmuls (its environment sets TINY_LLM_MATMUL_PRECISION)
-    and vLLM-CPU's KV budget. impl-int8 runs this too, its environment setting int8."""
+    """impl with vLLM-CPU's settings: bf16 matmuls (its environment sets TINY_LLM_MATMUL_PRECISION),
+    a bf16 KV cache (vLLM-CPU's dtype) and its KV budget; and blocks of IMPL_TUNED_BLOCK_SIZE.
+    impl-int8 runs this too, its environment setting int8."""
     from bench.peers.vllm_cpu import KV_CACHE_GIB
 
-    return worker_impl(workload, None, kv_cache_memory=int(KV_CACHE_GIB * 2**30))
+    return worker_impl(workload, None, kv_cache_memory=int(KV_CACHE_GIB * 2**30), kv_cache_dtype="bfloat16",
+                       block_size=IMPL_TUNED_BLOCK_SIZE)
 
 
 WORKERS = {"impl": worker_impl, "impl-bf16": worker_impl_bf16, "impl-int8": worker_impl_bf16, "mlx-lm": worker_mlx_lm,

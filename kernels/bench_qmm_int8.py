@@ -1,5 +1,6 @@
 """GFLOPS of tiny_llm_kernels.quantized_matmul at precision "fp32", "bf16" and "int8" on
 SmolLM2-135M's shapes (group 32, fp16 scales, fp32 x; the head 8-bit), M = 1, 16, 64, 256, 512.
+int8 reads each weight packed once (quantized_matmul_int8_pack), as the engine's weights are.
 
 Per (shape, M): the three precisions are timed in turn within each round (interleaved, so that a
 neighbour's load hits all three alike), `--rounds` rounds, the median kept. Each timing is one
@@ -42,12 +43,17 @@ def weight_copies(N: int, K: int, bits: int) -> list:
     s, b = s.astype(mx.float16), b.astype(mx.float16)
     copies = max(2, min(16, -(-L3_BYTES // (N * K * bits // 8))))
     out = [(w_q + 0, s + 0, b + 0) for _ in range(copies)]
+    out = [(*t, kernels.quantized_matmul_int8_pack(*t, GROUP, bits)) for t in out]  # + int8's packed weight
     mx.eval(out)
     return out
 
 
 def seconds(x: mx.array, ws: list, precision: str, calls: int) -> float:
-    ys = [kernels.quantized_matmul(x, *ws[i % len(ws)], GROUP, bits, precision=precision) for i in range(calls)]
+    def call(w_q, s, b, packed):
+        extra = {"int8_packed": packed} if precision == "int8" else {}
+        return kernels.quantized_matmul(x, w_q, s, b, GROUP, bits, precision=precision, **extra)
+
+    ys = [call(*ws[i % len(ws)]) for i in range(calls)]
     t = time.perf_counter()
     mx.eval(ys)
     return (time.perf_counter() - t) / calls
