@@ -59,7 +59,7 @@ def fused_linear(x: mx.array, w: QuantizedWeight | KQuantWeight, norm: RMSNorm |
     kernel = _kernel("quantized_matmul")
     if kernel is None or not isinstance(w, QuantizedWeight) or (norm is not None and swiglu):
         return fused_linear_mlx(x, w, norm, swiglu, residual)
-    packed = w.int8_packed(x)
+    packed = w.int8_packed()
     return kernel(x, w.w_q, w.scales, w.biases, w.group_size, w.bits,
                   norm_weight=None if norm is None else norm.weight, eps=1e-5 if norm is None else norm.eps,
                   swiglu=swiglu, residual=residual, precision=matmul_precision(x),

@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+import impl.quantize as _quantize
 from impl.native import kernels
-from impl.quantize import dequantize, matmul_precision, quantized_matmul
+from impl.quantize import dequantize, quantized_matmul
+
+_int8_pack = getattr(kernels, "quantized_matmul_int8_pack", None)  # None without the C++ kernels
 
 
 @dataclass
@@ -32,19 +35,19 @@ class QuantizedWeight:
     def matmul_t(self, x: mx.array) -> mx.array:
         """x (..., K) @ W.T -> (..., N), on the quantized-matmul kernel when it is built."""
         return quantized_matmul(x, self.w_q, self.scales, self.biases, self.group_size, self.bits,
-                                int8_packed=self.int8_packed(x))
+                                int8_packed=self.int8_packed())
 
-    def int8_packed(self, x: mx.array) -> mx.array | None:
-        """This weight packed for the int8 kernels, when x's matmul runs at precision "int8" on them
-        (else None): made at the first such matmul and kept while w_q, scales and biases are the
-        arrays it was made from (a weight given new arrays is packed again). Without it the kernel
-        packs the weight at every call; the bits are the same."""
-        pack = getattr(kernels, "quantized_matmul_int8_pack", None)
-        if pack is None or mx.default_device() != mx.cpu or matmul_precision(x) != "int8":
+    def int8_packed(self) -> mx.array | None:
+        """This weight packed for the int8 kernels when matmuls run at precision "int8" on them
+        (impl.quantize.MATMUL_PRECISION; else None): made at the first such matmul and kept while
+        w_q, scales and biases are the arrays it was made from (a weight given new arrays is packed
+        again). Without it the kernel packs the weight at every call; the bits are the same."""
+        # The cheap test first: every matmul of a decode step asks (about 120 a token).
+        if _quantize.MATMUL_PRECISION != "int8" or _int8_pack is None or mx.default_device() != mx.cpu:
             return None
         kept = self._int8
         if kept is None or kept[0] is not self.w_q or kept[1] is not self.scales or kept[2] is not self.biases:
-            packed = pack(self.w_q, self.scales, self.biases, self.group_size, self.bits)
+            packed = _int8_pack(self.w_q, self.scales, self.biases, self.group_size, self.bits)
             self._int8 = kept = (self.w_q, self.scales, self.biases, packed)
         return kept[3]
 

@@ -122,12 +122,12 @@ def test_a_quantized_weight_keeps_its_int8_packing_while_its_arrays_stay(monkeyp
     w = QuantizedWeight(*make_weights(48, 256, 32, 4, mx.float16, seed=3), 32, 4)
     x = mx.random.normal((3, 256), key=mx.random.key(5))
     monkeypatch.setattr(impl.quantize, "MATMUL_PRECISION", "fp32")
-    assert w.int8_packed(x) is None
+    assert w.int8_packed() is None
     monkeypatch.setattr(impl.quantize, "MATMUL_PRECISION", "int8")
-    first = w.int8_packed(x)
-    assert first is not None and w.int8_packed(x) is first
+    first = w.int8_packed()
+    assert first is not None and w.int8_packed() is first
     w.scales = w.scales * 2
-    assert w.int8_packed(x) is not first
+    assert w.int8_packed() is not first
     twin = quantized_matmul_int8_mlx(x, w.w_q, w.scales, w.biases, 32, 4)
     assert np.array_equal(to_numpy(w.matmul_t(x)), to_numpy(twin)), "int8 after new scales differs from the twin"
     with pytest.raises(ValueError, match=r"^quantized_matmul: int8_packed must be the 1-D uint8 array"):
