@@ -29,7 +29,7 @@ inline __attribute__((always_inline)) float sum_squares(const T* x, int D) {
 
 namespace {  // each file its own copy (target_clones makes an ifunc per copy)
 // One fp32 row of RMSNorm, cloned per instruction set (the same bits in each: -ffp-contract=off).
-TINY_LLM_CLONES void rms_norm_row_f32(const float* x, const float* w, float* y, int D, float eps) {
+[[maybe_unused]] TINY_LLM_CLONES void rms_norm_row_f32(const float* x, const float* w, float* y, int D, float eps) {
   const float rms = 1.0f / std::sqrt(sum_squares(x, D) * (1.0f / D) + eps);
   for (int i = 0; i < D; ++i) y[i] = x[i] * rms * w[i];
 }
@@ -59,7 +59,7 @@ inline __attribute__((always_inline)) float sigmoid_f(float g) {
 
 // One fp32 row of SwiGLU, cloned per instruction set (the same bits in each: -ffp-contract=off).
 namespace {  // each file its own copy (target_clones makes an ifunc per copy)
-TINY_LLM_CLONES void swiglu_row_f32(const float* gate, const float* up, float* y, int I) {
+[[maybe_unused]] TINY_LLM_CLONES void swiglu_row_f32(const float* gate, const float* up, float* y, int I) {
   for (int i = 0; i < I; ++i) y[i] = gate[i] * sigmoid_f(gate[i]) * up[i];
 }
 }  // namespace
