@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -534,6 +535,8 @@ mx::array quantized_matmul_int8_pack(const mx::array& w_q, const mx::array& scal
   const qmm::Int8Kernels& k = config().int8();  // the set the matmuls will use (unless reconfigured: then they pack)
   const int N = w_q.shape(0), K = int(int64_t(w_q.shape(1)) * 32 / bits);
   const size_t bytes = int8_pack_bytes(k, N, K, group_size, bits);
+  if (bytes > size_t(std::numeric_limits<int32_t>::max()))
+    fail("the packed weight would take " + std::to_string(bytes) + " bytes, more than one MLX array's 2^31 - 1");
   return mx::array({int(bytes)}, mx::uint8, std::make_shared<QuantizedMatmulInt8Pack>(stream, group_size, bits, &k),
                    {w_q, s32, b32});
 }
