@@ -14,7 +14,8 @@
 // run on the same bf16-rounded operands (Isa::fused_bf16 and friends): the same products, only
 // the order of the fp32 additions differs.
 // precision="int8" (x rounded to int8 per row per group, integer dots, fp32 group scaling): at
-// every M, tasks of W rows each packed into a panel of u8 quads, times every row of x quantized
+// every M, tasks of W rows, each reading its rows of the weight packed once (int8_packed, see
+// Int8PackHeader) or packing them into a panel of u8 quads, times every row of x quantized
 // once (run_int8); AVX512-VNNI where the CPU has it and the AVX-512 kernels are the ones chosen,
 // else the plain C++ kernels (quantized_matmul_int8.cpp), which give the same bits.
 // An earlier version sent the panels to OpenBLAS's sgemm; measured here (AVX-512,
