@@ -114,7 +114,8 @@ def test_int8_on_a_weight_packed_once_gives_the_same_bits(isa, bits, group_size)
 def test_a_quantized_weight_keeps_its_int8_packing_while_its_arrays_stay(monkeypatch):
     """QuantizedWeight.int8_packed: made at the first int8 matmul, the same array while w_q, scales
     and biases are the same arrays, made again when one is replaced (as a LoRA merge does); None at
-    another precision. And a packed array of the wrong type is refused in one line."""
+    another precision. A packed array of the wrong type, and a pack of an unknown bit width, are
+    refused in one line."""
     import impl.quantize
     from impl.quantize import quantized_matmul_int8_mlx
     from impl.quantized_weight import QuantizedWeight
@@ -132,3 +133,5 @@ def test_a_quantized_weight_keeps_its_int8_packing_while_its_arrays_stay(monkeyp
     assert np.array_equal(to_numpy(w.matmul_t(x)), to_numpy(twin)), "int8 after new scales differs from the twin"
     with pytest.raises(ValueError, match=r"^quantized_matmul: int8_packed must be the 1-D uint8 array"):
         kernels.quantized_matmul(x, w.w_q, w.scales, w.biases, 32, 4, precision="int8", int8_packed=x)
+    with pytest.raises(ValueError, match=r"^quantized_matmul_int8_pack: "):
+        kernels.quantized_matmul_int8_pack(w.w_q, w.scales, w.biases, 32, 3)  # no 3-bit layout

@@ -29,10 +29,7 @@ namespace {
 
 // x (n) fp32 -> y (n) = sigmoid(x).
 TINY_LLM_CLONES void sigmoid_f32(const float* x, float* y, long n) {
-  for (long i = 0; i < n; ++i) {
-    const float e = exp_nonpositive(-std::fabs(x[i]));
-    y[i] = (x[i] >= 0.0f ? 1.0f : e) / (1.0f + e);  // NaN: e is NaN, so is y
-  }
+  for (long i = 0; i < n; ++i) y[i] = sigmoid_fast(x[i]);  // NaN stays NaN
 }
 
 // One row of D fp32: y = exp(x - max) / sum. e holds the exponentials first.

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <bit>
+#include <cmath>
 #include <cstdint>
 
 #include "clones.h"
@@ -50,17 +51,30 @@ inline __attribute__((always_inline)) float exp_nonpositive(float x) {
   return under ? 0.0f : y;
 }
 
-// x[0] + ... + x[n-1] in 16 lanes (element i to lane i % 16), then the lanes in a fixed tree: the
+// sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) below.
+// NaN stays NaN (e is NaN). The sigmoid of every kernel that needs one (training's, SwiGLU's).
+inline __attribute__((always_inline)) float sigmoid_fast(float x) {
+  const float e = exp_nonpositive(-std::fabs(x));
+  return (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
+// f(0) + ... + f(n-1) in 16 lanes (term i to lane i % 16), then the lanes in a fixed tree: the
 // same order in every clone, and a loop the compiler can vectorize.
-inline __attribute__((always_inline)) float sum16(const float* x, int n) {
+template <class F>
+inline __attribute__((always_inline)) float sum16_of(int n, F&& f) {
   float acc[16] = {};
   int i = 0;
   for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += x[i + j];
-  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
+    for (int j = 0; j < 16; ++j) acc[j] += f(i + j);
+  for (int j = 0; i < n; ++i, ++j) acc[j] += f(i);
   for (int w = 8; w >= 1; w /= 2)
     for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
   return acc[0];
+}
+
+// x[0] + ... + x[n-1] in sum16_of's order.
+inline __attribute__((always_inline)) float sum16(const float* x, int n) {
+  return sum16_of(n, [x](int i) { return x[i]; });
 }
 
 }  // namespace

@@ -13,18 +13,11 @@
 
 namespace tiny_llm {
 
-// sum(x^2) over a row of D in 16 lanes (element i to lane i % 16), then the lanes in a fixed tree
-// (fast_exp.h's sum16 order): a loop that vectorizes, where one running sum stayed a scalar chain.
+// sum(x^2) over a row of D in fast_exp.h's sum16_of order (16 lanes, then a fixed tree): a loop
+// that vectorizes, where one running sum stayed a scalar chain.
 template <typename T>
 inline __attribute__((always_inline)) float sum_squares(const T* x, int D) {
-  float acc[16] = {};
-  int i = 0;
-  for (; i + 16 <= D; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += float(x[i + j]) * float(x[i + j]);
-  for (int j = 0; i < D; ++i, ++j) acc[j] += float(x[i]) * float(x[i]);
-  for (int w = 8; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  return acc[0];
+  return sum16_of(D, [x](int i) { return float(x[i]) * float(x[i]); });
 }
 
 namespace {  // each file its own copy (target_clones makes an ifunc per copy)
@@ -49,18 +42,13 @@ void rms_norm_rows(const T* x, const T* w, T* y, long rows, int D, float eps) {
   }
 }
 
-// sigmoid(g) in fp32 as the training kernels compute it (activations.cpp): e = exp(-|g|) by
-// fast_exp.h's polynomial (at most 2 ulps), then 1 / (1 + e) or e / (1 + e). A loop of these
-// vectorizes, where one calling std::exp stayed scalar: SwiGLU was 8% of a prefill's time.
-inline __attribute__((always_inline)) float sigmoid_f(float g) {
-  const float e = exp_nonpositive(-std::fabs(g));
-  return (g >= 0.0f ? 1.0f : e) / (1.0f + e);  // NaN: e is NaN, so is the result
-}
-
-// One fp32 row of SwiGLU, cloned per instruction set (the same bits in each: -ffp-contract=off).
+// One fp32 row of SwiGLU, cloned per instruction set (the same bits in each: -ffp-contract=off):
+// the training kernels' sigmoid (fast_exp.h's sigmoid_fast, exp within 2 ulps), so the row is
+// silu_mul's forward; a loop of it vectorizes, where one calling std::exp stayed scalar (SwiGLU
+// was 8% of a prefill's time).
 namespace {  // each file its own copy (target_clones makes an ifunc per copy)
 [[maybe_unused]] TINY_LLM_CLONES void swiglu_row_f32(const float* gate, const float* up, float* y, int I) {
-  for (int i = 0; i < I; ++i) y[i] = gate[i] * sigmoid_f(gate[i]) * up[i];
+  for (int i = 0; i < I; ++i) y[i] = gate[i] * sigmoid_fast(gate[i]) * up[i];
 }
 }  // namespace
 
@@ -75,7 +63,7 @@ void swiglu_rows(const T* x, T* y, long rows, int I) {
     } else {
       for (int i = 0; i < I; ++i) {
         const float g = float(x[i]);
-        const T sig = T(sigmoid_f(g));
+        const T sig = T(sigmoid_fast(g));
         y[i] = T(float(T(g * float(sig))) * float(x[I + i]));
       }
     }

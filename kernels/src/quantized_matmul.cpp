@@ -30,6 +30,7 @@
 #include <limits>
 #include <memory>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "cpu_features.h"
@@ -447,6 +448,20 @@ std::string dtype_name(const mx::Dtype& t) {
   return "an unsupported dtype";
 }
 
+// w_q must be (N, K * bits / 32) uint32: quantized_matmul's and quantized_matmul_int8_pack's check.
+void check_w_q(const std::string& op, const mx::array& w_q) {
+  if (w_q.ndim() != 2 || w_q.dtype() != mx::uint32)
+    throw std::invalid_argument(op + ": w_q must be a 2-D uint32 array (N, K * bits / 32), got " +
+                                shape_str(w_q.shape()) + " " + dtype_name(w_q.dtype()));
+}
+
+// The kernels read scales and biases of one dtype: mixed ones go to fp32 (exactly), else both as they are.
+std::pair<mx::array, mx::array> one_scale_dtype(const mx::array& scales, const mx::array& biases,
+                                                const mx::Stream& stream) {
+  if (biases.dtype() == scales.dtype()) return {scales, biases};
+  return {mx::astype(scales, mx::float32, stream), mx::astype(biases, mx::float32, stream)};
+}
+
 }  // namespace
 
 int fused_k(const std::string& op, const mx::array& x, const std::optional<mx::array>& norm_weight, bool swiglu) {
@@ -491,9 +506,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
     fail("precision must be 'fp32', 'bf16' or 'int8', got '" + precision + "'");
   const Precision prec = precision == "bf16" ? Precision::kBf16 : precision == "int8" ? Precision::kInt8 : Precision::kFp32;
   check_bits_and_group_size("quantized_matmul", group_size, bits);
-  if (w_q.ndim() != 2 || w_q.dtype() != mx::uint32)
-    fail("w_q must be a 2-D uint32 array (N, K * bits / 32), got " + shape_str(w_q.shape()) + " " +
-         dtype_name(w_q.dtype()));
+  check_w_q("quantized_matmul", w_q);
   if (x.ndim() < 1 || !is_float(x.dtype()))
     fail("x must be float32, float16 or bfloat16 with shape (..., K), got " + shape_str(x) + " " + dtype_name(x.dtype()));
   const int N = w_q.shape(0), K = fused_k("quantized_matmul", x, norm_weight, swiglu);
@@ -503,10 +516,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
          std::to_string(bits) + "-bit values per row");
   check_scales_and_biases("quantized_matmul", w_q, scales, biases, group_size, bits);
   const mx::Stream stream = cpu_stream(s, "quantized_matmul");
-  // The kernels read scales and biases of one dtype: mixed ones go to fp32, exactly.
-  const bool mixed = biases.dtype() != scales.dtype();
-  const mx::array s32 = mixed ? mx::astype(scales, mx::float32, stream) : scales;
-  const mx::array b32 = mixed ? mx::astype(biases, mx::float32, stream) : biases;
+  const auto [s32, b32] = one_scale_dtype(scales, biases, stream);
   mx::Shape shape = x.shape();
   shape.back() = N;
   std::vector<mx::array> inputs = {x, w_q, s32, b32};
@@ -525,14 +535,11 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w_q, const mx::a
 mx::array quantized_matmul_int8_pack(const mx::array& w_q, const mx::array& scales, const mx::array& biases,
                                      int group_size, int bits, mx::StreamOrDevice s) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("quantized_matmul_int8_pack: " + what); };
-  if (w_q.ndim() != 2 || w_q.dtype() != mx::uint32)
-    fail("w_q must be a 2-D uint32 array (N, K * bits / 32), got " + shape_str(w_q.shape()) + " " +
-         dtype_name(w_q.dtype()));
+  check_bits_and_group_size("quantized_matmul_int8_pack", group_size, bits);
+  check_w_q("quantized_matmul_int8_pack", w_q);
   check_scales_and_biases("quantized_matmul_int8_pack", w_q, scales, biases, group_size, bits);
   const mx::Stream stream = cpu_stream(s, "quantized_matmul_int8_pack");
-  const bool mixed = biases.dtype() != scales.dtype();
-  const mx::array s32 = mixed ? mx::astype(scales, mx::float32, stream) : scales;
-  const mx::array b32 = mixed ? mx::astype(biases, mx::float32, stream) : biases;
+  const auto [s32, b32] = one_scale_dtype(scales, biases, stream);
   const qmm::Int8Kernels& k = config().int8();  // the set the matmuls will use (unless reconfigured: then they pack)
   const int N = w_q.shape(0), K = int(int64_t(w_q.shape(1)) * 32 / bits);
   const size_t bytes = int8_pack_bytes(k, N, K, group_size, bits);
@@ -577,9 +584,7 @@ mx::array gather_quantized_matmul(const mx::array& x, const mx::array& w_q, cons
     fail("indices must be a uint32 (M,) = (" + std::to_string(x.shape(0)) + ",) array, got " +
          shape_str(indices.shape()) + " " + dtype_name(indices.dtype()));
   const mx::Stream stream = cpu_stream(s, "gather_quantized_matmul");
-  const bool mixed = biases.dtype() != scales.dtype();  // the kernels read one dtype: mixed ones go to fp32
-  const mx::array s32 = mixed ? mx::astype(scales, mx::float32, stream) : scales;
-  const mx::array b32 = mixed ? mx::astype(biases, mx::float32, stream) : biases;
+  const auto [s32, b32] = one_scale_dtype(scales, biases, stream);
   return mx::array({x.shape(0), N}, x.dtype(), std::make_shared<GatherQuantizedMatmul>(stream, group_size, bits),
                    {x, w_q, s32, b32, indices});
 }

@@ -27,21 +27,16 @@ constexpr long kPiece = 1 << 14;
 constexpr float kGeluC = 1.5957691216057308f;  // sqrt(8 / pi), as the twin's Python float rounds to fp32
 constexpr float kGeluK = 0.044715f;
 
-inline __attribute__((always_inline)) float sigmoid_of(float z) {
-  const float e = exp_nonpositive(-std::fabs(z));
-  return (z >= 0.0f ? 1.0f : e) / (1.0f + e);
-}
-
 TINY_LLM_CLONES void silu_mul_loop(const float* __restrict g, const float* __restrict u, float* __restrict y,
                                    long n) {
-  for (long i = 0; i < n; ++i) y[i] = (g[i] * sigmoid_of(g[i])) * u[i];
+  for (long i = 0; i < n; ++i) y[i] = (g[i] * sigmoid_fast(g[i])) * u[i];
 }
 
 TINY_LLM_CLONES void silu_mul_backward_loop(const float* __restrict g, const float* __restrict u,
                                             const float* __restrict dy, float* __restrict dg, float* __restrict du,
                                             long n) {
   for (long i = 0; i < n; ++i) {
-    const float s = sigmoid_of(g[i]), gs = g[i] * s;
+    const float s = sigmoid_fast(g[i]), gs = g[i] * s;
     du[i] = dy[i] * gs;
     dg[i] = (dy[i] * u[i]) * (s + gs * (1.0f - s));
   }
@@ -50,13 +45,13 @@ TINY_LLM_CLONES void silu_mul_backward_loop(const float* __restrict g, const flo
 inline __attribute__((always_inline)) float gelu_z(float x) { return kGeluC * (x + ((kGeluK * x) * x) * x); }
 
 TINY_LLM_CLONES void gelu_loop(const float* __restrict x, float* __restrict y, long n) {
-  for (long i = 0; i < n; ++i) y[i] = x[i] * sigmoid_of(gelu_z(x[i]));
+  for (long i = 0; i < n; ++i) y[i] = x[i] * sigmoid_fast(gelu_z(x[i]));
 }
 
 TINY_LLM_CLONES void gelu_backward_loop(const float* __restrict x, const float* __restrict dy, float* __restrict dx,
                                         long n) {
   for (long i = 0; i < n; ++i) {
-    const float s = sigmoid_of(gelu_z(x[i]));
+    const float s = sigmoid_fast(gelu_z(x[i]));
     const float dz = kGeluC * (1.0f + (3.0f * kGeluK) * (x[i] * x[i]));
     dx[i] = dy[i] * (s + (x[i] * (s * (1.0f - s))) * dz);
   }
