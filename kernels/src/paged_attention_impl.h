@@ -146,26 +146,29 @@ inline void score_block(const float* Q, int Dp, const E* const* kp, int nr, int 
     for (int jj = 0; jj < nk; ++jj) S[r * BC + jj] = s[r * KB + jj];
 }
 
-// The next tile's key and value rows (n of them, `bytes` each), asked for from memory a few at
-// a time while this tile's scores are computed: rows of a block are contiguous but blocks lie
-// anywhere (a block of 16 fp32 rows of 64 is one page), which the hardware prefetcher does not
-// follow. Measured with the pools in DRAM (64 sequences of 512 positions, or 30 layers' pools
-// at batch 1), against the dense kernel on a contiguous cache: 1.45x its time without, about
-// 1.3x with (asking for the whole tile at once, two tiles ahead, or every other line measured
-// the same); with one block of 512 per sequence (the dense cache's layout) 1.05-1.1x, so the
-// rest is the scattered 4 KiB blocks themselves.
+// Rows read soon (n of them, `bytes` each), asked for from memory a few at a time: the keys
+// while this tile's scores are computed, the values while its P @ V runs, each just ahead of
+// its use. The rows of a block are contiguous but blocks lie anywhere, which the hardware
+// prefetcher does not follow. What is asked for: the next kv head's rows of this tile, or,
+// after the item's last kv head, the first one's next tile (attend()). This kernel first asked
+// for a kv head's whole next tile of keys and values (16 KiB at D = 64 in bf16) before its
+// scores, three heads' worth before their use in a decode item: slower, most likely because
+// the prefetched lines pushed the rows in use out of L1 (32 KiB; Zen 4 fills L1 on prefetcht1
+// as far as the timings tell: asking for L1 or L2 measured the same). Measured on 64 decode rows of contexts 100-768 (bf16 pools, blocks of 64, one layer), CPU
+// time a key and kv head 39-48 ns before, 26-27 ns now, against 17 ns with every sequence
+// reading the same few blocks (all in cache). Without prefetching: 38-39 ns.
 template <class E>
 struct Ahead {
   const E* const* k = nullptr;
   const E* const* v = nullptr;
   int n = 0;
   int64_t bytes = 0;
-  void rows(int j0, int j1) const {
+  void rows(int j0, int j1) const { keys(j0, j1), values(j0, j1); }
+  void keys(int j0, int j1) const { lines(k, j0, j1); }
+  void values(int j0, int j1) const { lines(v, j0, j1); }
+  void lines(const E* const* p, int j0, int j1) const {
     for (int j = j0; j < std::min(j1, n); ++j)
-      for (int64_t b = 0; b < bytes; b += 64) {
-        __builtin_prefetch(reinterpret_cast<const char*>(k[j]) + b, 0, 2);
-        __builtin_prefetch(reinterpret_cast<const char*>(v[j]) + b, 0, 2);
-      }
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p[j]) + b, 0, 2);
   }
 };
 
@@ -173,10 +176,10 @@ template <int RB, class E, class A>
 inline void score_rows(const float* Q, int Dp, const E* const* kp, int nr, int nk, float* S, const A* ahead) {
   constexpr int KB = V::L / RB;
   for (int j0 = 0; j0 < nk; j0 += KB) {
-    if (ahead) ahead->rows(j0, j0 + KB);
+    if (ahead) ahead->keys(j0, j0 + KB);
     score_block<RB, KB>(Q, Dp, kp + j0, nr, std::min(KB, nk - j0), S + j0);
   }
-  if (ahead) ahead->rows(nk, BC);  // a short tile: the rest of the next one
+  if (ahead) ahead->keys(nk, BC);  // a short tile: the rest of the next one
 }
 
 template <class E, class A, int R = kScoreRows>
@@ -198,13 +201,15 @@ void scores(const float* Q, int rows, int Dp, const E* const* kp, int nk, float*
 
 // --- O (rows, Dp) += P (rows, BC) @ V rows ----------------------------------------------
 
-// Rows 0..RB-1 (P and O `BC` and `Dp` apart), columns d .. d + NV * L, keys j0 .. j1 - 1.
-template <int RB, int NV, class E>
-inline void pv_block(const float* P, const E* const* vp, int j0, int j1, float* O, int Dp, int d) {
+// Rows 0..RB-1 (P and O `BC` and `Dp` apart), columns d .. d + NV * L, keys j0 .. j1 - 1;
+// ahead (or nullptr): value rows j0 .. j1 - 1 to prefetch, one at each key.
+template <int RB, int NV, class E, class A = Ahead<E>>
+inline void pv_block(const float* P, const E* const* vp, int j0, int j1, float* O, int Dp, int d, const A* ahead = nullptr) {
   V acc[RB][NV];
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V::load(O + r * Dp + d + v * V::L);
   for (int j = j0; j < j1; ++j) {
+    if (ahead) ahead->values(j, j + 1);
     V x[NV];
     for (int v = 0; v < NV; ++v) x[v] = load_kv(vp[j] + d + v * V::L);
     for (int r = 0; r < RB; ++r) {
@@ -216,33 +221,37 @@ inline void pv_block(const float* P, const E* const* vp, int j0, int j1, float* 
     for (int v = 0; v < NV; ++v) V::store(O + r * Dp + d + v * V::L, acc[r][v]);
 }
 
-template <int RB, class E>
-inline void pv_rows(const float* P, const E* const* vp, int j0, int j1, float* O, int Dp) {
+template <int RB, class E, class A = Ahead<E>>
+inline void pv_rows(const float* P, const E* const* vp, int j0, int j1, float* O, int Dp, const A* ahead = nullptr) {
   int d = 0;
-  for (; d + V::NV * V::L <= Dp; d += V::NV * V::L) pv_block<RB, V::NV>(P, vp, j0, j1, O, Dp, d);
-  for (; d < Dp; d += V::L) pv_block<RB, 1>(P, vp, j0, j1, O, Dp, d);
+  for (; d + V::NV * V::L <= Dp; d += V::NV * V::L, ahead = nullptr) pv_block<RB, V::NV>(P, vp, j0, j1, O, Dp, d, ahead);
+  for (; d < Dp; d += V::L, ahead = nullptr) pv_block<RB, 1>(P, vp, j0, j1, O, Dp, d, ahead);
 }
 
-template <class E, int R = V::RB>
-inline void pv_rest(int nr, const float* P, const E* const* vp, int j0, int j1, float* O, int Dp) {
+template <class E, class A, int R = V::RB>
+inline void pv_rest(int nr, const float* P, const E* const* vp, int j0, int j1, float* O, int Dp, const A* ahead) {
   if constexpr (R > 0) {
-    if (nr == R) return pv_rows<R>(P, vp, j0, j1, O, Dp);
-    pv_rest<E, R - 1>(nr, P, vp, j0, j1, O, Dp);
+    if (nr == R) return pv_rows<R>(P, vp, j0, j1, O, Dp, ahead);
+    pv_rest<E, A, R - 1>(nr, P, vp, j0, j1, O, Dp, ahead);
   }
 }
 
 // Row r takes keys 0 .. cnt[r] - 1 of the tile: a block of rows shares the keys all of them
 // see, then each row takes its own remainder (the diagonal), so each output lane is one chain
-// over exactly the row's visible keys.
-template <class E>
-void accumulate(const float* P, const int* cnt, int rows, int Dp, const E* const* vp, float* O) {
+// over exactly the row's visible keys. ahead: the value rows to prefetch (all of them, along
+// the first block of rows' keys, then any left).
+template <class E, class A>
+void accumulate(const float* P, const int* cnt, int rows, int Dp, const E* const* vp, float* O, const A* ahead) {
+  int asked = 0;  // value rows prefetched so far
   for (int r0 = 0; r0 < rows; r0 += V::RB) {
     const int nr = std::min(V::RB, rows - r0);
     const int common = *std::min_element(cnt + r0, cnt + r0 + nr);
-    if (common > 0) pv_rest<E>(nr, P + r0 * BC, vp, 0, common, O + r0 * Dp, Dp);
+    if (common > 0) pv_rest<E, A>(nr, P + r0 * BC, vp, 0, common, O + r0 * Dp, Dp, asked ? nullptr : ahead);
+    if (common > 0 && !asked) asked = common;
     for (int r = r0; r < r0 + nr; ++r)
       if (cnt[r] > common) pv_rows<1>(P + r * BC, vp, common, cnt[r], O + r * Dp, Dp);
   }
+  if (ahead) ahead->values(asked, BC);
 }
 
 // The online softmax step for one row of BC scores (log2 units), as flash attention's: the
@@ -376,11 +385,9 @@ void attend(const Problem& p, const Item& it, int seg, float* partial) {
     auto at = [&](int parity, int i, int kv) { return ptrs + ((size_t(parity) * it.ng + i) * 2 + kv) * BC; };
     const int s_end = std::min(maxvis, seg1 * kSegment);
     int cur = 0;
-    for (int i = 0; i < it.ng; ++i) {  // the first tile, asked for before the queries are loaded
-      const int n = std::clamp(s_end - t0, 0, BC);
-      locate(it.g0 + i, t0, n, at(0, i, 0), at(0, i, 1));
-      Ahead<E>{at(0, i, 0), at(0, i, 1), n, row_bytes}.rows(0, BC);
-    }
+    const int n0 = std::clamp(s_end - t0, 0, BC);
+    for (int i = 0; i < it.ng; ++i) locate(it.g0 + i, t0, n0, at(0, i, 0), at(0, i, 1));  // the first tile
+    Ahead<E>{at(0, 0, 0), at(0, 0, 1), n0, row_bytes}.rows(0, BC);  // its first kv head's rows, before the queries load
     load_q();
     for (int sg = seg0; sg < seg1; ++sg) {
       std::fill(O, O + size_t(rows) * Dp, 0.0f);
@@ -395,8 +402,10 @@ void attend(const Problem& p, const Item& it, int seg, float* partial) {
           const int r0 = i * gr;
           const E** kp = at(cur, i, 0);
           const E** vp = at(cur, i, 1);
-          Ahead<E> ahead{at(cur ^ 1, i, 0), at(cur ^ 1, i, 1), nn, row_bytes};
           if (nn > 0) locate(it.g0 + i, s0 + BC, nn, at(cur ^ 1, i, 0), at(cur ^ 1, i, 1));
+          // prefetch the rows read next: the next kv head's in this tile, or the first head's next tile
+          Ahead<E> ahead = i + 1 < it.ng ? Ahead<E>{at(cur, i + 1, 0), at(cur, i + 1, 1), nk, row_bytes}
+                                         : Ahead<E>{at(cur ^ 1, 0, 0), at(cur ^ 1, 0, 1), nn, row_bytes};
           auto tile = [&](const auto* const* ks, const auto* const* vs) {
             scores(Q + size_t(r0) * Dp, gr, Dp, ks, nk, S + size_t(r0) * BC, &ahead);
             for (int r = r0; r < r0 + gr; ++r) {
@@ -406,7 +415,7 @@ void attend(const Problem& p, const Item& it, int seg, float* partial) {
               std::fill(s, s + std::clamp(lo[r] - s0, 0, BC), -kInf);  // before the window
               online_softmax(s, m[r], l[r], O + size_t(r) * Dp, Dp);
             }
-            accumulate(S + size_t(r0) * BC, cnt + r0, gr, Dp, vs, O + size_t(r0) * Dp);
+            accumulate(S + size_t(r0) * BC, cnt + r0, gr, Dp, vs, O + size_t(r0) * Dp, &ahead);
           };
           if (!convert) {
             tile(kp, vp);
