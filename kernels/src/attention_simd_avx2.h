@@ -40,8 +40,8 @@ struct V {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
   }
   // Lane j = hsum(a[j]), for 8 vectors at once: pairwise hadds within 128-bit halves, then
-  // the two halves added.
-  static V sum_lanes(const V* a) {
+  // the two halves added. Always inlined, as AVX-512's.
+  [[gnu::always_inline]] static V sum_lanes(const V* a) {
     const __m256 lo4 = _mm256_hadd_ps(_mm256_hadd_ps(a[0].v, a[1].v), _mm256_hadd_ps(a[2].v, a[3].v));
     const __m256 hi4 = _mm256_hadd_ps(_mm256_hadd_ps(a[4].v, a[5].v), _mm256_hadd_ps(a[6].v, a[7].v));
     return {_mm256_add_ps(_mm256_permute2f128_ps(lo4, hi4, 0x20), _mm256_permute2f128_ps(lo4, hi4, 0x31))};
