@@ -154,9 +154,10 @@ inline void score_block(const float* Q, int Dp, const E* const* kp, int nr, int 
 // for a kv head's whole next tile of keys and values (16 KiB at D = 64 in bf16) before its
 // scores, three heads' worth before their use in a decode item: slower, most likely because
 // the prefetched lines pushed the rows in use out of L1 (32 KiB; Zen 4 fills L1 on prefetcht1
-// as far as the timings tell: asking for L1 or L2 measured the same). Measured on 64 decode rows of contexts 100-768 (bf16 pools, blocks of 64, one layer), CPU
-// time a key and kv head 39-48 ns before, 26-27 ns now, against 17 ns with every sequence
-// reading the same few blocks (all in cache). Without prefetching: 38-39 ns.
+// as far as the timings tell: asking for L1 or L2 measured the same). On 64 decode rows of
+// contexts 100-768 (bf16 pools, blocks of 64, one layer), CPU time a key and kv head: 39-48 ns
+// before, 24-27 ns with this (19-20 once sum_lanes was inlined), 38-39 ns without prefetching,
+// and 17 ns (16) with every sequence reading the same few blocks, all in cache.
 template <class E>
 struct Ahead {
   const E* const* k = nullptr;
@@ -204,7 +205,8 @@ void scores(const float* Q, int rows, int Dp, const E* const* kp, int nk, float*
 // Rows 0..RB-1 (P and O `BC` and `Dp` apart), columns d .. d + NV * L, keys j0 .. j1 - 1;
 // ahead (or nullptr): value rows j0 .. j1 - 1 to prefetch, one at each key.
 template <int RB, int NV, class E, class A = Ahead<E>>
-inline void pv_block(const float* P, const E* const* vp, int j0, int j1, float* O, int Dp, int d, const A* ahead = nullptr) {
+inline void pv_block(const float* P, const E* const* vp, int j0, int j1, float* O, int Dp, int d,
+                     const A* ahead = nullptr) {
   V acc[RB][NV];
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V::load(O + r * Dp + d + v * V::L);
@@ -224,7 +226,8 @@ inline void pv_block(const float* P, const E* const* vp, int j0, int j1, float* 
 template <int RB, class E, class A = Ahead<E>>
 inline void pv_rows(const float* P, const E* const* vp, int j0, int j1, float* O, int Dp, const A* ahead = nullptr) {
   int d = 0;
-  for (; d + V::NV * V::L <= Dp; d += V::NV * V::L, ahead = nullptr) pv_block<RB, V::NV>(P, vp, j0, j1, O, Dp, d, ahead);
+  for (; d + V::NV * V::L <= Dp; d += V::NV * V::L, ahead = nullptr)  // the values asked for once, at the first
+    pv_block<RB, V::NV>(P, vp, j0, j1, O, Dp, d, ahead);
   for (; d < Dp; d += V::L, ahead = nullptr) pv_block<RB, 1>(P, vp, j0, j1, O, Dp, d, ahead);
 }
 
