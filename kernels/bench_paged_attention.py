@@ -6,7 +6,8 @@ model's attention shape: 9 query heads over 3 kv heads, head_dim 64, block size 
 Cases (one attention layer's call):
 - decode, batch 1, context 512 (fp32 and fp16 pools): the hot path, 30 calls a token;
 - decode, 64 sequences at context 512 (the dense kernel needs one offset for all), and 64
-  sequences at contexts 100..768 (paged only: the serving benchmark's spread);
+  sequences at contexts 100..768 (paged only: the serving benchmark's spread), also as the
+  serving bench's tuned peers run it (bf16 pools, blocks of 64);
 - prefill, one sequence of 512 tokens, and 8 chunks of 64 tokens at starts 0..448.
 
 Per case and implementation: median ms per layer, MLX's scheduling included, the paged and
@@ -57,6 +58,8 @@ def cases(quick: bool) -> list[dict]:
         {"case": "decode B=64 ctx 512", "seqs": [(511, 1)] * 64, "pool": mx.float32, "dense": True, "layers": 4},
         {"case": "decode B=64 ctx 100-768", "seqs": [(s - 1, 1) for s in spread], "pool": mx.float32,
          "dense": False, "layers": 4},
+        {"case": "decode B=64 100-768 bf16/64", "seqs": [(s - 1, 1) for s in spread], "pool": mx.bfloat16,
+         "dense": False, "layers": 4, "block": 64},
         {"case": "prefill 1 x 512", "seqs": [(0, 512)], "pool": mx.float32, "dense": True, "layers": 1},
         {"case": "prefill 8 chunks of 64", "seqs": [(64 * i, 64) for i in range(8)], "pool": mx.float32,
          "dense": False, "layers": 1},
@@ -66,18 +69,18 @@ def cases(quick: bool) -> list[dict]:
 class Step:
     """One layer's inputs for a step, paged (random block placement) and dense."""
 
-    def __init__(self, seqs, pool_dtype, dense: bool):
+    def __init__(self, seqs, pool_dtype, dense: bool, block: int = BLOCK):
         rng = np.random.default_rng(1)
         self.seqs, self.T = seqs, sum(n for _, n in seqs)
-        needs = [-(-(s + n) // BLOCK) for s, n in seqs]
+        needs = [-(-(s + n) // block) for s, n in seqs]
         ids = list(rng.permutation(sum(needs)))
         tables = [[int(ids.pop()) for _ in range(need)] for need in needs]
-        shape = (sum(needs), H_KV, BLOCK, D)
+        shape = (sum(needs), H_KV, block, D)
         self.k_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(pool_dtype)
         self.v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(pool_dtype)
         self.qkv = mx.array(rng.standard_normal((1, self.T, (H + 2 * H_KV) * D)).astype(np.float32))
         self.rope = RoPE(D, max(s + n for s, n in seqs) + 1)
-        self.meta = AttentionMetadata.build([n for _, n in seqs], [s for s, _ in seqs], tables, BLOCK)
+        self.meta = AttentionMetadata.build([n for _, n in seqs], [s for s, _ in seqs], tables, block)
         self.dense = None
         if dense:  # every sequence at one offset: (N, L, ...) qkv and (N, H_kv, C, D) caches
             (start, n), N = seqs[0], len(seqs)
@@ -133,7 +136,7 @@ def results(quick: bool) -> list[dict]:
     rows = []
     for c in cases(quick):
         layers = c["layers"] if not quick else max(1, c["layers"] // 3)
-        steps = [Step(c["seqs"], c["pool"], c["dense"]) for _ in range(layers)]
+        steps = [Step(c["seqs"], c["pool"], c["dense"], c.get("block", BLOCK)) for _ in range(layers)]
         T = steps[0].T
         decode = all(n == 1 for _, n in c["seqs"])
         reps = (20 if quick else 100) if decode else (5 if quick else 20)
@@ -171,8 +174,8 @@ def main() -> None:
     if kernels is None or not hasattr(kernels, "paged_attention"):
         sys.exit("tiny_llm_kernels.paged_attention is not built (pip install --no-build-isolation ./kernels)")
     print(f"kernel: {kernels.paged_attention_info()}  (TINY_LLM_THREADS overrides the thread count)")
-    print(f"mx {mx.__version__}; H = {H}, H_kv = {H_KV}, D = {D}, block size {BLOCK}, fp32 qkv;"
-          " 'vs paged' = that row's ms / the paged kernel's; peak MiB a layer\n")
+    print(f"mx {mx.__version__}; H = {H}, H_kv = {H_KV}, D = {D}, block size {BLOCK} (bf16/64: bf16 pools,"
+          " blocks of 64), fp32 qkv; 'vs paged' = that row's ms / the paged kernel's; peak MiB a layer\n")
     print(table(results(args.quick)))
 
 
