@@ -1,5 +1,6 @@
 """Speculative decoding (topic 3.4) on Qwen2.5-Coder 1.5B: plain greedy decode vs n-gram prompt lookup
-vs the 0.5B drafting, decode tokens/s and acceptance rates, in one run: on the single-stream loop
+vs the 0.5B drafting (its weights requantized to 4 bits, the engine's default, and as the file has them),
+decode tokens/s and acceptance rates, in one run: on the single-stream loop
 (impl.speculative) and in the batched engine (speculative_config, one request at a time); and
 llama.cpp's own prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding) on the same GGUF,
 against its plain decode.
@@ -29,6 +30,7 @@ from impl.engine import LLM, SamplingParams
 from impl.generate import _eos_ids, generate_step_cached
 from impl.kv_cache import make_cache
 from impl.loader import load_model
+from impl.requantize import LAYOUTS, requantized
 from impl.speculative import DraftModel, NgramProposer, SpeculativeStats, speculative_generate_step
 
 # isort: split
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     target = load_model("qwen2.5-coder-1.5b", quantized=True)
     draft = load_model("qwen2.5-coder-0.5b", quantized=True)
+    draft4 = requantized(draft.model, *LAYOUTS["4bit"])  # the engine's default draft_quantization
     prompts = {name: chat_ids(target, text) for name, text in PROMPTS.items()}
     lengths = {name: answer_length(target, prompt, most) for name, prompt in prompts.items()}
     print(f"loaded the 1.5B target and 0.5B draft (quantized) in {time.perf_counter() - t:.1f} s; tokens a run: "
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, prompt in prompts.items():
         n = lengths[name]
         methods = {"greedy decode": None, f"n-gram k={args.ngram_k}": (args.ngram_n, args.ngram_k),
-                   f"0.5B draft k={args.k}": ("draft", args.k)}
+                   f"0.5B 4bit k={args.k}": ("draft", args.k), f"0.5B file k={args.k}": ("file", args.k)}
         rates: dict[str, list[float]] = {m: [] for m in methods}
         for _ in range(reps):  # interleaved, so a change of load on the machine hits every method alike
             for label, how in methods.items():
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                 if how is None:
                     steps = generate_step_cached(target.model, prompt)
                 else:
-                    proposer = DraftModel(draft.model) if how[0] == "draft" else NgramProposer(how[0], args.ngram_min)
+                    drafts = {"draft": draft4, "file": draft.model}
+                    proposer = DraftModel(drafts[how[0]]) if how[0] in drafts else NgramProposer(how[0], args.ngram_min)
                     steps = speculative_generate_step(target.model, prompt, proposer, how[1], stats=stats)
                 got, tps = run(steps, n)
                 rates[label].append(tps)
@@ -207,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                f"engine n-gram k={args.ngram_k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
                    "method": "ngram", "num_speculative_tokens": args.ngram_k, "prompt_lookup_max": args.ngram_n,
                    "prompt_lookup_min": args.ngram_min}),
-               f"engine 0.5B draft k={args.k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
-                   "method": "draft_model", "model": draft, "num_speculative_tokens": args.k})}
+               f"engine 0.5B 4bit k={args.k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
+                   "method": "draft_model", "model": draft, "num_speculative_tokens": args.k}),
+               f"engine 0.5B file k={args.k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
+                   "method": "draft_model", "model": draft, "num_speculative_tokens": args.k,
+                   "draft_quantization": None})}
     for name, prompt in prompts.items():
         n = lengths[name]
         rates = {label: [] for label in engines}
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, (tps, same) in rows.items():
             print(f"{name:<6} {label:<16} {tps:7.2f} {tps / base:7.2f}x {'':>7} {'':>9} {same:>3}/{n}")
     prompt = prompts["code"]
-    for label, model in (("1.5B", target.model), ("0.5B", draft.model)):
+    for label, model in (("1.5B", target.model), ("0.5B 4bit", draft4), ("0.5B file", draft.model)):
         cost = verify_cost(model, prompt, [0, 4, 8], reps=2 if args.quick else 5)
         print(f"{label} pass over 1 / 5 / 9 positions: "
               + " / ".join(f"{cost[k] * 1e3:.0f} ms" for k in cost)

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " engine (or week 2's loop with --single-stream)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K",
                    help="tokens drafted per step of speculative decoding (default 4)")
+    p.add_argument("--draft-quantization", choices=["4bit", "none"], default="4bit",
+                   help="the --draft-model's quantized weights requantized to 4-bit affine, groups of 128, int8"
+                        " matmuls (default: a faster draft), or none: as loaded")
     return p
 
 
@@ -156,7 +159,7 @@ def make_engine(loaded, args):
         spec = {"method": "ngram", "num_speculative_tokens": args.num_draft_tokens}
     elif args.draft_model:
         spec = {"method": "draft_model", "model": load_draft(loaded, args),
-                "num_speculative_tokens": args.num_draft_tokens}
+                "num_speculative_tokens": args.num_draft_tokens, "draft_quantization": draft_quantization(args)}
     try:
         return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=1, kv_cache_memory=args.kv_cache_memory,
                          kv_cache_dtype=kv_dtype(args.kv_cache_dtype), speculative_config=spec)
@@ -215,7 +218,19 @@ def make_proposer(loaded, args):
 
     if args.speculative == "ngram":
         return NgramProposer(3, 2)  # a 1-gram match mostly drafts wrong tokens, each a row of the target's pass
-    return DraftModel(load_draft(loaded, args).model) if args.draft_model else None
+    if not args.draft_model:
+        return None
+    model, quantization = load_draft(loaded, args).model, draft_quantization(args)
+    if quantization is not None:
+        from impl.requantize import LAYOUTS, requantized
+
+        model = requantized(model, *LAYOUTS[quantization])
+    return DraftModel(model)
+
+
+def draft_quantization(args) -> str | None:
+    """--draft-quantization as the engine's draft_quantization: a layout name, or None (as loaded)."""
+    return None if args.draft_quantization == "none" else args.draft_quantization
 
 
 def load_draft(loaded, args):

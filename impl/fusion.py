@@ -62,7 +62,7 @@ def fused_linear(x: mx.array, w: QuantizedWeight | KQuantWeight, norm: RMSNorm |
     packed = w.int8_packed()
     return kernel(x, w.w_q, w.scales, w.biases, w.group_size, w.bits,
                   norm_weight=None if norm is None else norm.weight, eps=1e-5 if norm is None else norm.eps,
-                  swiglu=swiglu, residual=residual, precision=matmul_precision(x),
+                  swiglu=swiglu, residual=residual, precision=matmul_precision(x, w.precision),
                   **({"int8_packed": packed} if packed is not None else {}))
 
 

@@ -24,6 +24,8 @@ class QuantizedWeight:
     biases: mx.array
     group_size: int
     bits: int
+    # The matmuls' precision for this weight ("fp32", "bf16", "int8"); None: impl.quantize.MATMUL_PRECISION.
+    precision: str | None = None
     # (w_q, scales, biases, packed): int8_packed()'s array and the arrays it was made from
     _int8: tuple | None = field(default=None, repr=False, compare=False)
 
@@ -35,15 +37,15 @@ class QuantizedWeight:
     def matmul_t(self, x: mx.array) -> mx.array:
         """x (..., K) @ W.T -> (..., N), on the quantized-matmul kernel when it is built."""
         return quantized_matmul(x, self.w_q, self.scales, self.biases, self.group_size, self.bits,
-                                int8_packed=self.int8_packed())
+                                precision=self.precision, int8_packed=self.int8_packed())
 
     def int8_packed(self) -> mx.array | None:
         """This weight packed for the int8 kernels when matmuls run at precision "int8" on them
-        (impl.quantize.MATMUL_PRECISION; else None): made at the first such matmul and kept while
+        (`precision`, else impl.quantize.MATMUL_PRECISION; else None): made at the first such matmul and kept while
         w_q, scales and biases are the arrays it was made from (a weight given new arrays is packed
         again). Without it the kernel packs the weight at every call; the bits are the same."""
         # The cheap test first: every matmul of a decode step asks (about 120 a token).
-        if _quantize.MATMUL_PRECISION != "int8" or _int8_pack is None or mx.default_device() != mx.cpu:
+        if (self.precision or _quantize.MATMUL_PRECISION) != "int8" or _int8_pack is None or mx.default_device() != mx.cpu:
             return None
         kept = self._int8
         if kept is None or kept[0] is not self.w_q or kept[1] is not self.scales or kept[2] is not self.biases:
@@ -63,12 +65,12 @@ class QuantizedWeight:
         first = weights[0]
         assert all(first.can_stack(w) for w in weights), "stacked weights need one K and one layout"
         rows = lambda name: mx.concatenate([getattr(w, name) for w in weights])  # noqa: E731
-        return QuantizedWeight(rows("w_q"), rows("scales"), rows("biases"), first.group_size, first.bits)
+        return QuantizedWeight(rows("w_q"), rows("scales"), rows("biases"), first.group_size, first.bits, first.precision)
 
     def can_stack(self, other: QuantizedWeight) -> bool:
-        """Whether `stack` takes the two: same K, group size, bit width and scale dtype."""
-        return ((self.shape[1], self.group_size, self.bits, self.scales.dtype, self.biases.dtype)
-                == (other.shape[1], other.group_size, other.bits, other.scales.dtype, other.biases.dtype))
+        """Whether `stack` takes the two: same K, group size, bit width, scale dtype and precision."""
+        return ((self.shape[1], self.group_size, self.bits, self.scales.dtype, self.biases.dtype, self.precision)
+                == (other.shape[1], other.group_size, other.bits, other.scales.dtype, other.biases.dtype, other.precision))
 
     @property
     def nbytes(self) -> int:

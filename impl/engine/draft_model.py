@@ -30,15 +30,18 @@ class DraftModelDrafter:
 
     def __init__(self, model, name: str, max_positions: int):
         self.model, self.name, self.max_positions = model, name, max_positions
+        self.quantization: str | None = None  # what load requantized the draft's weights to
         self.caches: dict[str, DraftModel] = {}
         dtype = model.embed_tokens(mx.array([[0]])).dtype  # the caches store the activations' dtype
         self.bytes_per_position = bytes_per_block(model.args, 1, dtype)
 
     @classmethod
-    def load(cls, model, vocab_size: int, max_positions: int) -> DraftModelDrafter:
-        """The drafter for `model` (a path or known name, a LoadedModel or an impl Model); a one-line
-        ValueError if its vocabulary is not the target's (vocab_size)."""
+    def load(cls, model, vocab_size: int, max_positions: int, quantization: str | None = None) -> DraftModelDrafter:
+        """The drafter for `model` (a path or known name, a LoadedModel or an impl Model), its quantized
+        weights requantized to `quantization` (impl.requantize.LAYOUTS; None: as loaded) in a copy (a
+        model given is left as it was); a one-line ValueError if its vocabulary is not the target's."""
         from impl.loader import LoadedModel, load_model
+        from impl.requantize import LAYOUTS, requantized
 
         name = "a given model"
         if not hasattr(model, "args"):  # a path or a known name
@@ -48,7 +51,12 @@ class DraftModelDrafter:
         if model.args.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary has {model.args.vocab_size} tokens, the target's"
                              f" {vocab_size}: a draft must share the target's tokenizer")
-        return cls(model, name, max_positions)
+        if quantization is not None:
+            bits, group_size = LAYOUTS[quantization]
+            model = requantized(model, bits, group_size)
+        drafter = cls(model, name, max_positions)
+        drafter.quantization = quantization
+        return drafter
 
     @property
     def num_positions(self) -> int:
@@ -74,5 +82,6 @@ class DraftModelDrafter:
 
     def describe(self) -> str:
         mib = self.max_positions * self.bytes_per_position / 2**20
-        return (f"draft model {self.name}, its KV caches outside the pool: up to {self.max_positions} positions,"
-                f" {mib:.0f} MiB")
+        weights = f" (weights requantized: {self.quantization})" if self.quantization else ""
+        return (f"draft model {self.name}{weights}, its KV caches outside the pool: up to {self.max_positions}"
+                f" positions, {mib:.0f} MiB")

@@ -1,0 +1,115 @@
+"""impl.requantize: a model's quantized weights requantized to 4-bit affine triples (a faster draft
+model for speculative decoding, topic 3.4; docs/speculative.md), and the engine's draft_quantization.
+
+A draft only proposes: the engine's greedy output must stay the target's whatever the draft's weights,
+so the oracle is engine-with-a-requantized-draft == engine without speculation, on the default model
+(Q4_1 in groups of 32) drafting for itself after requantization to groups of 128.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import impl  # noqa: F401  (loads tiny_llm_kernels and the BLAS fix before mlx is used)
+from impl.engine import LLM, SamplingParams
+from impl.kquant_weight import KQuantWeight
+from impl.loader import load_model
+from impl.quantize import quantized_matmul_int8_mlx
+from impl.quantized_weight import QuantizedWeight
+from impl.requantize import dense, requantize_weight, requantized
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model(quantized=True)
+
+
+def quantized_weights(model) -> list:
+    """Every quantized weight of an impl Model, in layer order, the head (or tied embedding) last."""
+    out = []
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        out += [a.wqkv, a.wo, m.w_gate_up, m.w_down]
+    return out + [model.embed_tokens.weight if model.lm_head is None else model.lm_head]
+
+
+def test_every_weight_is_4bit_in_the_largest_group_up_to_128_within_a_step(smol):
+    model = requantized(smol.model)
+    old, new = quantized_weights(smol.model), quantized_weights(model)
+    assert all(isinstance(w, QuantizedWeight) for w in old), "the default model's weights are affine triples"
+    for o, n in zip(old, new, strict=True):
+        group = next(g for g in (128, 64, 32) if o.shape[1] % g == 0)  # SmolLM2's K = 576 takes 64
+        assert (n.bits, n.group_size, n.precision) == (4, group, "int8"), f"{n.shape}: {n.bits} bits, groups of {n.group_size}"
+        assert n.shape == o.shape
+        # mx.quantize puts the grid's edge exactly on the group's end of larger magnitude and refits the
+        # step to it, so rounding to nearest leaves the other end up to a step off (not half a step):
+        # 0.94 of a step measured on random normals. Plus a few ulps of fp32 arithmetic.
+        err = np.abs(np.array(dense(n)) - np.array(dense(o))).reshape(n.shape[0], -1, n.group_size)
+        step = np.abs(np.array(n.scales))[..., None]  # MLX may store a negative scale (its grid then runs down)
+        ulps = 4 * np.finfo(np.float32).eps * np.abs(np.array(dense(o))).max()
+        assert (err <= step + ulps).all(), f"{n.shape}: error {(err / step).max():.3g} steps"
+        assert (err <= step / 2 + ulps).mean() > 0.9, "most values should round to their nearest grid point"
+
+
+def test_the_model_given_is_left_as_it_was(smol):
+    before = quantized_weights(smol.model)
+    w0 = np.array(before[0].w_q)
+    model = requantized(smol.model)
+    assert model is not smol.model and model.layers[0] is not smol.model.layers[0]
+    assert all(a is b for a, b in zip(before, quantized_weights(smol.model), strict=True))
+    assert np.array_equal(np.array(quantized_weights(smol.model)[0].w_q), w0)
+    assert model.norm.weight is smol.model.norm.weight  # not a quantized weight: shared, not copied
+    if smol.model.lm_head is None:  # a tied head stays tied: one requantized weight, not two
+        assert model.lm_head is None
+
+
+def test_kquant_blocks_requantize_and_group_size_falls_back_to_one_that_divides_k():
+    from spec.day_2_2_quantized_matmul import gguf_weights, kquant_rows
+
+    rng = np.random.default_rng(0)
+    rows = kquant_rows("Q4_K", 8, 512, seed=0)
+    w = KQuantWeight((mx.array(rows),), ("Q4_K",))
+    assert np.array_equal(np.array(dense(w)), gguf_weights(rows, "Q4_K").astype(np.float32))  # exact: 2.2's claim
+    n = requantize_weight(w, 4, 128)
+    assert (n.group_size, n.bits) == (128, 4)
+    q = QuantizedWeight(*mx.quantize(mx.array(rng.standard_normal((4, 96)).astype(np.float32)), group_size=32, bits=8), 32, 8)
+    assert requantize_weight(q, 4, 128).group_size == 32  # 96 = 3 x 32: 128 and 64 do not divide it
+    with pytest.raises(ValueError, match="bits must be one of"):
+        requantized(object(), bits=7)
+
+
+def test_a_weights_own_precision_wins_over_the_global_one(smol):
+    w = quantized_weights(smol.model)[1]
+    x = mx.array(np.random.default_rng(1).standard_normal((3, w.shape[1])).astype(np.float32))
+    mine = QuantizedWeight(w.w_q, w.scales, w.biases, w.group_size, w.bits, "int8")
+    want = quantized_matmul_int8_mlx(x, w.w_q, w.scales, w.biases, w.group_size, w.bits)
+    # The int8 kernel equals its twin bit for bit (2.2's claim): so this weight ran at int8 whatever
+    # TINY_LLM_MATMUL_PRECISION says, packed once for it.
+    assert np.array_equal(np.array(mine.matmul_t(x)), np.array(want))
+    assert mine.int8_packed() is not None
+
+
+def test_engine_with_a_requantized_draft_equals_the_engine_without(smol):
+    prompts = [{"prompt_token_ids": smol.tokenizer.encode(t)} for t in
+               ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time")]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = LLM(smol, log=False).generate(prompts, params)
+    llm = LLM(smol, log=False, speculative_config={"method": "draft_model", "model": smol, "num_speculative_tokens": 4})
+    drafter = llm.engine.spec.drafter
+    assert drafter.quantization == "4bit" and drafter.model is not smol.model
+    assert quantized_weights(drafter.model)[0].bits == 4
+    spec = llm.generate(prompts, params)
+    for p, s in zip(plain, spec, strict=True):
+        assert list(s.token_ids) == list(p.token_ids)
+    drafted = sum(s.metrics.num_draft_tokens for s in spec)
+    assert drafted > 0, "the draft drafted nothing: the oracle checked no speculation"
+
+
+@pytest.mark.parametrize("value, message", [("3bit", "draft_quantization '3bit' is not known: '4bit' or null"),
+                                            (4, "draft_quantization 4 is not known")])
+def test_bad_draft_quantization_is_one_line(smol, value, message):
+    with pytest.raises(ValueError, match=message) as e:
+        LLM(smol, log=False, speculative_config={"model": smol, "draft_quantization": value})
+    assert "\n" not in str(e.value)
