@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-quantization", choices=["4bit", "none"], default="4bit",
                    help="the --draft-model's quantized weights requantized to 4-bit affine, groups of 128, int8"
                         " matmuls (default: a faster draft), or none: as loaded")
+    p.add_argument("--draft-p-min", type=float, default=None, metavar="P",
+                   help="the --draft-model stops drafting at the first token it gives a probability below P"
+                        " (llama.cpp's flag; default: always K drafts)")
     return p
 
 
@@ -119,6 +122,9 @@ def _checked_sampler(args):
         raise TinyLLMError("speculative decoding rewinds the KV cache; drop --no-kv-cache")
     if args.num_draft_tokens < 1:
         raise TinyLLMError(f"--num-draft-tokens must be at least 1, got {args.num_draft_tokens}")
+    if args.draft_p_min is not None and not (args.draft_model and 0 <= args.draft_p_min <= 1):
+        raise TinyLLMError(f"--draft-p-min is a probability in [0, 1] for --draft-model, got {args.draft_p_min}"
+                           + ("" if args.draft_model else " without --draft-model"))
     given = {f: getattr(args, f) for f in SAMPLING_FLAGS if getattr(args, f) is not None}
     if not given:  # greedy, topic 1.6's decode loop
         from impl.generate import greedy
@@ -159,7 +165,8 @@ def make_engine(loaded, args):
         spec = {"method": "ngram", "num_speculative_tokens": args.num_draft_tokens}
     elif args.draft_model:
         spec = {"method": "draft_model", "model": load_draft(loaded, args),
-                "num_speculative_tokens": args.num_draft_tokens, "draft_quantization": draft_quantization(args)}
+                "num_speculative_tokens": args.num_draft_tokens, "draft_quantization": draft_quantization(args),
+                "draft_p_min": args.draft_p_min}
     try:
         return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=1, kv_cache_memory=args.kv_cache_memory,
                          kv_cache_dtype=kv_dtype(args.kv_cache_dtype), speculative_config=spec)
@@ -225,7 +232,7 @@ def make_proposer(loaded, args):
         from impl.requantize import LAYOUTS, requantized
 
         model = requantized(model, *LAYOUTS[quantization])
-    return DraftModel(model)
+    return DraftModel(model, args.draft_p_min)
 
 
 def draft_quantization(args) -> str | None:

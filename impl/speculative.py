@@ -122,10 +122,15 @@ class NgramProposer:
 
 
 class DraftModel:
-    """A smaller model with the target's vocabulary drafting k tokens on its own KV cache (topic 3.4)."""
+    """A smaller model with the target's vocabulary drafting k tokens on its own KV cache (topic 3.4).
+    p_min (llama.cpp's --draft-p-min): stop drafting at the first token the draft gives less than this
+    probability (it is not drafted), so that a step spends no draft passes and verify rows on tokens
+    the target is unlikely to keep; None drafts all k."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, p_min: float | None = None):
+        if p_min is not None and not 0.0 <= p_min <= 1.0:
+            raise ValueError(f"p_min must be a probability in [0, 1], got {p_min!r}")
+        self.model, self.p_min = model, p_min
         self.cache = make_cache(model)
         self.tokens: list[int] = []  # the token at each position the cache holds
 
@@ -149,16 +154,14 @@ class DraftModel:
         feed = mx.array([self._rewind(tokens)])  # (1, L)
         self.tokens += feed[0].tolist()
         keys = mx.random.split(key, k) if key is not None else [None] * k
+        if self.p_min is not None:
+            return self._propose_confident(feed, k, sampling, keys)
         drafts, qs = [], []
         for i in range(k):  # one lazy graph: a draft feeds the next step before anything is evaluated
-            logits = self.model(feed, cache=self.cache, logits_to_keep=1)[:, -1, :].astype(mx.float32)  # (1, V)
-            if sampling is None or sampling.greedy:
-                token = mx.argmax(logits, axis=-1)  # (1,)
-            else:
-                q = sampling.probs(logits)
-                qs.append(q[0])
-                token = mx.random.categorical(mx.log(q), axis=-1, key=keys[i])
+            token, q, _ = self._draft(feed, sampling, keys[i])
             drafts.append(token)
+            if q is not None:
+                qs.append(q)
             if i < k - 1:  # the last draft is not fed: the target checks it first
                 feed = token.reshape(1, 1)
         drafts = mx.concatenate(drafts)
@@ -167,6 +170,36 @@ class DraftModel:
         drafts = drafts.tolist()
         self.tokens += drafts[:-1]
         return drafts, q
+
+    def _draft(self, feed: mx.array, sampling: Sampling | None, key) -> tuple[mx.array, mx.array | None, mx.array]:
+        """One pass over feed (1, L): the next draft (1,), when sampling the q (V,) it was drawn from, and
+        the logits (1, V)."""
+        logits = self.model(feed, cache=self.cache, logits_to_keep=1)[:, -1, :].astype(mx.float32)  # (1, V)
+        if sampling is None or sampling.greedy:
+            return mx.argmax(logits, axis=-1), None, logits
+        q = sampling.probs(logits)
+        return mx.random.categorical(mx.log(q), axis=-1, key=key), q[0], logits
+
+    def _propose_confident(self, feed: mx.array, k: int, sampling: Sampling | None, keys) -> tuple[list[int], mx.array | None]:
+        """propose with p_min: each draft evaluated before the next pass, kept while the draft's top
+        probability is at least p_min (q's for a sampled draft, the softmax of its logits for a greedy one)."""
+        drafts: list[int] = []
+        qs = []
+        for i in range(k):
+            token, q, logits = self._draft(feed, sampling, keys[i])
+            top = (q if q is not None else mx.softmax(logits, axis=-1)[0]).max()
+            mx.eval(token, top)
+            if top.item() < self.p_min:
+                break
+            drafts.append(int(token.item()))
+            if q is not None:
+                qs.append(q)
+            if i < k - 1:
+                feed = token.reshape(1, 1)
+        # The cache holds every draft fed: all kept ones but the last, and the last too if a pass followed it.
+        fed = len(drafts) if len(drafts) < k else k - 1
+        self.tokens += drafts[:fed]
+        return drafts, mx.stack(qs) if qs else None
 
 
 def acceptance_probability(p: mx.array, q: mx.array) -> mx.array:

@@ -31,12 +31,14 @@ class DraftModelDrafter:
     def __init__(self, model, name: str, max_positions: int):
         self.model, self.name, self.max_positions = model, name, max_positions
         self.quantization: str | None = None  # what load requantized the draft's weights to
+        self.p_min: float | None = None  # DraftModel's: stop drafting below this probability
         self.caches: dict[str, DraftModel] = {}
         dtype = model.embed_tokens(mx.array([[0]])).dtype  # the caches store the activations' dtype
         self.bytes_per_position = bytes_per_block(model.args, 1, dtype)
 
     @classmethod
-    def load(cls, model, vocab_size: int, max_positions: int, quantization: str | None = None) -> DraftModelDrafter:
+    def load(cls, model, vocab_size: int, max_positions: int, quantization: str | None = None,
+             p_min: float | None = None) -> DraftModelDrafter:
         """The drafter for `model` (a path or known name, a LoadedModel or an impl Model), its quantized
         weights requantized to `quantization` (impl.requantize.LAYOUTS; None: as loaded) in a copy (a
         model given is left as it was); a one-line ValueError if its vocabulary is not the target's."""
@@ -55,7 +57,7 @@ class DraftModelDrafter:
             bits, group_size = LAYOUTS[quantization]
             model = requantized(model, bits, group_size)
         drafter = cls(model, name, max_positions)
-        drafter.quantization = quantization
+        drafter.quantization, drafter.p_min = quantization, p_min
         return drafter
 
     @property
@@ -71,7 +73,7 @@ class DraftModelDrafter:
         if others + seq.num_tokens + k - 1 > self.max_positions:  # its cache would hold tokens and k - 1 drafts
             self.caches.pop(seq.request_id, None)  # over the budget: no drafts this step
             return [], None
-        draft = self.caches[seq.request_id] = mine or DraftModel(self.model)
+        draft = self.caches[seq.request_id] = mine or DraftModel(self.model, self.p_min)
         return draft.propose(seq.token_ids, k, sampling, key)
 
     def release(self, running: list[Sequence]) -> None:
@@ -83,5 +85,6 @@ class DraftModelDrafter:
     def describe(self) -> str:
         mib = self.max_positions * self.bytes_per_position / 2**20
         weights = f" (weights requantized: {self.quantization})" if self.quantization else ""
-        return (f"draft model {self.name}{weights}, its KV caches outside the pool: up to {self.max_positions}"
-                f" positions, {mib:.0f} MiB")
+        confident = f", drafting while its probability is at least {self.p_min}" if self.p_min is not None else ""
+        return (f"draft model {self.name}{weights}{confident}, its KV caches outside the pool: up to"
+                f" {self.max_positions} positions, {mib:.0f} MiB")

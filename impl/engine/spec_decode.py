@@ -37,7 +37,9 @@ class SpeculativeConfig:
     With no method, a config with a model is "draft_model" (as vLLM infers), else "ngram".
     draft_quantization (this engine's own): "4bit" (default) drafts with the draft model's quantized
     weights requantized to 4-bit affine triples, groups of 128, int8 matmuls (impl/requantize.py: about
-    twice as fast a pass for the Qwen2.5-Coder 0.5B); None, with its weights as loaded."""
+    twice as fast a pass for the Qwen2.5-Coder 0.5B); None, with its weights as loaded.
+    draft_p_min (llama.cpp's --draft-p-min): a draft model stops drafting at the first token it gives a
+    probability below this (None: always k drafts)."""
 
     method: str | None = None
     model: object = None  # a path or known name (impl.loader.load_model), a LoadedModel or an impl Model
@@ -45,6 +47,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 2  # a 1-gram match mostly drafts wrong tokens, each a row of the verify pass
     draft_quantization: str | None = "4bit"
+    draft_p_min: float | None = None
 
     def __post_init__(self):
         if self.method is None:
@@ -63,6 +66,11 @@ class SpeculativeConfig:
         if self.method == "draft_model":
             check_draft_model(self.model)
         check_draft_quantization(self.draft_quantization)
+        p = self.draft_p_min
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1):
+            raise ValueError(f"draft_p_min must be a probability in [0, 1] or null, got {p!r}")
+        if p is not None and self.method != "draft_model":
+            raise ValueError("draft_p_min is a draft model's confidence, for method 'draft_model'")
 
     @classmethod
     def of(cls, config: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
@@ -133,7 +141,7 @@ class SpecDecoder:
             from impl.engine.draft_model import DraftModelDrafter
 
             self.drafter = DraftModelDrafter.load(config.model, target_args.vocab_size, kv_tokens,
-                                                  config.draft_quantization)
+                                                  config.draft_quantization, config.draft_p_min)
         else:
             self.drafter = NgramDrafter(config)
 

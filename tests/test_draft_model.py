@@ -1,24 +1,33 @@
-"""impl.requantize: a model's quantized weights requantized to 4-bit affine triples (a faster draft
-model for speculative decoding, topic 3.4; docs/speculative.md), and the engine's draft_quantization.
+"""What makes a draft model cheaper beyond topic 3.4's spec (docs/speculative.md): impl.requantize (its
+quantized weights requantized to 4-bit affine triples; the engine's draft_quantization) and p_min
+(drafting only while the draft is confident; the engine's draft_p_min).
 
-A draft only proposes: the engine's greedy output must stay the target's whatever the draft's weights,
-so the oracle is engine-with-a-requantized-draft == engine without speculation, on the default model
+A draft only proposes: the greedy output must stay the target's whatever the draft's weights and
+however many tokens it drafts, so the oracle is speculation == no speculation, on the default model
 (Q4_1 in groups of 32) drafting for itself after requantization to groups of 128.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import impl  # noqa: F401  (loads tiny_llm_kernels and the BLAS fix before mlx is used)
+import impl  # (loads tiny_llm_kernels and the BLAS fix before mlx is used)
 from impl.engine import LLM, SamplingParams
 from impl.kquant_weight import KQuantWeight
+from impl.kv_cache import make_cache
 from impl.loader import load_model
 from impl.quantize import quantized_matmul_int8_mlx
 from impl.quantized_weight import QuantizedWeight
 from impl.requantize import dense, requantize_weight, requantized
+from impl.speculative import DraftModel, SpeculativeStats, speculative_generate_step
+from spec.chat_command import assert_one_line_error
+from spec.day_3_4_speculative import decode_reference
+from spec.ladder import assert_greedy_tokens
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +122,67 @@ def test_bad_draft_quantization_is_one_line(smol, value, message):
     with pytest.raises(ValueError, match=message) as e:
         LLM(smol, log=False, speculative_config={"model": smol, "draft_quantization": value})
     assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def draft4(smol):
+    return requantized(smol.model)
+
+
+@pytest.mark.parametrize("p_min", [0.0, 0.5, 0.9, 1.0])
+def test_confident_drafting_keeps_the_targets_greedy_output(smol, draft4, p_min):
+    prompt = smol.tokenizer.encode("def fibonacci(n):\n    ")
+    want, gaps = decode_reference(impl, smol.model, prompt, 40)
+    stats = SpeculativeStats()
+    steps = speculative_generate_step(smol.model, prompt, DraftModel(draft4, p_min), 4, stats=stats)
+    # 1 + k rows sum in another order than one row: compared while the top-2 gap is clear (the ladder's rule)
+    assert_greedy_tokens(steps, want, gaps, f"p_min={p_min}")
+    per_step = stats.drafted / stats.steps
+    if p_min == 1.0:
+        assert stats.drafted == 0, "a top probability is below 1: nothing is confident enough to draft"
+    if p_min == 0.0:
+        assert per_step == 4, "every probability is at least 0: k drafts a step"
+
+
+def test_confident_drafts_are_the_same_tokens_as_unconditional_ones_up_to_the_stop(smol, draft4):
+    tokens = smol.tokenizer.encode("The capital of France is")
+    lazy, _ = DraftModel(draft4).propose(tokens, 6)
+    confident = DraftModel(draft4, 0.6)
+    drafts, _ = confident.propose(tokens, 6)
+    assert drafts == lazy[:len(drafts)]
+    # The cache holds the prompt and every draft fed after it: a fresh prefill of those tokens gives it.
+    fresh = make_cache(draft4)
+    mx.eval(draft4(mx.array([confident.tokens]), cache=fresh))
+    assert confident.cache[0].offset == len(confident.tokens) == fresh[0].offset
+
+
+def test_engine_with_confident_drafting_equals_the_engine_without(smol):
+    prompts = [{"prompt_token_ids": smol.tokenizer.encode(t)} for t in ("Once upon a time", "import numpy as np\n")]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = LLM(smol, log=False).generate(prompts, params)
+    llm = LLM(smol, log=False, speculative_config={"model": smol, "num_speculative_tokens": 6, "draft_p_min": 0.5})
+    assert llm.engine.spec.drafter.p_min == 0.5
+    for p, s in zip(plain, llm.generate(prompts, params), strict=True):
+        assert list(s.token_ids) == list(p.token_ids)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model": "x", "draft_p_min": 1.5}, "draft_p_min must be a probability in \\[0, 1\\] or null, got 1.5"),
+    ({"method": "ngram", "draft_p_min": 0.5}, "draft_p_min is a draft model's confidence"),
+])
+def test_bad_draft_p_min_is_one_line(smol, config, message):
+    config = {**config, "model": smol} if "model" in config else config
+    with pytest.raises(ValueError, match=message):
+        LLM(smol, log=False, speculative_config=config)
+    with pytest.raises(ValueError, match="p_min must be a probability"):
+        DraftModel(smol.model, -0.1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--draft-model", "qwen2.5-coder-0.5b", "--draft-p-min", "1.5"), "--draft-p-min is a probability in [0, 1]"),
+    (("--draft-p-min", "0.5"), "without --draft-model"),
+    (("--draft-model", "qwen2.5-coder-0.5b", "--draft-quantization", "3bit"), "invalid choice: '3bit'"),
+])
+def test_chat_draft_flags_out_of_range(flags, message):
+    r = subprocess.run([sys.executable, "-m", "impl.cli", *flags, "hi"], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, message)
