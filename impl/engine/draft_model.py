@@ -28,10 +28,11 @@ TOPIC = "3.4"
 class DraftModelDrafter:
     """Drafts by `model` for the engine's sequences, each on its own DraftModel cache (request id -> it)."""
 
-    def __init__(self, model, name: str, max_positions: int):
+    def __init__(self, model, name: str, max_positions: int, quantization: str | None = None,
+                 p_min: float | None = None):
         self.model, self.name, self.max_positions = model, name, max_positions
-        self.quantization: str | None = None  # what load requantized the draft's weights to
-        self.p_min: float | None = None  # DraftModel's: stop drafting below this probability
+        self.quantization = quantization  # what load requantized the draft's weights to (for describe)
+        self.p_min = p_min  # DraftModel's: stop drafting below this probability
         self.caches: dict[str, DraftModel] = {}
         dtype = model.embed_tokens(mx.array([[0]])).dtype  # the caches store the activations' dtype
         self.bytes_per_position = bytes_per_block(model.args, 1, dtype)
@@ -56,9 +57,7 @@ class DraftModelDrafter:
         if quantization is not None:
             bits, group_size = LAYOUTS[quantization]
             model = requantized(model, bits, group_size)
-        drafter = cls(model, name, max_positions)
-        drafter.quantization, drafter.p_min = quantization, p_min
-        return drafter
+        return cls(model, name, max_positions, quantization, p_min)
 
     @property
     def num_positions(self) -> int:
