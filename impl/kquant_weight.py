@@ -30,17 +30,13 @@ class KQuantWeight:
         """x (..., K) @ W.T -> (..., N), on the k-quant kernel when it is built."""
         return kquant_matmul(x, self.parts, self.types, self.x_int8)
 
-    def dense(self, dtype: mx.Dtype = mx.float32) -> mx.array:
-        """The whole (N, K) weight decoded to `dtype`, part after part."""
-        return mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(self.parts, self.types, strict=True)])
-
     def rows(self, ids: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Dense rows W[ids]: ids (...) -> (..., K), decoding only those rows (embedding lookup)."""
         flat = ids.reshape(-1)
         if len(self.parts) == 1:
             dense = dequantize_kquant(self.parts[0][flat], self.types[0], dtype)
         else:  # stacked projections are never looked up by row: decode all, simply
-            dense = self.dense(dtype)[flat]
+            dense = mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(self.parts, self.types, strict=True)])[flat]
         return dense.reshape(*ids.shape, dense.shape[-1])
 
     def map_rows(self, fn) -> KQuantWeight:

@@ -23,11 +23,12 @@ from impl.gguf import (
     quantization_bits,
     read_gguf,
 )
-from impl.kquant import KQUANT_MODE, KQUANT_MODES
+from impl.kquant import KQUANT_MODE, KQUANT_MODES, dequantize_kquant
 from impl.kquant_weight import KQuantWeight
 from impl.model import Model
 from impl.model_files import KNOWN_MODELS, known_model_path
 from impl.moe import stack_experts
+from impl.quantize import dequantize
 from impl.quantized_weight import QuantizedWeight
 from impl.tokenizer import Tokenizer
 
@@ -96,7 +97,12 @@ def convert_triples(weights: dict, to_weight, dtype: mx.Dtype = mx.float32) -> d
 
 def dequantize_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
     """Every affine triple becomes a dense 'x.weight' in `dtype` (week 1)."""
-    return convert_triples(weights, lambda q: q.dense(dtype), dtype)
+    def dense(q):
+        if isinstance(q, KQuantWeight):
+            return mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(q.parts, q.types, strict=True)])
+        return dequantize(q.w_q, q.scales, q.biases, q.group_size, q.bits, dtype)
+
+    return convert_triples(weights, dense, dtype)
 
 
 def quantized_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:

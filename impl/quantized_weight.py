@@ -53,10 +53,6 @@ class QuantizedWeight:
             self._int8 = kept = (self.w_q, self.scales, self.biases, packed)
         return kept[3]
 
-    def dense(self, dtype: mx.Dtype = mx.float32) -> mx.array:
-        """The whole (N, K) weight dequantized to `dtype`."""
-        return dequantize(self.w_q, self.scales, self.biases, self.group_size, self.bits, dtype)
-
     def rows(self, ids: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Dense rows W[ids]: ids (...) -> (..., K), dequantizing only those rows (embedding lookup)."""
         flat = ids.reshape(-1)
