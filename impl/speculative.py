@@ -76,10 +76,12 @@ class Sampling:
         return self.temperature == 0
 
     def probs(self, logits: mx.array) -> mx.array:
-        """(..., V) logits -> the filtered distribution 1.7's sampler draws from, (..., V) fp32."""
+        """(..., V) logits -> the filtered distribution 1.7's sampler draws from, (..., V) fp32: the kept
+        tokens' probabilities renormalized to sum to 1 (the filters leave log-probabilities that sum to
+        less; the sampler's categorical renormalizes them, and p / q must be the renormalized ratio)."""
         shape = logits.shape
         lp = _filtered_logprobs(logits.reshape(-1, shape[-1]), self.temperature, self.top_k, self.top_p, self.min_p)
-        return mx.exp(lp).reshape(shape)
+        return mx.softmax(lp, axis=-1).reshape(shape)
 
 
 

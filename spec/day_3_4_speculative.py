@@ -10,7 +10,9 @@ Checked against:
 - modified rejection sampling: analytically, q * min(1, p/q) + (rejection mass) * norm(max(0, p - q))
   equals p (fp32), for random p, q and for a one-hot q (an n-gram draft); and statistically, the
   tokens that `accept_sampled` emits over many seeded trials follow the target's p at every
-  position (chi-squared at a fixed seed, as 1.7's sampler tests);
+  position (chi-squared at a fixed seed, as 1.7's sampler tests); with top-k, top-p and min-p, the p
+  and q it takes (Sampling.probs) against 1.7's float64 reference distribution (renormalized over the
+  kept tokens), and the emitted tokens against it;
 - invariances on tiny random pairs (a target and a draft that is the target's weights plus noise,
   sharing the vocabulary; Hypothesis draws k, the noise, the n-gram size and the prompt):
   speculative greedy == the target's own greedy, the target's cache after the run == a fresh
@@ -173,10 +175,17 @@ def test_emitted_tokens_follow_p(spec_mod, case):
     rng = np.random.default_rng(42)
     p = np.stack([dirichlet(rng, V, 1 if j == 1 else 0) for j in range(k + 1)])  # (k + 1, V)
     if "one-hot" in case:  # deterministic drafts (n-gram): q one-hot, passed as None
-        drafts_fixed = [int(x) for x in rng.integers(0, V, k)]
-        q = None
+        q, drafts = None, [int(x) for x in rng.integers(0, V, k)]
     else:
-        q = np.stack([dirichlet(rng, V, 2 if "zeros" in case else 0) for _ in range(k)])
+        q, drafts = np.stack([dirichlet(rng, V, 2 if "zeros" in case else 0) for _ in range(k)]), None
+    assert_emitted_tokens_follow(spec_mod, p, q, p, case, drafts)
+
+
+def assert_emitted_tokens_follow(spec_mod, p: np.ndarray, q: np.ndarray | None, want: np.ndarray, case: str,
+                                 drafts_fixed: list[int] | None = None):
+    """Over N_TRIALS seeded steps of accept_sampled(p, q): drafts drawn from q (or drafts_fixed, q one-hot),
+    emitted token j, over the trials that reach it, follows want[j] (chi-squared)."""
+    k, V = p.shape[0] - 1, p.shape[1]
     emitted = [[] for _ in range(k + 1)]
     key = mx.random.key(1234)
     for _ in range(N_TRIALS):
@@ -193,12 +202,43 @@ def test_emitted_tokens_follow_p(spec_mod, case):
         n = counts.sum()
         if n < 500:  # too few trials reach this position for the test to say anything
             continue
-        ok = p[j] > 0
+        ok = want[j] > 0
         assert counts[~ok].sum() == 0, f"{case}, position {j}: emitted tokens p gives 0: {counts}"
-        want = p[j][ok].astype(np.float64)
-        stat, pvalue = chisquare(counts[ok], want / want.sum() * n)
+        w = want[j][ok].astype(np.float64)
+        stat, pvalue = chisquare(counts[ok], w / w.sum() * n)
         assert pvalue > ALPHA, (f"{case}, position {j}: chi-squared {stat:.1f}, p={pvalue:.2e}; counts {counts.tolist()},"
-                                f" expected {np.round(p[j] * n).astype(int).tolist()}")
+                                f" expected {np.round(want[j] * n).astype(int).tolist()}")
+
+
+# (temperature, top_k, top_p, min_p): each filter alone, then all three
+FILTERS = [(0.8, 3, 1.0, 0.0), (1.0, 0, 0.7, 0.0), (1.3, 0, 1.0, 0.1), (0.7, 4, 0.9, 0.05)]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", FILTERS)
+def test_sampling_probs_are_the_filtered_distribution(spec_mod, temperature, top_k, top_p, min_p):
+    # A sampled request draws from 1.7's filtered distribution: the kept tokens' probabilities,
+    # renormalized. Sampling.probs is what p / q and the residual are computed from, so it must be that
+    # distribution itself, summing to 1 (1.7's filters leave log-probabilities that sum to less).
+    from spec.day_1_7_sampling import ref_distribution
+
+    logits = np.random.default_rng(7).standard_normal((3, 8)).astype(np.float32) * 2  # gaps clear of every cut
+    got = np.array(spec_mod.Sampling(temperature, top_k, top_p, min_p).probs(mx.array(logits)))
+    assert_close(got, ref_distribution(logits, temperature, top_k, top_p, min_p), FP32,
+                 f"Sampling({temperature}, {top_k}, {top_p}, {min_p}).probs")
+
+
+def test_emitted_tokens_follow_the_filtered_distribution(spec_mod):
+    # The engine's path with top-k, top-p and min-p all on: p and q from Sampling.probs of a target's and
+    # a draft's logits (the draft near the target, so drafts are often kept); the emitted tokens must
+    # follow the target's filtered distribution (1.7's reference).
+    from spec.day_1_7_sampling import ref_distribution
+
+    rng = np.random.default_rng(4)  # the filters keep 3 or 4 of the 8 tokens at each position, for p and q alike
+    target = rng.standard_normal((3, 8)).astype(np.float32) * 0.7  # (k + 1, V), k = 2
+    draft = target[:2] + rng.standard_normal((2, 8)).astype(np.float32) * 0.35
+    sampling = spec_mod.Sampling(*FILTERS[-1])
+    p, q = (np.array(sampling.probs(mx.array(x))) for x in (target, draft))
+    assert_emitted_tokens_follow(spec_mod, p, q, ref_distribution(target, *FILTERS[-1]), "all three filters")
 
 
 # --- tiny random pairs: invariances ---------------------------------------------------------
