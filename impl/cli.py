@@ -42,6 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
+    from impl.draft_vocab import DEFAULT_SIZE
+
     p = _Parser(prog="tiny-llm chat", description="Chat with a model computed by impl/ alone.")
     p.add_argument("prompt", nargs="?", help="answer this once and exit; omit for an interactive chat")
     p.add_argument("--model", help="a GGUF file or a Hugging Face folder (config.json + safetensors + tokenizer.json),"
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-p-min", type=float, default=None, metavar="P",
                    help="the --draft-model stops drafting at the first token it gives a probability below P"
                         " (llama.cpp's flag; default: always K drafts)")
+    p.add_argument("--draft-vocab-size", type=int, default=DEFAULT_SIZE, metavar="N",
+                   help="the --draft-model scores only the ids below N and those the conversation holds"
+                        f" (a cheaper head; default {DEFAULT_SIZE}), or 0: every id")
     return p
 
 
@@ -125,6 +130,8 @@ def _checked_sampler(args):
     if args.draft_p_min is not None and not (args.draft_model and 0 <= args.draft_p_min <= 1):
         raise TinyLLMError(f"--draft-p-min is a probability in [0, 1] for --draft-model, got {args.draft_p_min}"
                            + ("" if args.draft_model else " without --draft-model"))
+    if args.draft_vocab_size < 0:
+        raise TinyLLMError(f"--draft-vocab-size must be 0 (every id) or a number of ids, got {args.draft_vocab_size}")
     given = {f: getattr(args, f) for f in SAMPLING_FLAGS if getattr(args, f) is not None}
     if not given:  # greedy, topic 1.6's decode loop
         from impl.generate import greedy
@@ -166,7 +173,7 @@ def make_engine(loaded, args):
     elif args.draft_model:
         spec = {"method": "draft_model", "model": load_draft(loaded, args),
                 "num_speculative_tokens": args.num_draft_tokens, "draft_quantization": draft_quantization(args),
-                "draft_p_min": args.draft_p_min}
+                "draft_p_min": args.draft_p_min, "draft_vocab_size": draft_vocab_size(args)}
     try:
         return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=1, kv_cache_memory=args.kv_cache_memory,
                          kv_cache_dtype=kv_dtype(args.kv_cache_dtype), speculative_config=spec)
@@ -232,7 +239,13 @@ def make_proposer(loaded, args):
         from impl.requantize import LAYOUTS, requantized
 
         model = requantized(model, *LAYOUTS[quantization])
-    return DraftModel(model, args.draft_p_min)
+    vocab = draft_vocab_size(args)
+    return DraftModel(model, args.draft_p_min, vocab if vocab is not None and vocab < model.args.vocab_size else None)
+
+
+def draft_vocab_size(args) -> int | None:
+    """--draft-vocab-size as the engine's draft_vocab_size: a number of ids, or None (every id) for 0."""
+    return args.draft_vocab_size or None
 
 
 def draft_quantization(args) -> str | None:

@@ -127,14 +127,23 @@ class DraftModel:
     """A smaller model with the target's vocabulary drafting k tokens on its own KV cache (topic 3.4).
     p_min (llama.cpp's --draft-p-min): stop drafting at the first token the draft gives less than this
     probability (it is not drafted), so that a step spends no draft passes and verify rows on tokens
-    the target is unlikely to keep; None drafts all k."""
+    the target is unlikely to keep; None drafts all k.
+    vocab (EAGLE-3's draft vocabulary; impl/draft_vocab.py): a DraftVocab of the model, or its size:
+    the draft scores only the ids below it and those its sequence holds (a cheaper head); None scores
+    every id."""
 
-    def __init__(self, model, p_min: float | None = None):
+    def __init__(self, model, p_min: float | None = None, vocab=None):
         if p_min is not None and not 0.0 <= p_min <= 1.0:
             raise ValueError(f"p_min must be a probability in [0, 1], got {p_min!r}")
-        self.model, self.p_min = model, p_min
+        if isinstance(vocab, int) and not isinstance(vocab, bool):
+            from impl.draft_vocab import DraftVocab
+
+            vocab = DraftVocab(model, vocab)
+        self.model, self.p_min, self.vocab = model, p_min, vocab
         self.cache = make_cache(model)
         self.tokens: list[int] = []  # the token at each position the cache holds
+        self.extra_ids: set[int] = set()  # ids at or past vocab.size the sequence has held
+        self.extra = None  # (ids, vocab.head_of(ids)) for them
 
     def _rewind(self, tokens: Sequence[int]) -> list[int]:
         """Trim the cache to its longest common prefix with `tokens`, keeping at least one token to
@@ -153,8 +162,11 @@ class DraftModel:
         (None when greedy: argmax drafts)."""
         if k <= 0:
             return [], None
-        feed = mx.array([self._rewind(tokens)])  # (1, L)
-        self.tokens += feed[0].tolist()
+        fed = self._rewind(tokens)
+        if self.vocab is not None:
+            self._see(fed)
+        feed = mx.array([fed])  # (1, L)
+        self.tokens += fed
         keys = mx.random.split(key, k) if key is not None else [None] * k
         if self.p_min is not None:
             return self._propose_confident(feed, k, sampling, keys)
@@ -173,10 +185,21 @@ class DraftModel:
         self.tokens += drafts[:-1]
         return drafts, q
 
+    def _see(self, fed: list[int]) -> None:
+        """Add the ids of `fed` outside the draft vocabulary to the ones it scores (its own drafts are inside)."""
+        new = {t for t in fed if t >= self.vocab.size} - self.extra_ids
+        if new:
+            self.extra_ids |= new
+            ids = mx.array(sorted(self.extra_ids))
+            self.extra = ids, self.vocab.head_of(ids)
+
     def _draft(self, feed: mx.array, sampling: Sampling | None, key) -> tuple[mx.array, mx.array | None, mx.array]:
         """One pass over feed (1, L): the next draft (1,), when sampling the q (V,) it was drawn from, and
         the logits (1, V)."""
-        logits = self.model(feed, cache=self.cache, logits_to_keep=1)[:, -1, :].astype(mx.float32)  # (1, V)
+        if self.vocab is None:
+            logits = self.model(feed, cache=self.cache, logits_to_keep=1)[:, -1, :].astype(mx.float32)  # (1, V)
+        else:
+            logits = self.vocab.logits(self.model.hidden_states(feed, 0, self.cache)[:, -1], self.extra)  # (1, V)
         if sampling is None or sampling.greedy:
             return mx.argmax(logits, axis=-1), None, logits
         q = sampling.probs(logits)

@@ -1,6 +1,7 @@
 """What makes a draft model cheaper beyond topic 3.4's spec (docs/speculative.md): impl.requantize (its
-quantized weights requantized to 4-bit affine triples; the engine's draft_quantization) and p_min
-(drafting only while the draft is confident; the engine's draft_p_min).
+quantized weights requantized to 4-bit affine triples; the engine's draft_quantization), p_min
+(drafting only while the draft is confident; the engine's draft_p_min) and impl.draft_vocab (its
+head cut to the first ids and its sequence's; the engine's draft_vocab_size).
 
 A draft only proposes: the greedy output must stay the target's whatever the draft's weights and
 however many tokens it drafts, so the oracle is speculation == no speculation, on the default model
@@ -17,13 +18,15 @@ import numpy as np
 import pytest
 
 import impl  # (loads tiny_llm_kernels and the BLAS fix before mlx is used)
+from impl.draft_vocab import DraftVocab
 from impl.engine import LLM, SamplingParams
 from impl.kquant_weight import KQuantWeight
+from impl.kv_cache import make_cache
 from impl.loader import load_model
 from impl.quantize import quantized_matmul_int8_mlx
 from impl.quantized_weight import QuantizedWeight
 from impl.requantize import dense, requantize_weight, requantized
-from impl.speculative import DraftModel, SpeculativeStats, speculative_generate_step
+from impl.speculative import DraftModel, Sampling, SpeculativeStats, speculative_generate_step
 from spec.chat_command import assert_one_line_error
 from spec.day_3_4_speculative import assert_cache_matches_prefill, decode_reference
 from spec.ladder import assert_greedy_tokens
@@ -108,6 +111,7 @@ def test_engine_with_a_requantized_draft_equals_the_engine_without(smol):
     drafter = llm.engine.spec.drafter
     assert drafter.quantization == "4bit" and drafter.model is not smol.model
     assert quantized_weights(drafter.model)[0].bits == 4
+    assert drafter.vocab.size == 32768 < smol.model.args.vocab_size  # the default draft vocabulary
     spec = llm.generate(prompts, params)
     for p, s in zip(plain, spec, strict=True):
         assert list(s.token_ids) == list(p.token_ids)
@@ -190,7 +194,83 @@ def test_bad_draft_p_min_is_one_line(smol, config, message):
     (("--draft-model", "qwen2.5-coder-0.5b", "--draft-p-min", "1.5"), "--draft-p-min is a probability in [0, 1]"),
     (("--draft-p-min", "0.5"), "without --draft-model"),
     (("--draft-model", "qwen2.5-coder-0.5b", "--draft-quantization", "3bit"), "invalid choice: '3bit'"),
+    (("--draft-model", "qwen2.5-coder-0.5b", "--draft-vocab-size", "-1"), "--draft-vocab-size must be 0 (every id)"),
 ])
 def test_chat_draft_flags_out_of_range(flags, message):
     r = subprocess.run([sys.executable, "-m", "impl.cli", *flags, "hi"], capture_output=True, text=True, timeout=300)
     assert_one_line_error(r, message)
+
+
+# --- the draft vocabulary ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["as loaded", "requantized"])
+def test_draft_vocabulary_scores_its_ids_as_the_whole_head_does(smol, draft4, which):
+    model = smol.model if which == "as loaded" else draft4
+    tokens = smol.tokenizer.encode("The capital of France is")
+    vocab = DraftVocab(model, 1024)
+    want = model(mx.array([tokens]), cache=make_cache(model), logits_to_keep=1)[:, -1].astype(mx.float32)  # (1, V)
+    h = model.hidden_states(mx.array([tokens]), 0, make_cache(model))[:, -1]  # (1, E)
+    ids = mx.array([5000, 40000])
+    got = np.array(vocab.logits(h, (ids, vocab.head_of(ids))))
+    want = np.array(want)
+    scored = np.zeros(want.shape[1], bool)
+    scored[:1024], scored[[5000, 40000]] = True, True
+    # Each logit is its own row's dot product with h: the same bits whichever rows the head holds (measured
+    # bit for bit on the kernels' fp32 and int8 paths; a kernel that tiled columns otherwise could differ).
+    assert np.array_equal(got[0, scored], want[0, scored])
+    assert np.isneginf(got[0, ~scored]).all()
+
+
+def test_a_small_draft_vocabulary_keeps_the_targets_greedy_output(smol, draft4):
+    prompt = smol.tokenizer.encode("def fibonacci(n):\n    ")
+    want, gaps = decode_reference(impl, smol.model, prompt, 40)
+    draft = DraftModel(draft4, vocab=1024)
+    proposed, propose = [], draft.propose
+
+    def recording(tokens, k, sampling=None, key=None):
+        out = propose(tokens, k, sampling, key)
+        proposed.append((set(tokens), out[0]))
+        return out
+
+    draft.propose = recording
+    stats = SpeculativeStats()
+    steps = speculative_generate_step(smol.model, prompt, draft, 4, stats=stats)
+    assert_greedy_tokens(steps, want, gaps, "a draft scoring ids below 1024 and its sequence's")
+    assert stats.accepted > 0, "the draft never agreed with the target: the check proved little"
+    for seen, drafts in proposed:  # a draft is below 1024, or an id the sequence holds
+        assert all(t < 1024 or t in seen for t in drafts), f"{drafts} drafted outside the draft vocabulary"
+    held = set().union(*(seen for seen, _ in proposed))
+    assert draft.extra_ids == {t for t in held if t >= 1024}, "the extra ids are those the sequence held"
+
+
+@pytest.mark.parametrize("filters", [(0.8, 0, 1.0, 0.0), (0.8, 50, 0.9, 0.05)])
+def test_sampled_drafts_come_from_the_draft_vocabulary_and_q_is_a_distribution(smol, draft4, filters):
+    tokens = smol.tokenizer.encode("Once upon a time")
+    draft = DraftModel(draft4, vocab=1024)
+    drafts, q = draft.propose(tokens, 4, Sampling(*filters), mx.random.key(3))
+    q = np.array(q)  # (k, V): what the drafts were drawn from, zero wherever the draft scores no id
+    outside = np.ones(q.shape[1], bool)
+    outside[:1024], outside[list(draft.extra_ids)] = False, False
+    assert (q[:, outside] == 0).all() and np.allclose(q.sum(axis=-1), 1, atol=1e-5), q.sum(axis=-1)
+    assert all(q[j, t] > 0 for j, t in enumerate(drafts))
+
+
+def test_draft_vocabulary_size_in_the_engine(smol):
+    def drafter(size):
+        config = {"model": smol, "draft_quantization": None, "draft_vocab_size": size}
+        return LLM(smol, log=False, speculative_config=config).engine.spec.drafter
+
+    assert drafter(None).vocab is None  # every id
+    assert drafter(smol.model.args.vocab_size).vocab is None  # the whole vocabulary: nothing to cut
+    d = drafter(4096)
+    assert d.vocab.size == 4096 and "scoring ids below 4096" in d.describe()
+
+
+@pytest.mark.parametrize("value", [0, "32k", True, 1.5])
+def test_bad_draft_vocab_size_is_one_line(smol, value):
+    with pytest.raises(ValueError, match="draft_vocab_size must be an integer >= 1 or null") as e:
+        LLM(smol, log=False, speculative_config={"model": smol, "draft_vocab_size": value})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="a draft vocabulary size is an integer in"):
+        DraftVocab(smol.model, smol.model.args.vocab_size)

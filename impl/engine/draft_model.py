@@ -29,20 +29,25 @@ class DraftModelDrafter:
     """Drafts by `model` for the engine's sequences, each on its own DraftModel cache (request id -> it)."""
 
     def __init__(self, model, name: str, max_positions: int, quantization: str | None = None,
-                 p_min: float | None = None):
+                 p_min: float | None = None, vocab_size: int | None = None):
+        from impl.draft_vocab import DraftVocab
+
         self.model, self.name, self.max_positions = model, name, max_positions
         self.quantization = quantization  # what load requantized the draft's weights to (for describe)
         self.p_min = p_min  # DraftModel's: stop drafting below this probability
+        # DraftModel's vocab, one for every sequence; None when it would hold the whole vocabulary
+        self.vocab = None if vocab_size is None or vocab_size >= model.args.vocab_size else DraftVocab(model, vocab_size)
         self.caches: dict[str, DraftModel] = {}
         dtype = model.embed_tokens(mx.array([[0]])).dtype  # the caches store the activations' dtype
         self.bytes_per_position = bytes_per_block(model.args, 1, dtype)
 
     @classmethod
     def load(cls, model, vocab_size: int, max_positions: int, quantization: str | None = None,
-             p_min: float | None = None) -> DraftModelDrafter:
+             p_min: float | None = None, draft_vocab_size: int | None = None) -> DraftModelDrafter:
         """The drafter for `model` (a path or known name, a LoadedModel or an impl Model), its quantized
         weights requantized to `quantization` (impl.requantize.LAYOUTS; None: as loaded) in a copy (a
-        model given is left as it was); a one-line ValueError if its vocabulary is not the target's."""
+        model given is left as it was), scoring the ids below draft_vocab_size and its sequence's
+        (None: every id); a one-line ValueError if its vocabulary is not the target's."""
         from impl.loader import LoadedModel, load_model
         from impl.requantize import LAYOUTS, requantized
 
@@ -57,7 +62,7 @@ class DraftModelDrafter:
         if quantization is not None:
             bits, group_size = LAYOUTS[quantization]
             model = requantized(model, bits, group_size)
-        return cls(model, name, max_positions, quantization, p_min)
+        return cls(model, name, max_positions, quantization, p_min, draft_vocab_size)
 
     @property
     def num_positions(self) -> int:
@@ -72,7 +77,7 @@ class DraftModelDrafter:
         if others + seq.num_tokens + k - 1 > self.max_positions:  # its cache would hold tokens and k - 1 drafts
             self.caches.pop(seq.request_id, None)  # over the budget: no drafts this step
             return [], None
-        draft = self.caches[seq.request_id] = mine or DraftModel(self.model, self.p_min)
+        draft = self.caches[seq.request_id] = mine or DraftModel(self.model, self.p_min, self.vocab)
         return draft.propose(seq.token_ids, k, sampling, key)
 
     def release(self, running: list[Sequence]) -> None:
@@ -85,5 +90,6 @@ class DraftModelDrafter:
         mib = self.max_positions * self.bytes_per_position / 2**20
         weights = f" (weights requantized: {self.quantization})" if self.quantization else ""
         confident = f", drafting while its probability is at least {self.p_min}" if self.p_min is not None else ""
-        return (f"draft model {self.name}{weights}{confident}, its KV caches outside the pool: up to"
+        vocab = f", scoring ids below {self.vocab.size} and its sequence's" if self.vocab is not None else ""
+        return (f"draft model {self.name}{weights}{confident}{vocab}, its KV caches outside the pool: up to"
                 f" {self.max_positions} positions, {mib:.0f} MiB")
