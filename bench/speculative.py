@@ -1,5 +1,5 @@
 """Speculative decoding (topic 3.4) on Qwen2.5-Coder 1.5B: plain greedy decode vs n-gram prompt lookup
-vs the 0.5B drafting (its weights requantized to 4 bits and its head cut to the ids below 32k and the
+vs the 0.5B drafting (its weights requantized to 4 bits and its head cut to the ids below 64k and the
 sequence's, the engine's defaults; requantized with the whole head; as the file has it),
 decode tokens/s and acceptance rates, in one run: on the single-stream loop
 (impl.speculative) and in the batched engine (speculative_config, one request at a time); and
@@ -177,15 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     draft = load_model("qwen2.5-coder-0.5b", quantized=True)
     draft4 = requantized(draft.model, *LAYOUTS["4bit"])  # the engine's default draft_quantization
     vocab = DraftVocab(draft4, DEFAULT_SIZE)  # and its default draft_vocab_size
+    cut = f"{DEFAULT_SIZE // 1024}k"
     prompts = {name: chat_ids(target, text) for name, text in PROMPTS.items()}
     lengths = {name: answer_length(target, prompt, most) for name, prompt in prompts.items()}
     print(f"loaded the 1.5B target and 0.5B draft (quantized) in {time.perf_counter() - t:.1f} s; tokens a run: "
           + ", ".join(f"{name} {n}" for name, n in lengths.items()) + f"; median of {reps}")
-    print(f"{'prompt':<6} {'method':<20} {'tok/s':>7} {'speedup':>8} {'accept':>7} {'tok/pass':>9} {'same':>7}")
+    print(f"{'prompt':<6} {'method':<24} {'tok/s':>7} {'speedup':>8} {'accept':>7} {'tok/pass':>9} {'same':>7}")
     for name, prompt in prompts.items():
         n = lengths[name]
         methods = {"greedy decode": None, f"n-gram k={args.ngram_k}": (args.ngram_n, args.ngram_k),
-                   f"0.5B 4bit 32k k={args.k}": ("default", args.k), f"0.5B 4bit k={args.k}": ("draft", args.k),
+                   f"0.5B 4bit {cut} k={args.k}": ("default", args.k), f"0.5B 4bit k={args.k}": ("draft", args.k),
                    f"0.5B file k={args.k}": ("file", args.k)}
         rates: dict[str, list[float]] = {m: [] for m in methods}
         for _ in range(reps):  # interleaved, so a change of load on the machine hits every method alike
@@ -210,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             tps = statistics.median(rates[label])
             accept = f"{stats.acceptance_rate:7.2f}" if stats.steps else f"{'':>7}"
             per_pass = stats.tokens_per_step if stats.steps else 1.0
-            print(f"{name:<6} {label:<20} {tps:7.2f} {tps / base:7.2f}x {accept} {per_pass:9.2f} {same:>3}/{n}")
+            print(f"{name:<6} {label:<24} {tps:7.2f} {tps / base:7.2f}x {accept} {per_pass:9.2f} {same:>3}/{n}")
     # The engine: the same methods as speculative_config, one request at a time (kernels, paged cache).
     engines = {"engine greedy": LLM(target, log=False, kv_cache_memory=256 << 20),
                f"engine n-gram k={args.ngram_k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
                    "method": "ngram", "num_speculative_tokens": args.ngram_k, "prompt_lookup_max": args.ngram_n,
                    "prompt_lookup_min": args.ngram_min}),
-               f"engine 0.5B 4bit 32k k={args.k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
+               f"engine 0.5B 4bit {cut} k={args.k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
                    "method": "draft_model", "model": draft, "num_speculative_tokens": args.k}),
                f"engine 0.5B file k={args.k}": LLM(target, log=False, kv_cache_memory=256 << 20, speculative_config={
                    "method": "draft_model", "model": draft, "num_speculative_tokens": args.k,
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         for label in engines:
             tps = statistics.median(rates[label])
             accept = f"{accepted[label]:7.2f}" if accepted[label] is not None else f"{'':>7}"
-            print(f"{name:<6} {label:<20} {tps:7.2f} {tps / base:7.2f}x {accept} {'':>9} {same[label]:>3}/{n}")
+            print(f"{name:<6} {label:<24} {tps:7.2f} {tps / base:7.2f}x {accept} {'':>9} {same[label]:>3}/{n}")
     for name, prompt in prompts.items():  # llama.cpp: its own greedy tokens are the reference
         n = lengths[name]
         rows = llama_cpp_rows(prompt, n, args.ngram_k, args.ngram_n, reps)
@@ -245,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             break
         base = rows["llama.cpp greedy"][0]
         for label, (tps, same) in rows.items():
-            print(f"{name:<6} {label:<20} {tps:7.2f} {tps / base:7.2f}x {'':>7} {'':>9} {same:>3}/{n}")
+            print(f"{name:<6} {label:<24} {tps:7.2f} {tps / base:7.2f}x {'':>7} {'':>9} {same:>3}/{n}")
     prompt = prompts["code"]
-    for label, model in (("1.5B", target.model), ("0.5B 4bit 32k", vocab.base), ("0.5B 4bit", draft4),
-                         ("0.5B file", draft.model)):  # vocab.base: draft4 with the head of ids below 32k
+    for label, model in (("1.5B", target.model), (f"0.5B 4bit {cut}", vocab.base), ("0.5B 4bit", draft4),
+                         ("0.5B file", draft.model)):  # vocab.base: draft4, its head the ids below 64k
         cost = verify_cost(model, prompt, [0, 4, 8], reps=2 if args.quick else 5)
         print(f"{label} pass over 1 / 5 / 9 positions: "
               + " / ".join(f"{cost[k] * 1e3:.0f} ms" for k in cost)

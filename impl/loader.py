@@ -95,14 +95,16 @@ def convert_triples(weights: dict, to_weight, dtype: mx.Dtype = mx.float32) -> d
     return out
 
 
+def dequantized(q: QuantizedWeight | KQuantWeight, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """The (N, K) values of a quantized weight (affine triples or k-quant blocks) in `dtype`."""
+    if isinstance(q, KQuantWeight):
+        return mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(q.parts, q.types, strict=True)])
+    return dequantize(q.w_q, q.scales, q.biases, q.group_size, q.bits, dtype)
+
+
 def dequantize_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:
     """Every affine triple becomes a dense 'x.weight' in `dtype` (week 1)."""
-    def dense(q):
-        if isinstance(q, KQuantWeight):
-            return mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(q.parts, q.types, strict=True)])
-        return dequantize(q.w_q, q.scales, q.biases, q.group_size, q.bits, dtype)
-
-    return convert_triples(weights, dense, dtype)
+    return convert_triples(weights, lambda q: dequantized(q, dtype), dtype)
 
 
 def quantized_weights(weights: dict, dtype: mx.Dtype = mx.float32) -> dict:

@@ -15,21 +15,14 @@ import copy
 
 import mlx.core as mx
 
-from impl.kquant import dequantize_kquant
 from impl.kquant_weight import KQuantWeight
-from impl.quantize import PRECISIONS, dequantize
+from impl.loader import dequantized
+from impl.quantize import PRECISIONS
 from impl.quantized_weight import QuantizedWeight
 
 # Named layouts: draft_quantization in impl.engine's SpeculativeConfig and the chat command's flag.
 LAYOUTS = {"4bit": (4, 128)}  # (bits, group size); None: the draft as loaded
 GROUP_SIZES = (32, 64, 128)  # MLX's affine group sizes
-
-
-def dense(w: QuantizedWeight | KQuantWeight) -> mx.array:
-    """The (N, K) float32 values of a quantized weight."""
-    if isinstance(w, KQuantWeight):
-        return mx.concatenate([dequantize_kquant(p, t, mx.float32) for p, t in zip(w.parts, w.types, strict=True)])
-    return dequantize(w.w_q, w.scales, w.biases, w.group_size, w.bits, mx.float32)
 
 
 def requantize_weight(w: QuantizedWeight | KQuantWeight, bits: int = 4, group_size: int = 128,
@@ -41,7 +34,7 @@ def requantize_weight(w: QuantizedWeight | KQuantWeight, bits: int = 4, group_si
     if gs is None:
         raise ValueError(f"cannot requantize a weight of K = {K}: no group size of {GROUP_SIZES} up to"
                          f" {group_size} divides it")
-    w_q, scales, biases = mx.quantize(dense(w), group_size=gs, bits=bits)  # (N, K bits / 32), (N, K / gs) x 2
+    w_q, scales, biases = mx.quantize(dequantized(w), group_size=gs, bits=bits)  # (N, K bits / 32), (N, K / gs) x 2
     mx.eval(w_q, scales, biases)
     return QuantizedWeight(w_q, scales, biases, gs, bits, precision)
 

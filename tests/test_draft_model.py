@@ -22,10 +22,10 @@ from impl.draft_vocab import DraftVocab
 from impl.engine import LLM, SamplingParams
 from impl.kquant_weight import KQuantWeight
 from impl.kv_cache import make_cache
-from impl.loader import load_model
+from impl.loader import dequantized, load_model
 from impl.quantize import quantized_matmul_int8_mlx
 from impl.quantized_weight import QuantizedWeight
-from impl.requantize import dense, requantize_weight, requantized
+from impl.requantize import requantize_weight, requantized
 from impl.speculative import DraftModel, Sampling, SpeculativeStats, speculative_generate_step
 from spec.chat_command import assert_one_line_error
 from spec.day_3_4_speculative import assert_cache_matches_prefill, decode_reference
@@ -57,9 +57,9 @@ def test_every_weight_is_4bit_in_the_largest_group_up_to_128_within_a_step(smol)
         # mx.quantize puts the grid's edge exactly on the group's end of larger magnitude and refits the
         # step to it, so rounding to nearest leaves the other end up to a step off (not half a step):
         # 0.94 of a step measured on random normals. Plus a few ulps of fp32 arithmetic.
-        err = np.abs(np.array(dense(n)) - np.array(dense(o))).reshape(n.shape[0], -1, n.group_size)
+        err = np.abs(np.array(dequantized(n)) - np.array(dequantized(o))).reshape(n.shape[0], -1, n.group_size)
         step = np.abs(np.array(n.scales))[..., None]  # MLX may store a negative scale (its grid then runs down)
-        ulps = 4 * np.finfo(np.float32).eps * np.abs(np.array(dense(o))).max()
+        ulps = 4 * np.finfo(np.float32).eps * np.abs(np.array(dequantized(o))).max()
         assert (err <= step + ulps).all(), f"{n.shape}: error {(err / step).max():.3g} steps"
         assert (err <= step / 2 + ulps).mean() > 0.9, "most values should round to their nearest grid point"
 
@@ -82,7 +82,7 @@ def test_kquant_blocks_requantize_and_group_size_falls_back_to_one_that_divides_
     rng = np.random.default_rng(0)
     rows = kquant_rows("Q4_K", 8, 512, seed=0)
     w = KQuantWeight((mx.array(rows),), ("Q4_K",))
-    assert np.array_equal(np.array(dense(w)), gguf_weights(rows, "Q4_K").astype(np.float32))  # exact: 2.2's claim
+    assert np.array_equal(np.array(dequantized(w)), gguf_weights(rows, "Q4_K").astype(np.float32))  # exact: 2.2's claim
     n = requantize_weight(w, 4, 128)
     assert (n.group_size, n.bits) == (128, 4)
     q = QuantizedWeight(*mx.quantize(mx.array(rng.standard_normal((4, 96)).astype(np.float32)), group_size=32, bits=8), 32, 8)
@@ -107,11 +107,12 @@ def test_engine_with_a_requantized_draft_equals_the_engine_without(smol):
                ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time")]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     plain = LLM(smol, log=False).generate(prompts, params)
-    llm = LLM(smol, log=False, speculative_config={"method": "draft_model", "model": smol, "num_speculative_tokens": 4})
+    llm = LLM(smol, log=False, speculative_config={"method": "draft_model", "model": smol, "num_speculative_tokens": 4,
+                                                   "draft_vocab_size": 16384})
     drafter = llm.engine.spec.drafter
     assert drafter.quantization == "4bit" and drafter.model is not smol.model
     assert quantized_weights(drafter.model)[0].bits == 4
-    assert drafter.vocab.size == 32768 < smol.model.args.vocab_size  # the default draft vocabulary
+    assert drafter.vocab.size == 16384 < smol.model.args.vocab_size  # its head: the ids below 16384 and the sequence's
     spec = llm.generate(prompts, params)
     for p, s in zip(plain, spec, strict=True):
         assert list(s.token_ids) == list(p.token_ids)
@@ -263,6 +264,7 @@ def test_draft_vocabulary_size_in_the_engine(smol):
 
     assert drafter(None).vocab is None  # every id
     assert drafter(smol.model.args.vocab_size).vocab is None  # the whole vocabulary: nothing to cut
+    assert LLM(smol, log=False, speculative_config={"model": smol}).engine.spec.drafter.vocab is None  # 65536 > 49152
     d = drafter(4096)
     assert d.vocab.size == 4096 and "scoring ids below 4096" in d.describe()
 

@@ -42,8 +42,8 @@ class SpeculativeConfig:
     draft_p_min (llama.cpp's --draft-p-min): a draft model stops drafting at the first token it gives a
     probability below this (None: always k drafts).
     draft_vocab_size (EAGLE-3's draft vocabulary): a draft model scores only the ids below this and
-    those its sequence holds (impl/draft_vocab.py: a quarter cheaper a pass for the 0.5B, about the
-    same acceptance); None, or a size at least the vocabulary's, scores every id."""
+    those its sequence holds (impl/draft_vocab.py: a pass of the 0.5B 12.5 ms against 14, about
+    the same acceptance); None, or a size at least the vocabulary's, scores every id."""
 
     method: str | None = None
     model: object = None  # a path or known name (impl.loader.load_model), a LoadedModel or an impl Model
