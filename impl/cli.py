@@ -239,8 +239,7 @@ def make_proposer(loaded, args):
         from impl.requantize import LAYOUTS, requantized
 
         model = requantized(model, *LAYOUTS[quantization])
-    vocab = draft_vocab_size(args)
-    return DraftModel(model, args.draft_p_min, vocab if vocab is not None and vocab < model.args.vocab_size else None)
+    return DraftModel(model, args.draft_p_min, draft_vocab_size(args))
 
 
 def draft_vocab_size(args) -> int | None:

@@ -40,6 +40,12 @@ def take_rows(w, ids: mx.array):
     return w[ids]
 
 
+def draft_vocab(model, size: int | None) -> DraftVocab | None:
+    """The DraftVocab of `model` cut at `size`; None (every id scored) where size is None or covers the
+    vocabulary."""
+    return None if size is None or size >= model.args.vocab_size else DraftVocab(model, size)
+
+
 class DraftVocab:
     """The head of `model` (an impl Model) cut to the ids below `size` (< the vocabulary), plus any
     ids a sequence adds (rows): logits() gives (1, V) logits, -inf at the ids not scored."""

@@ -129,16 +129,16 @@ class DraftModel:
     probability (it is not drafted), so that a step spends no draft passes and verify rows on tokens
     the target is unlikely to keep; None drafts all k.
     vocab (EAGLE-3's draft vocabulary; impl/draft_vocab.py): a DraftVocab of the model, or its size:
-    the draft scores only the ids below it and those its sequence holds (a cheaper head); None scores
-    every id."""
+    the draft scores only the ids below it and those its sequence holds (a cheaper head); None, or a
+    size that covers the vocabulary, scores every id."""
 
     def __init__(self, model, p_min: float | None = None, vocab=None):
         if p_min is not None and not 0.0 <= p_min <= 1.0:
             raise ValueError(f"p_min must be a probability in [0, 1], got {p_min!r}")
         if isinstance(vocab, int) and not isinstance(vocab, bool):
-            from impl.draft_vocab import DraftVocab
+            from impl.draft_vocab import draft_vocab
 
-            vocab = DraftVocab(model, vocab)
+            vocab = draft_vocab(model, vocab)
         self.model, self.p_min, self.vocab = model, p_min, vocab
         self.cache = make_cache(model)
         self.tokens: list[int] = []  # the token at each position the cache holds

@@ -30,13 +30,13 @@ class DraftModelDrafter:
 
     def __init__(self, model, name: str, max_positions: int, quantization: str | None = None,
                  p_min: float | None = None, vocab_size: int | None = None):
-        from impl.draft_vocab import DraftVocab
+        from impl.draft_vocab import draft_vocab
 
         self.model, self.name, self.max_positions = model, name, max_positions
         self.quantization = quantization  # what load requantized the draft's weights to (for describe)
         self.p_min = p_min  # DraftModel's: stop drafting below this probability
         # DraftModel's vocab, one for every sequence; None when it would hold the whole vocabulary
-        self.vocab = None if vocab_size is None or vocab_size >= model.args.vocab_size else DraftVocab(model, vocab_size)
+        self.vocab = draft_vocab(model, vocab_size)
         self.caches: dict[str, DraftModel] = {}
         dtype = model.embed_tokens(mx.array([[0]])).dtype  # the caches store the activations' dtype
         self.bytes_per_position = bytes_per_block(model.args, 1, dtype)
