@@ -137,9 +137,11 @@ void dequantize_avx512(const Rows& W, int n0, int n1, float* out) {
 // lane: |lane| <= 4 * 63 * 127 < 2^15), vpackssdw of two such registers into int16 lanes (no
 // saturation, by that bound), then vpmaddwd / vpdpwssd against the sub-blocks' scales as int16
 // (pairs summed into int32 lanes: the block's total < 256 * 63 * 127 * 128 < 2^31): exact until
-// one conversion to fp32. The mins (Q4_K) and the -32 (Q6_K): the scales times x's sub-block sums
-// (Q8::bs, vpmaddwd), added to the same accumulator by a second FMA. Each row's accumulator is
-// reduced once, at the row's end. Measured on the 1.5B's gate/up weight (Zen 4, 2 cores), per
+// one conversion to fp32. The -32 (Q6_K): -32 sc_j times x's sums over sub-blocks (Q8::bs,
+// vpmaddwd) in the same integers (|total| <= 256 * 32 * 128 * 127 < 2^31), one FMA a block and row.
+// The mins (Q4_K), whose scale is dmin, not d: m_j times x's sums over sub-blocks of 32 in 128-bit
+// registers, a second, 4-lane accumulator a row. Each row's accumulators are reduced once, at the
+// row's end. Measured on the 1.5B's gate/up weight (Zen 4, 2 cores), per
 // block and row at 8 rows: 1.8 ns against 2.1 ns for vpmaddubsw + vpdpwssd on each register with
 // a second accumulator a row (which spilled to the stack from 7 rows).
 //
@@ -147,6 +149,18 @@ void dequantize_avx512(const Rows& W, int n0, int n1, float* out) {
 // 4L..4L+3 then b's. pack_index builds the vpermw index that puts, in each int16 lane, the scale
 // of the sub-block that lane's products came from: sub(L, second) for 128-bit lane L, second = the
 // lane came from b.
+//
+// W's bytes 2 KB ahead (8-14 blocks) asked into L1 as each block is read. At 5-8 rows of x a
+// block's dots take long enough that the hardware prefetcher alone left the block loads waiting on
+// memory (perf annotate: the loads of W were q6k_rows<5>'s hottest instructions). Measured on the
+// 1.5B's layers (Zen 4, 2 threads), ns a block and row of x: Q4_K gate/up at 5 rows 4.7 -> 3.8,
+// Q6_K down 6.9 -> 5.1, the Q6_K head 4.6 -> 3.8; at 8 rows the head 17.8 -> 13.4 ms; 1 row
+// (bandwidth-bound) unchanged. 1, 2 and 3 KB measured alike; 512 bytes too near, 4 KB no better.
+constexpr size_t kPrefetchAhead = 2048;
+inline void prefetch_block(const uint8_t* p, size_t bytes) {
+  for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + o), _MM_HINT_T0);
+}
+
 template <class F>
 inline __m512i pack_index(F sub) {
   alignas(64) int16_t idx[32];
@@ -166,15 +180,18 @@ void q4k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row = W.w + size_t(n) * W.row_bytes;
     __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    __m128 accm[R];  // the mins' part
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), accm[r] = _mm_setzero_ps();
     for (int b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * 144;
+      prefetch_block(blk, 144);
       const __m512i v0 = _mm512_loadu_si512(blk + 16), v1 = _mm512_loadu_si512(blk + 80);
       const __m512i q0 = _mm512_and_si512(v0, low4), q1 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4);
       const __m512i q2 = _mm512_and_si512(v1, low4), q3 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4);
       const __m256i scm = _mm256_cvtepu8_epi16(q4k_scales_vec(blk + 4));  // sc[0..7], m[0..7] as int16
       const __m512i sc = _mm512_castsi256_si512(scm);
       const __m512i s01 = _mm512_permutexvar_epi16(i01, sc), s45 = _mm512_permutexvar_epi16(i45, sc);
+      const __m128i m16 = _mm256_extracti128_si256(scm, 1);  // m[0..7] as int16
       const float d = f16(blk), dmin = f16(blk + 2);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
@@ -187,14 +204,15 @@ void q4k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long
         const __m512i p3 = _mm512_dpbusd_epi32(z, q3, _mm512_loadu_si512(x + 192));
         const __m512i sum = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_packs_epi32(p0, p1), s01),
                                                 _mm512_packs_epi32(p2, p3), s45);
-        // lanes 4-7: m_j times x's sums over sub-blocks of 32 (bs lanes 16-23 are 0 against sc)
-        const __m256i mins = _mm256_madd_epi16(scm, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.bs + xb * 32 + 16)));
+        // m_j times x's sums over sub-blocks of 32 (bs lanes 24-31), in pairs: 4 int32 lanes
+        const __m128i mins = _mm_madd_epi16(m16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(X.bs + xb * 32 + 24)));
         const float dx = X.d[xb];
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * dx), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(mins)), _mm512_set1_ps(-dmin * dx), acc[r]);
+        accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_set1_ps(-dmin * dx), accm[r]);
       }
     }
-    for (int r = 0; r < R; ++r) y[size_t(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; ++r)
+      y[size_t(m0 + r) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], _mm512_zextps128_ps512(accm[r])));
   }
 }
 
@@ -214,6 +232,7 @@ void q6k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * 210;
+      prefetch_block(blk, 210);
       __m512i q[4];
       for (int h = 0; h < 2; ++h) {
         const __m512i l = _mm512_loadu_si512(blk + 64 * h);
@@ -225,6 +244,7 @@ void q6k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long
       }
       const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
       const __m512i sc = _mm512_castsi256_si512(sc16);
+      const __m512i sc_m32 = _mm512_zextsi256_si512(_mm256_slli_epi16(_mm256_sub_epi16(_mm256_setzero_si256(), sc16), 5));
       const __m512i s01 = _mm512_permutexvar_epi16(i01, sc), s23 = _mm512_permutexvar_epi16(i23, sc);
       const float d = f16(blk + 208);
 #pragma GCC unroll 8
@@ -236,13 +256,12 @@ void q6k_rows(const Rows& W, int n0, int n1, const Q8& X, int m0, float* y, long
         const __m512i p1 = _mm512_dpbusd_epi32(z, q[1], _mm512_loadu_si512(x + 64));
         const __m512i p2 = _mm512_dpbusd_epi32(z, q[2], _mm512_loadu_si512(x + 128));
         const __m512i p3 = _mm512_dpbusd_epi32(z, q[3], _mm512_loadu_si512(x + 192));
-        const __m512i sum = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_packs_epi32(p0, p1), s01),
+        // q - 32 in the same integers: -32 sc_j times x's sum over sub-block j of 16 (bs lanes 0-15;
+        // lanes 16-31 meet zeros), |total| <= 256 * 32 * 127 * 128 < 2^31
+        const __m512i off = _mm512_madd_epi16(sc_m32, _mm512_loadu_si512(X.bs + xb * 32));
+        const __m512i sum = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(off, _mm512_packs_epi32(p0, p1), s01),
                                                 _mm512_packs_epi32(p2, p3), s23);
-        // q - 32: minus 32 sc_j times x's sum over sub-block j of 16
-        const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.bs + xb * 32)));
-        const float dx = X.d[xb];
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * dx), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(off)), _mm512_set1_ps(-32.0f * d * dx), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * X.d[xb]), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) y[size_t(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
