@@ -80,7 +80,7 @@ class Experts:
 
 def _slice(w, e: int):
     if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(w.w_q[e], w.scales[e], w.biases[e], w.group_size, w.bits)
+        return QuantizedWeight(w.w_q[e], w.scales[e], w.biases[e], w.group_size, w.bits, w.precision)
     return w[e]
 
 
