@@ -1,9 +1,11 @@
 """impl.moe.Experts.expert: one expert's weights keep the stacked weights' format and matmul precision
 (a QuantizedWeight set to precision "int8" for the engine stays so per expert)."""
 
+import impl  # noqa: F401  (the kernels and the BLAS fix before mlx)
+
+# isort: split
 import mlx.core as mx
 
-import impl  # noqa: F401  (the kernels and the BLAS fix before mlx)
 from impl.moe import Experts
 from impl.quantized_weight import QuantizedWeight
 
