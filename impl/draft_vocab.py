@@ -31,13 +31,7 @@ DEFAULT_SIZE = 65536  # the engine's and the chat command's default draft_vocab_
 def take_rows(w, ids: mx.array):
     """Rows `ids` of a weight (N, K), kept in its own format: a dense array, a QuantizedWeight's triples,
     or a one-part KQuantWeight's blocks."""
-    if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(w.w_q[ids], w.scales[ids], w.biases[ids], w.group_size, w.bits, w.precision)
-    if isinstance(w, KQuantWeight):
-        if len(w.parts) != 1:
-            raise ValueError("rows of a KQuantWeight with several parts (stacked projections) are not taken")
-        return KQuantWeight((w.parts[0][ids],), w.types, w.x_int8)
-    return w[ids]
+    return w.take(ids) if isinstance(w, (QuantizedWeight, KQuantWeight)) else w[ids]
 
 
 def draft_vocab(model, size: int | None) -> DraftVocab | None:

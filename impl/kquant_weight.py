@@ -39,6 +39,13 @@ class KQuantWeight:
             dense = mx.concatenate([dequantize_kquant(p, t, dtype) for p, t in zip(self.parts, self.types, strict=True)])[flat]
         return dense.reshape(*ids.shape, dense.shape[-1])
 
+    def take(self, ids) -> KQuantWeight:
+        """Rows `ids` as a KQuantWeight of the same type and x mode: the blocks indexed, nothing decoded.
+        One part only (a stacked q/k/v's runs are not taken apart): a ValueError otherwise."""
+        if len(self.parts) != 1:
+            raise ValueError("rows of a KQuantWeight with several parts (stacked projections) are not taken")
+        return KQuantWeight((self.parts[0][ids],), self.types, self.x_int8)
+
     def map_rows(self, fn) -> KQuantWeight:
         """The weight with fn applied to its (one part's) rows, e.g. impl.gguf.unpermute_rows: rows move whole."""
         assert len(self.parts) == 1, "map_rows takes a weight of one part"

@@ -79,9 +79,7 @@ class Experts:
 
 
 def _slice(w, e: int):
-    if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(w.w_q[e], w.scales[e], w.biases[e], w.group_size, w.bits, w.precision)
-    return w[e]
+    return w.take(e) if isinstance(w, QuantizedWeight) else w[e]
 
 
 def _dense(w, dtype: mx.Dtype) -> mx.array:

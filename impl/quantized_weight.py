@@ -53,6 +53,12 @@ class QuantizedWeight:
             self._int8 = kept = (self.w_q, self.scales, self.biases, packed)
         return kept[3]
 
+    def take(self, ids) -> QuantizedWeight:
+        """The entries `ids` of the leading axis (rows of an (N, K) weight, experts of a stacked (X, N, K)
+        one) as a QuantizedWeight of the same layout and precision: the triples indexed, nothing decoded."""
+        return QuantizedWeight(self.w_q[ids], self.scales[ids], self.biases[ids], self.group_size, self.bits,
+                               self.precision)
+
     def rows(self, ids: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Dense rows W[ids]: ids (...) -> (..., K), dequantizing only those rows (embedding lookup)."""
         flat = ids.reshape(-1)
