@@ -28,6 +28,7 @@ from impl.kquant_weight import KQuantWeight
 from impl.model import Model
 from impl.model_files import KNOWN_MODELS, known_model_path
 from impl.moe import stack_experts
+from impl.native import huge_pages
 from impl.quantize import dequantize
 from impl.quantized_weight import QuantizedWeight
 from impl.tokenizer import Tokenizer
@@ -147,6 +148,18 @@ def _stack(weights: dict, names: list[str], fused: str) -> None:
         weights.pop(f"{n}.bias", None)
 
 
+def on_huge_pages(weights: dict) -> dict:
+    """Each quantized weight's arrays copied onto 2 MB pages (impl.native.huge_pages), one at a time:
+    decode streams through them every token, and on 4 KB pages it measured up to 9% slower (1.5B)."""
+    for name, w in weights.items():
+        if isinstance(w, KQuantWeight):
+            weights[name] = KQuantWeight(tuple(huge_pages(p) for p in w.parts), w.types, w.x_int8)
+        elif isinstance(w, QuantizedWeight):
+            weights[name] = QuantizedWeight(huge_pages(w.w_q), huge_pages(w.scales), huge_pages(w.biases),
+                                            w.group_size, w.bits, w.precision)
+    return weights
+
+
 def kquant_mode(mode: str | None = None) -> str:
     """`mode` (None: impl.kquant.KQUANT_MODE), checked; "affine" when the k-quant kernel is not built."""
     mode = KQUANT_MODE if mode is None else mode
@@ -182,6 +195,7 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
     args = args_from_metadata(meta, tensors.keys())
     convert = quantized_weights if quantized else dequantize_weights
     weights = convert(gguf_weights(tensors, args), dtype)
+    del tensors  # weights holds each array now: replacing one there (on_huge_pages) frees the old one
     layers = {}
     if quantized and args.model_type == "gemma3_text":  # no fused kernels for Gemma's block: flash attention only
         from impl.flash_attention import flash_attention
@@ -194,6 +208,8 @@ def load_gguf(path: Path, dtype: mx.Dtype = mx.float32, quantized: bool | None =
 
         weights = fuse_projections(weights, args.num_hidden_layers)
         layers = {"sdpa": flash_attention, "norm": KernelRMSNorm, "rope": KernelRoPE, "block": KernelTransformerBlock}
+    if quantized:
+        weights = on_huge_pages(weights)
     return LoadedModel(_build(args, weights, path, **layers), args, path, meta)
 
 

@@ -10,6 +10,7 @@ check on this GPU (`gpu_works`).
 
 from __future__ import annotations
 
+import os
 import sys
 
 try:
@@ -53,3 +54,21 @@ def gpu_works(name: str, variant: tuple) -> bool:
                   f" ({reason}); using the pure-MLX path", file=sys.stderr)
         _gpu_checked[key] = reason is None
     return _gpu_checked[key]
+
+
+HUGE_PAGES_MIN = 4 << 20  # bytes: under two 2 MB pages the kernel's huge_pages is a plain copy
+
+
+def huge_pages(a):
+    """`a` copied onto 2 MB pages (Linux transparent huge pages) by the kernels' `huge_pages`, for
+    weights that every token streams through; `a` itself under 4 MB, off Linux or the CPU, without
+    the kernels, or with TINY_LLM_HUGE_PAGES=0. Evaluated at once, so that `a`'s own copy can be
+    freed before the next weight is copied."""
+    import mlx.core as mx
+
+    if (a.nbytes < HUGE_PAGES_MIN or sys.platform != "linux" or not hasattr(kernels, "huge_pages")
+            or mx.default_device() != mx.cpu or os.environ.get("TINY_LLM_HUGE_PAGES") == "0"):
+        return a
+    out = kernels.huge_pages(a)
+    mx.eval(out)
+    return out

@@ -14,6 +14,7 @@
 #include "cached_attention.h"
 #include "causal_attention.h"
 #include "flash_attention.h"
+#include "huge_pages.h"
 #include "kquant_matmul.h"
 #include "layer_norm.h"
 #include "paged_attention.h"
@@ -149,6 +150,10 @@ NB_MODULE(_ext, m) {
   m.def("paged_attention_configure", &tiny_llm::paged_attention_configure, "isa"_a = "auto",
         "For tests and benchmarks: force isa ('portable', 'avx2', 'avx512', 'auto').\n"
         "Returns paged_attention_info().");
+  m.def("huge_pages", &tiny_llm::huge_pages, "a"_a, "stream"_a = nb::none(),
+        "A copy of a in memory backed by 2 MB pages where the OS gives them (Linux transparent huge\n"
+        "pages; a plain copy elsewhere, or under 4 MB): for weights and KV pools read every step.\n\n"
+        "Same shape, dtype and values, row-major. Lazy, like any MLX op.");
   m.def("rms_norm", &tiny_llm::rms_norm, "x"_a, "weight"_a, "eps"_a = 1e-5f, "stream"_a = nb::none(),
         "x / sqrt(mean(x^2) + eps) * weight over the last axis, on the CPU (twin: impl.norm.RMSNorm).\n\n"
         "x (..., D) float32/float16/bfloat16, weight (D,). Returns x's shape and dtype; the mean of\n"
