@@ -22,6 +22,8 @@
 
 namespace tiny_llm {
 
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#define TINY_LLM_HAVE_MADV_HUGEPAGE 1
 namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
@@ -34,6 +36,7 @@ mx::Strides row_strides(const mx::Shape& shape) {
 }
 
 }  // namespace
+#endif
 
 mx::array huge_pages(const mx::array& a, mx::StreamOrDevice s) {
   const mx::Stream stream = cpu_stream(s, "huge_pages");
@@ -43,7 +46,7 @@ mx::array huge_pages(const mx::array& a, mx::StreamOrDevice s) {
 void HugePagesPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const size_t n = out.nbytes();
   bool placed = false;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#if defined(TINY_LLM_HAVE_MADV_HUGEPAGE)
   if (n >= 2 * kHuge) {
     mx::allocator::Data data = mx::allocator::malloc(n + kHuge);
     char* raw = static_cast<char*>(data.buffer().raw_ptr());
