@@ -52,12 +52,12 @@ def test_the_copy_outlives_its_input():
     assert mx.sum(out.astype(mx.uint32)).item() == total
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="2 MB pages are asked for on Linux only")
-def test_a_large_copy_starts_on_a_2mb_boundary():
+def test_a_large_copy_starts_on_a_2mb_boundary_on_linux():
     a = mx.zeros((3 * HUGE + 12345,), mx.uint8) + 7
     out = kernels.huge_pages(a)
     mx.eval(out)
-    assert _address(out) % HUGE == 0
+    if sys.platform.startswith("linux"):  # elsewhere a plain copy, wherever the allocator puts it
+        assert _address(out) % HUGE == 0
     assert mx.all(out == 7).item()
 
 

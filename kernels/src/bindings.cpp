@@ -152,7 +152,7 @@ NB_MODULE(_ext, m) {
         "Returns paged_attention_info().");
   m.def("huge_pages", &tiny_llm::huge_pages, "a"_a, "stream"_a = nb::none(),
         "A copy of a in memory backed by 2 MB pages where the OS gives them (Linux transparent huge\n"
-        "pages; a plain copy elsewhere, or under 4 MB): for weights and KV pools read every step.\n\n"
+        "pages; a plain copy elsewhere, or under 4 MB): for weights that every decode step reads.\n\n"
         "Same shape, dtype and values, row-major. Lazy, like any MLX op.");
   m.def("rms_norm", &tiny_llm::rms_norm, "x"_a, "weight"_a, "eps"_a = 1e-5f, "stream"_a = nb::none(),
         "x / sqrt(mean(x^2) + eps) * weight over the last axis, on the CPU (twin: impl.norm.RMSNorm).\n\n"

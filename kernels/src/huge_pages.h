@@ -1,5 +1,5 @@
 // tiny_llm_kernels.huge_pages: a copy of an array in memory backed by 2 MB pages where the OS
-// gives them (Linux transparent huge pages), for weights and KV pools that every step streams
+// gives them (Linux transparent huge pages), for the weights that every decode step streams
 // through. Batch-1 decode reads each weight once a token, at the memory's rate; on 4 KB pages
 // the hardware prefetchers stop at every page boundary and each 4 KB costs a TLB entry.
 #pragma once

@@ -29,7 +29,7 @@ Then the C++ kernels (module `_ext`, MLX primitives with a CPU implementation):
     paged_attention(qkv, k_pool, v_pool, cos, sin, positions, slot_mapping, block_tables, cu_seqlens_q,
                     context_lens, n_heads, n_kv_heads, *, scale=None, traditional=False, window=0, stream=None)
                     -> (out, k_pool, v_pool)
-    huge_pages(a, stream=None)  (a copy on 2 MB pages where Linux gives them: weights, KV pools)
+    huge_pages(a, stream=None)  (a copy on 2 MB pages where Linux gives them, for weights)
 Imported only after the BLAS fix: `_ext` imports mlx.core, and the fix must come first.
 """
 
