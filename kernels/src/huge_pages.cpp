@@ -17,6 +17,7 @@
 #endif
 
 #include "cpu_stream.h"
+#include "mlx/backend/common/utils.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "row_major.h"
 
@@ -24,18 +25,7 @@ namespace tiny_llm {
 
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
 #define TINY_LLM_HAVE_MADV_HUGEPAGE 1
-namespace {
-
 constexpr size_t kHuge = size_t(2) << 20;
-
-// Row-major strides of `shape`, in elements.
-mx::Strides row_strides(const mx::Shape& shape) {
-  mx::Strides strides(shape.size(), 1);
-  for (int i = int(shape.size()) - 2; i >= 0; --i) strides[i] = strides[i + 1] * shape[i + 1];
-  return strides;
-}
-
-}  // namespace
 #endif
 
 mx::array huge_pages(const mx::array& a, mx::StreamOrDevice s) {
@@ -61,7 +51,7 @@ void HugePagesPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
       int big_axes = 0;
       for (int d : out.shape()) big_axes += d > 1;
       flags.col_contiguous = big_axes <= 1;
-      out.set_data(std::move(data), out.size(), row_strides(out.shape()), flags, int64_t(start - raw));
+      out.set_data(std::move(data), out.size(), mx::make_contiguous_strides(out.shape()), flags, int64_t(start - raw));
       placed = true;
     }
   }
